@@ -1,0 +1,48 @@
+"""The aggregated engine actor: one engine, prefill and decode, streaming token deltas."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from typing import Any, AsyncIterator
+
+import ray
+
+from actors.engines import EngineConfig, EngineRequest, build_engine
+
+
+def actor_name(run_id: str, cell_id: str, role: str) -> str:
+    """`pdbench:<run>:<cell>:<role>`: what the Ray dashboard lists, and how tests find actors."""
+    return f"pdbench:{run_id}:{cell_id}:{role}"
+
+
+def node_facts() -> dict[str, Any]:
+    ctx = ray.get_runtime_context()
+    return {
+        "node_id": ctx.get_node_id(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+    }
+
+
+@ray.remote
+class EngineActor:
+    """Async actor: many `generate` streams share one engine, which batches them itself."""
+
+    def __init__(self, engine_cfg: dict[str, Any], role: str = "engine"):
+        self.cfg = EngineConfig.model_validate(engine_cfg)
+        self.role = role
+        self.engine = build_engine(self.cfg)
+
+    async def start(self) -> dict[str, Any]:
+        info = await self.engine.start()
+        return {**dataclasses.asdict(info), "node": node_facts(), "role": self.role}
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for delta in self.engine.generate(EngineRequest(**request)):
+            yield dataclasses.asdict(delta)
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()

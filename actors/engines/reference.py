@@ -1,0 +1,150 @@
+"""Reference engine: a transformers causal LM with a real, per-sequence KV cache.
+
+Each sequence owns preallocated K/V buffers [layers, kv_heads, capacity, head_dim]. A decode step
+left-pads the active sequences into one batch cache with an attention mask and explicit
+positions, runs one forward pass, and writes each sequence's new K/V column back. Eager attention
+keeps masked positions at exactly zero weight, so batched greedy output equals unbatched output.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from actors.engines.base import EngineInfo
+from actors.engines.models import (
+    arch_kv_bytes_per_token,
+    architecture,
+    architecture_hash,
+    resolve_model,
+)
+from actors.engines.spec import EngineConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SeqKV:
+    k: torch.Tensor  # [layers, kv_heads, capacity, head_dim]
+    v: torch.Tensor
+    n: int  # filled positions
+
+
+def _device(cfg: EngineConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("engine.device is 'cuda' but torch sees no CUDA GPU")
+    return torch.device(cfg.device)
+
+
+def load_causal_lm(cfg: EngineConfig) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    """Build (random weights from a seed) or load (real weights) the model; return it, its config, its name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch_cfg, weights = resolve_model(cfg.model)
+    dtype = _DTYPES[cfg.dtype]
+    if weights is not None:
+        model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation="eager")
+        return model, model.config.to_dict(), weights
+    assert arch_cfg is not None
+    hf_config = AutoConfig.for_model(**arch_cfg)
+    torch.manual_seed(cfg.weight_seed)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="eager")
+    return model, arch_cfg, cfg.model
+
+
+class ReferenceModel:
+    def __init__(self, cfg: EngineConfig):
+        if cfg.kind != "reference":
+            raise ValueError(f"ReferenceModel needs engine.kind 'reference', got {cfg.kind!r}")
+        self.cfg = cfg
+        self.device = _device(cfg)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.cpu_threads)
+        model, raw_cfg, name = load_causal_lm(cfg)
+        self.model = model.to(self.device).eval()
+        self.name = name
+        self.arch = architecture(raw_cfg)
+        c = self.model.config
+        self.layers = c.num_hidden_layers
+        self.kv_heads = c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.vocab_size = c.vocab_size
+        self.dtype = _DTYPES[cfg.dtype]
+        # transformers 5.2x renamed `past_key_values` to `cache`; accept both releases.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            engine="reference",
+            model=self.name,
+            architecture={**self.arch, "hash": architecture_hash(self.arch)},
+            vocab_size=self.vocab_size,
+            kv_bytes_per_token=arch_kv_bytes_per_token(self.arch, self.cfg.dtype),
+            device=str(self.device),
+            dtype=self.cfg.dtype,
+            extra={"num_parameters": sum(p.numel() for p in self.model.parameters())},
+        )
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _forward(self, input_ids, cache, **kw):
+        return self.model(input_ids=input_ids, use_cache=True, **{self._cache_kw: cache}, **kw)
+
+    def new_state(self, capacity: int) -> SeqKV:
+        shape = (self.layers, self.kv_heads, capacity, self.head_dim)
+        return SeqKV(
+            k=torch.empty(shape, dtype=self.dtype, device=self.device),
+            v=torch.empty(shape, dtype=self.dtype, device=self.device),
+            n=0,
+        )
+
+    @torch.inference_mode()
+    def prefill(self, prompt_token_ids: list[int], capacity: int) -> tuple[int, SeqKV]:
+        n = len(prompt_token_ids)
+        if capacity > self.cfg.max_model_len:
+            raise ValueError(f"prompt + max_tokens = {capacity} exceeds engine.max_model_len {self.cfg.max_model_len}")
+        cache = self._new_cache()
+        ids = torch.tensor([prompt_token_ids], device=self.device)
+        out = self._forward(ids, cache)
+        state = self.new_state(capacity)
+        for li, layer in enumerate(cache.layers):
+            state.k[li, :, :n] = layer.keys[0]
+            state.v[li, :, :n] = layer.values[0]
+        state.n = n
+        return int(out.logits[0, -1].argmax()), state
+
+    @torch.inference_mode()
+    def decode(self, states: list[SeqKV], last_tokens: list[int]) -> list[int]:
+        b = len(states)
+        width = max(s.n for s in states)
+        shape = (self.layers, b, self.kv_heads, width, self.head_dim)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        mask = torch.zeros(b, width + 1, dtype=torch.long, device=self.device)
+        for i, s in enumerate(states):  # left padding: every sequence ends at column `width`
+            k[:, i, :, width - s.n :] = s.k[:, :, : s.n]
+            v[:, i, :, width - s.n :] = s.v[:, :, : s.n]
+            mask[i, width - s.n :] = 1
+        cache = self._new_cache()
+        for li in range(self.layers):
+            cache.update(k[li], v[li], li)
+        pos = torch.tensor([[s.n] for s in states], device=self.device)
+        ids = torch.tensor([[t] for t in last_tokens], device=self.device)
+        out = self._forward(ids, cache, attention_mask=mask, position_ids=pos)
+        for li, layer in enumerate(cache.layers):
+            new_k, new_v = layer.keys[:, :, -1], layer.values[:, :, -1]  # [b, kv_heads, head_dim]
+            for i, s in enumerate(states):
+                s.k[li, :, s.n] = new_k[i]
+                s.v[li, :, s.n] = new_v[i]
+        for s in states:
+            s.n += 1
+        return out.logits[:, -1].argmax(-1).tolist()

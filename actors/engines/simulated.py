@@ -1,0 +1,62 @@
+"""Simulated engine: the same continuous batcher, with sleeps from an analytic law instead of math.
+
+For pipeline debugging and for testing searches against a known answer. Its tokens are a hash of
+the prompt, so reproducibility checks still have something to compare; every artifact of a run
+that uses it is stamped `mode: simulated`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+from actors.engines.base import EngineInfo
+from actors.engines.models import arch_kv_bytes_per_token, architecture, architecture_hash, resolve_model
+from actors.engines.spec import EngineConfig
+
+
+@dataclass
+class SimState:
+    seed: int
+    n: int
+
+
+class SimulatedModel:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.law = cfg.simulated
+        raw, _ = resolve_model(cfg.model)
+        self.arch = architecture(raw or {})
+        self.vocab_size = int(self.arch.get("vocab_size", 32000))
+
+    def info(self) -> EngineInfo:
+        kvb = arch_kv_bytes_per_token(self.arch, self.cfg.dtype) if "num_hidden_layers" in self.arch else 0
+        return EngineInfo(
+            engine="simulated",
+            model=self.cfg.model,
+            architecture={**self.arch, "hash": architecture_hash(self.arch)},
+            vocab_size=self.vocab_size,
+            kv_bytes_per_token=kvb,
+            device="none",
+            dtype=self.cfg.dtype,
+            extra={"law": self.law.model_dump()},
+        )
+
+    def _token(self, state: SimState) -> int:
+        h = hashlib.blake2b(f"{state.seed}:{state.n}".encode(), digest_size=4).digest()
+        return int.from_bytes(h, "little") % self.vocab_size
+
+    def prefill(self, prompt_token_ids: list[int], capacity: int) -> tuple[int, SimState]:
+        time.sleep(self.law.prefill_fixed_s + self.law.prefill_s_per_token * len(prompt_token_ids))
+        seed = int.from_bytes(hashlib.blake2b(repr(prompt_token_ids).encode(), digest_size=8).digest(), "little")
+        state = SimState(seed=seed, n=len(prompt_token_ids))
+        return self._token(state), state
+
+    def decode(self, states: list[SimState], last_tokens: list[int]) -> list[int]:
+        time.sleep(self.law.decode_fixed_s + self.law.decode_s_per_seq * len(states))
+        out = []
+        for s in states:
+            s.n += 1
+            out.append(self._token(s))
+        return out

@@ -1,0 +1,44 @@
+"""The `engine:` section of an experiment config: which engine, which model, how big a batch."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SimulatedLaw(BaseModel):
+    """Analytic latency law of the simulated engine (pipeline debugging only).
+
+    prefill time = prefill_fixed_s + prefill_s_per_token × input tokens;
+    decode step  = decode_fixed_s + decode_s_per_seq × sequences in the batch.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prefill_fixed_s: float = Field(default=0.002, ge=0)
+    prefill_s_per_token: float = Field(default=0.0001, ge=0)
+    decode_fixed_s: float = Field(default=0.005, ge=0)
+    decode_s_per_seq: float = Field(default=0.0005, ge=0)
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["reference", "vllm", "simulated"] = Field(
+        default="reference", description="reference (torch), vllm (GPU) or simulated (needs --simulate)"
+    )
+    model: str = Field(
+        default="tiny-qwen3",
+        description="'tiny-qwen3' (built locally from a seed), a path to a config.json or model "
+        "folder, a configs/models/ name, or a hub name on a connected cluster",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch_size: int = Field(default=16, ge=1, description="most sequences decoded in one step")
+    max_model_len: int = Field(default=2048, ge=16)
+    weight_seed: int = Field(default=0, description="seed of random weights (tiny model, dummy load)")
+    cpu_threads: int = Field(default=1, ge=1, description="torch intra-op threads on CPU")
+    simulated: SimulatedLaw = SimulatedLaw()
+    vllm: dict[str, Any] = Field(
+        default_factory=dict, description="extra vLLM engine arguments (gpu_memory_utilization, ...)"
+    )

@@ -1,0 +1,70 @@
+"""Plotly figures every report has: latency distributions, request timeline, throughput."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from analysis.records import measured
+
+_TIMELINE_ROWS = 120  # beyond this a Gantt chart stops being readable
+
+
+def latency_distributions(df: pd.DataFrame) -> go.Figure:
+    df = measured(df)
+    df = df[df["ok"].astype(bool)]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("TTFT (ms)", "TPOT (ms)"))
+    for cell, g in df.groupby("cell_id", sort=True):
+        fig.add_trace(go.Box(y=g["ttft_s"] * 1e3, name=str(cell), boxpoints="all", legendgroup=str(cell)), 1, 1)
+        fig.add_trace(
+            go.Box(y=g["tpot_s"] * 1e3, name=str(cell), boxpoints="all", legendgroup=str(cell), showlegend=False), 1, 2
+        )
+    fig.update_layout(title="Latency distributions per cell", height=420)
+    return fig
+
+
+def timeline(df: pd.DataFrame, cell_id: str) -> go.Figure:
+    """Gantt of one cell's requests on the load generator's clock.
+
+    TTFT is split by the engine's own durations (queue, prefill, transfer); what is left of TTFT
+    after them is shown as `client/network` (actor hops, streaming).
+    """
+    g = df[(df["cell_id"] == cell_id) & df["ok"].astype(bool)].sort_values("t_sent").head(_TIMELINE_ROWS)
+    y = g["request_id"].astype(str)
+    server = g[["server_queue_s", "prefill_s", "transfer_s"]].fillna(0.0)
+    other = (g["ttft_s"] - server.sum(axis=1)).clip(lower=0.0)
+    stages = [
+        ("queue", server["server_queue_s"], "#c7c7c7"),
+        ("prefill", server["prefill_s"], "#1f77b4"),
+        ("transfer", server["transfer_s"], "#d62728"),
+        ("client/network", other, "#ffbb78"),
+        ("decode", g["t_last_token"] - g["t_first_token"], "#2ca02c"),
+    ]
+    fig = go.Figure()
+    base = g["t_sent"].copy()
+    for name, width, color in stages:
+        if (width > 0).any():
+            fig.add_trace(go.Bar(y=y, x=width, base=base, orientation="h", name=name, marker_color=color))
+        base = base + width
+    fig.update_layout(
+        title=f"Request timeline, cell {cell_id} (seconds since the measured phase began)",
+        barmode="overlay",
+        height=max(300, 14 * len(g) + 120),
+        yaxis={"autorange": "reversed", "title": "request"},
+        xaxis={"title": "s"},
+    )
+    return fig
+
+
+def throughput(df: pd.DataFrame) -> go.Figure:
+    """Cumulative output tokens over time, one line per cell; the slope is token throughput."""
+    df = measured(df)
+    fig = go.Figure()
+    for cell, g in df[df["ok"].astype(bool)].groupby("cell_id", sort=True):
+        g = g.sort_values("t_last_token")
+        fig.add_trace(
+            go.Scatter(x=g["t_last_token"], y=g["output_tokens"].cumsum(), mode="lines+markers", name=str(cell))
+        )
+    fig.update_layout(title="Cumulative output tokens", xaxis_title="s", yaxis_title="tokens", height=380)
+    return fig

@@ -1,0 +1,49 @@
+"""Raw load-generator records → the `requests.parquet` schema of DESIGN.md.
+
+Derived columns are computed here, once, from one process's clock at a time: client times come
+from the load generator, server durations from the engine's own process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+SERVER_COLUMNS = ("server_queue_s", "prefill_s", "transfer_s", "first_decode_s")
+
+
+def derive(raw: dict[str, Any]) -> dict[str, Any]:
+    """One request's row: TTFT, TPOT, E2E, ITL and queue delay from its client timestamps."""
+    t = list(raw.get("t_tokens") or [])
+    n = len(raw.get("output_token_ids") or [])
+    row = {k: v for k, v in raw.items() if k not in ("t_tokens", "server", "server_token_s")}
+    row["output_tokens"] = n
+    row["t_first_token"] = t[0] if t else None
+    row["t_last_token"] = t[-1] if t else None
+    row["ttft_s"] = t[0] - raw["t_sent"] if t else None
+    row["tpot_s"] = (t[-1] - t[0]) / (n - 1) if n >= 2 else None
+    row["e2e_s"] = t[-1] - raw["t_sent"] if t else None
+    row["queue_delay_s"] = raw["t_sent"] - raw["t_scheduled"]
+    row["itl_s"] = list(np.diff(t)) if len(t) >= 2 else []
+    server = raw.get("server") or {}
+    for col in SERVER_COLUMNS:
+        row[col] = server.get(col)
+    row["server_e2e_s"] = server.get("server_e2e_s")
+    return row
+
+
+def to_frame(raws: Iterable[dict[str, Any]], **identity: Any) -> pd.DataFrame:
+    """Rows for one cell; `identity` (run_id, cell_id, mode, engine, ...) is stamped on each."""
+    rows = [{**identity, **derive(r)} for r in raws]
+    df = pd.DataFrame(rows)
+    for col in ("ttft_s", "tpot_s", "e2e_s", "t_first_token", "t_last_token", *SERVER_COLUMNS):
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    return df
+
+
+def measured(df: pd.DataFrame) -> pd.DataFrame:
+    """Warm-up rows stay in the file but never in a metric."""
+    return df[~df["warmup"].astype(bool)]

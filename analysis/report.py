@@ -1,0 +1,144 @@
+"""report.md and a self-contained report.html, rebuilt from a packet's files alone.
+
+The HTML inlines plotly.js (opens offline, no CDN) and escapes every string that came from a
+config, a model or a dataset.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import pandas as pd
+import plotly.offline
+
+from analysis import plots
+from analysis.packet import Packet, write_text
+from analysis.tracks import Section, get_analysis
+
+_FACTS = ("run_id", "track", "mode", "engine", "serving_modes", "model", "config_hash", "status")
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return "" if x is None else str(x)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _ms(d: dict | None, key: str) -> float | None:
+    return None if not d or d.get(key) is None else d[key] * 1e3
+
+
+def cell_table(summary: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for cid, cell in sorted(summary.get("cells", {}).items()):
+        m = cell.get("metrics") or {}
+        rows.append(
+            {
+                "cell": cid,
+                "status": cell.get("status"),
+                "mode": cell.get("serving_mode"),
+                "requests ok/all": f"{m.get('completed', 0)}/{m.get('requests', 0)}",
+                "req/s": m.get("request_throughput_rps"),
+                "out tok/s": m.get("output_token_throughput_tps"),
+                "TTFT p50 ms": _ms(m.get("ttft_s"), "p50"),
+                "TTFT p99 ms": _ms(m.get("ttft_s"), "p99"),
+                "TPOT p50 ms": _ms(m.get("tpot_s"), "p50"),
+                "TPOT p99 ms": _ms(m.get("tpot_s"), "p99"),
+                "E2E p50 ms": _ms(m.get("e2e_s"), "p50"),
+                "SLO att.": m.get("slo_attainment"),
+                "goodput req/s": m.get("goodput_rps"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _facts(packet: Packet) -> dict[str, Any]:
+    m = packet.manifest
+    return {
+        "run_id": m.get("run_id"),
+        "track": m.get("track"),
+        "mode": m.get("mode"),
+        "engine": m.get("engine"),
+        "serving_modes": ", ".join(m.get("serving_modes", [])),
+        "model": f"{m.get('model', {}).get('name')} (arch {str(m.get('model', {}).get('architecture_hash'))[:12]})",
+        "config_hash": m.get("config_hash"),
+        "status": m.get("status"),
+        "git": f"{m.get('versions', {}).get('pdbench_git_sha')} dirty={m.get('versions', {}).get('pdbench_git_dirty')}",
+        "hardware": m.get("hardware", {}).get("summary"),
+        "started": m.get("started_at"),
+        "ended": m.get("ended_at"),
+    }
+
+
+def sections(packet: Packet) -> list[Section]:
+    df = packet.requests
+    out = get_analysis(packet.manifest.get("track", "")).sections(df, packet.summary)
+    out.append(Section(title="Cells", table=cell_table(packet.summary)))
+    failed = {c: v.get("error") for c, v in packet.summary.get("cells", {}).items() if v.get("status") != "ok"}
+    if failed:
+        out.append(Section(title="Failed cells", table=pd.DataFrame([{"cell": c, "reason": r} for c, r in failed.items()])))
+    if not df.empty:
+        figs = [plots.latency_distributions(df), plots.throughput(df)]
+        first = sorted(df["cell_id"].unique())[0]
+        figs.append(plots.timeline(df, first))
+        out.append(Section(title="Figures", text=["Interactive in report.html."], figures=figs))
+    return out
+
+
+def render_markdown(packet: Packet, secs: list[Section]) -> str:
+    lines = [f"# pdbench report — {packet.manifest.get('track', '?').upper()} `{packet.manifest.get('run_id')}`", ""]
+    if packet.simulated:
+        lines += ["> **SIMULATED RUN** — analytic latency law, no real engine. Not comparable with real runs.", ""]
+    lines += ["| fact | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in _facts(packet).items()]
+    for s in secs:
+        lines += ["", f"## {s.title}", ""]
+        lines += [t for t in s.text] + ([""] if s.text else [])
+        if s.table is not None and not s.table.empty:
+            lines.append(_md_table(s.table))
+    return "\n".join(lines) + "\n"
+
+
+def render_html(packet: Packet, secs: list[Section]) -> str:
+    e = html.escape
+    title = f"pdbench {e(str(packet.manifest.get('track')))} {e(str(packet.manifest.get('run_id')))}"
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{title}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
+        ".sim{background:#b00;color:#fff;font-size:2.5em;padding:.4em;text-align:center;font-weight:bold}"
+        ".real{background:#064;color:#fff;font-size:1.2em;padding:.3em;text-align:center}</style>",
+        f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>",
+        "</head><body>",
+    ]
+    mode = str(packet.manifest.get("mode"))
+    parts.append(
+        f"<div class='sim'>SIMULATED RUN — mode: {e(mode)}</div>" if packet.simulated else f"<div class='real'>mode: {e(mode)}</div>"
+    )
+    parts.append(f"<h1>{title}</h1><table>")
+    parts += [f"<tr><th>{e(k)}</th><td>{e(_fmt(v))}</td></tr>" for k, v in _facts(packet).items()]
+    parts.append("</table>")
+    for s in secs:
+        parts.append(f"<h2>{e(s.title)}</h2>")
+        parts += [f"<p>{e(t)}</p>" for t in s.text]
+        if s.table is not None and not s.table.empty:
+            parts.append(s.table.map(_fmt).to_html(index=False, escape=True))
+        parts += [f.to_html(full_html=False, include_plotlyjs=False) for f in s.figures]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_reports(packet: Packet) -> None:
+    secs = sections(packet)
+    write_text(packet.root / "report.md", render_markdown(packet, secs))
+    write_text(packet.root / "report.html", render_html(packet, secs))

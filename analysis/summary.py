@@ -1,0 +1,31 @@
+"""summary.json: per-cell metrics under docs/metrics.md's names, plus the track's verdicts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from analysis.metrics import SLO, cell_metrics
+from analysis.records import measured
+from analysis.tracks import get_analysis
+
+
+def build_summary(
+    track: str, run_id: str, mode: str, requests: pd.DataFrame, cells: dict[str, Any], slo: dict[str, Any], params: dict[str, Any]
+) -> dict[str, Any]:
+    s = SLO.model_validate(slo)
+    out_cells: dict[str, Any] = {}
+    meas = measured(requests) if not requests.empty else requests
+    for cid, meta in sorted(cells.items()):
+        rows = meas[meas["cell_id"] == cid] if not meas.empty else meas
+        out_cells[cid] = {
+            "status": meta.get("status"),
+            "error": meta.get("error"),
+            "labels": meta.get("labels", {}),
+            "serving_mode": meta.get("serving_mode"),
+            "metrics": cell_metrics(rows, s) if not rows.empty else None,
+        }
+    ok_cells = {c: m for c, m in cells.items() if m.get("status") == "ok"}
+    verdicts = get_analysis(track).verdicts(requests, ok_cells, params) if ok_cells and not requests.empty else {}
+    return {"run_id": run_id, "track": track, "mode": mode, "cells": out_cells, "verdicts": verdicts}

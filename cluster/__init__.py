@@ -1,0 +1,1 @@
+"""Control plane: CLI, experiment config, manifest, Ray connection, placement and the driver."""

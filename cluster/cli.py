@@ -1,0 +1,148 @@
+"""The `pdbench` command line."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="pdbench: benchmark aggregated and disaggregated LLM serving on Ray, with auditable evidence packets.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+class EngineKind(str, Enum):
+    reference = "reference"
+    vllm = "vllm"
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    track: str = typer.Argument(..., help="track to run: e0 … e6 (see `pdbench tracks`)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="experiment YAML; overrides the track's quick profile"),
+    engine: Optional[EngineKind] = typer.Option(None, help="engine to use; overrides engine.kind of the config"),
+    simulate: bool = typer.Option(
+        False, "--simulate", help="use the analytic simulated engine instead of a real one; every artifact is stamped simulated"
+    ),
+    address: Optional[str] = typer.Option(
+        None, help="Ray address to join ('auto' inside `ray job submit`); default: start an embedded local Ray"
+    ),
+    out: Path = typer.Option(Path("runs"), "--out", "-o", help="folder that receives runs/<run-id>/"),
+    seed: Optional[int] = typer.Option(None, help="seed of prompts, lengths and arrivals; overrides the config's seed"),
+    progress: bool = typer.Option(True, help="show a progress display"),
+) -> None:
+    """Run one track and write its evidence packet (manifest, records, summary, reports)."""
+    from cluster.config import ConfigError, load_yaml, resolve
+    from cluster.driver import Driver, RunOptions
+
+    overrides: dict = {}
+    if engine is not None and simulate:
+        _fail("--engine and --simulate exclude each other: --simulate replaces the engine")
+    if engine is not None:
+        overrides.setdefault("engine", {})["kind"] = engine.value
+    if simulate:
+        overrides.setdefault("engine", {})["kind"] = "simulated"
+    if seed is not None:
+        overrides["seed"] = seed
+    try:
+        data = load_yaml(config) if config else {}
+        cfg = resolve(track, data, overrides)
+        if cfg.simulated and not simulate:
+            raise ConfigError("invalid config:\n  engine.kind: 'simulated' runs only with --simulate (real engines are the default)")
+        driver = Driver(cfg, RunOptions(out_dir=out, address=address, progress=progress))
+    except ConfigError as e:
+        _fail(str(e))
+    console.print(f"run [bold]{driver.run_id}[/] — track {cfg.track}, engine {cfg.engine.kind}, {len(driver.plans)} cell(s)")
+    try:
+        if progress:
+            with Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=False,
+            ) as bar:
+                n_req = sum(p.workload.num_requests + p.workload.warmup_requests for p in driver.plans)
+                cells_task = bar.add_task("cells", total=len(driver.plans))
+                req_task = bar.add_task("requests", total=n_req)
+
+                def on_progress(cells_done: int, reqs_done: int, _total: int) -> None:
+                    bar.update(cells_task, completed=cells_done)
+                    bar.update(req_task, completed=reqs_done)
+
+                run_dir = driver.run(on_progress)
+                bar.update(cells_task, completed=len(driver.plans))
+        else:
+            run_dir = driver.run()
+    except ConfigError as e:
+        _fail(str(e))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    console.print(f"status: [bold]{manifest['status']}[/]  mode: [bold]{manifest['mode']}[/]")
+    verdict = summary.get("verdicts", {}).get("verdict")
+    if verdict:
+        console.print(f"verdict: [bold]{verdict}[/]")
+    console.print(f"report: {run_dir / 'report.md'}\n        {run_dir / 'report.html'}  (open in a browser; works offline)")
+    typer.echo(str(run_dir))
+    if manifest["status"] == "failed":
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a runs/<run-id>/ folder")) -> None:
+    """Rebuild report.md and report.html from a run's files alone (no Ray, no engine)."""
+    from analysis.packet import load_packet
+    from analysis.report import write_reports
+
+    try:
+        packet = load_packet(run_dir)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    write_reports(packet)
+    typer.echo(str(run_dir / "report.html"))
+
+
+@app.command()
+def tracks() -> None:
+    """List the experiment tracks and the question each answers."""
+    from workloads.tracks import list_tracks
+
+    t = Table("track", "question", "parameters")
+    for tr in list_tracks():
+        t.add_row(tr.name, tr.question, ", ".join(tr.params_model.model_fields) or "—")
+    Console().print(t)
+
+
+@app.command()
+def doctor() -> None:
+    """What Ray, torch, vllm and GPUs this machine has, and which engines can run here."""
+    from cluster.doctor import report as doctor_report
+
+    r = doctor_report()
+    t = Table("component", "value")
+    for k in ("python", "ray", "torch", "cuda", "transformers", "vllm", "pdbench_git_sha"):
+        t.add_row(k, str(r["versions"].get(k)))
+    t.add_row("GPUs (NVML)", ", ".join(d["name"] for d in r["gpus"]["devices"]) or "none")
+    t.add_row("torch sees CUDA", str(r["torch_cuda"]))
+    for k, v in r["engines"].items():
+        t.add_row(f"engine {k}", v)
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    app()

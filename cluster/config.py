@@ -1,0 +1,154 @@
+"""Experiment config: YAML → validated pydantic models → canonical form → sha256.
+
+Layering: the track's quick profile, then the config file, then CLI flags. Only the resolved
+result is validated and hashed, so two machines with the same inputs get the same hash. Where the
+run's files go and which cluster runs it are not part of the config (they change no result).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from actors.engines.spec import EngineConfig
+from analysis.metrics import SLO
+from workloads.requests import WorkloadSpec
+from workloads.tracks import get_track, list_tracks
+
+
+class ConfigError(ValueError):
+    """A config that will not run; the message names every bad field."""
+
+
+class PlacementSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    strategy: Literal["PACK", "SPREAD"] = Field(
+        default="PACK", description="disaggregated cells: prefill and decode on one node (PACK) or two (SPREAD)"
+    )
+    cpus_per_engine: float = Field(default=1.0, gt=0)
+    gpus_per_engine: int | None = Field(
+        default=None, ge=0, description="None: 1 for vllm or device cuda, else 0"
+    )
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    track: str
+    seed: int = Field(default=0, description="seed of prompts, lengths and arrivals")
+    engine: EngineConfig = EngineConfig()
+    workload: WorkloadSpec = WorkloadSpec()
+    slo: SLO = SLO()
+    placement: PlacementSpec = PlacementSpec()
+    params: dict[str, Any] = Field(default_factory=dict, description="track-specific parameters")
+    max_concurrent_cells: int = Field(default=1, ge=1, description="cells run at once on disjoint placement groups")
+    request_timeout_s: float | None = Field(default=600.0, gt=0)
+
+    @field_validator("track")
+    @classmethod
+    def _known_track(cls, v: str) -> str:
+        names = [t.name for t in list_tracks()]
+        if v.lower() not in names:
+            raise ValueError(f"unknown track {v!r}; allowed: {', '.join(names)}")
+        return v.lower()
+
+    @property
+    def simulated(self) -> bool:
+        return self.engine.kind == "simulated"
+
+    def gpus_per_engine(self) -> int:
+        if self.placement.gpus_per_engine is not None:
+            return self.placement.gpus_per_engine
+        return 1 if self.engine.kind == "vllm" or self.engine.device == "cuda" else 0
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge; a mapping with a different `kind` replaces the base instead of mixing fields."""
+    out = dict(base)
+    for k, v in over.items():
+        b = out.get(k)
+        if isinstance(b, dict) and isinstance(v, dict) and b.get("kind", v.get("kind")) == v.get("kind", b.get("kind")):
+            out[k] = _merge(b, v)
+        else:
+            out[k] = v
+    return out
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    cur: Any = model
+    for part in loc:
+        field = getattr(cur, "model_fields", {}).get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        cur = field.annotation
+    return sorted(getattr(cur, "model_fields", {}))
+
+
+def _format(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("fixed", "uniform", "normal", "closed", "poisson", "gamma")))
+        name = prefix + ".".join(str(p) for p in loc)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(model, loc[:-1])
+            msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif "input" in e and e["type"] not in ("missing",):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {name}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256_of(obj: Any) -> str:
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no such file {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def resolve(track: str, file_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Quick-profile defaults ← config file ← CLI overrides, validated as a whole."""
+    file_data = dict(file_data or {})
+    if "track" in file_data and str(file_data["track"]).lower() != track.lower():
+        raise ConfigError(f"invalid config:\n  track: the file says {file_data['track']!r} but the command asks for {track!r}")
+    try:
+        t = get_track(track)
+    except KeyError as e:
+        raise ConfigError(f"invalid config:\n  track: {e.args[0]}") from None
+    data = _merge(_merge(dict(t.quick_defaults), file_data), overrides or {})
+    data["track"] = track
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e, ExperimentConfig)) from None
+    try:
+        params = t.params_model.model_validate(cfg.params)
+    except ValidationError as e:
+        raise ConfigError(_format(e, t.params_model, prefix="params.")) from None
+    return cfg.model_copy(update={"params": params.model_dump(mode="json")})
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    return sha256_of(cfg.model_dump(mode="json"))
+
+
+def to_yaml(cfg: ExperimentConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

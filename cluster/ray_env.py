@@ -1,0 +1,70 @@
+"""Connecting to Ray (embedded or a cluster) and placing a cell's actors.
+
+Without an address pdbench starts an embedded local Ray; with one (`auto` inside `ray job
+submit`) it joins that cluster. Either way actors live in the `pdbench` namespace.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+NAMESPACE = "pdbench"
+
+
+def connect(address: str | None) -> dict[str, Any]:
+    """Start or join Ray once per process; return what the manifest records about it."""
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if address:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        else:
+            ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+    return {
+        "address": address or "embedded",
+        "cluster_resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
+        "nodes": [
+            {"node_id": n["NodeID"], "alive": n["Alive"], "resources": {k: v for k, v in n["Resources"].items() if not k.startswith("node:")}}
+            for n in ray.nodes()
+        ],
+    }
+
+
+def check_fits(bundles: list[dict[str, float]], what: str) -> None:
+    """Refuse before any engine starts if the cluster can never hold these bundles."""
+    total = ray.cluster_resources()
+    need: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            need[k] = need.get(k, 0) + v
+    for k, v in need.items():
+        if total.get(k, 0) < v:
+            raise RuntimeError(f"{what}: a cell needs {v:g} {k} but the cluster has {total.get(k, 0):g}")
+
+
+def make_placement_group(bundles: list[dict[str, float]], strategy: str, name: str) -> PlacementGroup:
+    return placement_group(bundles, strategy=strategy, name=name)
+
+
+def in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
+
+
+def release(pg: PlacementGroup | None) -> None:
+    if pg is not None:
+        remove_placement_group(pg)
+
+
+def on_each_node(fn: Any) -> list[Any]:
+    """Run a zero-CPU task on every alive node (hardware fingerprints of a multi-node cluster)."""
+    remote = ray.remote(num_cpus=0)(fn)
+    refs = [
+        remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+        for n in ray.nodes()
+        if n["Alive"]
+    ]
+    return ray.get(refs, timeout=120)

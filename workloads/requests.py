@@ -1,0 +1,74 @@
+"""Synthetic request streams: token-id prompts with seeded lengths and seeded arrival times."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from workloads.arrivals import Arrival, ClosedLoop, schedule
+from workloads.lengths import Fixed, LengthDist
+
+# Separate numpy streams per purpose: changing the arrival process must not change the prompts.
+_STREAM_LENGTHS, _STREAM_TOKENS, _STREAM_ARRIVALS = 1, 2, 3
+
+
+class WorkloadSpec(BaseModel):
+    """What one cell asks of its engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_requests: int = Field(default=16, ge=1)
+    warmup_requests: int = Field(default=2, ge=0)
+    input_len: LengthDist = Fixed(value=32)
+    output_len: LengthDist = Fixed(value=16)
+    arrival: Arrival = ClosedLoop(concurrency=4)
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request as the load generator will send it.
+
+    `t_scheduled` is the intended send offset for open-loop arrivals (None: closed loop, the
+    request goes out when a user is free). `meta` carries what a scorer needs later (answers).
+    """
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+    warmup: bool = False
+    t_scheduled: float | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream])
+
+
+def synthetic_requests(spec: WorkloadSpec, vocab_size: int, seed: int) -> list[RequestSpec]:
+    """Warm-up requests first, then the measured ones; same (spec, vocab, seed) → same list."""
+    total = spec.warmup_requests + spec.num_requests
+    lrng = _rng(seed, _STREAM_LENGTHS)
+    in_lens = spec.input_len.sample(lrng, total)
+    out_lens = spec.output_len.sample(lrng, total)
+    trng = _rng(seed, _STREAM_TOKENS)
+    offsets = schedule(spec.arrival, spec.num_requests, _rng(seed, _STREAM_ARRIVALS))
+    out: list[RequestSpec] = []
+    for i in range(total):
+        warm = i < spec.warmup_requests
+        ids = trng.integers(0, vocab_size, size=int(in_lens[i]), dtype=np.int64)
+        j = i - spec.warmup_requests
+        out.append(
+            RequestSpec(
+                request_id=f"w{i:04d}" if warm else f"r{j:05d}",
+                prompt_token_ids=tuple(int(t) for t in ids),
+                max_tokens=int(out_lens[i]),
+                warmup=warm,
+                t_scheduled=None if (warm or offsets is None) else float(offsets[j]),
+            )
+        )
+    return out
+
+
+def is_closed_loop(spec: WorkloadSpec) -> bool:
+    return isinstance(spec.arrival, ClosedLoop)

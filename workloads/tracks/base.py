@@ -1,0 +1,73 @@
+"""Track registry: a track is a question plus a rule for expanding a config into cells.
+
+Tracks live in workloads/ because a cell is a description of what to ask (workload, serving mode,
+engine overrides), not of how to run it; cluster/ turns plans into actors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from workloads.requests import WorkloadSpec
+
+
+class TrackParams(BaseModel):
+    """Per-track parameters (`params:` in a config); each track subclasses it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """One unit of work: a serving mode and a workload, on its own placement group.
+
+    `labels` are the grid coordinates the reports group by (e.g. repeat=1, concurrency=8);
+    `engine_overrides` patch the config's engine section for this cell only (e.g. max_model_len).
+    """
+
+    cell_id: str
+    mode: str
+    workload: WorkloadSpec
+    labels: dict[str, Any] = field(default_factory=dict)
+    engine_overrides: dict[str, Any] = field(default_factory=dict)
+    seed_offset: int = 0
+
+
+class Track:
+    name: ClassVar[str]
+    question: ClassVar[str]
+    params_model: ClassVar[type[TrackParams]] = TrackParams
+    # The quick profile: config defaults sized for a 2-core CPU box with the tiny model.
+    quick_defaults: ClassVar[dict[str, Any]] = {}
+
+    def cells(self, workload: WorkloadSpec, params: TrackParams) -> list[CellPlan]:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Track] = {}
+
+
+def register(cls: type[Track]) -> type[Track]:
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def _load_all() -> None:
+    # Importing a track module registers it; one module per track keeps them independent.
+    from workloads.tracks import e0  # noqa: F401
+
+
+def get_track(name: str) -> Track:
+    _load_all()
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise KeyError(f"unknown track {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_tracks() -> list[Track]:
+    _load_all()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
