@@ -19,21 +19,16 @@ from typing import Any, Callable
 import pandas as pd
 import ray
 
-from actors.engine_actor import EngineActor, actor_name
 from actors.engines import EngineConfig
-from actors.loadgen import LoadGenerator
 from actors.progress import ProgressCounter
 from analysis.packet import load_packet, write_json, write_parquet, write_yaml
-from analysis.records import to_frame
 from analysis.report import write_reports
 from analysis.summary import build_summary
 from cluster import manifest as mf
 from cluster import ray_env
+from cluster.cells import MODES, CellContext
 from cluster.config import ConfigError, ExperimentConfig, config_hash, sha256_of, to_yaml
-from workloads.requests import synthetic_requests
 from workloads.tracks import CellPlan, get_track
-
-ENGINE_START_TIMEOUT_S = 900.0
 
 
 @dataclass
@@ -74,6 +69,9 @@ def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
     """Refuse what can never run before any engine starts (DESIGN.md, Reliability)."""
     errors = []
     for p in plans:
+        if p.mode not in MODES:
+            errors.append(f"  mode: cell {p.cell_id} asks for serving mode {p.mode!r}; allowed: {', '.join(MODES)}")
+            continue
         eng = cell_engine(cfg, p)
         need = p.workload.input_len.upper + p.workload.output_len.upper
         if need > eng.max_model_len:
@@ -90,13 +88,6 @@ def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
         raise ConfigError("invalid config:\n" + "\n".join(dict.fromkeys(errors)))
 
 
-def bundles_for(cfg: ExperimentConfig, plan: CellPlan) -> list[dict[str, float]]:
-    one: dict[str, float] = {"CPU": cfg.placement.cpus_per_engine}
-    if cfg.gpus_per_engine():
-        one["GPU"] = float(cfg.gpus_per_engine())
-    return [dict(one)]
-
-
 class Driver:
     def __init__(self, cfg: ExperimentConfig, opts: RunOptions):
         self.cfg = cfg
@@ -109,37 +100,17 @@ class Driver:
         self.ray_info: dict[str, Any] = {}
 
     # --- cells -----------------------------------------------------------------------------
-    async def _aggregated(self, plan: CellPlan, progress: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
-        eng = cell_engine(self.cfg, plan)
-        pg = ray_env.make_placement_group(bundles_for(self.cfg, plan), "STRICT_PACK", f"pdbench:{self.run_id}:{plan.cell_id}")
-        actors: list[Any] = []
-        try:
-            await asyncio.wait_for(pg.ready(), ENGINE_START_TIMEOUT_S)
-            b = bundles_for(self.cfg, plan)[0]
-            engine = EngineActor.options(
-                name=actor_name(self.run_id, plan.cell_id, "engine"),
-                num_cpus=b["CPU"],
-                num_gpus=b.get("GPU", 0),
-                scheduling_strategy=ray_env.in_bundle(pg, 0),
-            ).remote(eng.model_dump(), role="engine")
-            loadgen = LoadGenerator.options(
-                name=actor_name(self.run_id, plan.cell_id, "loadgen"), scheduling_strategy=ray_env.in_bundle(pg, 0)
-            ).remote()
-            actors = [engine, loadgen]
-            info = await asyncio.wait_for(engine.start.remote(), ENGINE_START_TIMEOUT_S)
-            reqs = synthetic_requests(plan.workload, info["vocab_size"], self.cfg.seed + plan.seed_offset)
-            conc = getattr(plan.workload.arrival, "concurrency", 1)
-            raws = await loadgen.run.remote(engine, reqs, conc, self.cfg.request_timeout_s, progress)
-            await engine.shutdown.remote()
-        finally:
-            for a in actors:
-                ray.kill(a)
-            ray_env.release(pg)
-        df = to_frame(raws, run_id=self.run_id, cell_id=plan.cell_id, mode=plan.mode, engine=eng.kind)
-        return df, {"engine_info": info}
+    def context(self, plan: CellPlan, progress: Any = None) -> CellContext:
+        return CellContext(
+            run_id=self.run_id,
+            cfg=self.cfg,
+            plan=plan,
+            engine=cell_engine(self.cfg, plan),
+            seed=self.cfg.seed + plan.seed_offset,
+            progress=progress,
+        )
 
     async def _run_cell(self, plan: CellPlan, progress: Any) -> dict[str, Any]:
-        runners: dict[str, Callable] = {"aggregated": self._aggregated}
         cell_dir = self.run_dir / "cells" / plan.cell_id
         meta: dict[str, Any] = {
             "cell_id": plan.cell_id,
@@ -151,11 +122,11 @@ class Driver:
         }
         t0 = time.monotonic()
         try:
-            if plan.mode not in runners:
-                raise ValueError(f"serving mode {plan.mode!r} is not supported; allowed: {', '.join(runners)}")
-            df, extra = await runners[plan.mode](plan, progress)
-            write_parquet(cell_dir / "requests.parquet", df)
-            meta.update(extra, status="ok", error=None)
+            result = await MODES[plan.mode].run(self.context(plan, progress))
+            write_parquet(cell_dir / "requests.parquet", result.requests)
+            if result.transfers is not None:
+                write_parquet(cell_dir / "transfers.parquet", result.transfers)
+            meta.update(result.meta, status="ok", error=None)
         except Exception as e:  # the cell fails with its reason; the sweep goes on
             meta.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
         meta["ended_at"] = _now()
@@ -227,6 +198,11 @@ class Driver:
         ]
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         write_parquet(self.run_dir / "requests.parquet", df)
+        transfers = [
+            pd.read_parquet(p) for c, m in cells.items() if m["status"] == "ok" and (p := self.run_dir / "cells" / c / "transfers.parquet").is_file()
+        ]
+        if transfers:
+            write_parquet(self.run_dir / "transfers.parquet", pd.concat(transfers, ignore_index=True))
         n_ok = sum(m["status"] == "ok" for m in metas)
         status = "complete" if n_ok == len(metas) else ("partial" if n_ok else "failed")
         mode = "simulated" if self.cfg.simulated else "real"
@@ -243,7 +219,7 @@ class Driver:
         self.ray_info = ray_env.connect(self.opts.address)
         for p in self.plans:
             try:
-                ray_env.check_fits(bundles_for(self.cfg, p), "placement")
+                ray_env.check_fits(MODES[p.mode].bundles(self.context(p)), "placement")
             except RuntimeError as e:
                 raise ConfigError(f"invalid config:\n  placement.gpus_per_engine/cpus_per_engine: {e}") from None
         self.run_dir.mkdir(parents=True, exist_ok=False)

@@ -29,6 +29,11 @@ class TrackAnalysis:
 
 
 def get_analysis(track: str) -> TrackAnalysis:
-    from analysis.tracks import e0
+    """`analysis.tracks.<track>.ANALYSIS` where that module exists, else the plain report."""
+    import importlib
 
-    return {"e0": e0.E0Analysis()}.get(track, TrackAnalysis())
+    try:
+        mod = importlib.import_module(f"analysis.tracks.{track}")
+    except ModuleNotFoundError:
+        return TrackAnalysis()
+    return mod.ANALYSIS

@@ -96,3 +96,6 @@ def _short(detail: dict[str, Any]) -> str:
     if "mismatches" in detail:
         return f"{detail['requests_compared']} requests compared; mismatches: {detail['mismatches'] or 'none'}"
     return ", ".join(f"{k}={str(x)[:16]}" for k, x in detail.items())
+
+
+ANALYSIS = E0Analysis()

@@ -56,8 +56,16 @@ def register(cls: type[Track]) -> type[Track]:
 
 
 def _load_all() -> None:
-    # Importing a track module registers it; one module per track keeps them independent.
-    from workloads.tracks import e0  # noqa: F401
+    """Import every module of this package: each track registers itself, so adding a track is
+    adding a file."""
+    import importlib
+    import pkgutil
+
+    import workloads.tracks as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name != "base":
+            importlib.import_module(f"workloads.tracks.{mod.name}")
 
 
 def get_track(name: str) -> Track:

@@ -1,0 +1,22 @@
+"""How a cell of each serving mode is laid on placement groups and run. One module per mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from cluster.cells import aggregated
+from cluster.cells.base import CellContext, CellResult
+
+
+@dataclass(frozen=True)
+class ServingMode:
+    run: Callable[[CellContext], Awaitable[CellResult]]
+    bundles: Callable[[CellContext], list[dict[str, float]]]
+
+
+MODES: dict[str, ServingMode] = {
+    "aggregated": ServingMode(aggregated.run_aggregated, aggregated.bundles),
+}
+
+__all__ = ["CellContext", "CellResult", "MODES", "ServingMode"]
