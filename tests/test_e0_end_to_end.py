@@ -1,0 +1,116 @@
+"""A real local-Ray E0 run end to end, and the packet it leaves behind."""
+
+import json
+from html.parser import HTMLParser
+
+import pandas as pd
+import pytest
+import yaml
+
+from cluster.config import config_hash, resolve
+from cluster.driver import Driver, RunOptions
+
+
+@pytest.fixture(scope="module")
+def e0_run(ray_local, tmp_path_factory):
+    # Timing tolerance wide open: this machine is shared and noisy; the timing rule itself is
+    # tested on hand-made records in test_e0_verdict.py. Tokens and hashes are checked exactly.
+    cfg = resolve("e0", {"workload": {"num_requests": 12, "warmup_requests": 2}, "params": {"tolerance": 0.95}})
+    out = tmp_path_factory.mktemp("runs")
+    run_dir = Driver(cfg, RunOptions(out_dir=out)).run()
+    return cfg, run_dir
+
+
+def test_packet_files_present(e0_run):
+    _, run_dir = e0_run
+    for name in ("manifest.json", "config.yaml", "requests.parquet", "summary.json", "report.md", "report.html"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.rglob("*.tmp")), "atomic writes leave no temporary files"
+
+
+def test_manifest_facts(e0_run):
+    cfg, run_dir = e0_run
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["mode"] == "real" and m["engine"] == "reference" and m["status"] == "complete"
+    assert m["config_hash"] == config_hash(cfg)
+    assert len(m["model"]["architecture_hash"]) == 64
+    assert m["model"]["kv_bytes_per_token"] == 2 * 4 * 2 * 64 * 4
+    assert m["versions"]["ray"] and m["versions"]["torch"] and "pdbench_git_dirty" in m["versions"]
+    assert m["hardware"]["nodes"][0]["cpu"]["logical_cores"] >= 1
+    assert m["ray"]["cluster_resources"]["CPU"] >= 1
+    assert m["seeds"]["config"] == 0 and set(m["cells"]) == {"rep0", "rep1"}
+    assert all(c["status"] == "ok" for c in m["cells"].values())
+
+
+def test_resolved_config_round_trips(e0_run):
+    cfg, run_dir = e0_run
+    again = resolve("e0", yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert config_hash(again) == config_hash(cfg)
+
+
+def test_requests_schema_and_warmup(e0_run):
+    _, run_dir = e0_run
+    df = pd.read_parquet(run_dir / "requests.parquet")
+    needed = {
+        "run_id", "cell_id", "request_id", "mode", "engine", "warmup", "ok", "error", "input_tokens",
+        "output_tokens", "t_scheduled", "t_sent", "t_first_token", "t_last_token", "ttft_s", "tpot_s",
+        "e2e_s", "queue_delay_s", "itl_s", "server_queue_s", "prefill_s", "transfer_s", "first_decode_s",
+        "output_token_ids",
+    }
+    assert needed <= set(df.columns)
+    assert len(df) == 2 * 14 and df["warmup"].sum() == 4
+    assert df["ok"].all() and (df["mode"] == "aggregated").all()
+    assert (df["ttft_s"] > 0).all() and (df["e2e_s"] >= df["ttft_s"]).all()
+    assert df["transfer_s"].isna().all()
+    # The engine's own prefill time fits inside the client's TTFT.
+    assert (df["prefill_s"] <= df["ttft_s"]).all()
+
+
+def test_e0_verdict_reproducible(e0_run):
+    _, run_dir = e0_run
+    s = json.loads((run_dir / "summary.json").read_text())
+    v = s["verdicts"]
+    tokens = next(c for c in v["checks"] if c["check"].startswith("greedy"))
+    assert tokens["ok"] and tokens["detail"]["requests_compared"] == 12
+    assert v["verdict"] == "reproducible", v
+    assert s["cells"]["rep0"]["metrics"]["ttft_s"]["p99"] > 0
+
+
+def test_reports_parse_and_carry_the_verdict(e0_run):
+    _, run_dir = e0_run
+    md = (run_dir / "report.md").read_text()
+    assert "E0 verdict: reproducible" in md and "| mode | real |" in md
+    html = (run_dir / "report.html").read_text()
+
+    class P(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags = []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            if tag in ("script", "link"):
+                assert not any(k in ("src", "href") for k, _ in attrs), "report.html must load nothing"
+
+    p = P()
+    p.feed(html)
+    assert p.tags.count("table") >= 2 and "script" in p.tags
+    assert "Plotly.newPlot" in html
+    assert "E0 verdict: reproducible" in html
+
+
+def test_report_rebuilds_from_files_alone(e0_run, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    _, run_dir = e0_run
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    (copy / "report.md").unlink()
+    (copy / "report.html").unlink()
+    res = CliRunner().invoke(app, ["report", str(copy)])
+    assert res.exit_code == 0, res.output
+    assert (copy / "report.md").read_text() == (run_dir / "report.md").read_text()

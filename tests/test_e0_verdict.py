@@ -1,0 +1,52 @@
+"""The E0 verdict rule on hand-made records: each check can fail the verdict on its own."""
+
+import pandas as pd
+
+from analysis.tracks.e0 import ANALYSIS
+
+
+def frame(tokens_b=None, slow_b=1.0):
+    rows = []
+    for cell, slow in (("rep0", 1.0), ("rep1", slow_b)):
+        for i in range(4):
+            toks = [i, i + 1, i + 2]
+            if cell == "rep1" and tokens_b is not None and i == 2:
+                toks = tokens_b
+            t0 = i * 1.0
+            rows.append(
+                {
+                    "cell_id": cell, "request_id": f"r{i}", "warmup": False, "ok": True, "input_tokens": 5,
+                    "output_tokens": 3, "t_sent": t0, "t_scheduled": t0, "queue_delay_s": 0.0,
+                    "t_first_token": t0 + 0.1 * slow, "t_last_token": t0 + 0.3 * slow, "ttft_s": 0.1 * slow,
+                    "tpot_s": 0.1 * slow, "e2e_s": 0.3 * slow, "itl_s": [0.1 * slow] * 2, "output_token_ids": toks,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+CELLS = {"rep0": {"config_hash": "h"}, "rep1": {"config_hash": "h"}}
+
+
+def test_identical_runs_are_reproducible():
+    v = ANALYSIS.verdicts(frame(), CELLS, {"tolerance": 0.1})
+    assert v["verdict"] == "reproducible", v
+
+
+def test_one_different_token_fails():
+    v = ANALYSIS.verdicts(frame(tokens_b=[2, 3, 99]), CELLS, {"tolerance": 0.1})
+    assert v["verdict"] == "not reproducible"
+    bad = [c for c in v["checks"] if not c["ok"]]
+    assert [c["check"] for c in bad] == ["greedy token ids identical request by request"]
+    assert bad[0]["detail"]["mismatches"] == ["rep0/rep1:r2"]
+
+
+def test_latency_beyond_tolerance_fails():
+    v = ANALYSIS.verdicts(frame(slow_b=1.5), CELLS, {"tolerance": 0.2})
+    assert v["verdict"] == "not reproducible"
+    assert any(c["check"].startswith("ttft_s.p50") and not c["ok"] for c in v["checks"])
+    assert ANALYSIS.verdicts(frame(slow_b=1.1), CELLS, {"tolerance": 0.2})["verdict"] == "reproducible"
+
+
+def test_config_hash_mismatch_fails():
+    v = ANALYSIS.verdicts(frame(), {"rep0": {"config_hash": "a"}, "rep1": {"config_hash": "b"}}, {"tolerance": 0.5})
+    assert v["verdict"] == "not reproducible"
