@@ -30,7 +30,8 @@ def derive(raw: dict[str, Any]) -> dict[str, Any]:
     server = raw.get("server") or {}
     for col in SERVER_COLUMNS:
         row[col] = server.get(col)
-    row["server_e2e_s"] = server.get("server_e2e_s")
+    # Engine-specific extras (vLLM's own stats, ...) keep their names beside the standard ones.
+    row.update({k: v for k, v in server.items() if k not in SERVER_COLUMNS})
     return row
 
 

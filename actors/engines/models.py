@@ -45,6 +45,7 @@ _ARCH_KEYS = (
     "num_key_value_heads",
     "head_dim",
     "max_position_embeddings",
+    "rope_theta",
     "rope_parameters",
     "rope_scaling",
     "tie_word_embeddings",

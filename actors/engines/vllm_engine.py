@@ -1,0 +1,162 @@
+"""vLLM engine adapter: `AsyncLLM` built inside the engine actor, streaming token deltas.
+
+Architecture-only models (configs/models/*.json, or any config with no weights beside it) run
+with `load_format="dummy"` and token-id prompts (`skip_tokenizer_init`): shapes, memory, compute
+and KV sizes are real, weights are random but seeded, so two engines built alike hold the same
+weights. A hub name or a folder with weights loads normally, tokenizer included.
+
+vLLM's own per-request stats (`disable_log_stats=False`) are recorded beside the client's
+timestamps: they come from the EngineCore process's monotonic clock, so only differences between
+them are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from actors.engines.base import EngineAdapter, EngineInfo, EngineRequest, TokenDelta
+from actors.engines.models import arch_kv_bytes_per_token, architecture, architecture_hash, resolve_model
+from actors.engines.spec import EngineConfig
+
+WORKER_EXTENSION = "actors.engines.vllm_worker_ext.PdbenchWorkerExtension"
+
+
+def engine_args(cfg: EngineConfig, model_dir: str, dummy: bool, kv_transfer_config: dict | None = None) -> dict[str, Any]:
+    """The AsyncEngineArgs pdbench uses; `engine.vllm` in the config overrides any of them."""
+    args: dict[str, Any] = {
+        "model": model_dir,
+        "dtype": cfg.dtype,
+        "max_model_len": cfg.max_model_len,
+        "max_num_seqs": cfg.max_batch_size,
+        "seed": cfg.weight_seed,
+        "enable_prefix_caching": False,  # a benchmark must not silently reuse earlier prompts' KV
+        "disable_log_stats": False,  # per-request queued/scheduled/first/last token stats
+        "worker_extension_cls": WORKER_EXTENSION,
+    }
+    if dummy:
+        args.update(load_format="dummy", skip_tokenizer_init=True)
+    if getattr(cfg, "hf_overrides", None):
+        args["hf_overrides"] = dict(cfg.hf_overrides)
+    if kv_transfer_config is not None:
+        args["kv_transfer_config"] = kv_transfer_config
+    args.update(cfg.vllm)
+    return args
+
+
+def _materialise(arch: dict[str, Any]) -> str:
+    """vLLM reads a model folder: write the architecture config into a private one."""
+    d = Path(tempfile.mkdtemp(prefix="pdbench-model-"))
+    (d / "config.json").write_text(json.dumps(arch, indent=1))
+    return str(d)
+
+
+class VllmEngine(EngineAdapter):
+    def __init__(self, cfg: EngineConfig, kv_transfer_config: dict | None = None):
+        if cfg.kind != "vllm":
+            raise ValueError(f"VllmEngine needs engine.kind 'vllm', got {cfg.kind!r}")
+        self.cfg = cfg
+        self.kv_transfer_config = kv_transfer_config
+        self.llm: Any = None
+        self.info_: EngineInfo | None = None
+
+    async def start(self) -> EngineInfo:
+        # vLLM 0.26 imports FlashInfer for its sampler unless told not to; FlashInfer is optional.
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        import torch
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("engine.kind 'vllm' needs a CUDA GPU; this actor sees none")
+        raw, weights = resolve_model(self.cfg.model)
+        dummy = weights is None
+        model_dir = _materialise(raw) if dummy else weights
+        t0 = time.monotonic()
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(self.cfg, model_dir, dummy, self.kv_transfer_config)))
+        init_s = time.monotonic() - t0
+        hf = self.llm.model_config.hf_config.to_dict()
+        arch = architecture(raw if raw is not None else hf)
+        mem = (await self.llm.collective_rpc("pdbench_memory"))[0]
+        checksum = (await self.llm.collective_rpc("pdbench_weight_checksum"))[0]
+        self.info_ = EngineInfo(
+            engine="vllm",
+            model=self.cfg.model,
+            architecture={**arch, "hash": architecture_hash(arch)},
+            vocab_size=int(hf.get("vocab_size") or arch["vocab_size"]),
+            kv_bytes_per_token=arch_kv_bytes_per_token(arch, self.cfg.dtype),
+            device=torch.cuda.get_device_name(0),
+            dtype=self.cfg.dtype,
+            extra={
+                "load_format": "dummy" if dummy else "auto",
+                "engine_init_s": init_s,
+                "vllm_memory": mem,
+                "weight_checksum": checksum,
+                "engine_args": {k: v for k, v in engine_args(self.cfg, model_dir, dummy).items() if k != "model"},
+            },
+        )
+        return self.info_
+
+    def sampling_params(self, request: EngineRequest, kv_transfer_params: dict | None = None):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
+        return SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=0.0,
+            ignore_eos=True,  # fixed output lengths: the workload, not the random weights, decides
+            output_kind=RequestOutputKind.DELTA,
+            extra_args=extra,
+        )
+
+    async def generate(self, request: EngineRequest, kv_transfer_params: dict | None = None) -> AsyncIterator[TokenDelta]:
+        from vllm.inputs import TokensPrompt
+
+        assert self.llm is not None, "engine not started"
+        t_q = time.monotonic()
+        n = 0
+        stream = self.llm.generate(
+            TokensPrompt(prompt_token_ids=list(request.prompt_token_ids)),
+            self.sampling_params(request, kv_transfer_params),
+            request.request_id,
+        )
+        async for out in stream:
+            now = time.monotonic()
+            toks = list(out.outputs[0].token_ids)
+            n += len(toks)
+            delta = TokenDelta(token_ids=toks, token_s=[now - t_q] * len(toks), finished=out.finished)
+            if out.finished:
+                delta.server = self._server_stats(out, t_q, now)
+            yield delta
+
+    @staticmethod
+    def _server_stats(out: Any, t_q: float, now: float) -> dict[str, Any]:
+        """vLLM's stats, differences of the EngineCore's own clock only."""
+        m = out.metrics
+        stats: dict[str, Any] = {"server_e2e_s": now - t_q, "transfer_s": None, "first_decode_s": 0.0}
+        if m is not None and m.scheduled_ts and m.queued_ts:
+            stats.update(
+                server_queue_s=m.scheduled_ts - m.queued_ts,
+                # The first token comes out of the prefill step itself in an aggregated engine.
+                prefill_s=m.first_token_ts - m.scheduled_ts,
+                vllm_first_token_latency_s=m.first_token_latency,
+                vllm_decode_s=m.last_token_ts - m.first_token_ts,
+                vllm_generation_tokens=m.num_generation_tokens,
+            )
+        stats["vllm_num_cached_tokens"] = out.num_cached_tokens
+        return stats
+
+    async def memory(self) -> dict[str, Any]:
+        assert self.llm is not None, "engine not started"
+        return (await self.llm.collective_rpc("pdbench_memory"))[0]
+
+    async def shutdown(self) -> None:
+        if self.llm is not None:
+            # An AsyncLLM left running keeps its EngineCore process, and the actor, alive.
+            self.llm.shutdown()
+            self.llm = None

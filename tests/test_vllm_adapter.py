@@ -1,0 +1,37 @@
+"""The vLLM adapter's pure parts (no GPU needed): engine arguments and stats conversion."""
+
+from types import SimpleNamespace
+
+from actors.engines.spec import EngineConfig
+from actors.engines.vllm_engine import WORKER_EXTENSION, VllmEngine, engine_args
+
+
+def test_dummy_weights_for_architecture_configs():
+    cfg = EngineConfig(kind="vllm", model="qwen3-8b", dtype="bfloat16", max_model_len=4096, max_batch_size=64, weight_seed=3)
+    a = engine_args(cfg, "/tmp/m", dummy=True)
+    assert a["load_format"] == "dummy" and a["skip_tokenizer_init"] is True
+    assert a["seed"] == 3 and a["max_num_seqs"] == 64 and a["max_model_len"] == 4096 and a["dtype"] == "bfloat16"
+    assert a["enable_prefix_caching"] is False and a["disable_log_stats"] is False
+    assert a["worker_extension_cls"] == WORKER_EXTENSION
+
+
+def test_real_weights_load_normally_and_overrides_win():
+    cfg = EngineConfig(kind="vllm", model="Qwen/Qwen3-8B", vllm={"gpu_memory_utilization": 0.5, "enable_prefix_caching": True})
+    a = engine_args(cfg, "Qwen/Qwen3-8B", dummy=False, kv_transfer_config={"kv_connector": "X"})
+    assert "load_format" not in a and "skip_tokenizer_init" not in a
+    assert a["gpu_memory_utilization"] == 0.5 and a["enable_prefix_caching"] is True
+    assert a["kv_transfer_config"] == {"kv_connector": "X"}
+
+
+def test_server_stats_are_differences_of_the_engine_clock():
+    m = SimpleNamespace(queued_ts=100.0, scheduled_ts=100.25, first_token_ts=100.75, last_token_ts=102.0,
+                        first_token_latency=0.8, num_generation_tokens=9)
+    out = SimpleNamespace(metrics=m, num_cached_tokens=0)
+    s = VllmEngine._server_stats(out, t_q=5.0, now=7.5)
+    assert s["server_queue_s"] == 0.25 and s["prefill_s"] == 0.5 and s["vllm_decode_s"] == 1.25
+    assert s["server_e2e_s"] == 2.5 and s["transfer_s"] is None and s["vllm_generation_tokens"] == 9
+
+
+def test_missing_stats_leave_breakdown_empty():
+    s = VllmEngine._server_stats(SimpleNamespace(metrics=None, num_cached_tokens=None), t_q=0.0, now=1.0)
+    assert "prefill_s" not in s and s["server_e2e_s"] == 1.0
