@@ -44,7 +44,9 @@ def offline(cfg: EngineConfig, reqs) -> tuple[float, list[list[int]]]:
     return sum(map(len, tokens)) / dt, tokens
 
 
-def actor_path(cfg: EngineConfig, reqs, warm) -> tuple[float, list[list[int]]]:
+def actor_path(cfg: EngineConfig, reqs, warm) -> tuple[float, float, list[list[int]]]:
+    """Output tok/s over the driver's wall clock around the load generator's run, and over the
+    load generator's own measured window (first send → last token), which is what pdbench reports."""
     import ray
 
     from actors.engine_actor import EngineActor
@@ -62,7 +64,9 @@ def actor_path(cfg: EngineConfig, reqs, warm) -> tuple[float, list[list[int]]]:
     ray.shutdown()
     assert all(r["ok"] for r in recs), [r["error"] for r in recs if not r["ok"]][:3]
     by_id = {r["request_id"]: r["output_token_ids"] for r in recs}
-    return sum(len(t) for t in by_id.values()) / dt, [by_id[r.request_id] for r in reqs]
+    tokens = sum(len(t) for t in by_id.values())
+    window = max(r["t_tokens"][-1] for r in recs) - min(r["t_sent"] for r in recs)
+    return tokens / dt, tokens / window, [by_id[r.request_id] for r in reqs]
 
 
 def main() -> int:
@@ -94,7 +98,7 @@ def main() -> int:
     allreqs = synthetic_requests(spec, vocab_size=raw["vocab_size"], seed=0)
     warm, reqs = allreqs[:4], allreqs[4:]
     a, toks_a = offline(cfg, reqs)
-    b, toks_b = actor_path(cfg, reqs, warm)
+    b_wall, b, toks_b = actor_path(cfg, reqs, warm)
     import torch
 
     res = {
@@ -104,11 +108,14 @@ def main() -> int:
         "cuda_graphs": not args.eager,
         "offline_output_tok_s": a,
         "actor_output_tok_s": b,
+        "actor_output_tok_s_driver_wall": b_wall,
         "ratio_actor_over_offline": b / a,
+        "ratio_driver_wall": b_wall / a,
         "greedy_tokens_identical": toks_a == toks_b,
     }
     print(json.dumps(res, indent=2))
-    print(f"ratio (pdbench Ray actor path / vLLM offline LLM.generate): {b / a:.3f}  (goal >= 0.95)")
+    print(f"ratio (pdbench Ray actor path / vLLM offline LLM.generate): {b / a:.3f}  (goal >= 0.95); "
+          f"over the driver's wall clock instead: {b_wall / a:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

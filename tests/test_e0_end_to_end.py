@@ -114,3 +114,14 @@ def test_report_rebuilds_from_files_alone(e0_run, tmp_path):
     res = CliRunner().invoke(app, ["report", str(copy)])
     assert res.exit_code == 0, res.output
     assert (copy / "report.md").read_text() == (run_dir / "report.md").read_text()
+
+
+def test_git_facts_from_environment_when_tree_has_no_git(monkeypatch):
+    from cluster import manifest
+
+    monkeypatch.setattr(manifest, "_git", lambda *a: None)
+    monkeypatch.setenv("PDBENCH_GIT_SHA", "abc123")
+    monkeypatch.setenv("PDBENCH_GIT_DIRTY", "0")
+    v = manifest.versions()
+    assert v["pdbench_git_sha"] == "abc123" and v["pdbench_git_dirty"] is False
+    assert v["pdbench_git_source"] == "PDBENCH_GIT_SHA"
