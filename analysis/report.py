@@ -108,7 +108,9 @@ def render_markdown(packet: Packet, secs: list[Section]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_html(packet: Packet, secs: list[Section]) -> str:
+def render_html(packet: Packet, secs: list[Section], plotly_js: str = "inline") -> str:
+    """`plotly_js="inline"` embeds plotly.js (self-contained, ~4.7 MB); anything else is a URL
+    the page loads it from instead (docs/evidence/ keeps one shared copy beside its packets)."""
     e = html.escape
     title = f"pdbench {e(str(packet.manifest.get('track')))} {e(str(packet.manifest.get('run_id')))}"
     parts = [
@@ -118,7 +120,9 @@ def render_html(packet: Packet, secs: list[Section]) -> str:
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
         ".sim{background:#b00;color:#fff;font-size:2.5em;padding:.4em;text-align:center;font-weight:bold}"
         ".real{background:#064;color:#fff;font-size:1.2em;padding:.3em;text-align:center}</style>",
-        f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>",
+        f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>"
+        if plotly_js == "inline"
+        else f"<script type='text/javascript' src='{e(plotly_js, quote=True)}'></script>",
         "</head><body>",
     ]
     mode = str(packet.manifest.get("mode"))
@@ -138,7 +142,7 @@ def render_html(packet: Packet, secs: list[Section]) -> str:
     return "\n".join(parts)
 
 
-def write_reports(packet: Packet) -> None:
+def write_reports(packet: Packet, plotly_js: str = "inline") -> None:
     secs = sections(packet)
     write_text(packet.root / "report.md", render_markdown(packet, secs))
-    write_text(packet.root / "report.html", render_html(packet, secs))
+    write_text(packet.root / "report.html", render_html(packet, secs, plotly_js))

@@ -104,7 +104,14 @@ def run(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="a runs/<run-id>/ folder")) -> None:
+def report(
+    run_dir: Path = typer.Argument(..., help="a runs/<run-id>/ folder"),
+    plotly_js: str = typer.Option(
+        "inline",
+        help="'inline' embeds plotly.js (self-contained, opens offline); a relative URL such as "
+        "../plotly.min.js loads one shared copy instead (how docs/evidence/ keeps packets small)",
+    ),
+) -> None:
     """Rebuild report.md and report.html from a run's files alone (no Ray, no engine)."""
     from analysis.packet import load_packet
     from analysis.report import write_reports
@@ -113,7 +120,7 @@ def report(run_dir: Path = typer.Argument(..., help="a runs/<run-id>/ folder")) 
         packet = load_packet(run_dir)
     except FileNotFoundError as e:
         _fail(str(e))
-    write_reports(packet)
+    write_reports(packet, plotly_js)
     typer.echo(str(run_dir / "report.html"))
 
 

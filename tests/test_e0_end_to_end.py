@@ -125,3 +125,20 @@ def test_git_facts_from_environment_when_tree_has_no_git(monkeypatch):
     v = manifest.versions()
     assert v["pdbench_git_sha"] == "abc123" and v["pdbench_git_dirty"] is False
     assert v["pdbench_git_source"] == "PDBENCH_GIT_SHA"
+
+
+def test_report_can_share_one_plotly_copy(e0_run, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    _, run_dir = e0_run
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    res = CliRunner().invoke(app, ["report", str(copy), "--plotly-js", "../plotly.min.js"])
+    assert res.exit_code == 0, res.output
+    html = (copy / "report.html").read_text()
+    assert "src='../plotly.min.js'" in html and "Plotly.newPlot" in html
+    assert len(html) < len((run_dir / "report.html").read_text()) / 5
