@@ -1,0 +1,76 @@
+"""Run several tracks back to back in one process and pack their packets: the GPU evidence suite.
+
+A lent GPU machine gives few, time-limited calls, and each call returns a handful of files. This
+runs `track:config` items one after another on one embedded Ray (engines start once per cell
+anyway), stops starting new items when the deadline nears, and packs every packet (without the
+per-cell scratch files) into one tar.gz, plus a one-line-per-item index.
+
+    python -m cluster.gpu_suite e0:configs/gpu/e0-qwen3-8b.yaml e5:configs/gpu/e5-qwen3-8b.yaml \\
+        --out /tmp/runs --pack $OUT/packets.tgz --deadline-s 540
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+
+def run_items(items: list[str], out: Path, deadline_s: float, min_left_s: float) -> list[dict]:
+    from cluster.config import load_yaml, resolve
+    from cluster.driver import Driver, RunOptions
+
+    t0 = time.monotonic()
+    done: list[dict] = []
+    for item in items:
+        track, _, cfg_path = item.partition(":")
+        left = deadline_s - (time.monotonic() - t0)
+        if left < min_left_s:
+            done.append({"item": item, "status": "not started", "reason": f"{left:.0f} s left of the deadline"})
+            continue
+        t = time.monotonic()
+        try:
+            cfg = resolve(track, load_yaml(Path(cfg_path)) if cfg_path else {})
+            run_dir = Driver(cfg, RunOptions(out_dir=out)).run()
+            m = json.loads((run_dir / "manifest.json").read_text())
+            s = json.loads((run_dir / "summary.json").read_text())
+            done.append(
+                {"item": item, "status": m["status"], "run_dir": str(run_dir), "verdict": s.get("verdicts", {}).get("verdict"),
+                 "wall_s": time.monotonic() - t}
+            )
+        except Exception as e:  # one item failing must not cost the others their packets
+            done.append({"item": item, "status": "error", "reason": f"{type(e).__name__}: {e}", "wall_s": time.monotonic() - t})
+        print(json.dumps(done[-1]), flush=True)
+    return done
+
+
+def pack(out: Path, dest: Path, index: list[dict]) -> None:
+    (out / "suite-index.json").write_text(json.dumps(index, indent=2))
+    with tarfile.open(dest, "w:gz") as tar:
+        tar.add(out / "suite-index.json", arcname="suite-index.json")
+        for run_dir in sorted(p for p in out.iterdir() if p.is_dir()):
+            for f in sorted(run_dir.iterdir()):
+                if f.is_file():
+                    tar.add(f, arcname=f"{run_dir.name}/{f.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("items", nargs="+", help="track:config.yaml (config optional: the quick profile)")
+    ap.add_argument("--out", type=Path, default=Path("runs"))
+    ap.add_argument("--pack", type=Path, help="write every packet (no cells/ scratch) into this tar.gz")
+    ap.add_argument("--deadline-s", type=float, default=540.0, help="start no item after this many seconds")
+    ap.add_argument("--min-left-s", type=float, default=90.0, help="an item needs at least this long to be started")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    index = run_items(args.items, args.out, args.deadline_s, args.min_left_s)
+    if args.pack:
+        pack(args.out, args.pack, index)
+    return 0 if all(i["status"] == "complete" for i in index) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
