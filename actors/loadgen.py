@@ -99,8 +99,8 @@ class LoadGenerator:
         t0 = time.monotonic()
 
         async def at(spec: RequestSpec) -> dict:
-            delay = t0 + spec.t_scheduled - time.monotonic()
-            if delay > 0:
+            # asyncio may wake a little early (clock resolution): never send before the schedule.
+            while (delay := t0 + spec.t_scheduled - time.monotonic()) > 0:
                 await asyncio.sleep(delay)
             rec = await _send(entry, spec, t0, spec.t_scheduled, timeout_s)
             if progress is not None:

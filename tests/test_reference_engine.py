@@ -121,3 +121,25 @@ def test_server_breakdown_on_last_delta(prompts):
     assert s["prefill_s"] > 0 and s["server_queue_s"] >= 0 and s["transfer_s"] is None
     times = [t for d in deltas for t in d.token_s]
     assert times == sorted(times) and len(times) == 5
+
+
+def test_any_hf_config_or_local_model_folder(tmp_path):
+    """A config.json path builds random weights; a folder with weights loads them unchanged."""
+    import json
+
+    from actors.engines.models import TINY_QWEN3
+
+    arch = {**TINY_QWEN3, "num_hidden_layers": 2}
+    cfg_path = tmp_path / "small.json"
+    cfg_path.write_text(json.dumps(arch))
+    small = ReferenceModel(CFG.model_copy(update={"model": str(cfg_path)}))
+    assert small.layers == 2 and small.info().architecture["num_hidden_layers"] == 2
+
+    folder = tmp_path / "saved"
+    small.model.save_pretrained(folder)
+    loaded = ReferenceModel(CFG.model_copy(update={"model": str(folder), "weight_seed": 99}))
+    assert loaded.name == str(folder)
+    for (n, a), (_, b) in zip(small.model.named_parameters(), loaded.model.named_parameters()):
+        assert torch.equal(a, b), n
+    p = list(range(10))
+    assert small.prefill(p, 12)[0] == loaded.prefill(p, 12)[0]

@@ -1,0 +1,58 @@
+"""The load generator on a real local Ray: open-loop schedules, closed-loop users, failures."""
+
+import ray
+
+from actors.engine_actor import EngineActor
+from actors.engines.spec import EngineConfig
+from actors.loadgen import LoadGenerator
+from workloads.arrivals import ClosedLoop, Poisson
+from workloads.lengths import Fixed
+from workloads.requests import WorkloadSpec, synthetic_requests
+
+SIM = EngineConfig(kind="simulated").model_dump()
+
+
+def _run(spec, conc):
+    engine = EngineActor.options(num_cpus=0).remote(SIM)
+    info = ray.get(engine.start.remote())
+    reqs = synthetic_requests(spec, info["vocab_size"], seed=1)
+    lg = LoadGenerator.remote()
+    recs = ray.get(lg.run.remote(engine, reqs, conc))
+    ray.get(engine.shutdown.remote())
+    ray.kill(engine)
+    return reqs, recs
+
+
+def test_open_loop_sends_on_schedule_and_records_both_times(ray_local):
+    spec = WorkloadSpec(num_requests=20, warmup_requests=2, output_len=Fixed(value=4), arrival=Poisson(rate=40.0))
+    reqs, recs = _run(spec, 1)
+    by_id = {r["request_id"]: r for r in recs}
+    assert [r["warmup"] for r in recs[:2]] == [True, True]
+    for spec_r in reqs[2:]:
+        rec = by_id[spec_r.request_id]
+        assert rec["t_scheduled"] == spec_r.t_scheduled
+        assert rec["t_sent"] >= rec["t_scheduled"]  # never early; lateness is queue delay
+        assert rec["ok"] and len(rec["output_token_ids"]) == 4
+    sent = [by_id[r.request_id]["t_sent"] for r in reqs[2:]]
+    assert sent == sorted(sent)
+
+
+def test_closed_loop_never_exceeds_its_users(ray_local):
+    spec = WorkloadSpec(num_requests=12, warmup_requests=0, output_len=Fixed(value=6), arrival=ClosedLoop(concurrency=3))
+    _, recs = _run(spec, 3)
+    events = sorted([(r["t_sent"], 1) for r in recs] + [(r["t_tokens"][-1], -1) for r in recs])
+    live = peak = 0
+    for _, d in events:
+        live += d
+        peak = max(peak, live)
+    assert peak <= 3 and len(recs) == 12 and all(r["ok"] for r in recs)
+
+
+def test_dead_engine_fails_requests_with_reason(ray_local):
+    engine = EngineActor.options(num_cpus=0).remote(SIM)
+    ray.get(engine.start.remote())
+    ray.kill(engine)
+    spec = WorkloadSpec(num_requests=2, warmup_requests=0)
+    reqs = synthetic_requests(spec, 100, seed=0)
+    recs = ray.get(LoadGenerator.remote().run.remote(engine, reqs, 1))
+    assert all(not r["ok"] and "Actor" in r["error"] for r in recs)
