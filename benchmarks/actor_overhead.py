@@ -81,7 +81,7 @@ def main() -> int:
 
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = engine_config(Path(tmp))
         spec = WorkloadSpec(

@@ -52,7 +52,7 @@ def actor_path(cfg: EngineConfig, reqs, warm) -> tuple[float, float, list[list[i
     from actors.engine_actor import EngineActor
     from actors.loadgen import LoadGenerator
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     engine = EngineActor.options(num_cpus=1, num_gpus=1).remote(cfg.model_dump())
     ray.get(engine.start.remote())
     lg = LoadGenerator.remote()

@@ -23,7 +23,8 @@ def connect(address: str | None) -> dict[str, Any]:
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         else:
-            ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+            # "local": always a fresh embedded instance, never a `ray start` cluster found on this box.
+            ray.init(address="local", namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
     return {
         "address": address or "embedded",
         "cluster_resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},

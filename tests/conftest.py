@@ -16,6 +16,6 @@ def ray_local():
     if not ray.is_initialized():
         # Logical CPUs beyond the 2 physical cores: actors of one cell (engine, load generator,
         # prefill, decode) must fit even when a test runs two cells at once.
-        ray.init(num_cpus=4, namespace="pdbench", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, namespace="pdbench", include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
