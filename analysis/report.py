@@ -81,7 +81,7 @@ def _facts(packet: Packet) -> dict[str, Any]:
 
 def sections(packet: Packet) -> list[Section]:
     df = packet.requests
-    out = get_analysis(packet.manifest.get("track", "")).sections(df, packet.summary)
+    out = get_analysis(packet.manifest.get("track", "")).packet_sections(packet)
     out.append(Section(title="Cells", table=cell_table(packet.summary)))
     failed = {c: v.get("error") for c, v in packet.summary.get("cells", {}).items() if v.get("status") != "ok"}
     if failed:

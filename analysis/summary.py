@@ -9,14 +9,26 @@ import pandas as pd
 from analysis.metrics import SLO, cell_metrics
 from analysis.records import measured
 from analysis.tracks import get_analysis
+from analysis.transfers import measured_transfers, transfer_metrics, with_stall_ratio
 
 
 def build_summary(
-    track: str, run_id: str, mode: str, requests: pd.DataFrame, cells: dict[str, Any], slo: dict[str, Any], params: dict[str, Any]
+    track: str,
+    run_id: str,
+    mode: str,
+    requests: pd.DataFrame,
+    cells: dict[str, Any],
+    slo: dict[str, Any],
+    params: dict[str, Any],
+    transfers: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
+    """Per-cell metrics (and, for cells that moved KV, `transfers`: totals and percentiles)."""
     s = SLO.model_validate(slo)
     out_cells: dict[str, Any] = {}
     meas = measured(requests) if not requests.empty else requests
+    moved = None
+    if transfers is not None and not transfers.empty:
+        moved = with_stall_ratio(measured_transfers(transfers), meas)
     for cid, meta in sorted(cells.items()):
         rows = meas[meas["cell_id"] == cid] if not meas.empty else meas
         out_cells[cid] = {
@@ -26,6 +38,12 @@ def build_summary(
             "serving_mode": meta.get("serving_mode"),
             "metrics": cell_metrics(rows, s) if not rows.empty else None,
         }
+        cell_moved = moved[moved["cell_id"] == cid] if moved is not None else None
+        if cell_moved is not None and not cell_moved.empty:
+            out_cells[cid]["transfers"] = transfer_metrics(cell_moved)
     ok_cells = {c: m for c, m in cells.items() if m.get("status") == "ok"}
-    verdicts = get_analysis(track).verdicts(requests, ok_cells, params) if ok_cells and not requests.empty else {}
+    analysis = get_analysis(track)
+    verdicts = (
+        analysis.verdicts_with_transfers(requests, transfers, ok_cells, params) if ok_cells and not requests.empty else {}
+    )
     return {"run_id": run_id, "track": track, "mode": mode, "cells": out_cells, "verdicts": verdicts}

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from actors.engines.spec import EngineConfig
+from actors.kv.spec import KVTransferConfig
 from analysis.metrics import SLO
 from workloads.requests import WorkloadSpec
 from workloads.tracks import get_track, list_tracks
@@ -45,6 +46,9 @@ class ExperimentConfig(BaseModel):
     workload: WorkloadSpec = WorkloadSpec()
     slo: SLO = SLO()
     placement: PlacementSpec = PlacementSpec()
+    kv_transfer: KVTransferConfig = Field(
+        default_factory=KVTransferConfig, description="disaggregated cells: how KV moves from prefill to decode"
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="track-specific parameters")
     max_concurrent_cells: int = Field(default=1, ge=1, description="cells run at once on disjoint placement groups")
     request_timeout_s: float | None = Field(default=600.0, gt=0)

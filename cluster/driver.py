@@ -52,13 +52,16 @@ def cell_engine(cfg: ExperimentConfig, plan: CellPlan) -> EngineConfig:
 
 
 def cell_hash(cfg: ExperimentConfig, plan: CellPlan) -> str:
-    """What decides a cell's result: engine, workload, seed, mode, SLO, placement (not its name)."""
+    """What decides a cell's result: engine, workload, seed, mode and engine count, KV transfer,
+    SLO, placement (not its name)."""
     return sha256_of(
         {
             "engine": cell_engine(cfg, plan).model_dump(mode="json"),
             "workload": plan.workload.model_dump(mode="json"),
             "seed": cfg.seed + plan.seed_offset,
             "mode": plan.mode,
+            "replicas": plan.replicas,
+            "kv_transfer": cfg.kv_transfer.model_dump(mode="json"),
             "placement": cfg.placement.model_dump(mode="json"),
             "slo": cfg.slo.model_dump(mode="json"),
         }
@@ -201,14 +204,15 @@ class Driver:
         transfers = [
             pd.read_parquet(p) for c, m in cells.items() if m["status"] == "ok" and (p := self.run_dir / "cells" / c / "transfers.parquet").is_file()
         ]
-        if transfers:
-            write_parquet(self.run_dir / "transfers.parquet", pd.concat(transfers, ignore_index=True))
+        tdf = pd.concat(transfers, ignore_index=True) if transfers else None
+        if tdf is not None:
+            write_parquet(self.run_dir / "transfers.parquet", tdf)
         n_ok = sum(m["status"] == "ok" for m in metas)
         status = "complete" if n_ok == len(metas) else ("partial" if n_ok else "failed")
         mode = "simulated" if self.cfg.simulated else "real"
         write_json(
             self.run_dir / "summary.json",
-            build_summary(self.cfg.track, self.run_id, mode, df, cells, self.cfg.slo.model_dump(), self.cfg.params),
+            build_summary(self.cfg.track, self.run_id, mode, df, cells, self.cfg.slo.model_dump(), self.cfg.params, tdf),
         )
         write_json(self.run_dir / "manifest.json", self._manifest(cells, status))
         write_reports(load_packet(self.run_dir))

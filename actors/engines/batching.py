@@ -5,6 +5,11 @@ One engine thread owns the model. Each iteration admits waiting requests up to t
 every active sequence together. New arrivals therefore join the running batch at the next step, as
 in vLLM, and a concurrency sweep on CPU measures real batching rather than a queue of single
 requests. Tokens go back to the asyncio side through `loop.call_soon_threadsafe`.
+
+Disaggregation adds two kinds of admission and leaves the ordinary path as it was: a prefill-only
+sequence hands its KV state out right after its prefill and finishes with that one token; an
+injected sequence arrives with its KV already filled (moved from another engine) and its first
+token known, so it joins the running batch without a prefill.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ class StepModel(Protocol):
     def decode(self, states: list[Any], last_tokens: list[int]) -> list[int]:
         """One decode step for a batch; extends each state by one position in place."""
 
+    # Disaggregation only; models without real KV (the simulated one) do not provide them.
+    def export_kv(self, state: Any) -> list[Any]:
+        """The state's filled KV, one tensor per layer."""
+
+    def import_kv(self, num_tokens: int, capacity: int) -> tuple[Any, list[Any]]:
+        """A fresh state for `num_tokens` positions and the per-layer tensors to fill it through."""
+
 
 @dataclass
 class _Seq:
@@ -44,6 +56,10 @@ class _Seq:
     t_prefill_end: float = 0.0
     t_first_token: float = 0.0
     token_ids: list[int] = field(default_factory=list)
+    # Prefill only: called in the engine thread with the KV state right after the prefill.
+    export: Callable[[Any], None] | None = None
+    # (first token, filled KV state) made elsewhere: admitted without a prefill.
+    injected: tuple[int, Any] | None = None
 
 
 class ContinuousBatcher:
@@ -63,8 +79,15 @@ class ContinuousBatcher:
         self._inbox.put(None)
         self._thread.join(timeout=30)
 
-    def submit(self, req: EngineRequest, emit: Callable[[TokenDelta], None]) -> None:
-        self._inbox.put(_Seq(req=req, emit=emit, t_queued=time.monotonic()))
+    def submit(
+        self,
+        req: EngineRequest,
+        emit: Callable[[TokenDelta], None],
+        *,
+        export: Callable[[Any], None] | None = None,
+        injected: tuple[int, Any] | None = None,
+    ) -> None:
+        self._inbox.put(_Seq(req=req, emit=emit, t_queued=time.monotonic(), export=export, injected=injected))
 
     # --- engine thread -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -81,18 +104,29 @@ class ContinuousBatcher:
                 pass
             while waiting and len(active) < self.max_batch_size:
                 seq = waiting.popleft()
-                if self._prefill(seq):
+                if self._admit(seq):
                     active.append(seq)
             if active:
                 active = self._decode(active)
         for seq in list(waiting) + active:
             seq.emit(TokenDelta(finished=True, error="engine stopped"))
 
+    def _admit(self, seq: _Seq) -> bool:
+        if seq.injected is None:
+            return self._prefill(seq)
+        tok, seq.state = seq.injected
+        seq.injected = None
+        # No prefill ran here: its start and end mark the admission into the running batch.
+        seq.t_prefill_start = seq.t_prefill_end = seq.t_first_token = time.monotonic()
+        return self._push(seq, tok, seq.t_first_token)
+
     def _prefill(self, seq: _Seq) -> bool:
         seq.t_prefill_start = time.monotonic()
         try:
             capacity = len(seq.req.prompt_token_ids) + seq.req.max_tokens
             tok, seq.state = self.model.prefill(seq.req.prompt_token_ids, capacity)
+            if seq.export is not None:
+                seq.export(seq.state)
         except Exception as e:  # a bad request fails alone, the engine goes on
             seq.emit(TokenDelta(finished=True, error=f"prefill failed: {e!r}"))
             return False
@@ -114,7 +148,7 @@ class ContinuousBatcher:
         """Emit one token; return whether the sequence stays active."""
         seq.generated += 1
         seq.last_token = tok
-        done = seq.generated >= seq.req.max_tokens
+        done = seq.generated >= seq.req.max_tokens or seq.export is not None
         delta = TokenDelta(token_ids=[tok], token_s=[now - seq.t_queued], finished=done)
         if done:
             delta.server = {
@@ -130,6 +164,16 @@ class ContinuousBatcher:
         return not done
 
 
+@dataclass
+class Prefilled:
+    """A prefill-only request's result: what the prefill side sends to the decode side."""
+
+    first_token: int
+    layers: list[Any]  # the prompt's KV, one tensor per layer (views into the engine's state)
+    num_tokens: int
+    server: dict[str, Any]  # the prefill engine's server_queue_s and prefill_s
+
+
 class BatchingEngine(EngineAdapter):
     """EngineAdapter over a StepModel built lazily in `start` (inside the actor, on its device)."""
 
@@ -137,18 +181,57 @@ class BatchingEngine(EngineAdapter):
         self._build_model = build_model
         self._max_batch_size = max_batch_size
         self._batcher: ContinuousBatcher | None = None
+        self._model: StepModel | None = None
 
     async def start(self) -> EngineInfo:
         model = await asyncio.to_thread(self._build_model)
+        self._model = model
         self._batcher = ContinuousBatcher(model, self._max_batch_size)
         self._batcher.start()
         return model.info()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
+        async for delta in self._stream(request):
+            yield delta
+
+    async def prefill_export(self, request: EngineRequest) -> Prefilled:
+        """Prefill only, queued like any request; return the first token and the KV to send."""
+        assert self._batcher is not None and self._model is not None, "engine not started"
+        loop = asyncio.get_running_loop()
+        layers: asyncio.Future[list[Any]] = loop.create_future()
+        model = self._model
+
+        def export(state: Any) -> None:  # engine thread
+            views = model.export_kv(state)
+            loop.call_soon_threadsafe(layers.set_result, views)
+
+        last = TokenDelta()
+        async for delta in self._stream(request, export=export):
+            last = last.merge(delta)
+        if last.error is not None:
+            raise RuntimeError(last.error)
+        return Prefilled(
+            first_token=last.token_ids[0],
+            layers=await layers,
+            num_tokens=len(request.prompt_token_ids),
+            server=dict(last.server or {}),
+        )
+
+    def import_kv(self, num_tokens: int, capacity: int) -> tuple[Any, list[Any]]:
+        """A state to fill with KV from elsewhere (thread-safe: it only allocates)."""
+        assert self._model is not None, "engine not started"
+        return self._model.import_kv(num_tokens, capacity)
+
+    async def generate_injected(self, request: EngineRequest, first_token: int, state: Any) -> AsyncIterator[TokenDelta]:
+        """Stream a request whose prompt KV is already in `state`; `first_token` comes out first."""
+        async for delta in self._stream(request, injected=(first_token, state)):
+            yield delta
+
+    async def _stream(self, request: EngineRequest, **admission: Any) -> AsyncIterator[TokenDelta]:
         assert self._batcher is not None, "engine not started"
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[TokenDelta] = asyncio.Queue()
-        self._batcher.submit(request, lambda d: loop.call_soon_threadsafe(inbox.put_nowait, d))
+        self._batcher.submit(request, lambda d: loop.call_soon_threadsafe(inbox.put_nowait, d), **admission)
         while True:
             delta = await inbox.get()
             # Coalesce what piled up: a slow consumer gets fewer, larger deltas, never stale ones.

@@ -1,9 +1,12 @@
 """Reference engine: a transformers causal LM with a real, per-sequence KV cache.
 
-Each sequence owns preallocated K/V buffers [layers, kv_heads, capacity, head_dim]. A decode step
+Each sequence owns one preallocated KV buffer [layers, 2 (K, V), kv_heads, capacity, head_dim]. A decode step
 left-pads the active sequences into one batch cache with an attention mask and explicit
 positions, runs one forward pass, and writes each sequence's new K/V column back. Eager attention
 keeps masked positions at exactly zero weight, so batched greedy output equals unbatched output.
+
+For disaggregation a sequence's KV leaves as one view per layer ([2, kv_heads, n, head_dim], K and
+V side by side, so the transport moves one tensor per layer) and enters a fresh state the same way.
 """
 
 from __future__ import annotations
@@ -28,9 +31,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class SeqKV:
-    k: torch.Tensor  # [layers, kv_heads, capacity, head_dim]
-    v: torch.Tensor
+    kv: torch.Tensor  # [layers, 2, kv_heads, capacity, head_dim]
     n: int  # filled positions
+
+    @property
+    def k(self) -> torch.Tensor:  # [layers, kv_heads, capacity, head_dim], a view
+        return self.kv[:, 0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[:, 1]
 
 
 def _device(cfg: EngineConfig) -> torch.device:
@@ -100,12 +110,23 @@ class ReferenceModel:
         return self.model(input_ids=input_ids, use_cache=True, **{self._cache_kw: cache}, **kw)
 
     def new_state(self, capacity: int) -> SeqKV:
-        shape = (self.layers, self.kv_heads, capacity, self.head_dim)
-        return SeqKV(
-            k=torch.empty(shape, dtype=self.dtype, device=self.device),
-            v=torch.empty(shape, dtype=self.dtype, device=self.device),
-            n=0,
-        )
+        shape = (self.layers, 2, self.kv_heads, capacity, self.head_dim)
+        return SeqKV(kv=torch.empty(shape, dtype=self.dtype, device=self.device), n=0)
+
+    def export_kv(self, state: SeqKV) -> list[torch.Tensor]:
+        """The filled positions, one view [2, kv_heads, n, head_dim] per layer (no copy)."""
+        return [state.kv[li, :, :, : state.n] for li in range(self.layers)]
+
+    def import_kv(self, num_tokens: int, capacity: int) -> tuple[SeqKV, list[torch.Tensor]]:
+        """A state holding `num_tokens` positions once the returned per-layer views are filled.
+
+        The views have export_kv's shapes, so KV exported by one engine fills another's state.
+        """
+        if capacity > self.cfg.max_model_len:
+            raise ValueError(f"prompt + max_tokens = {capacity} exceeds engine.max_model_len {self.cfg.max_model_len}")
+        state = self.new_state(capacity)
+        state.n = num_tokens
+        return state, self.export_kv(state)
 
     @torch.inference_mode()
     def prefill(self, prompt_token_ids: list[int], capacity: int) -> tuple[int, SeqKV]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from analysis.packet import Packet
 
 
 @dataclass
@@ -19,13 +22,25 @@ class Section:
 
 
 class TrackAnalysis:
-    """Default: no verdicts, no extra sections."""
+    """Default: no verdicts, no extra sections.
+
+    Tracks that need the KV transfer rows (E3) override the `*_with_transfers` / `packet_sections`
+    forms; the others keep the short ones, which those forms call by default.
+    """
 
     def verdicts(self, requests: pd.DataFrame, cells: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         return {}
 
     def sections(self, requests: pd.DataFrame, summary: dict[str, Any]) -> list[Section]:
         return []
+
+    def verdicts_with_transfers(
+        self, requests: pd.DataFrame, transfers: pd.DataFrame | None, cells: dict[str, Any], params: dict[str, Any]
+    ) -> dict[str, Any]:
+        return self.verdicts(requests, cells, params)
+
+    def packet_sections(self, packet: "Packet") -> list[Section]:
+        return self.sections(packet.requests, packet.summary)
 
 
 def get_analysis(track: str) -> TrackAnalysis:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from cluster.cells import aggregated
+from cluster.cells import aggregated, disaggregated
 from cluster.cells.base import CellContext, CellResult
 
 
@@ -17,6 +17,7 @@ class ServingMode:
 
 MODES: dict[str, ServingMode] = {
     "aggregated": ServingMode(aggregated.run_aggregated, aggregated.bundles),
+    "disaggregated": ServingMode(disaggregated.run_disaggregated, disaggregated.bundles),
 }
 
 __all__ = ["CellContext", "CellResult", "MODES", "ServingMode"]

@@ -1,4 +1,9 @@
-"""Aggregated cell: one engine actor does prefill and decode, on a one-bundle placement group."""
+"""Aggregated cell: engine actors that each do prefill and decode, one bundle each.
+
+One replica (the default) is the engine itself as the entry. Several replicas (E3 matches a
+disaggregated pair's engine count) sit behind a ReplicaRouter that spreads the requests; the
+bundles are packed on one node or spread over several as `placement.strategy` says.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import ray
 
 from actors.engine_actor import EngineActor
 from actors.loadgen import LoadGenerator
+from actors.router import ReplicaRouter
 from analysis.records import to_frame
 from cluster import ray_env
 from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult
@@ -15,31 +21,44 @@ from workloads.requests import synthetic_requests
 
 
 def bundles(ctx: CellContext) -> list[dict[str, float]]:
-    return [ctx.engine_bundle()]
+    return [ctx.engine_bundle()] * ctx.plan.replicas
 
 
 async def run_aggregated(ctx: CellContext) -> CellResult:
     b = ctx.engine_bundle()
-    pg = ray_env.make_placement_group([b], "STRICT_PACK", ctx.name("pg"))
+    n = ctx.plan.replicas
+    pg = ray_env.make_placement_group(bundles(ctx), ctx.strategy(n), ctx.name("pg"))
     actors = []
+    meta = {}
     try:
         await asyncio.wait_for(pg.ready(), ENGINE_START_TIMEOUT_S)
-        engine = EngineActor.options(
-            name=ctx.name("engine"),
-            num_cpus=b["CPU"],
-            num_gpus=b.get("GPU", 0),
-            scheduling_strategy=ray_env.in_bundle(pg, 0),
-        ).remote(ctx.engine.model_dump(), role="engine")
+        engines = [
+            EngineActor.options(
+                name=ctx.name("engine" if n == 1 else f"engine{i}"),
+                num_cpus=b["CPU"],
+                num_gpus=b.get("GPU", 0),
+                scheduling_strategy=ray_env.in_bundle(pg, i),
+            ).remote(ctx.engine.model_dump(), role="engine")
+            for i in range(n)
+        ]
+        actors += engines
+        entry = engines[0]
+        if n > 1:
+            entry = ReplicaRouter.options(name=ctx.name("router"), scheduling_strategy=ray_env.in_bundle(pg, 0)).remote(engines)
+            actors.append(entry)
         loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, 0)).remote()
-        actors = [engine, loadgen]
-        info = await asyncio.wait_for(engine.start.remote(), ENGINE_START_TIMEOUT_S)
+        actors.append(loadgen)
+        infos = await asyncio.wait_for(asyncio.gather(*(e.start.remote() for e in engines)), ENGINE_START_TIMEOUT_S)
+        info = infos[0]
         reqs = synthetic_requests(ctx.plan.workload, info["vocab_size"], ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
-        raws = await loadgen.run.remote(engine, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress)
-        await engine.shutdown.remote()
+        raws = await loadgen.run.remote(entry, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress)
+        if n > 1:
+            meta = {"replicas": n, "requests_per_replica": await entry.counts.remote(), "nodes": [i["node"] for i in infos]}
+        await asyncio.gather(*(e.shutdown.remote() for e in engines))
     finally:
         for a in actors:
             ray.kill(a)
         ray_env.release(pg)
     df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, mode="aggregated", engine=ctx.engine.kind)
-    return CellResult(requests=df, meta={"engine_info": info})
+    return CellResult(requests=df, meta={"engine_info": info, **meta})

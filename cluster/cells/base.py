@@ -28,6 +28,22 @@ class CellContext:
 
         return actor_name(self.run_id, self.plan.cell_id, role)
 
+    def strategy(self, bundles: int) -> str:
+        """Ray placement strategy for a cell of several engine bundles: `placement.strategy` PACK
+        keeps them on one node, SPREAD puts each on its own node (refused at once, naming the field,
+        where the cluster has too few nodes, instead of waiting for a placement that never comes)."""
+        if bundles == 1 or self.cfg.placement.strategy == "PACK":
+            return "STRICT_PACK"
+        import ray
+
+        alive = sum(1 for n in ray.nodes() if n["Alive"])
+        if alive < bundles:
+            raise RuntimeError(
+                f"placement.strategy: SPREAD puts each of this cell's {bundles} engines on its own node, "
+                f"but the cluster has {alive} node(s); use PACK"
+            )
+        return "STRICT_SPREAD"
+
     def engine_bundle(self) -> dict[str, float]:
         b: dict[str, float] = {"CPU": self.cfg.placement.cpus_per_engine}
         if self.cfg.gpus_per_engine():

@@ -25,7 +25,9 @@ class CellPlan:
     """One unit of work: a serving mode and a workload, on its own placement group.
 
     `labels` are the grid coordinates the reports group by (e.g. repeat=1, concurrency=8);
-    `engine_overrides` patch the config's engine section for this cell only (e.g. max_model_len).
+    `engine_overrides` patch the config's engine section for this cell only (e.g. max_model_len);
+    `replicas` is the number of engines of an aggregated cell, requests spread over them (E3 gives
+    the aggregated side as many engines as a disaggregated pair has).
     """
 
     cell_id: str
@@ -34,6 +36,7 @@ class CellPlan:
     labels: dict[str, Any] = field(default_factory=dict)
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     seed_offset: int = 0
+    replicas: int = 1
 
 
 class Track:

@@ -1,0 +1,126 @@
+"""Per-transfer accounting: the typed transfers.parquet row, and the same numbers as Ray metrics.
+
+Every duration is measured inside one process: extract and put on the sending side, the rest on
+the receiving side; the sender's numbers travel to the receiver with the layer groups' metadata,
+so one record holds the whole transfer without ever subtracting two processes' clocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# Sender-side stages, then receiver-side stages (docs/metrics.md defines each).
+SEND_STAGES = ("extract_s", "put_s")
+RECEIVE_STAGES = ("wait_ref_s", "fetch_s", "get_s", "inject_s")
+
+
+@dataclass
+class SendStats:
+    """What one `publish` did, summed over its layer groups (sender's clock)."""
+
+    key: str
+    tokens: int
+    groups: int
+    bytes: int
+    extract_s: float
+    put_s: float
+    src_node: str
+
+
+@dataclass
+class TransferRecord:
+    """One request's KV transfer: a transfers.parquet row (DESIGN.md's columns plus a few).
+
+    `bytes` is what went through the object store; `analytic_bytes` = tokens × KV bytes per token,
+    so bytes − analytic_bytes is block padding or layout overhead. Stage times of stages that never
+    ran (a transfer that failed early) are None. `total_s` is the receiver's wall time from asking
+    for the first layer group to the last one injected; `stall_s` is the part of it the receiver
+    sat waiting for KV it did not have yet (wait_ref_s + fetch_s).
+    """
+
+    run_id: str
+    cell_id: str
+    request_id: str
+    key: str
+    tokens: int | None = None
+    groups: int = 0
+    bytes: int = 0
+    analytic_bytes: int | None = None
+    extract_s: float | None = None
+    put_s: float | None = None
+    wait_ref_s: float | None = None
+    fetch_s: float | None = None
+    get_s: float | None = None
+    inject_s: float | None = None
+    total_s: float | None = None
+    stall_s: float | None = None
+    src_node: str | None = None
+    dst_node: str | None = None
+    ok: bool = False
+    error: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- Ray metrics -----------------------------------------------------------------------------
+# Built lazily, once per process: ray.util.metrics objects must be created where they are recorded.
+_BYTES_BOUNDARIES = [float(2**k) for k in range(10, 36, 2)]  # 1 KiB … 32 GiB
+_SECONDS_BOUNDARIES = [1e-5 * 10 ** (k / 2) for k in range(15)]  # 10 µs … 100 s
+_metrics: dict[str, Any] | None = None
+
+
+def _get_metrics() -> dict[str, Any]:
+    global _metrics
+    if _metrics is None:
+        from ray.util.metrics import Counter, Histogram
+
+        _metrics = {
+            "bytes": Counter(
+                "pdbench_kv_bytes",
+                description="KV bytes moved through the object store (prefill: put, decode: fetched)",
+                tag_keys=("run", "cell", "role"),
+            ),
+            "transfers": Counter(
+                "pdbench_kv_transfers",
+                description="KV transfers finished on the decode side, by outcome",
+                tag_keys=("run", "cell", "role", "ok"),
+            ),
+            "size": Histogram(
+                "pdbench_kv_transfer_size_bytes",
+                description="bytes of one request's KV transfer",
+                boundaries=_BYTES_BOUNDARIES,
+                tag_keys=("run", "cell", "role"),
+            ),
+            "stage": Histogram(
+                "pdbench_kv_stage_seconds",
+                description="duration of one KV transfer stage (extract, put, wait_ref, fetch, get, inject, total, stall)",
+                boundaries=_SECONDS_BOUNDARIES,
+                tag_keys=("run", "cell", "role", "stage"),
+            ),
+        }
+    return _metrics
+
+
+def observe_send(stats: SendStats, run_id: str, cell_id: str) -> None:
+    m = _get_metrics()
+    tags = {"run": run_id, "cell": cell_id, "role": "prefill"}
+    m["bytes"].inc(float(stats.bytes), tags=tags)
+    for stage in SEND_STAGES:
+        m["stage"].observe(getattr(stats, stage), tags={**tags, "stage": stage[:-2]})
+
+
+def observe_receive(rec: TransferRecord) -> None:
+    m = _get_metrics()
+    tags = {"run": rec.run_id, "cell": rec.cell_id, "role": "decode"}
+    m["transfers"].inc(1.0, tags={**tags, "ok": str(rec.ok).lower()})
+    if rec.bytes:
+        m["bytes"].inc(float(rec.bytes), tags=tags)
+    if rec.ok:
+        m["size"].observe(float(rec.bytes), tags=tags)
+    for stage in (*RECEIVE_STAGES, "total_s", "stall_s"):
+        v = getattr(rec, stage)
+        if v is not None:
+            m["stage"].observe(v, tags={**tags, "stage": stage[:-2]})

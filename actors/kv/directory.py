@@ -1,0 +1,104 @@
+"""The named directory actor through which a KV sender and its receiver meet.
+
+The sender registers each layer group's object reference under a string key as soon as it is put;
+the receiver takes them in order, waiting for the ones not yet there. References travel nested in
+a list, so Ray hands them over as references (the directory and then the receiver become
+borrowers) instead of resolving them. Taking an entry removes it: once the receiver drops its
+reference the object is freed, and nothing piles up over a long sweep. A key the receiver gave up
+on is closed, and late registrations for it are refused (their objects are freed at once).
+
+It is found by name (`find_directory`), so the vLLM connector's worker processes, which get no
+handle from anyone, reach it the same way the reference engine's actors do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from typing import Any
+
+import ray
+
+# The namespace cluster/ray_env.py joins; worker processes that ray.init themselves pass it too.
+NAMESPACE = "pdbench"
+_CLOSED_KEYS_KEPT = 100_000
+
+
+@ray.remote(num_cpus=0)
+class KVDirectory:
+    def __init__(self) -> None:
+        self._groups: dict[str, dict[int, tuple[Any, list[Any]]]] = {}
+        self._failed: dict[str, str] = {}
+        self._closed: OrderedDict[str, None] = OrderedDict()
+        self._changed = asyncio.Condition()
+        self.registered = 0
+        self.taken = 0
+
+    async def register(self, key: str, index: int, groups: int, meta: Any, refs: list[Any]) -> bool:
+        """Store group `index` of `groups`; False if the receiver already gave up on `key`."""
+        if key in self._closed or key in self._failed:
+            return False
+        async with self._changed:
+            self._groups.setdefault(key, {})[index] = (meta, refs)
+            self.registered += 1
+            self._changed.notify_all()
+        return True
+
+    async def fail(self, key: str, reason: str) -> None:
+        """The sender could not publish `key`: wake its receiver with the reason."""
+        async with self._changed:
+            self._failed[key] = reason
+            self._groups.pop(key, None)
+            self._changed.notify_all()
+
+    async def take(self, key: str, index: int, groups: int | None, timeout_s: float) -> dict[str, Any]:
+        """Remove and return group `index` of `key` ({"meta", "refs"}), or {"error"} on failure or timeout.
+
+        `groups` (known after the first group) lets the directory forget a key once it is done.
+        """
+        def ready() -> bool:
+            return key in self._failed or index in self._groups.get(key, {})
+
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout_s)
+            except asyncio.TimeoutError:
+                return {"error": f"no reference for layer group {index} within {timeout_s:g} s"}
+            if key in self._failed:
+                return {"error": f"sender failed: {self._failed[key]}"}
+            entries = self._groups[key]
+            meta, refs = entries.pop(index)
+            if not entries and groups is not None and index == groups - 1:
+                del self._groups[key]
+            self.taken += 1
+            return {"meta": meta, "refs": refs}
+
+    async def drop(self, key: str) -> int:
+        """Forget `key` (the receiver gave up): release what is stored, refuse what comes later."""
+        async with self._changed:
+            dropped = len(self._groups.pop(key, {}))
+            self._failed.pop(key, None)
+            self._closed[key] = None
+            while len(self._closed) > _CLOSED_KEYS_KEPT:
+                self._closed.popitem(last=False)
+            return dropped
+
+    async def stats(self) -> dict[str, int]:
+        """What the directory holds now (a sweep that leaks shows growing `groups`)."""
+        return {
+            "keys": len(self._groups),
+            "groups": sum(len(g) for g in self._groups.values()),
+            "failed": len(self._failed),
+            "closed": len(self._closed),
+            "registered": self.registered,
+            "taken": self.taken,
+        }
+
+
+def directory_actor(name: str, **options: Any) -> Any:
+    """Create the named directory (or get it if it exists) in the pdbench namespace."""
+    return KVDirectory.options(name=name, namespace=NAMESPACE, get_if_exists=True, **options).remote()
+
+
+def find_directory(name: str) -> Any:
+    return ray.get_actor(name, namespace=NAMESPACE)

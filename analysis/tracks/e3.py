@@ -1,0 +1,256 @@
+"""E3 verdict and report: aggregated vs disaggregated on the same workload and engine count.
+
+The oracle: greedy decoding is deterministic, so the disaggregated cell must produce exactly the
+aggregated cell's token ids, request by request. Verdict `identical` needs that plus every
+request completed; the checks beside it say whether each KV transfer succeeded (a recomputed
+prefill also gives identical tokens, but proves nothing about the transfer) and whether the bytes
+moved equal the analytic KV size of each prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from analysis.packet import Packet
+from analysis.records import measured
+from analysis.tracks.base import Section, TrackAnalysis
+from analysis.transfers import bytes_vs_analytic, measured_transfers, with_stall_ratio
+
+MODES = ("aggregated", "disaggregated")
+BREAKDOWN = (
+    ("server_queue_s", "queue", "#c7c7c7"),
+    ("prefill_s", "prefill", "#1f77b4"),
+    ("transfer_s", "transfer", "#d62728"),
+    ("first_decode_s", "first decode", "#2ca02c"),
+)
+_SIDE_BY_SIDE = (
+    ("TTFT p50 (ms)", ("ttft_s", "p50"), 1e3),
+    ("TTFT p99 (ms)", ("ttft_s", "p99"), 1e3),
+    ("TPOT p50 (ms)", ("tpot_s", "p50"), 1e3),
+    ("TPOT p99 (ms)", ("tpot_s", "p99"), 1e3),
+    ("E2E p50 (ms)", ("e2e_s", "p50"), 1e3),
+    ("E2E p99 (ms)", ("e2e_s", "p99"), 1e3),
+    ("request throughput (req/s)", ("request_throughput_rps",), 1.0),
+    ("output token throughput (tok/s)", ("output_token_throughput_tps",), 1.0),
+    ("goodput (req/s meeting every SLO)", ("goodput_rps",), 1.0),
+    ("SLO attainment", ("slo_attainment",), 1.0),
+)
+
+
+def _cells_of(cells: dict[str, Any], mode: str) -> list[str]:
+    return sorted(c for c, m in cells.items() if m.get("serving_mode") == mode)
+
+
+class E3Analysis(TrackAnalysis):
+    def verdicts_with_transfers(
+        self, requests: pd.DataFrame, transfers: pd.DataFrame | None, cells: dict[str, Any], params: dict[str, Any]
+    ) -> dict[str, Any]:
+        by_mode = {m: _cells_of(cells, m) for m in MODES}
+        if not all(by_mode.values()):
+            return {"verdict": "incomplete", "checks": [], "reason": f"needs one ok cell of each mode, got {by_mode}"}
+        rows = {m: requests[requests["cell_id"].isin(by_mode[m])] for m in MODES}
+        checks: list[dict[str, Any]] = []
+        failed = {m: int((~rows[m]["ok"].astype(bool)).sum()) for m in MODES}
+        checks.append({"check": "every request completed in both modes", "ok": not any(failed.values()), "detail": failed})
+
+        tokens = {m: rows[m].set_index("request_id")["output_token_ids"] for m in MODES}
+        a, d = tokens["aggregated"], tokens["disaggregated"]
+        missing = sorted(set(a.index) ^ set(d.index))
+        common = sorted(set(a.index) & set(d.index))
+        mismatches = [rid for rid in common if list(a[rid]) != list(d[rid])]
+        checks.append(
+            {
+                "check": "greedy token ids identical request by request (oracle)",
+                "ok": not mismatches and not missing and bool(common),
+                "detail": {"requests_compared": len(common), "mismatches": mismatches[:20], "missing": missing[:20]},
+            }
+        )
+
+        t = transfers[transfers["cell_id"].isin(by_mode["disaggregated"])] if transfers is not None else pd.DataFrame()
+        n_req = len(rows["disaggregated"])
+        t_ok = int(t["ok"].sum()) if not t.empty else 0
+        reasons = sorted({str(e) for e in t.loc[~t["ok"], "error"]}) if not t.empty else []
+        checks.append(
+            {
+                "check": "every KV transfer succeeded (none recomputed)",
+                "ok": n_req > 0 and len(t) == n_req and t_ok == n_req,
+                "detail": {"requests": n_req, "transfers": int(len(t)), "ok": t_ok, "reasons": reasons[:5]},
+            }
+        )
+        counts = bytes_vs_analytic(t) if not t.empty else {"exact": 0, "within_padding": 0, "outside": 0}
+        checks.append(
+            {
+                "check": "bytes moved = analytic KV size of each prompt (within block padding)",
+                "ok": t_ok > 0 and counts["outside"] == 0 and counts["exact"] + counts["within_padding"] == t_ok,
+                "detail": counts,
+            }
+        )
+        if missing or any(failed.values()) or not common:
+            verdict = "incomplete"
+        else:
+            verdict = "identical" if not mismatches else "different"
+        return {"verdict": verdict, "checks": checks}
+
+    def packet_sections(self, packet: Packet) -> list[Section]:
+        summary = packet.summary
+        v = summary.get("verdicts", {})
+        out: list[Section] = []
+        if v:
+            rows = [{"check": c["check"], "result": "pass" if c["ok"] else "FAIL", "evidence": str(c["detail"])[:200]} for c in v["checks"]]
+            out.append(
+                Section(
+                    title=f"E3 oracle verdict: {v['verdict']}",
+                    text=[
+                        "The same requests ran aggregated (two engine replicas, requests spread over them) and "
+                        "disaggregated (a prefill engine and a decode engine, the KV moved through the Ray object "
+                        "store). Greedy decoding is deterministic: identical means every request's token ids match."
+                    ]
+                    + ([v["reason"]] if v.get("reason") else []),
+                    table=pd.DataFrame(rows) if rows else None,
+                )
+            )
+        out.append(Section(title="Aggregated vs disaggregated", table=side_by_side(summary)))
+        df = measured(packet.requests) if not packet.requests.empty else packet.requests
+        if not df.empty:
+            table = ttft_breakdown(df)
+            out.append(
+                Section(
+                    title="TTFT breakdown (mean, ms)",
+                    text=[
+                        "Engine-side parts, each measured in the process where it happens; `other` is what is left "
+                        "of the client's TTFT (actor hops, streaming)."
+                    ],
+                    table=table,
+                    figures=[breakdown_figure(table)],
+                )
+            )
+        t = packet.transfers
+        if t is not None and not t.empty:
+            moved = with_stall_ratio(measured_transfers(t), df)
+            out.append(
+                Section(
+                    title="KV transfer accounting",
+                    text=[
+                        "Per stage over successful transfers: extract and put on the prefill side, wait for the "
+                        "reference, fetch (ray.wait fetch_local), get and inject on the decode side. Stall = "
+                        "wait_ref + fetch; stall ratio = stall / request E2E."
+                    ]
+                    + transfer_totals(summary),
+                    table=transfer_table(summary),
+                    figures=[throughput_figure(moved), stall_figure(moved)],
+                )
+            )
+        return out
+
+
+def _get(m: dict[str, Any] | None, path: tuple[str, ...]) -> float | None:
+    cur: Any = m
+    for p in path:
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(p)
+    return cur if isinstance(cur, (int, float)) else None
+
+
+def side_by_side(summary: dict[str, Any]) -> pd.DataFrame:
+    cells = summary.get("cells", {})
+    metrics = {m: next((c.get("metrics") for c in cells.values() if c.get("serving_mode") == m and c.get("metrics")), None) for m in MODES}
+    rows = []
+    for name, path, scale in _SIDE_BY_SIDE:
+        a, d = (_get(metrics[m], path) for m in MODES)
+        rows.append(
+            {
+                "metric": name,
+                "aggregated": None if a is None else a * scale,
+                "disaggregated": None if d is None else d * scale,
+                "disaggregated / aggregated": d / a if a and d is not None else None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def ttft_breakdown(df: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for mode, g in df[df["ok"].astype(bool)].groupby("mode", sort=True):
+        parts = {label: float(g[col].fillna(0.0).mean()) * 1e3 for col, label, _ in BREAKDOWN}
+        ttft = float(g["ttft_s"].mean()) * 1e3
+        rows.append({"mode": mode, **parts, "other": max(ttft - sum(parts.values()), 0.0), "TTFT": ttft})
+    return pd.DataFrame(rows)
+
+
+def breakdown_figure(table: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    for _, label, color in (*BREAKDOWN, ("", "other", "#ffbb78")):
+        fig.add_trace(go.Bar(x=table["mode"], y=table[label], name=label, marker_color=color))
+    fig.update_layout(barmode="stack", title="TTFT breakdown: queue → prefill → transfer → first decode (mean)", yaxis_title="ms", height=420)
+    return fig
+
+
+def transfer_table(summary: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for cid, cell in sorted(summary.get("cells", {}).items()):
+        t = cell.get("transfers")
+        if not t:
+            continue
+        for stage in ("extract_s", "put_s", "wait_ref_s", "fetch_s", "get_s", "inject_s", "total_s", "stall_s"):
+            d = t["stages_s"].get(stage) or {}
+            tp = (t["throughput_bytes_per_s"].get(stage) or {}).get("p50")
+            rows.append(
+                {
+                    "cell": cid,
+                    "stage": stage[:-2],
+                    "p50 ms": None if d.get("p50") is None else d["p50"] * 1e3,
+                    "p99 ms": None if d.get("p99") is None else d["p99"] * 1e3,
+                    "sum s": t["stage_totals_s"].get(stage),
+                    "throughput p50 MB/s": None if tp is None else tp / 1e6,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def transfer_totals(summary: dict[str, Any]) -> list[str]:
+    out = []
+    for cid, cell in sorted(summary.get("cells", {}).items()):
+        t = cell.get("transfers")
+        if not t:
+            continue
+        ratio = (t.get("stall_ratio") or {}).get("p50")
+        reasons = "; ".join(f"{n}× {r}" for r, n in t["failure_reasons"].items()) or "none"
+        out.append(
+            f"{cid}: {t['ok']}/{t['transfers']} transfers ok (failures: {reasons}); {t['bytes_total']:,} B moved for "
+            f"{t['analytic_bytes_total'] or 0:,} B of analytic KV (overhead {t['overhead_ratio'] or 0:.2%}); "
+            f"stall ratio p50 {'n/a' if ratio is None else f'{ratio:.3f}'}."
+        )
+    return out
+
+
+def throughput_figure(t: pd.DataFrame) -> go.Figure:
+    ok = t[t["ok"]]
+    fig = go.Figure()
+    for stage in ("total_s", "put_s", "fetch_s", "inject_s"):
+        good = ok[ok[stage] > 0]
+        fig.add_trace(
+            go.Scatter(
+                x=good["bytes"].astype("float64"),
+                y=good["bytes"].astype("float64") / good[stage] / 1e6,
+                mode="markers",
+                name=stage[:-2],
+            )
+        )
+    fig.update_layout(
+        title="KV transfer throughput vs size", xaxis={"title": "bytes", "type": "log"}, yaxis={"title": "MB/s", "type": "log"}, height=420
+    )
+    return fig
+
+
+def stall_figure(t: pd.DataFrame) -> go.Figure:
+    ok = t[t["ok"] & t["stall_ratio"].notna()]
+    fig = go.Figure(go.Histogram(x=ok["stall_ratio"], nbinsx=30, name="stall ratio"))
+    fig.update_layout(title="Stall ratio (decode-side wait for KV ÷ request E2E)", xaxis_title="stall ratio", yaxis_title="requests", height=380)
+    return fig
+
+
+ANALYSIS = E3Analysis()

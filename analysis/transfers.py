@@ -1,0 +1,110 @@
+"""KV transfer accounting: transfers.parquet rows → per-cell totals, stage times, throughputs, stall.
+
+docs/metrics.md defines every number here. Stage times come from the process where the stage ran
+(extract and put on the prefill side, the rest on the decode side); the stall ratio divides the
+decode side's wait for KV by the request's E2E latency from requests.parquet (a ratio of two
+durations, never a difference of two clocks).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Iterable
+
+import pandas as pd
+
+from analysis.metrics import distribution
+
+IDENTITY = ("run_id", "cell_id", "request_id", "key")
+STAGES = ("extract_s", "put_s", "wait_ref_s", "fetch_s", "get_s", "inject_s")
+# Stages that move bytes have a throughput; waiting for a reference moves none.
+MOVING_STAGES = ("extract_s", "put_s", "fetch_s", "get_s", "inject_s", "total_s")
+TRANSFER_COLUMNS = (
+    *IDENTITY,
+    "tokens",
+    "groups",
+    "bytes",
+    "analytic_bytes",
+    *STAGES,
+    "total_s",
+    "stall_s",
+    "src_node",
+    "dst_node",
+    "ok",
+    "error",
+)
+_FLOATS = (*STAGES, "total_s", "stall_s")
+_COUNTS = ("tokens", "groups", "bytes", "analytic_bytes")
+
+
+def transfers_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Transfer records (TransferRecord rows) → a frame with transfers.parquet's columns and types."""
+    df = pd.DataFrame(list(rows))
+    extra = [c for c in df.columns if c not in TRANSFER_COLUMNS]
+    df = df.reindex(columns=[*TRANSFER_COLUMNS, *extra])
+    for c in _FLOATS:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+    for c in _COUNTS:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
+    df["ok"] = df["ok"].fillna(False).astype(bool)
+    return df
+
+
+def measured_transfers(transfers: pd.DataFrame) -> pd.DataFrame:
+    """Transfers of measured requests (warm-up ones stay in the file, out of every metric)."""
+    if "warmup" not in transfers:
+        return transfers
+    return transfers[~transfers["warmup"].fillna(False).astype(bool)]
+
+
+def with_stall_ratio(transfers: pd.DataFrame, requests: pd.DataFrame) -> pd.DataFrame:
+    """Add the request's `e2e_s` and `stall_ratio` = stall_s / e2e_s (null where either is missing)."""
+    if requests.empty or "e2e_s" not in requests:
+        out = transfers.copy()
+        out["e2e_s"] = float("nan")
+    else:
+        e2e = requests[["cell_id", "request_id", "e2e_s"]].drop_duplicates(["cell_id", "request_id"])
+        out = transfers.drop(columns=["e2e_s"], errors="ignore").merge(e2e, on=["cell_id", "request_id"], how="left")
+    out["stall_ratio"] = out["stall_s"] / out["e2e_s"]
+    return out
+
+
+def bytes_vs_analytic(df: pd.DataFrame, block_tokens: int = 1) -> dict[str, int]:
+    """Count transfers whose bytes equal the analytic KV size, exceed it by less than one block of
+    padding (`block_tokens` tokens' worth), or fall outside that (too few bytes, or more overhead)."""
+    ok = df[df["ok"] & df["analytic_bytes"].notna() & df["tokens"].gt(0)]
+    per_token = ok["analytic_bytes"] / ok["tokens"]
+    extra = ok["bytes"] - ok["analytic_bytes"]
+    exact = extra.eq(0)
+    padded = extra.gt(0) & extra.lt(per_token * block_tokens)
+    return {"exact": int(exact.sum()), "within_padding": int(padded.sum()), "outside": int((~exact & ~padded).sum())}
+
+
+def transfer_metrics(df: pd.DataFrame, block_tokens: int = 1) -> dict[str, Any]:
+    """Totals and distributions for one cell's measured transfers (with_stall_ratio applied).
+
+    Counts and failure reasons cover every transfer; times, throughputs and bytes cover the ones
+    that succeeded (a failed transfer's partial stages would mix timeouts into the stage times).
+    """
+    ok = df[df["ok"]]
+    analytic = int(ok["analytic_bytes"].sum()) if ok["analytic_bytes"].notna().any() else None
+    moved = int(ok["bytes"].sum())
+    out: dict[str, Any] = {
+        "transfers": int(len(df)),
+        "ok": int(len(ok)),
+        "failed": int(len(df) - len(ok)),
+        "failure_reasons": dict(Counter(str(e) for e in df.loc[~df["ok"], "error"])),
+        "bytes_total": moved,
+        "analytic_bytes_total": analytic,
+        "overhead_ratio": (moved / analytic - 1.0) if analytic else None,
+        "bytes_vs_analytic": bytes_vs_analytic(df, block_tokens),
+        "bytes": distribution(ok["bytes"].astype("float64")),
+        "stage_totals_s": {s: float(ok[s].sum()) for s in (*STAGES, "total_s", "stall_s")},
+        "stages_s": {s: distribution(ok[s]) for s in (*STAGES, "total_s", "stall_s")},
+        "throughput_bytes_per_s": {
+            s: distribution((ok["bytes"].astype("float64") / ok[s]).where(ok[s] > 0)) for s in MOVING_STAGES
+        },
+    }
+    if "stall_ratio" in df:
+        out["stall_ratio"] = distribution(ok["stall_ratio"])
+    return out

@@ -1,0 +1,87 @@
+"""Disaggregated cell: a prefill engine and a decode engine on one placement group of two bundles.
+
+Bundle 0 holds the prefill actor, bundle 1 the decode actor (the entry), the KV directory and the
+load generator, so the directory lookups the decode side waits on stay on its node. PACK keeps
+both bundles on one node (the transfer goes through one shared-memory object store), SPREAD puts
+them on two (the fetch crosses the network). The cell returns the request rows and one
+transfers.parquet row per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+
+from actors.kv.directory import directory_actor
+from actors.loadgen import LoadGenerator
+from analysis.records import to_frame
+from analysis.transfers import transfers_frame
+from cluster import ray_env
+from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult
+from workloads.requests import synthetic_requests
+
+PREFILL, DECODE = 0, 1
+
+
+def bundles(ctx: CellContext) -> list[dict[str, float]]:
+    return [ctx.engine_bundle(), ctx.engine_bundle()]
+
+
+async def run_disaggregated(ctx: CellContext) -> CellResult:
+    if ctx.engine.kind != "reference":
+        raise ValueError(
+            f"engine.kind: disaggregated cells move real KV tensors and run the reference engine "
+            f"(vllm disaggregates through its KV connector), not {ctx.engine.kind!r}"
+        )
+    from actors.disaggregated import DecodeActor, PrefillActor  # torch: only where a cell runs
+
+    b = ctx.engine_bundle()
+    pg = ray_env.make_placement_group(bundles(ctx), ctx.strategy(2), ctx.name("pg"))
+    actors: list = []
+    try:
+        await asyncio.wait_for(pg.ready(), ENGINE_START_TIMEOUT_S)
+        dir_name = ctx.name("kvdir")
+        directory = directory_actor(dir_name, scheduling_strategy=ray_env.in_bundle(pg, DECODE))
+        actors.append(directory)
+        engine = ctx.engine.model_dump()
+        kv = ctx.cfg.kv_transfer.model_dump()
+        ident = (ctx.run_id, ctx.plan.cell_id)
+        gpus = b.get("GPU", 0)
+        prefill = PrefillActor.options(
+            name=ctx.name("prefill"), num_cpus=b["CPU"], num_gpus=gpus, scheduling_strategy=ray_env.in_bundle(pg, PREFILL)
+        ).remote(engine, kv, dir_name, *ident)
+        actors.append(prefill)
+        decode = DecodeActor.options(
+            name=ctx.name("decode"), num_cpus=b["CPU"], num_gpus=gpus, scheduling_strategy=ray_env.in_bundle(pg, DECODE)
+        ).remote(engine, kv, prefill, dir_name, *ident)
+        actors.append(decode)
+        loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, DECODE)).remote()
+        actors.append(loadgen)
+        p_info, d_info = await asyncio.wait_for(
+            asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S
+        )
+        if p_info["architecture"]["hash"] != d_info["architecture"]["hash"] or p_info["dtype"] != d_info["dtype"]:
+            raise RuntimeError("prefill and decode engines differ in architecture or dtype; their KV is not interchangeable")
+        reqs = synthetic_requests(ctx.plan.workload, d_info["vocab_size"], ctx.seed)
+        conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
+        raws = await loadgen.run.remote(decode, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress)
+        rows = await decode.transfers.remote()
+        directory_left = await directory.stats.remote()
+        await asyncio.gather(decode.shutdown.remote(), prefill.shutdown.remote())
+    finally:
+        for a in actors:
+            ray.kill(a)
+        ray_env.release(pg)
+    df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, mode="disaggregated", engine=ctx.engine.kind)
+    warm = {r.request_id: r.warmup for r in reqs}
+    transfers = transfers_frame(rows)
+    transfers["warmup"] = transfers["request_id"].map(warm).fillna(False).astype(bool)
+    meta = {
+        "engine_info": d_info,
+        "prefill_info": p_info,
+        "nodes": {"prefill": p_info["node"]["node_id"], "decode": d_info["node"]["node_id"]},
+        "placement_strategy": ctx.cfg.placement.strategy,
+        "kv_directory_at_end": directory_left,
+    }
+    return CellResult(requests=df, transfers=transfers, meta=meta)
