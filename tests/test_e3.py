@@ -1,0 +1,160 @@
+"""Track E3 end to end on a real local Ray, and its analysis on hand-made records."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from analysis.tracks.e3 import ANALYSIS as E3
+from analysis.transfers import bytes_vs_analytic, transfer_metrics, transfers_frame, with_stall_ratio
+from cluster.config import ConfigError, resolve
+from cluster.driver import Driver, RunOptions, cell_hash, plan_cells
+
+SMALL = {
+    "workload": {
+        "num_requests": 6,
+        "warmup_requests": 1,
+        "input_len": {"kind": "uniform", "low": 16, "high": 300},
+        "output_len": {"kind": "fixed", "value": 8},
+        "arrival": {"kind": "closed", "concurrency": 3},
+    }
+}
+
+
+def test_e3_plans_both_modes_on_equal_engine_counts():
+    cfg = resolve("e3")
+    plans = plan_cells(cfg)
+    assert [(p.cell_id, p.mode, p.replicas) for p in plans] == [("aggregated", "aggregated", 2), ("disaggregated", "disaggregated", 1)]
+    assert plans[0].workload == plans[1].workload and plans[0].seed_offset == plans[1].seed_offset
+    assert cfg.kv_transfer.layers_per_group == 2
+    # Replica count and KV transfer settings are part of what a cell's hash covers.
+    other = resolve("e3", {"kv_transfer": {"layers_per_group": 1}})
+    assert cell_hash(cfg, plans[1]) != cell_hash(other, plan_cells(other)[1])
+
+
+@pytest.mark.parametrize(
+    "data,field",
+    [
+        ({"kv_transfer": {"layers_per_group": 0}}, "kv_transfer.layers_per_group"),
+        ({"kv_transfer": {"fetch_timeout_s": -1}}, "kv_transfer.fetch_timeout_s"),
+        ({"kv_transfer": {"bogus": 1}}, "kv_transfer.bogus"),
+    ],
+)
+def test_bad_kv_transfer_fields_are_named(data, field):
+    with pytest.raises(ConfigError, match=f"  {field}:"):
+        resolve("e3", data)
+
+
+def test_e3_run_oracle_identical_and_bytes_equal_analytic(ray_local, tmp_path):
+    cfg = resolve("e3", SMALL)
+    run_dir = Driver(cfg, RunOptions(out_dir=tmp_path, progress=False)).run()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert manifest["status"] == "complete", manifest["cells"]
+    assert summary["verdicts"]["verdict"] == "identical"
+    assert all(c["ok"] for c in summary["verdicts"]["checks"]), summary["verdicts"]["checks"]
+
+    req = pd.read_parquet(run_dir / "requests.parquet")
+    t = pd.read_parquet(run_dir / "transfers.parquet")
+    dis = req[req["mode"] == "disaggregated"]
+    assert len(t) == len(dis) == 7 and t["ok"].all()
+    # Byte counts equal the analytic KV size of each request's prompt (no block padding here).
+    bpt = manifest["model"]["kv_bytes_per_token"]
+    prompt = dis.set_index("request_id")["input_tokens"]
+    assert (t.set_index("request_id")["bytes"] == prompt * bpt).all()
+    assert (t["bytes"] == t["analytic_bytes"]).all()
+    # TTFT breakdown filled for disaggregated rows, transfer null for aggregated ones.
+    for col in ("server_queue_s", "prefill_s", "transfer_s", "first_decode_s"):
+        assert dis[col].notna().all(), col
+    assert req.loc[req["mode"] == "aggregated", "transfer_s"].isna().all()
+    cell = json.loads((run_dir / "cells" / "disaggregated" / "cell.json").read_text())
+    assert cell["kv_directory_at_end"]["groups"] == 0
+    agg_cell = json.loads((run_dir / "cells" / "aggregated" / "cell.json").read_text())
+    assert sum(agg_cell["requests_per_replica"]) == 7 and min(agg_cell["requests_per_replica"]) >= 1
+
+    moved = summary["cells"]["disaggregated"]["transfers"]
+    assert moved["transfers"] == 6 and moved["failed"] == 0  # measured ones; the warm-up is left out
+    assert moved["bytes_total"] == moved["analytic_bytes_total"] == int(t.loc[~t["warmup"], "bytes"].sum())
+    assert moved["stall_ratio"]["count"] == 6 and 0 < moved["stall_ratio"]["p50"] < 1
+    assert "transfers" not in summary["cells"]["aggregated"]
+    report = (run_dir / "report.md").read_text()
+    for title in ("E3 oracle verdict: identical", "Aggregated vs disaggregated", "TTFT breakdown", "KV transfer accounting"):
+        assert title in report
+    assert (run_dir / "report.html").read_text().count("plotly-graph-div") >= 5
+
+
+def test_spread_on_one_node_fails_the_cells_with_the_field_named(ray_local, tmp_path):
+    cfg = resolve("e3", {**SMALL, "placement": {"strategy": "SPREAD"}})
+    run_dir = Driver(cfg, RunOptions(out_dir=tmp_path, progress=False)).run()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    for c in manifest["cells"].values():
+        assert "placement.strategy: SPREAD puts each of this cell's 2 engines on its own node" in c["error"]
+
+
+# --- analysis on hand-made records --------------------------------------------------------------
+def _requests(tokens_agg, tokens_dis, ok_dis=True):
+    rows = []
+    for mode, toks in (("aggregated", tokens_agg), ("disaggregated", tokens_dis)):
+        for i, t in enumerate(toks):
+            rows.append(
+                {"cell_id": mode, "mode": mode, "request_id": f"r{i}", "ok": ok_dis or mode == "aggregated",
+                 "output_token_ids": t, "e2e_s": 2.0, "warmup": False}
+            )
+    return pd.DataFrame(rows)
+
+
+def _transfers(n, ok=True, extra_bytes=0):
+    return transfers_frame(
+        {"run_id": "x", "cell_id": "disaggregated", "request_id": f"r{i}", "key": f"r{i}/k", "tokens": 10, "groups": 2,
+         "bytes": 400 + extra_bytes, "analytic_bytes": 400, "extract_s": 0.01, "put_s": 0.02, "wait_ref_s": 0.1,
+         "fetch_s": 0.1, "get_s": 0.01, "inject_s": 0.02, "total_s": 0.3, "stall_s": 0.2, "src_node": "a", "dst_node": "b",
+         "ok": ok, "error": None if ok else "KVUnavailable: no reference"}
+        for i in range(n)
+    )
+
+
+CELLS = {"aggregated": {"serving_mode": "aggregated"}, "disaggregated": {"serving_mode": "disaggregated"}}
+
+
+def test_verdicts_identical_different_incomplete():
+    same = E3.verdicts_with_transfers(_requests([[1, 2], [3]], [[1, 2], [3]]), _transfers(2), CELLS, {})
+    assert same["verdict"] == "identical" and all(c["ok"] for c in same["checks"])
+    diff = E3.verdicts_with_transfers(_requests([[1, 2], [3]], [[1, 2], [4]]), _transfers(2), CELLS, {})
+    assert diff["verdict"] == "different"
+    assert diff["checks"][1]["detail"]["mismatches"] == ["r1"]
+    failed = E3.verdicts_with_transfers(_requests([[1]], [[1]], ok_dis=False), _transfers(1), CELLS, {})
+    assert failed["verdict"] == "incomplete"
+    one_mode = E3.verdicts_with_transfers(_requests([[1]], [[1]]), None, {"aggregated": CELLS["aggregated"]}, {})
+    assert one_mode["verdict"] == "incomplete"
+
+
+def test_recomputed_transfers_and_extra_bytes_fail_their_checks_but_not_the_oracle():
+    v = E3.verdicts_with_transfers(_requests([[1]], [[1]]), _transfers(1, ok=False), CELLS, {})
+    assert v["verdict"] == "identical"
+    checks = {c["check"]: c for c in v["checks"]}
+    assert not checks["every KV transfer succeeded (none recomputed)"]["ok"]
+    v = E3.verdicts_with_transfers(_requests([[1]], [[1]]), _transfers(1, extra_bytes=1000), CELLS, {})
+    bad = {c["check"]: c for c in v["checks"]}["bytes moved = analytic KV size of each prompt (within block padding)"]
+    assert not bad["ok"] and bad["detail"] == {"exact": 0, "within_padding": 0, "outside": 1}
+
+
+def test_bytes_vs_analytic_allows_less_than_one_block_of_padding():
+    t = pd.concat([_transfers(1), _transfers(1, extra_bytes=40 * 15), _transfers(1, extra_bytes=40 * 16), _transfers(1, extra_bytes=-40)])
+    # 40 bytes per token; block of 16 tokens: up to 15 tokens of padding pass, 16 or fewer bytes do not.
+    assert bytes_vs_analytic(t, block_tokens=16) == {"exact": 1, "within_padding": 1, "outside": 2}
+    assert bytes_vs_analytic(t) == {"exact": 1, "within_padding": 0, "outside": 3}
+
+
+def test_transfer_metrics_totals_throughput_and_stall_ratio():
+    t = pd.concat([_transfers(3), _transfers(1, ok=False)], ignore_index=True)
+    t["request_id"] = ["r0", "r1", "r2", "r3"]
+    req = pd.DataFrame({"cell_id": "disaggregated", "request_id": ["r0", "r1", "r2", "r3"], "e2e_s": [1.0, 2.0, 4.0, 4.0]})
+    m = transfer_metrics(with_stall_ratio(t, req))
+    assert (m["transfers"], m["ok"], m["failed"]) == (4, 3, 1)
+    assert m["failure_reasons"] == {"KVUnavailable: no reference": 1}
+    assert m["bytes_total"] == m["analytic_bytes_total"] == 1200 and m["overhead_ratio"] == 0.0
+    assert m["stage_totals_s"]["fetch_s"] == pytest.approx(0.3)
+    assert m["throughput_bytes_per_s"]["put_s"]["p50"] == pytest.approx(400 / 0.02)
+    assert "wait_ref_s" not in m["throughput_bytes_per_s"]
+    assert m["stall_ratio"]["mean"] == pytest.approx((0.2 + 0.1 + 0.05) / 3)

@@ -1,0 +1,252 @@
+"""The KV transport on a real local Ray: bytes arrive unchanged, every failure is a recorded reason,
+and nothing stays behind in the directory or the object store."""
+
+import dataclasses
+import secrets
+import sys
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from actors.kv import accounting
+from actors.kv.accounting import TransferRecord
+from actors.kv.directory import directory_actor, find_directory
+from actors.kv.spec import KVTransferConfig
+from actors.kv.transport import CopyInto, GroupMeta, publish, receive
+from analysis.kv import kv_bytes_per_token
+from analysis.transfers import TRANSFER_COLUMNS
+
+# Ray workers cannot import test modules: ship this module's actors and tasks by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+IDENT = {"run_id": "t", "cell_id": "transport", "request_id": "r0"}
+FAST = KVTransferConfig(layers_per_group=2, ref_timeout_s=1.0, fetch_timeout_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def directory(ray_local):
+    name = f"pdbench:test:{secrets.token_hex(3)}:kvdir"
+    d = directory_actor(name)
+    ray.get(d.stats.remote())
+    yield d
+    ray.kill(d)
+
+
+def kv_layers(layers=5, heads=2, tokens=33, head_dim=16, dtype=torch.float32, seed=0):
+    """One request's KV as the reference engine exports it: strided views [2, heads, n, head_dim]."""
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(layers, 2, heads, tokens + 7, head_dim, generator=g).to(dtype)  # capacity > n
+    return [full[i, :, :, :tokens] for i in range(layers)]
+
+
+def empty_like(layers):
+    return [torch.empty(t.shape, dtype=t.dtype) for t in layers]
+
+
+def key():
+    return f"req/{secrets.token_hex(4)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_roundtrip_is_bit_exact_and_fully_accounted(directory, dtype):
+    src = kv_layers(dtype=dtype)
+    k = key()
+    sent = publish(directory, k, src, tokens=33, cfg=FAST)
+    dst = empty_like(src)
+    bpt = kv_bytes_per_token(5, 2, 16, str(dtype).removeprefix("torch."))
+    rec = receive(directory, k, CopyInto(dst), FAST, **IDENT, kv_bytes_per_token=bpt)
+    assert rec.ok, rec.error
+    assert all(torch.equal(a, b) for a, b in zip(src, dst))
+    assert sent.groups == rec.groups == 3  # 5 layers, 2 per object
+    assert rec.bytes == sent.bytes == rec.analytic_bytes == 33 * bpt
+    assert rec.tokens == 33
+    for stage in ("extract_s", "put_s", "wait_ref_s", "fetch_s", "get_s", "inject_s"):
+        assert getattr(rec, stage) >= 0, stage
+    assert rec.extract_s == pytest.approx(sent.extract_s) and rec.put_s == pytest.approx(sent.put_s)
+    assert rec.stall_s == pytest.approx(rec.wait_ref_s + rec.fetch_s)
+    assert rec.total_s >= rec.stall_s + rec.get_s
+    assert rec.src_node == rec.dst_node == ray.get_runtime_context().get_node_id()
+    assert ray.get(directory.stats.remote())["groups"] == 0
+
+
+def test_record_is_the_transfers_parquet_row():
+    assert tuple(f.name for f in dataclasses.fields(TransferRecord)) == TRANSFER_COLUMNS
+
+
+def test_receiver_waits_for_a_sender_that_comes_later(directory):
+    src = kv_layers(layers=4)
+    k = key()
+    sender = threading.Timer(0.4, lambda: publish(directory, k, src, tokens=33, cfg=FAST))
+    sender.start()
+    dst = empty_like(src)
+    rec = receive(directory, k, CopyInto(dst), FAST, **IDENT)
+    sender.join()
+    assert rec.ok, rec.error
+    assert rec.wait_ref_s >= 0.2  # it really waited for the reference, and that shows as stall
+    assert all(torch.equal(a, b) for a, b in zip(src, dst))
+
+
+@ray.remote(num_cpus=0)
+class Owner:
+    """A separate process that owns the objects it publishes (like a prefill actor)."""
+
+    def publish(self, directory_name, k, tokens):
+        publish(find_directory(directory_name), k, kv_layers(tokens=tokens), tokens=tokens, cfg=FAST)
+        return True
+
+
+def _directory_name(directory):
+    return ray.get(directory.__ray_call__.remote(lambda self: ray.get_runtime_context().get_actor_name()))
+
+
+def test_lost_object_when_its_owner_dies(directory):
+    owner = Owner.remote()
+    ray.get(owner.__ray_ready__.remote())
+    k = key()
+    before = _store_bytes_used()
+    ray.get(owner.publish.remote(_directory_name(directory), k, 2000))  # 2000 tokens: 1 MiB objects in plasma
+    assert _store_bytes_used() > before
+    ray.kill(owner)
+    # Until Ray notices the owner is gone its objects may still be read; wait until they are freed.
+    deadline = time.monotonic() + 30
+    while _store_bytes_used() > before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    rec = receive(directory, k, CopyInto(empty_like(kv_layers(tokens=2000))), FAST, **IDENT)
+    assert not rec.ok
+    assert "OwnerDiedError" in rec.error or "ObjectLostError" in rec.error, rec.error
+    stats = ray.get(directory.stats.remote())
+    assert stats["groups"] == 0  # what was left of the key was dropped
+
+
+def test_no_reference_in_time(directory):
+    rec = receive(directory, key(), CopyInto(empty_like(kv_layers())), FAST, **IDENT)
+    assert not rec.ok
+    assert rec.error == "KVUnavailable: no reference for layer group 0 within 1 s"
+    assert rec.wait_ref_s == pytest.approx(1.0, abs=0.5) and rec.fetch_s is None and rec.bytes == 0
+
+
+@ray.remote(num_cpus=0)
+def _never_ready():
+    time.sleep(3600)
+
+
+def test_fetch_timeout(directory):
+    k = key()
+    stuck = _never_ready.remote()
+    meta = GroupMeta(0, 1, 0, ((2, 2, 33, 16),), ("float32",), 33, 8448, 0.0, 0.0, "nowhere")
+    assert ray.get(directory.register.remote(k, 0, 1, meta, [stuck]))
+    rec = receive(directory, k, CopyInto(empty_like(kv_layers(layers=1))), FAST, **IDENT)
+    ray.cancel(stuck, force=True)
+    assert not rec.ok
+    assert rec.error == "KVUnavailable: fetch of layer group 0 timed out after 1 s"
+    assert rec.fetch_s >= 0.9
+
+
+def test_sender_failure_reaches_the_receiver(directory):
+    k = key()
+    ray.get(directory.fail.remote(k, "RuntimeError: CUDA out of memory"))
+    rec = receive(directory, k, CopyInto(empty_like(kv_layers())), FAST, **IDENT)
+    assert rec.error == "KVUnavailable: sender failed: RuntimeError: CUDA out of memory"
+
+
+def test_kv_that_does_not_fit_is_refused(directory):
+    k = key()
+    publish(directory, k, kv_layers(tokens=10), tokens=10, cfg=FAST)
+    rec = receive(directory, k, CopyInto(empty_like(kv_layers(tokens=12))), FAST, **IDENT)
+    assert not rec.ok and "layer 0: received (2, 2, 10, 16)" in rec.error
+    assert ray.get(directory.stats.remote())["groups"] == 0
+
+
+def test_late_groups_of_an_abandoned_key_are_refused(directory):
+    k = key()
+    assert ray.get(directory.drop.remote(k)) == 0
+    meta = GroupMeta(0, 1, 0, (), (), 0, 0, 0.0, 0.0, "n")
+    assert ray.get(directory.register.remote(k, 0, 1, meta, [ray.put(1)])) is False
+    assert ray.get(directory.stats.remote())["groups"] == 0
+
+
+def _store_bytes_used():
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
+    return reply.store_stats.object_store_bytes_used
+
+
+def test_nothing_accumulates_over_a_long_sweep(directory):
+    """60 transfers of 1 MiB each (successful, and some abandoned halfway) leave the object store
+    where it started: every object is freed once its receiver is done with it."""
+    before = _store_bytes_used()
+    src = kv_layers(layers=4, heads=4, tokens=1024, head_dim=16)  # 4 × 512 KiB
+    assert sum(t.numel() * 4 for t in src) == 2 * 1024 * 1024
+    for i in range(60):
+        k = key()
+        publish(directory, k, src, tokens=1024, cfg=FAST)
+        if i % 10 == 9:  # the receiver gives up: what was published must go too
+            ray.get(directory.drop.remote(k))
+            continue
+        assert receive(directory, k, CopyInto(empty_like(src)), FAST, **IDENT).ok
+    deadline = time.monotonic() + 30
+    while _store_bytes_used() > before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _store_bytes_used() <= before
+    stats = ray.get(directory.stats.remote())
+    assert stats["groups"] == 0 and stats["keys"] == 0
+
+
+class _Fake:
+    def __init__(self, *a, **kw):
+        self.calls = []
+
+    def inc(self, value, tags):
+        self.calls.append((value, tags))
+
+    observe = inc
+
+
+def test_metrics_are_tagged_by_run_cell_and_role(monkeypatch):
+    fakes = {k: _Fake() for k in ("bytes", "transfers", "size", "stage")}
+    monkeypatch.setattr(accounting, "_metrics", fakes)
+    accounting.observe_send(accounting.SendStats("k", 10, 2, 4096, 0.25, 0.5, "n1"), "run1", "cellA")
+    rec = TransferRecord(
+        "run1", "cellA", "r1", "k", tokens=10, groups=2, bytes=4096, wait_ref_s=0.1, fetch_s=0.2, get_s=0.01,
+        inject_s=0.02, total_s=0.4, stall_s=0.3, ok=True,
+    )
+    accounting.observe_receive(rec)
+    assert fakes["bytes"].calls == [
+        (4096.0, {"run": "run1", "cell": "cellA", "role": "prefill"}),
+        (4096.0, {"run": "run1", "cell": "cellA", "role": "decode"}),
+    ]
+    assert fakes["transfers"].calls == [(1.0, {"run": "run1", "cell": "cellA", "role": "decode", "ok": "true"})]
+    stages = {(t["role"], t["stage"]): v for v, t in fakes["stage"].calls}
+    assert stages == {
+        ("prefill", "extract"): 0.25, ("prefill", "put"): 0.5, ("decode", "wait_ref"): 0.1, ("decode", "fetch"): 0.2,
+        ("decode", "get"): 0.01, ("decode", "inject"): 0.02, ("decode", "total"): 0.4, ("decode", "stall"): 0.3,
+    }
+    assert fakes["size"].calls == [(4096.0, {"run": "run1", "cell": "cellA", "role": "decode"})]
+
+
+def test_metrics_reach_the_ray_metrics_endpoint(directory):
+    """The real path: a transfer in this process shows up in the node's Prometheus export
+    (2 layers × 2 (K, V) × 2 heads × 33 tokens × 16 × 4 bytes = 16,896 bytes each way)."""
+    import urllib.request
+
+    run = f"run{secrets.token_hex(3)}"
+    src = kv_layers(layers=2)
+    k = key()
+    publish(directory, k, src, tokens=33, cfg=FAST, run_id=run, cell_id="c")
+    assert receive(directory, k, CopyInto(empty_like(src)), FAST, run_id=run, cell_id="c", request_id="r").ok
+    node = next(n for n in ray.nodes() if n["NodeID"] == ray.get_runtime_context().get_node_id())
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    deadline = time.monotonic() + 60
+    found: list[str] = []
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        found = [line for line in text.splitlines() if f'run="{run}"' in line and line.startswith("ray_pdbench_kv_bytes")]
+        if len(found) >= 2:
+            break
+        time.sleep(1)
+    assert any('role="prefill"' in line and line.endswith(" 16896.0") for line in found), found
+    assert any('role="decode"' in line and line.endswith(" 16896.0") for line in found), found
