@@ -10,13 +10,14 @@ import ray
 from actors.disaggregated import DecodeActor, PrefillActor
 from actors.engine_actor import EngineActor
 from actors.kv.directory import directory_actor
-from actors.kv.transport import GroupMeta
+from actors.kv.transport import GroupMeta, pack, unpack
 from actors.router import ReplicaRouter
 from analysis.transfers import TRANSFER_COLUMNS
 
 ENGINE = {"kind": "reference", "model": "tiny-qwen3", "cpu_threads": 1, "max_batch_size": 8}
-KV = {"layers_per_group": 2}
-SHORT = {"layers_per_group": 2, "ref_timeout_s": 1.0, "fetch_timeout_s": 1.0}
+GROUP = 48 * 1024  # the tiny model's KV is 1 KiB per layer and token: 1 to 4 objects per request
+KV = {"max_group_bytes": GROUP}
+SHORT = {"max_group_bytes": GROUP, "ref_timeout_s": 1.0, "fetch_timeout_s": 1.0}
 HALF = {"num_cpus": 0.5}  # ray_local has 4 CPUs; other tests' actors must still fit beside these
 
 
@@ -87,21 +88,24 @@ def test_disaggregated_tokens_equal_aggregated_and_transfers_are_accounted(pair)
         assert row["ok"] and row["error"] is None
         assert row["tokens"] == len(r["prompt_token_ids"])
         assert row["bytes"] == row["analytic_bytes"] == row["tokens"] * bpt
-        assert row["groups"] == 2
+        per_object = min(4, max(1, GROUP // (row["tokens"] * 1024)))  # equal layers, packed greedily
+        assert row["groups"] == -(-4 // per_object)
     assert ray.get(pair["decode"].transfers.remote()) == []  # handed over once
-    assert ray.get(pair["directory"].stats.remote())["groups"] == 0
+    stats = ray.get(pair["directory"].stats.remote())
+    assert stats["groups"] == 0 and stats["keys"] == 0
 
 
 def _intercept(pair, key, corrupt):
     """Man in the middle: take group 0 out of the directory and put it back, optionally with
     layer 0's KV negated, exactly as the receiver would otherwise have found it."""
     d = pair["directory"]
-    entry = ray.get(d.take.remote(key, 0, None, 30.0))
+    entry = ray.get(d.take.remote(key, 0, 30.0))
     meta: GroupMeta = entry["meta"]
-    arrays = [a.copy() for a in ray.get(entry["refs"][0])]
+    layers = [t.clone() for t in unpack(ray.get(entry["refs"][0]), meta)]
     if corrupt:
-        arrays[0] = -arrays[0]
-    assert ray.get(d.register.remote(key, 0, meta.groups, meta, [ray.put(arrays)]))
+        layers[0].neg_()
+    buf, _ = pack(layers)
+    assert ray.get(d.register.remote(key, 0, meta.groups, meta, [ray.put(buf.numpy())]))
 
 
 @pytest.mark.parametrize("corrupt", [False, True], ids=["untouched", "one-layer-corrupted"])
@@ -116,6 +120,7 @@ def test_negative_control_corrupting_one_layer_changes_the_output(pair, corrupt)
         assert last["server"]["kv_transfer_ok"] is True  # the KV did arrive and was used
         changed += ids != aggregated(pair, req)
     ray.get(pair["decode"].transfers.remote())
+    assert ray.get(pair["directory"].stats.remote())["keys"] == 0  # groups put back count once
     # Untouched KV through the same detour: identical. One corrupted layer: the output changes.
     assert changed == (4 if corrupt else 0)
 
@@ -128,13 +133,13 @@ def _store_bytes_used():
 
 def test_lost_kv_owner_died_recomputes_and_records_the_reason(pair):
     """The prefill actor that owns the KV objects dies before the decode side fetches them."""
-    req = request(9, n=1500, max_tokens=8)  # 1500 tokens: 3 MiB per layer group, in plasma
+    req = request(9, n=1500, max_tokens=8)  # 1500 tokens: 4 objects of 1.5 MiB, in plasma
     key = f"q9/lost{secrets.token_hex(3)}"
     before = _store_bytes_used()
     reply = ray.get(pair["victim"].prefill.remote(req, key))
     deadline = time.monotonic() + 30
-    while ray.get(pair["directory"].stats.remote())["groups"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)  # publishing runs after the reply: wait until both groups are registered
+    while ray.get(pair["directory"].stats.remote())["groups"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)  # publishing runs after the reply: wait until all groups are registered
     ray.kill(pair["victim"])
     while _store_bytes_used() > before and time.monotonic() < deadline:
         time.sleep(0.2)  # until Ray has freed the dead owner's objects
@@ -172,7 +177,7 @@ def test_fetch_timeout_recomputes(pair):
     n = len(req["prompt_token_ids"])
     key = f"q12/stuck{secrets.token_hex(3)}"
     stuck = never_ready.remote()
-    meta = GroupMeta(0, 2, 0, ((2, 2, n, 64),) * 2, ("float32",) * 2, n, 0, 0.0, 0.0, "nowhere")
+    meta = GroupMeta(0, 2, 0, ((2, 2, n, 64),) * 2, ("float32",) * 2, (0, 4 * 2 * 2 * n * 64), n, 0, 0.0, 0.0, "nowhere")
     ray.get(pair["directory"].register.remote(key, 0, 2, meta, [stuck]))
     reply = {"first_token": 0, "num_tokens": n, "server": {}}
     ids, last = stream(pair["fragile"], "decode_prefilled", req, key, reply)

@@ -26,16 +26,16 @@ def test_e3_plans_both_modes_on_equal_engine_counts():
     plans = plan_cells(cfg)
     assert [(p.cell_id, p.mode, p.replicas) for p in plans] == [("aggregated", "aggregated", 2), ("disaggregated", "disaggregated", 1)]
     assert plans[0].workload == plans[1].workload and plans[0].seed_offset == plans[1].seed_offset
-    assert cfg.kv_transfer.layers_per_group == 2
+    assert cfg.kv_transfer.max_group_bytes == 256 * 1024
     # Replica count and KV transfer settings are part of what a cell's hash covers.
-    other = resolve("e3", {"kv_transfer": {"layers_per_group": 1}})
+    other = resolve("e3", {"kv_transfer": {"max_group_bytes": 1024}})
     assert cell_hash(cfg, plans[1]) != cell_hash(other, plan_cells(other)[1])
 
 
 @pytest.mark.parametrize(
     "data,field",
     [
-        ({"kv_transfer": {"layers_per_group": 0}}, "kv_transfer.layers_per_group"),
+        ({"kv_transfer": {"max_group_bytes": 0}}, "kv_transfer.max_group_bytes"),
         ({"kv_transfer": {"fetch_timeout_s": -1}}, "kv_transfer.fetch_timeout_s"),
         ({"kv_transfer": {"bogus": 1}}, "kv_transfer.bogus"),
     ],

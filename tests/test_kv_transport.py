@@ -15,7 +15,7 @@ from actors.kv import accounting
 from actors.kv.accounting import TransferRecord
 from actors.kv.directory import directory_actor, find_directory
 from actors.kv.spec import KVTransferConfig
-from actors.kv.transport import CopyInto, GroupMeta, publish, receive
+from actors.kv.transport import CopyInto, GroupMeta, layer_groups, publish, receive
 from analysis.kv import kv_bytes_per_token
 from analysis.transfers import TRANSFER_COLUMNS
 
@@ -23,7 +23,8 @@ from analysis.transfers import TRANSFER_COLUMNS
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 IDENT = {"run_id": "t", "cell_id": "transport", "request_id": "r0"}
-FAST = KVTransferConfig(layers_per_group=2, ref_timeout_s=1.0, fetch_timeout_s=1.0)
+LAYER_BYTES = 2 * 2 * 33 * 16 * 4  # kv_layers()' default: [2, 2 heads, 33 tokens, 16] float32
+FAST = KVTransferConfig(max_group_bytes=2 * LAYER_BYTES, ref_timeout_s=1.0, fetch_timeout_s=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,9 @@ def key():
     return f"req/{secrets.token_hex(4)}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_roundtrip_is_bit_exact_and_fully_accounted(directory, dtype):
+# 5 layers, objects of at most two float32 layers: 2 + 2 + 1 float32 layers, or 4 + 1 half-size ones.
+@pytest.mark.parametrize("dtype,groups", [(torch.float32, 3), (torch.bfloat16, 2), (torch.float16, 2)])
+def test_roundtrip_is_bit_exact_and_fully_accounted(directory, dtype, groups):
     src = kv_layers(dtype=dtype)
     k = key()
     sent = publish(directory, k, src, tokens=33, cfg=FAST)
@@ -60,7 +62,7 @@ def test_roundtrip_is_bit_exact_and_fully_accounted(directory, dtype):
     rec = receive(directory, k, CopyInto(dst), FAST, **IDENT, kv_bytes_per_token=bpt)
     assert rec.ok, rec.error
     assert all(torch.equal(a, b) for a, b in zip(src, dst))
-    assert sent.groups == rec.groups == 3  # 5 layers, 2 per object
+    assert sent.groups == rec.groups == groups
     assert rec.bytes == sent.bytes == rec.analytic_bytes == 33 * bpt
     assert rec.tokens == 33
     for stage in ("extract_s", "put_s", "wait_ref_s", "fetch_s", "get_s", "inject_s"):
@@ -70,6 +72,34 @@ def test_roundtrip_is_bit_exact_and_fully_accounted(directory, dtype):
     assert rec.total_s >= rec.stall_s + rec.get_s
     assert rec.src_node == rec.dst_node == ray.get_runtime_context().get_node_id()
     assert ray.get(directory.stats.remote())["groups"] == 0
+
+
+def test_layers_of_mixed_dtypes_and_shapes_travel_in_one_buffer(directory):
+    """Engines with per-layer differences (hybrid attention, fp8 KV) still move one object per group."""
+    src = [
+        torch.arange(3, dtype=torch.int8),
+        torch.randn(2, 5).to(torch.bfloat16),
+        torch.randn(7, dtype=torch.float64),
+        torch.randn(4, 3).to(torch.float8_e4m3fn),
+    ]
+    k = key()
+    cfg = KVTransferConfig()
+    publish(directory, k, src, tokens=1, cfg=cfg)
+    dst = empty_like(src)
+    rec = receive(directory, k, CopyInto(dst), cfg, **IDENT)
+    assert rec.ok, rec.error
+    assert rec.groups == 1
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(src, dst))
+    # offsets aligned to each dtype: 3 int8 bytes, pad 1, 20 bf16 bytes, pad 0, 56 float64 bytes, 12 fp8 bytes
+    assert rec.bytes == 3 + 1 + 20 + 56 + 12
+
+
+def test_layers_are_grouped_up_to_the_byte_budget():
+    layer = lambda nbytes: torch.empty(nbytes, dtype=torch.uint8)  # noqa: E731
+    assert layer_groups([layer(10)] * 5, 25) == [(0, 2), (2, 4), (4, 5)]
+    assert layer_groups([layer(10)] * 5, 10**6) == [(0, 5)]  # a short context is one object
+    assert layer_groups([layer(10), layer(100), layer(10), layer(10)], 25) == [(0, 1), (1, 2), (2, 4)]  # too big: alone
+    assert layer_groups([layer(30)] * 3, 25) == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_record_is_the_transfers_parquet_row():
@@ -136,7 +166,7 @@ def _never_ready():
 def test_fetch_timeout(directory):
     k = key()
     stuck = _never_ready.remote()
-    meta = GroupMeta(0, 1, 0, ((2, 2, 33, 16),), ("float32",), 33, 8448, 0.0, 0.0, "nowhere")
+    meta = GroupMeta(0, 1, 0, ((2, 2, 33, 16),), ("float32",), (0,), 33, 8448, 0.0, 0.0, "nowhere")
     assert ray.get(directory.register.remote(k, 0, 1, meta, [stuck]))
     rec = receive(directory, k, CopyInto(empty_like(kv_layers(layers=1))), FAST, **IDENT)
     ray.cancel(stuck, force=True)
@@ -163,7 +193,7 @@ def test_kv_that_does_not_fit_is_refused(directory):
 def test_late_groups_of_an_abandoned_key_are_refused(directory):
     k = key()
     assert ray.get(directory.drop.remote(k)) == 0
-    meta = GroupMeta(0, 1, 0, (), (), 0, 0, 0.0, 0.0, "n")
+    meta = GroupMeta(0, 1, 0, (), (), (), 0, 0, 0.0, 0.0, "n")
     assert ray.get(directory.register.remote(k, 0, 1, meta, [ray.put(1)])) is False
     assert ray.get(directory.stats.remote())["groups"] == 0
 

@@ -28,6 +28,10 @@ _CLOSED_KEYS_KEPT = 100_000
 class KVDirectory:
     def __init__(self) -> None:
         self._groups: dict[str, dict[int, tuple[Any, list[Any]]]] = {}
+        # Per key: how many groups it has, and which were taken; it is forgotten once all were
+        # taken and none is waiting (a group put back after a take counts once).
+        self._expected: dict[str, int] = {}
+        self._taken: dict[str, set[int]] = {}
         self._failed: dict[str, str] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._changed = asyncio.Condition()
@@ -40,6 +44,7 @@ class KVDirectory:
             return False
         async with self._changed:
             self._groups.setdefault(key, {})[index] = (meta, refs)
+            self._expected.setdefault(key, groups)
             self.registered += 1
             self._changed.notify_all()
         return True
@@ -48,14 +53,12 @@ class KVDirectory:
         """The sender could not publish `key`: wake its receiver with the reason."""
         async with self._changed:
             self._failed[key] = reason
-            self._groups.pop(key, None)
+            self._forget(key)
             self._changed.notify_all()
 
-    async def take(self, key: str, index: int, groups: int | None, timeout_s: float) -> dict[str, Any]:
-        """Remove and return group `index` of `key` ({"meta", "refs"}), or {"error"} on failure or timeout.
-
-        `groups` (known after the first group) lets the directory forget a key once it is done.
-        """
+    async def take(self, key: str, index: int, timeout_s: float) -> dict[str, Any]:
+        """Remove and return group `index` of `key` ({"meta", "refs"}), or {"error"} on failure or
+        timeout. Once every group of a key is taken the key is forgotten."""
         def ready() -> bool:
             return key in self._failed or index in self._groups.get(key, {})
 
@@ -66,27 +69,34 @@ class KVDirectory:
                 return {"error": f"no reference for layer group {index} within {timeout_s:g} s"}
             if key in self._failed:
                 return {"error": f"sender failed: {self._failed[key]}"}
-            entries = self._groups[key]
-            meta, refs = entries.pop(index)
-            if not entries and groups is not None and index == groups - 1:
-                del self._groups[key]
+            meta, refs = self._groups[key].pop(index)
+            taken = self._taken.setdefault(key, set())
+            taken.add(index)
+            if not self._groups[key] and len(taken) >= self._expected[key]:
+                self._forget(key)
             self.taken += 1
             return {"meta": meta, "refs": refs}
 
     async def drop(self, key: str) -> int:
         """Forget `key` (the receiver gave up): release what is stored, refuse what comes later."""
         async with self._changed:
-            dropped = len(self._groups.pop(key, {}))
+            dropped = len(self._groups.get(key, {}))
+            self._forget(key)
             self._failed.pop(key, None)
             self._closed[key] = None
             while len(self._closed) > _CLOSED_KEYS_KEPT:
                 self._closed.popitem(last=False)
             return dropped
 
+    def _forget(self, key: str) -> None:
+        self._groups.pop(key, None)
+        self._expected.pop(key, None)
+        self._taken.pop(key, None)
+
     async def stats(self) -> dict[str, int]:
         """What the directory holds now (a sweep that leaks shows growing `groups`)."""
         return {
-            "keys": len(self._groups),
+            "keys": len(self._groups.keys() | self._expected.keys() | self._taken.keys()),
             "groups": sum(len(g) for g in self._groups.values()),
             "failed": len(self._failed),
             "closed": len(self._closed),

@@ -8,11 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field
 class KVTransferConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    layers_per_group: int = Field(
-        default=4,
+    max_group_bytes: int = Field(
+        default=64 * 2**20,
         ge=1,
-        description="layers per object-store object: the decode side fetches group i while the prefill "
-        "side still puts group i+1, and no single object holds a long context's whole KV",
+        description="most bytes per object-store object: consecutive layers are grouped up to this size "
+        "(a larger layer travels alone), so a long context is many objects, fetched one while the next "
+        "is put, and no object holds it whole; each object costs about a millisecond of fixed overhead, "
+        "so short contexts travel as one",
     )
     ref_timeout_s: float = Field(
         default=60.0, gt=0, description="longest the decode side waits for a layer group's reference to appear"

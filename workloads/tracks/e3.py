@@ -22,8 +22,9 @@ class E3(Track):
             "output_len": {"kind": "fixed", "value": 16},
             "arrival": {"kind": "closed", "concurrency": 4},
         },
-        # The tiny model has 4 layers: two objects per request, so the transfer really pipelines.
-        "kv_transfer": {"layers_per_group": 2},
+        # The tiny model's KV is 1 KiB per layer and token: with 256 KiB objects a 32-token prompt
+        # travels as one object and a 512-token one as four, so the transfer really pipelines.
+        "kv_transfer": {"max_group_bytes": 256 * 1024},
     }
 
     def cells(self, workload: WorkloadSpec, params: TrackParams) -> list[CellPlan]:

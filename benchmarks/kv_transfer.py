@@ -1,0 +1,236 @@
+"""KV transfer through the Ray object store against a raw host copy of the same bytes.
+
+For KV payloads from 1 MiB to 1 GiB, shaped like one request's Qwen3-8B bf16 KV (36 layers × 8 KV
+heads × 128 head_dim, 144 KiB per token; layers grouped into objects of at most
+kv_transfer.max_group_bytes, 64 MiB by default), a sender actor publishes with the
+real transport (actors/kv/transport.py) and a receiver actor receives into preallocated tensors.
+Printed side by side, from one run on one machine:
+
+- raw: a numpy copy of the same number of bytes (np.copyto into a preallocated buffer);
+- store = put + fetch + get: the object-store stages alone (goal: ≥ 0.7 × raw from 64 MiB up);
+- path = extract + put + fetch + get + inject: everything the transport does to move the KV.
+
+Each stage is timed inside the process that runs it (sender: extract, put; receiver: fetch, get,
+inject) and the best of `--repeats` runs is kept. Every size first runs once untimed, and each run
+starts once the store has freed the previous one's objects: a long sweep reuses the store's pages,
+so first-touch page faults (which make a cold `ray.put` several times slower) are not its cost. Where torch sees a CUDA GPU, the device stages
+are measured too: the transport's device→host extract against a plain copy into a preallocated
+pinned buffer, and its host→device inject against a plain pinned→device copy.
+
+    python benchmarks/kv_transfer.py                   # 1 MiB … 1 GiB
+    python benchmarks/kv_transfer.py --max-mib 64 --repeats 5 --max-group-mib 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import time
+
+import numpy as np
+import ray
+import torch
+
+from actors.kv.directory import directory_actor, find_directory
+from actors.kv.spec import KVTransferConfig
+from actors.kv.transport import CopyInto, pack, publish, receive
+
+LAYERS, KV_HEADS, HEAD_DIM, DTYPE = 36, 8, 128, torch.bfloat16
+BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2  # 147,456 B = 144 KiB
+GROUP_MIB = KVTransferConfig().max_group_bytes // 2**20
+GOAL, GOAL_FROM_MIB = 0.7, 64
+
+
+def kv(tokens: int, device: str = "cpu") -> list[torch.Tensor]:
+    """One request's KV, one [2, kv_heads, tokens, head_dim] tensor per layer."""
+    full = torch.empty((LAYERS, 2, KV_HEADS, tokens, HEAD_DIM), dtype=DTYPE, device=device)
+    full.view(torch.int16).random_(-(2**15), 2**15 - 1)
+    return list(full.unbind(0))
+
+
+@ray.remote(num_cpus=0)
+class Sender:
+    def __init__(self, directory: str, cfg: KVTransferConfig):
+        self.directory = find_directory(directory)
+        self.cfg = cfg
+        self.layers: list[torch.Tensor] = []
+
+    def prepare(self, tokens: int) -> int:
+        self.layers = kv(tokens)
+        return sum(t.numel() * t.element_size() for t in self.layers)
+
+    def publish(self, key: str, tokens: int) -> tuple[float, float]:
+        s = publish(self.directory, key, self.layers, tokens, self.cfg)
+        return s.extract_s, s.put_s
+
+
+@ray.remote(num_cpus=0)
+class Receiver:
+    def __init__(self, directory: str, cfg: KVTransferConfig):
+        self.directory = find_directory(directory)
+        self.cfg = cfg
+        self.dst: list[torch.Tensor] = []
+
+    def prepare(self, tokens: int) -> None:
+        self.dst = [torch.empty((2, KV_HEADS, tokens, HEAD_DIM), dtype=DTYPE) for _ in range(LAYERS)]
+
+    def receive(self, key: str) -> dict:
+        rec = receive(self.directory, key, CopyInto(self.dst), self.cfg, run_id="", cell_id="bench", request_id=key)
+        if not rec.ok:
+            raise RuntimeError(rec.error)
+        return {s: getattr(rec, s) for s in ("fetch_s", "get_s", "inject_s", "bytes")}
+
+    def raw_copy_s(self, nbytes: int, repeats: int) -> float:
+        """Best time of a numpy copy of `nbytes` into a preallocated buffer, in this process."""
+        src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+        dst = np.empty_like(src)
+        np.copyto(dst, src)  # first touch of the pages is not a copy's cost
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            np.copyto(dst, src)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    def release(self) -> None:
+        self.dst = []
+
+
+def store_bytes_used() -> int:
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
+    return reply.store_stats.object_store_bytes_used
+
+
+def wait_until_freed(baseline: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while store_bytes_used() > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def host_table(sizes_mib: list[int], repeats: int, cfg: KVTransferConfig) -> list[dict]:
+    name = f"pdbench:bench:{secrets.token_hex(3)}:kvdir"
+    directory = directory_actor(name)
+    sender, receiver = Sender.remote(name, cfg), Receiver.remote(name, cfg)
+    baseline = store_bytes_used()
+    rows = []
+    for mib in sizes_mib:
+        tokens = max(1, round(mib * 2**20 / BYTES_PER_TOKEN))
+        nbytes = ray.get(sender.prepare.remote(tokens))
+        ray.get(receiver.prepare.remote(tokens))
+        best: dict[str, float] = {}
+        for run in range(repeats + 1):
+            wait_until_freed(baseline)
+            key = f"bench/{mib}/{secrets.token_hex(3)}"
+            extract_s, put_s = ray.get(sender.publish.remote(key, tokens))
+            got = ray.get(receiver.receive.remote(key))
+            assert got["bytes"] == nbytes
+            if run == 0:
+                continue
+            stages = {"extract_s": extract_s, "put_s": put_s, **{k: got[k] for k in ("fetch_s", "get_s", "inject_s")}}
+            stages["store_s"] = put_s + got["fetch_s"] + got["get_s"]
+            stages["path_s"] = stages["store_s"] + extract_s + got["inject_s"]
+            best = {k: min(v, best.get(k, float("inf"))) for k, v in stages.items()}
+        raw_s = ray.get(receiver.raw_copy_s.remote(nbytes, repeats))
+        ray.get(receiver.release.remote())
+        rows.append({"mib": nbytes / 2**20, "bytes": nbytes, "raw_s": raw_s, **best})
+        print_host_row(rows[-1])
+    for a in (sender, receiver, directory):
+        ray.kill(a)
+    return rows
+
+
+def print_host_header() -> None:
+    print(f"{'MiB':>8} {'raw GB/s':>9} {'store GB/s':>10} {'ratio':>6} {'path GB/s':>9} {'ratio':>6}   "
+          f"{'extract':>8} {'put':>8} {'fetch':>8} {'get':>8} {'inject':>8}  (ms)")
+
+
+def print_host_row(r: dict) -> None:
+    raw = gbps(r["bytes"], r["raw_s"])
+    store, path = gbps(r["bytes"], r["store_s"]), gbps(r["bytes"], r["path_s"])
+    ms = " ".join(f"{r[s] * 1e3:8.2f}" for s in ("extract_s", "put_s", "fetch_s", "get_s", "inject_s"))
+    print(f"{r['mib']:8.1f} {raw:9.2f} {store:10.2f} {store / raw:6.2f} {path:9.2f} {path / raw:6.2f}   {ms}", flush=True)
+
+
+def gpu_table(sizes_mib: list[int], repeats: int) -> None:
+    """Device stages of the transport against plain pinned copies of the same bytes."""
+    dev = torch.device("cuda")
+    print(f"\nGPU stages on {torch.cuda.get_device_name(dev)} (best of {repeats}):")
+    print(f"{'MiB':>8} {'D2H extract GB/s':>17} {'pinned D2H GB/s':>16} {'ratio':>6} {'H2D inject GB/s':>16} {'pinned H2D GB/s':>16} {'ratio':>6}")
+    for mib in sizes_mib:
+        tokens = max(1, round(mib * 2**20 / BYTES_PER_TOKEN))
+        layers = kv(tokens, "cuda")
+        nbytes = sum(t.numel() * t.element_size() for t in layers)
+        pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in layers]
+        # What ray.get hands the receiver: pageable host memory (object-store pages), not pinned.
+        pageable = [t.cpu() for t in layers]
+        dst = [torch.empty_like(t) for t in layers]
+        best = {k: float("inf") for k in ("extract", "pinned_d2h", "inject", "pinned_h2d")}
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            host, _ = pack(layers)
+            best["extract"] = min(best["extract"], time.perf_counter() - t)
+            del host
+            t = time.perf_counter()
+            for p, s in zip(pinned, layers):
+                p.copy_(s, non_blocking=True)
+            torch.cuda.synchronize()
+            best["pinned_d2h"] = min(best["pinned_d2h"], time.perf_counter() - t)
+            t = time.perf_counter()
+            inject = CopyInto(dst)
+            for i, h in enumerate(pageable):
+                inject(i, h)
+            inject.finish()
+            best["inject"] = min(best["inject"], time.perf_counter() - t)
+            t = time.perf_counter()
+            for d, p in zip(dst, pinned):
+                d.copy_(p, non_blocking=True)
+            torch.cuda.synchronize()
+            best["pinned_h2d"] = min(best["pinned_h2d"], time.perf_counter() - t)
+        g = {k: gbps(nbytes, v) for k, v in best.items()}
+        print(f"{nbytes / 2**20:8.1f} {g['extract']:17.2f} {g['pinned_d2h']:16.2f} {g['extract'] / g['pinned_d2h']:6.2f} "
+              f"{g['inject']:16.2f} {g['pinned_h2d']:16.2f} {g['inject'] / g['pinned_h2d']:6.2f}", flush=True)
+        del layers, pinned, pageable, dst
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--min-mib", type=int, default=1, help="smallest payload (MiB)")
+    ap.add_argument("--max-mib", type=int, default=1024, help="largest payload (MiB); sizes grow ×4")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per size; the best is kept")
+    ap.add_argument("--max-group-mib", type=int, default=GROUP_MIB, help="most MiB per object (kv_transfer.max_group_bytes)")
+    args = ap.parse_args()
+    cfg = KVTransferConfig(max_group_bytes=args.max_group_mib * 2**20)
+    sizes = []
+    s = args.min_mib
+    while s <= args.max_mib:
+        sizes.append(s)
+        s *= 4
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(namespace="pdbench", include_dashboard=False, log_to_driver=False)
+    print(f"KV shaped like Qwen3-8B bf16 ({BYTES_PER_TOKEN // 1024} KiB/token, objects of at most {args.max_group_mib} MiB); "
+          f"best of {args.repeats}; one process puts, another fetches and gets (same node).")
+    print_host_header()
+    rows = host_table(sizes, args.repeats, cfg)
+    big = [gbps(r["bytes"], r["store_s"]) / gbps(r["bytes"], r["raw_s"]) for r in rows if r["mib"] >= GOAL_FROM_MIB - 0.5]
+    if big:
+        print(f"goal store/raw ≥ {GOAL} from {GOAL_FROM_MIB} MiB: {'met' if min(big) >= GOAL else 'NOT met'} (lowest {min(big):.2f})")
+    else:
+        print(f"goal store/raw ≥ {GOAL} from {GOAL_FROM_MIB} MiB: no size that large was run")
+    ray.shutdown()
+    if torch.cuda.is_available():
+        gpu_table(sizes, args.repeats)
+    else:
+        print("\nno CUDA GPU visible to torch: device→host and host→device stages not measured")
+
+
+if __name__ == "__main__":
+    main()
