@@ -1,0 +1,26 @@
+"""benchmarks/kv_transfer.py runs end to end (smallest size) and says what it did not measure."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def test_benchmark_prints_ratios_side_by_side():
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "kv_transfer.py"), "--max-mib", "1", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["MiB", "raw", "GB/s"])
+    row = lines[header + 1].split()
+    assert float(row[0]) == 1.0 and len(row) == 11  # size, raw, store, ratio, path, ratio, five stage times
+    assert all(float(x) > 0 for x in row[1:6])
+    assert "goal store/raw ≥ 0.7 from 64 MiB: no size that large was run" in proc.stdout
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU visible to torch: device→host and host→device stages not measured" in proc.stdout
+    else:
+        assert "GPU stages on" in proc.stdout
