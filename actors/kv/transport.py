@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 import ray
@@ -65,12 +65,24 @@ class Injector(Protocol):
         """Wait for outstanding copies; raise if the KV is incomplete."""
 
 
+def _copy_streams(devices: Iterable[torch.device]) -> dict[torch.device, Any]:
+    """A side stream per GPU for the transport's copies, ordered after the work already queued on
+    the current stream (which wrote the KV). Waiting on it alone, not on the whole device, keeps
+    the engine's next steps out of the copy's time."""
+    streams = {}
+    for d in {d for d in devices if d.type == "cuda"}:
+        streams[d] = torch.cuda.Stream(d)
+        streams[d].wait_stream(torch.cuda.current_stream(d))
+    return streams
+
+
 class CopyInto:
     """Injector that copies layer i into `dsts[i]` (host→device where `dsts` live on a GPU)."""
 
     def __init__(self, dsts: Sequence[torch.Tensor]):
         self.dsts = list(dsts)
         self._seen: set[int] = set()
+        self._streams = _copy_streams(d.device for d in self.dsts)
 
     def __call__(self, layer: int, host: torch.Tensor) -> None:
         if not 0 <= layer < len(self.dsts):
@@ -80,12 +92,16 @@ class CopyInto:
             raise ValueError(
                 f"layer {layer}: received {tuple(host.shape)} {host.dtype}, destination is {tuple(dst.shape)} {dst.dtype}"
             )
-        dst.copy_(host)
+        if dst.is_cuda:
+            with torch.cuda.stream(self._streams[dst.device]):
+                dst.copy_(host)
+        else:
+            dst.copy_(host)
         self._seen.add(layer)
 
     def finish(self) -> None:
-        for device in {d.device for d in self.dsts if d.is_cuda}:
-            torch.cuda.synchronize(device)
+        for stream in self._streams.values():
+            stream.synchronize()
         missing = sorted(set(range(len(self.dsts))) - self._seen)
         if missing:
             raise ValueError(f"layers never received: {missing[:8]}{' …' if len(missing) > 8 else ''}")
@@ -117,10 +133,16 @@ def pack(layers: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> tup
     if out is None:
         out = torch.empty(total, dtype=torch.uint8, pin_memory=any(t.is_cuda for t in layers))
     buf = out[:total]
+    streams = _copy_streams(t.device for t in layers)
     for t, off in zip(layers, offsets):
-        buf[off : off + _nbytes(t)].view(t.dtype).view(t.shape).copy_(t, non_blocking=t.is_cuda)
-    for device in {t.device for t in layers if t.is_cuda}:
-        torch.cuda.synchronize(device)
+        dst = buf[off : off + _nbytes(t)].view(t.dtype).view(t.shape)
+        if t.is_cuda:
+            with torch.cuda.stream(streams[t.device]):
+                dst.copy_(t, non_blocking=True)
+        else:
+            dst.copy_(t)
+    for stream in streams.values():
+        stream.synchronize()
     return buf, offsets
 
 
