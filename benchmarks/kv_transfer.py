@@ -215,7 +215,7 @@ def main() -> None:
         sizes.append(s)
         s *= 4
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(namespace="pdbench", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", namespace="pdbench", include_dashboard=False, log_to_driver=False)
     print(f"KV shaped like Qwen3-8B bf16 ({BYTES_PER_TOKEN // 1024} KiB/token, objects of at most {args.max_group_mib} MiB); "
           f"best of {args.repeats}; one process puts, another fetches and gets (same node).")
     print_host_header()
