@@ -27,7 +27,8 @@ class CellPlan:
     `labels` are the grid coordinates the reports group by (e.g. repeat=1, concurrency=8);
     `engine_overrides` patch the config's engine section for this cell only (e.g. max_model_len);
     `replicas` is the number of engines of an aggregated cell, requests spread over them (E3 gives
-    the aggregated side as many engines as a disaggregated pair has).
+    the aggregated side as many engines as a disaggregated pair has); a disaggregated cell is
+    always one prefill and one decode engine and ignores it.
     """
 
     cell_id: str
