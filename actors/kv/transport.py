@@ -4,10 +4,9 @@ Sender (`publish`), per layer group (consecutive layers up to `max_group_bytes`)
 group's layers into one contiguous host buffer: device→host into pinned memory on CUDA, a gather
 of the strided views on CPU), `ray.put` (one object per group, so a long context never sits in one
 huge object and the receiver can fetch group i while group i+1 is still being put), register the
-reference in the directory. Receiver
-(`receive`), per group: wait for the reference (wait_ref), `ray.wait(fetch_local=True)` to make
-the bytes local (fetch, timed apart from deserialising), `ray.get` (get; zero-copy on the same
-node), copy each layer into the engine's memory (inject).
+reference in the directory. Receiver (`receive`), per group: wait for the reference (wait_ref),
+`ray.wait(fetch_local=True)` to make the bytes local (fetch, timed apart from deserialising),
+`ray.get` (get; zero-copy on the same node), copy each layer into the engine's memory (inject).
 
 A group travels as one flat uint8 array plus the layers' offsets, shapes and dtypes: the bytes move
 unchanged whatever the dtype (bfloat16 and float8, which numpy lacks, included), and Ray serialises
