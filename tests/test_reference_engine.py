@@ -143,3 +143,9 @@ def test_any_hf_config_or_local_model_folder(tmp_path):
         assert torch.equal(a, b), n
     p = list(range(10))
     assert small.prefill(p, 12)[0] == loaded.prefill(p, 12)[0]
+
+
+def test_weight_checksum_tells_seeds_apart():
+    a, b = ReferenceModel(CFG).info(), ReferenceModel(CFG).info()
+    c = ReferenceModel(CFG.model_copy(update={"weight_seed": 2})).info()
+    assert a.extra["weight_checksum"] == b.extra["weight_checksum"] != c.extra["weight_checksum"]

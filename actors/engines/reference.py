@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from actors.engines.base import EngineInfo
+from actors.engines.checksum import weight_checksum
 from actors.engines.models import (
     arch_kv_bytes_per_token,
     architecture,
@@ -98,7 +99,10 @@ class ReferenceModel:
             kv_bytes_per_token=arch_kv_bytes_per_token(self.arch, self.cfg.dtype),
             device=str(self.device),
             dtype=self.cfg.dtype,
-            extra={"num_parameters": sum(p.numel() for p in self.model.parameters())},
+            extra={
+                "num_parameters": sum(p.numel() for p in self.model.parameters()),
+                "weight_checksum": weight_checksum(self.model.named_parameters()),
+            },
         )
 
     def _new_cache(self):

@@ -7,7 +7,6 @@ guesses; and a weight checksum, to prove two dummy-weight engines hold the same 
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
@@ -56,14 +55,9 @@ class PdbenchWorkerExtension:
         return out
 
     def pdbench_weight_checksum(self) -> str:
-        """sha256 over each parameter's name and float64 sum: equal weights → equal digest."""
-        model = self.model_runner.model  # type: ignore[attr-defined]
-        h = hashlib.sha256()
-        with torch.no_grad():
-            for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-                h.update(name.encode())
-                h.update(repr(float(p.detach().double().sum().item())).encode())
-        return h.hexdigest()
+        from actors.engines.checksum import weight_checksum
+
+        return weight_checksum(self.model_runner.model.named_parameters())  # type: ignore[attr-defined]
 
 
 def _physical_index(logical: int) -> int:

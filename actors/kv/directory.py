@@ -34,6 +34,9 @@ class KVDirectory:
         self._taken: dict[str, set[int]] = {}
         self._failed: dict[str, str] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
+        # Transfer records handed over by receivers that run inside an engine (vLLM's worker),
+        # for the actor that owns the request to collect.
+        self._reports: dict[str, dict[str, Any]] = {}
         self._changed = asyncio.Condition()
         self.registered = 0
         self.taken = 0
@@ -88,6 +91,20 @@ class KVDirectory:
                 self._closed.popitem(last=False)
             return dropped
 
+    async def report(self, key: str, row: dict[str, Any]) -> None:
+        async with self._changed:
+            self._reports[key] = row
+            self._changed.notify_all()
+
+    async def take_report(self, key: str, timeout_s: float) -> dict[str, Any] | None:
+        """The transfer record for `key` (removed), or None if none came within `timeout_s`."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: key in self._reports), timeout_s)
+            except asyncio.TimeoutError:
+                return None
+            return self._reports.pop(key)
+
     def _forget(self, key: str) -> None:
         self._groups.pop(key, None)
         self._expected.pop(key, None)
@@ -99,6 +116,7 @@ class KVDirectory:
             "keys": len(self._groups.keys() | self._expected.keys() | self._taken.keys()),
             "groups": sum(len(g) for g in self._groups.values()),
             "failed": len(self._failed),
+            "reports": len(self._reports),
             "closed": len(self._closed),
             "registered": self.registered,
             "taken": self.taken,

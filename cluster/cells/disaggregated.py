@@ -29,12 +29,16 @@ def bundles(ctx: CellContext) -> list[dict[str, float]]:
 
 
 async def run_disaggregated(ctx: CellContext) -> CellResult:
-    if ctx.engine.kind != "reference":
+    # torch (and vllm): imported only where a cell runs
+    if ctx.engine.kind == "reference":
+        from actors.disaggregated import DecodeActor, PrefillActor
+    elif ctx.engine.kind == "vllm":
+        from actors.vllm_disaggregated import VllmDecodeActor as DecodeActor
+        from actors.vllm_disaggregated import VllmPrefillActor as PrefillActor
+    else:
         raise ValueError(
-            f"engine.kind: disaggregated cells move real KV tensors and run the reference engine "
-            f"(vllm disaggregates through its KV connector), not {ctx.engine.kind!r}"
+            f"engine.kind: disaggregated cells move real KV tensors (reference or vllm engines), not {ctx.engine.kind!r}"
         )
-    from actors.disaggregated import DecodeActor, PrefillActor  # torch: only where a cell runs
 
     b = ctx.engine_bundle()
     pg = ray_env.make_placement_group(bundles(ctx), ctx.strategy(2), ctx.name("pg"))
@@ -63,6 +67,9 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
         )
         if p_info["architecture"]["hash"] != d_info["architecture"]["hash"] or p_info["dtype"] != d_info["dtype"]:
             raise RuntimeError("prefill and decode engines differ in architecture or dtype; their KV is not interchangeable")
+        p_sum, d_sum = p_info["extra"].get("weight_checksum"), d_info["extra"].get("weight_checksum")
+        if p_sum != d_sum:  # dummy weights are seeded: both engines must hold the same ones
+            raise RuntimeError(f"prefill and decode engines hold different weights ({p_sum} vs {d_sum})")
         reqs = synthetic_requests(ctx.plan.workload, d_info["vocab_size"], ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
         raws = await loadgen.run.remote(decode, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress)
@@ -83,5 +90,7 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
         "nodes": {"prefill": p_info["node"]["node_id"], "decode": d_info["node"]["node_id"]},
         "placement_strategy": ctx.cfg.placement.strategy,
         "kv_directory_at_end": directory_left,
+        "weights_identical": p_info["extra"].get("weight_checksum") == d_info["extra"].get("weight_checksum"),
+        "weight_checksum": d_info["extra"].get("weight_checksum"),
     }
     return CellResult(requests=df, transfers=transfers, meta=meta)

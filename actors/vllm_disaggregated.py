@@ -1,0 +1,170 @@
+"""vLLM prefill and decode actors: the same pair as actors/disaggregated.py, with the KV moved by
+`RayObjectStoreConnector` inside the engines instead of by the actors.
+
+The prefill actor runs the prompt with max_tokens=1 and producer params: when vLLM's step that
+computed the prompt ends, the connector (in vLLM's worker process) has published the prompt's
+full KV blocks under the request's key. The decode actor then submits the whole request with
+consumer params: the connector loads those blocks before the forward pass, vLLM computes the
+remaining tail of the prompt (< one block + 1 token) and produces the first token itself, and the
+connector hands its transfer record to the directory, where this actor collects it. A failed load
+makes vLLM recompute the blocks; the record says why.
+
+TTFT breakdown (each part measured in one process): queue and prefill from the prefill engine's
+own stats; transfer = the connector's receive time (decode worker); first decode = the rest of
+the time from the prefill's reply to the first token on this actor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from typing import Any, AsyncIterator
+
+import ray
+
+from actors.engine_actor import node_facts
+from actors.engines import EngineConfig, EngineRequest
+from actors.engines.models import arch_kv_bytes_per_token, architecture, resolve_model
+from actors.engines.vllm_engine import VllmEngine
+from actors.kv.accounting import TransferRecord
+from actors.kv.directory import find_directory
+from actors.kv.spec import KVTransferConfig
+from actors.kv.transport import reason_of
+from actors.kv.blocks import CONSUMER, PRODUCER, transferable_tokens
+
+_REPORT_TIMEOUT_S = 30.0
+
+
+def connector_config(cfg: EngineConfig, kv: KVTransferConfig, directory: str, run_id: str, cell_id: str) -> dict[str, Any]:
+    raw, _ = resolve_model(cfg.model)
+    return {
+        "kv_connector": "RayObjectStoreConnector",
+        "kv_connector_module_path": "actors.kv.vllm_connector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {
+            "directory": directory,
+            # vLLM's worker runs in a process of its own, outside Ray: it joins the cluster itself.
+            "ray_address": ray.get_runtime_context().gcs_address,
+            "run_id": run_id,
+            "cell_id": cell_id,
+            "kv_transfer": kv.model_dump(),
+            "kv_bytes_per_token": arch_kv_bytes_per_token(architecture(raw), cfg.dtype) if raw else None,
+        },
+    }
+
+
+def _engine(cfg: EngineConfig, kv: KVTransferConfig, directory: str, run_id: str, cell_id: str, producer: bool) -> VllmEngine:
+    if cfg.kind != "vllm":
+        raise ValueError(f"engine.kind: the vLLM disaggregated pair needs 'vllm', got {cfg.kind!r}")
+    if producer and "max_num_batched_tokens" not in cfg.vllm:
+        # The connector publishes a prompt after the step that completes it: one step per prompt.
+        cfg = cfg.model_copy(update={"vllm": {**cfg.vllm, "max_num_batched_tokens": max(cfg.max_model_len, 8192)}})
+    return VllmEngine(cfg, kv_transfer_config=connector_config(cfg, kv, directory, run_id, cell_id))
+
+
+@ray.remote
+class VllmPrefillActor:
+    def __init__(self, engine_cfg: dict[str, Any], kv_cfg: dict[str, Any], directory: str, run_id: str, cell_id: str):
+        self.engine = _engine(
+            EngineConfig.model_validate(engine_cfg), KVTransferConfig.model_validate(kv_cfg), directory, run_id, cell_id, True
+        )
+
+    async def start(self) -> dict[str, Any]:
+        info = await self.engine.start()
+        return {**dataclasses.asdict(info), "node": node_facts(), "role": "prefill"}
+
+    async def prefill(self, request: dict[str, Any], key: str) -> dict[str, Any]:
+        req = EngineRequest(**request)
+        one = EngineRequest(f"{req.request_id}:prefill", req.prompt_token_ids, 1)
+        first, server = None, None
+        async for d in self.engine.generate(one, kv_transfer_params={"pdbench_role": PRODUCER, "key": key}):
+            first = d.token_ids[0] if d.token_ids and first is None else first
+            if d.finished:
+                server = d.server
+        return {"first_token": first, "num_tokens": len(req.prompt_token_ids), "server": server or {}}
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()
+
+
+@ray.remote
+class VllmDecodeActor:
+    def __init__(
+        self, engine_cfg: dict[str, Any], kv_cfg: dict[str, Any], prefill: Any, directory: str, run_id: str, cell_id: str
+    ):
+        self.cfg = EngineConfig.model_validate(engine_cfg)
+        self.engine = _engine(self.cfg, KVTransferConfig.model_validate(kv_cfg), directory, run_id, cell_id, False)
+        self.prefill = prefill
+        self.directory_name = directory
+        self.run_id, self.cell_id = run_id, cell_id
+        self.directory: Any = None
+        self.block_size = 16
+        self._records: list[dict[str, Any]] = []
+
+    async def start(self) -> dict[str, Any]:
+        info = await self.engine.start()
+        self.block_size = int(info.extra["vllm_memory"]["block_size"])
+        self.directory = find_directory(self.directory_name)
+        return {**dataclasses.asdict(info), "node": node_facts(), "role": "decode"}
+
+    def transfers(self) -> list[dict[str, Any]]:
+        rows, self._records = self._records, []
+        return rows
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        t0 = time.monotonic()
+        key = f"{request['request_id']}/{secrets.token_hex(6)}"
+        try:
+            reply, failure = await self.prefill.prefill.remote(request, key), None
+        except Exception as e:  # dead prefill actor: this engine computes the prompt itself
+            reply, failure = None, f"prefill: {reason_of(e)}"
+        async for delta in self._decode(request, key, reply, failure, t0):
+            yield delta
+
+    async def decode_prefilled(self, request: dict[str, Any], key: str, reply: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Continue a request whose prefill ran elsewhere with the KV published under `key`
+        (tests hand it another request's key: the negative control)."""
+        async for delta in self._decode(request, key, reply, None, time.monotonic()):
+            yield delta
+
+    async def _decode(
+        self, request: dict[str, Any], key: str, reply: dict[str, Any] | None, failure: str | None, t0: float
+    ) -> AsyncIterator[dict[str, Any]]:
+        req = EngineRequest(**request)
+        ident = {"run_id": self.run_id, "cell_id": self.cell_id, "request_id": req.request_id, "key": key}
+        t_reply = time.monotonic()
+        expected = transferable_tokens(len(req.prompt_token_ids), self.block_size) if reply else 0
+        params = {"pdbench_role": CONSUMER, "key": key} if expected else None
+        server: dict[str, Any] = {}
+        if reply is not None:
+            server = {k: reply["server"].get(k) for k in ("server_queue_s", "prefill_s")}
+        offset = t_reply - t0
+        t_first = None
+        async for delta in self.engine.generate(req, kv_transfer_params=params):
+            now = time.monotonic()
+            t_first = t_first or now
+            delta.token_s = [s + offset for s in delta.token_s]
+            if delta.finished:
+                rec = await self._record(ident, key, expected, failure)
+                transfer = rec.get("total_s") if rec.get("ok") else None
+                server["transfer_s"] = transfer
+                server["first_decode_s"] = (t_first - t_reply) - (transfer or 0.0)
+                decode_stats = {f"decode_{k}": v for k, v in (delta.server or {}).items()}
+                delta.server = {**decode_stats, **server, "server_e2e_s": now - t0, "kv_transfer_ok": bool(rec.get("ok"))}
+            yield dataclasses.asdict(delta)
+
+    async def _record(self, ident: dict[str, Any], key: str, expected: int, failure: str | None) -> dict[str, Any]:
+        if failure is not None:
+            row = TransferRecord(**ident, error=failure).row()
+        elif not expected:
+            row = TransferRecord(**ident, tokens=0, ok=True, error="prompt shorter than one block + 1: nothing to move").row()
+        else:
+            row = await self.directory.take_report.remote(key, _REPORT_TIMEOUT_S) or TransferRecord(
+                **ident, error=f"no transfer record from the connector within {_REPORT_TIMEOUT_S:g} s"
+            ).row()
+        self._records.append(row)
+        return row
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()

@@ -1,0 +1,132 @@
+"""vLLM on real GPUs (`pytest -m gpu` on a GPU node with vllm installed; two GPUs for the pair).
+
+The disaggregated pair must give the aggregated engine's greedy tokens, move exactly the prompt's
+whole blocks, and really use what it moved (negative control: another request's KV changes the
+output).
+"""
+
+import importlib.util
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+MODEL = "qwen3-0.6b"
+
+
+def _gpus() -> int:
+    if importlib.util.find_spec("vllm") is None:
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@pytest.fixture(scope="module")
+def gpu_ray():
+    if _gpus() < 2:
+        pytest.fail("this test needs vllm and two CUDA GPUs (run it with -m gpu on such a node)")
+    import ray
+
+    ray.init(address="local", namespace="pdbench", include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+async def _tokens(stream):
+    out, last = [], None
+    async for ref in stream:
+        d = await ref
+        out.extend(d["token_ids"])
+        last = d
+    return out, last
+
+
+def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray):
+    import asyncio
+
+    import ray
+
+    from actors.engine_actor import EngineActor
+    from actors.engines.spec import EngineConfig
+    from actors.kv.directory import directory_actor
+    from actors.kv.spec import KVTransferConfig
+    from actors.vllm_disaggregated import VllmDecodeActor, VllmPrefillActor
+    from workloads.lengths import Fixed
+    from workloads.requests import WorkloadSpec, synthetic_requests
+
+    cfg = EngineConfig(kind="vllm", model=MODEL, dtype="bfloat16", max_model_len=2048, max_batch_size=16,
+                       vllm={"gpu_memory_utilization": 0.5, "enforce_eager": True}).model_dump()
+    kv = KVTransferConfig().model_dump()
+    directory = directory_actor("gpu-test-kvdir")
+    prefill = VllmPrefillActor.options(num_gpus=1).remote(cfg, kv, "gpu-test-kvdir", "t", "c")
+    decode = VllmDecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, "gpu-test-kvdir", "t", "c")
+    p_info, d_info = ray.get([prefill.start.remote(), decode.start.remote()])
+    assert p_info["extra"]["weight_checksum"] == d_info["extra"]["weight_checksum"]
+    spec = WorkloadSpec(num_requests=4, warmup_requests=0, input_len=Fixed(value=300), output_len=Fixed(value=24))
+    reqs = [{"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
+            for r in synthetic_requests(spec, d_info["vocab_size"], seed=0)]
+
+    async def disagg():
+        return [await _tokens(decode.generate.options(num_returns="streaming").remote(r)) for r in reqs]
+
+    got = asyncio.run(disagg())
+    rows = ray.get(decode.transfers.remote())
+    ray.get([decode.shutdown.remote(), prefill.shutdown.remote()])
+    ray.kill(decode)
+    ray.kill(prefill)
+
+    agg = EngineActor.options(num_gpus=1).remote(cfg)
+    ray.get(agg.start.remote())
+
+    async def aggregated():
+        return [(await _tokens(agg.generate.options(num_returns="streaming").remote(r)))[0] for r in reqs]
+
+    want = asyncio.run(aggregated())
+    ray.get(agg.shutdown.remote())
+    ray.kill(agg)
+
+    assert [t for t, _ in got] == want
+    assert all(r["ok"] for r in rows), rows
+    block = d_info["extra"]["vllm_memory"]["block_size"]
+    for r in rows:
+        assert r["tokens"] == (300 - 1) // block * block and r["bytes"] == r["analytic_bytes"]
+    assert all(d["server"]["kv_transfer_ok"] and d["server"]["transfer_s"] > 0 for _, d in got)
+    ray.kill(directory)
+
+
+def test_negative_control_another_requests_kv_changes_the_output(gpu_ray):
+    import asyncio
+
+    import ray
+
+    from actors.engines.spec import EngineConfig
+    from actors.kv.directory import directory_actor
+    from actors.kv.spec import KVTransferConfig
+    from actors.vllm_disaggregated import VllmDecodeActor, VllmPrefillActor
+    from workloads.lengths import Fixed
+    from workloads.requests import WorkloadSpec, synthetic_requests
+
+    cfg = EngineConfig(kind="vllm", model=MODEL, dtype="bfloat16", max_model_len=2048, max_batch_size=16,
+                       vllm={"gpu_memory_utilization": 0.5, "enforce_eager": True}).model_dump()
+    kv = KVTransferConfig().model_dump()
+    directory = directory_actor("gpu-test-kvdir2")
+    prefill = VllmPrefillActor.options(num_gpus=1).remote(cfg, kv, "gpu-test-kvdir2", "t", "c")
+    decode = VllmDecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, "gpu-test-kvdir2", "t", "c")
+    _, d_info = ray.get([prefill.start.remote(), decode.start.remote()])
+    spec = WorkloadSpec(num_requests=2, warmup_requests=0, input_len=Fixed(value=300), output_len=Fixed(value=24))
+    a, b = [{"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
+            for r in synthetic_requests(spec, d_info["vocab_size"], seed=3)]
+
+    async def run():
+        honest = await _tokens(decode.generate.options(num_returns="streaming").remote(a))
+        reply_b = await prefill.prefill.remote(b, "swap/kb")
+        swapped = await _tokens(decode.decode_prefilled.options(num_returns="streaming").remote(a, "swap/kb", reply_b))
+        return honest[0], swapped[0]
+
+    honest, swapped = asyncio.run(run())
+    rows = ray.get(decode.transfers.remote())
+    ray.get([decode.shutdown.remote(), prefill.shutdown.remote()])
+    assert all(r["ok"] for r in rows)
+    assert honest != swapped  # the decode engine computed from the KV it received
+    ray.kill(directory)
