@@ -69,12 +69,20 @@ class VllmPrefillActor:
         self.engine = _engine(
             EngineConfig.model_validate(engine_cfg), KVTransferConfig.model_validate(kv_cfg), directory, run_id, cell_id, True
         )
+        self.directory_name = directory
+        self.directory: Any = None
 
     async def start(self) -> dict[str, Any]:
         info = await self.engine.start()
+        self.directory = find_directory(self.directory_name)
         return {**dataclasses.asdict(info), "node": node_facts(), "role": "prefill"}
 
     async def prefill(self, request: dict[str, Any], key: str) -> dict[str, Any]:
+        """Run the prompt (max_tokens=1) and report whether its KV is published under `key`.
+
+        The connector publishes inside the engine step that completes the prompt, before the
+        request's output comes back: the directory already knows the outcome when this returns.
+        """
         req = EngineRequest(**request)
         one = EngineRequest(f"{req.request_id}:prefill", req.prompt_token_ids, 1)
         first, server = None, None
@@ -82,7 +90,15 @@ class VllmPrefillActor:
             first = d.token_ids[0] if d.token_ids and first is None else first
             if d.finished:
                 server = d.server
-        return {"first_token": first, "num_tokens": len(req.prompt_token_ids), "server": server or {}}
+        st = await self.directory.status.remote(key)
+        error = st["failed"] or (None if st["expected"] and st["registered"] >= st["expected"] else "nothing published")
+        return {
+            "first_token": first,
+            "num_tokens": len(req.prompt_token_ids),
+            "server": server or {},
+            "published": error is None,
+            "publish_error": error,
+        }
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()
@@ -135,7 +151,11 @@ class VllmDecodeActor:
         ident = {"run_id": self.run_id, "cell_id": self.cell_id, "request_id": req.request_id, "key": key}
         t_reply = time.monotonic()
         expected = transferable_tokens(len(req.prompt_token_ids), self.block_size) if reply else 0
-        params = {"pdbench_role": CONSUMER, "key": key} if expected else None
+        if expected and not reply["published"]:
+            # Known before the decode engine sees the request: recompute cleanly, record why.
+            failure = f"prefill side: {reply['publish_error']}"
+            self.directory.drop.remote(key)
+        params = {"pdbench_role": CONSUMER, "key": key} if expected and failure is None else None
         server: dict[str, Any] = {}
         if reply is not None:
             server = {k: reply["server"].get(k) for k in ("server_queue_s", "prefill_s")}

@@ -61,7 +61,7 @@ def main() -> int:
     cfg = EngineConfig(kind="vllm", model=args.model, dtype="bfloat16", max_model_len=args.tokens + 64,
                        max_batch_size=8, vllm={"gpu_memory_utilization": 0.8}).model_dump()
     kv = KVTransferConfig(max_group_bytes=args.max_group_mib << 20).model_dump()
-    directory_actor("bench-kvdir")
+    directory = directory_actor("bench-kvdir")  # held: an unreferenced actor is collected
     prefill = VllmPrefillActor.options(num_gpus=1).remote(cfg, kv, "bench-kvdir", "bench", "kv")
     decode = VllmDecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, "bench-kvdir", "bench", "kv")
     _, info = ray.get([prefill.start.remote(), decode.start.remote()])

@@ -51,10 +51,21 @@ def test_producer_saves_after_the_step_that_completes_the_prompt():
     book = TransferBook(BS)
     book.new_request("p", {"pdbench_role": "producer", "key": "k"}, 40)
     plan = book.plan([("p", [5, 6, 8], 0, 40)])
-    assert [(t.key, t.block_ids, t.tokens, t.error) for t in plan.saves] == [("k", [5, 6], 32, None)]
-    book.new_request("q", {"pdbench_role": "producer", "key": "k2"}, 40)
-    chunked = book.plan([("q", [1, 2, 3], 0, 24)])
-    assert "split into chunks" in chunked.saves[0].error
+    assert [(t.key, t.block_ids, t.tokens) for t in plan.saves] == [("k", [5, 6], 32)]
+    assert book.plan([]).saves == []
+
+
+def test_chunked_prompt_is_saved_whole_at_its_last_chunk():
+    book = TransferBook(BS)
+    book.new_request("q", {"pdbench_role": "producer", "key": "k2"}, 70)
+    assert book.plan([("q", [1, 2], 0, 24)]).saves == []  # first chunk: 24 of 70 tokens
+    assert book.plan([], [("q", [3, 4], 24, 30)]).saves == []  # 54 of 70
+    last = book.plan([], [("q", [9], 54, 16)]).saves  # 70 of 70: every block is filled
+    assert [(t.key, t.block_ids, t.tokens) for t in last] == [("k2", [1, 2, 3, 4], 64)]
+    book.new_request("r", {"pdbench_role": "producer", "key": "k3"}, 70)
+    book.plan([("r", [1], 0, 10)])
+    book.finished("r")  # aborted mid-prompt: nothing left behind
+    assert book.plan([], [("r", [2], 10, 60)]).saves == []
 
 
 def test_paged_roundtrip_through_the_object_store_is_exact(ray_local):
@@ -89,4 +100,22 @@ def test_directory_hands_over_reports_once(ray_local):
     ray.get(d.report.remote("k", {"ok": True}))
     assert ray.get(d.take_report.remote("k", 1.0)) == {"ok": True}
     assert ray.get(d.take_report.remote("k", 0.1)) is None
+    ray.kill(d)
+
+
+def test_short_prompts_plan_no_save():
+    book = TransferBook(BS)
+    book.new_request("s", {"pdbench_role": "producer", "key": "ks"}, 10)
+    assert book.plan([("s", [4], 0, 10)]).saves == []
+
+
+def test_directory_status_tells_published_from_failed(ray_local):
+    d = directory_actor("test-kv-status")
+    cfg = KVTransferConfig(max_group_bytes=1024)
+    publish(d, "ok", [torch.zeros(4, 64)], 4, cfg)
+    st = ray.get(d.status.remote("ok"))
+    assert st["failed"] is None and st["expected"] == st["registered"] >= 1
+    ray.get(d.fail.remote("bad", "boom"))
+    assert ray.get(d.status.remote("bad"))["failed"] == "boom"
+    assert ray.get(d.status.remote("never"))["expected"] is None
     ray.kill(d)

@@ -1,8 +1,10 @@
 """vLLM on real GPUs (`pytest -m gpu` on a GPU node with vllm installed; two GPUs for the pair).
 
-The disaggregated pair must give the aggregated engine's greedy tokens, move exactly the prompt's
-whole blocks, and really use what it moved (negative control: another request's KV changes the
-output).
+The disaggregated pair must give the aggregated engine's greedy tokens and move exactly the
+prompt's whole blocks. (A GPU negative control that decodes with another random prompt's KV was
+tried on H200 and left the greedy tokens unchanged: vLLM's dummy weights, uniform in ±1e-3, make
+greedy output nearly context-free. The negative control runs on the reference engine instead,
+tests/test_disaggregated.py.)
 """
 
 import importlib.util
@@ -92,41 +94,4 @@ def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray):
     for r in rows:
         assert r["tokens"] == (300 - 1) // block * block and r["bytes"] == r["analytic_bytes"]
     assert all(d["server"]["kv_transfer_ok"] and d["server"]["transfer_s"] > 0 for _, d in got)
-    ray.kill(directory)
-
-
-def test_negative_control_another_requests_kv_changes_the_output(gpu_ray):
-    import asyncio
-
-    import ray
-
-    from actors.engines.spec import EngineConfig
-    from actors.kv.directory import directory_actor
-    from actors.kv.spec import KVTransferConfig
-    from actors.vllm_disaggregated import VllmDecodeActor, VllmPrefillActor
-    from workloads.lengths import Fixed
-    from workloads.requests import WorkloadSpec, synthetic_requests
-
-    cfg = EngineConfig(kind="vllm", model=MODEL, dtype="bfloat16", max_model_len=2048, max_batch_size=16,
-                       vllm={"gpu_memory_utilization": 0.5, "enforce_eager": True}).model_dump()
-    kv = KVTransferConfig().model_dump()
-    directory = directory_actor("gpu-test-kvdir2")
-    prefill = VllmPrefillActor.options(num_gpus=1).remote(cfg, kv, "gpu-test-kvdir2", "t", "c")
-    decode = VllmDecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, "gpu-test-kvdir2", "t", "c")
-    _, d_info = ray.get([prefill.start.remote(), decode.start.remote()])
-    spec = WorkloadSpec(num_requests=2, warmup_requests=0, input_len=Fixed(value=300), output_len=Fixed(value=24))
-    a, b = [{"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
-            for r in synthetic_requests(spec, d_info["vocab_size"], seed=3)]
-
-    async def run():
-        honest = await _tokens(decode.generate.options(num_returns="streaming").remote(a))
-        reply_b = await prefill.prefill.remote(b, "swap/kb")
-        swapped = await _tokens(decode.decode_prefilled.options(num_returns="streaming").remote(a, "swap/kb", reply_b))
-        return honest[0], swapped[0]
-
-    honest, swapped = asyncio.run(run())
-    rows = ray.get(decode.transfers.remote())
-    ray.get([decode.shutdown.remote(), prefill.shutdown.remote()])
-    assert all(r["ok"] for r in rows)
-    assert honest != swapped  # the decode engine computed from the KV it received
     ray.kill(directory)

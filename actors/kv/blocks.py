@@ -35,7 +35,6 @@ class Transfer:
     request_id: str
     block_ids: list[int]
     tokens: int
-    error: str | None = None  # producer side: why nothing will be published
 
 
 @dataclass
@@ -47,11 +46,17 @@ class StepPlan:
 
 
 class TransferBook:
-    """Scheduler-side state: one per engine, fed by vLLM's scheduler hooks."""
+    """Scheduler-side state: one per engine, fed by vLLM's scheduler hooks.
+
+    A producer's prompt may be computed over several steps (chunked prefill shares each step's
+    token budget between requests): its block ids are collected step by step, and the save is
+    planned for the step that computes the prompt's last token, when every block holds its KV.
+    """
 
     def __init__(self, block_size: int):
         self.block_size = block_size
         self._producers: dict[str, tuple[str, int]] = {}
+        self._blocks: dict[str, list[int]] = {}  # producer blocks seen so far
         self._pending_loads: dict[str, Transfer] = {}
         self._loaded: set[str] = set()  # allocated once: after a preemption the prompt is recomputed
 
@@ -72,26 +77,32 @@ class TransferBook:
         self._pending_loads[request_id] = Transfer(params["key"], request_id, list(block_ids[:n]), n * self.block_size)
         self._loaded.add(request_id)
 
-    def plan(self, scheduled_new: list[tuple[str, list[int], int, int]]) -> StepPlan:
-        """`scheduled_new`: (request id, block ids, tokens computed before, tokens scheduled now)."""
+    def plan(
+        self,
+        scheduled_new: list[tuple[str, list[int], int, int]],
+        scheduled_cached: list[tuple[str, list[int] | None, int, int]] = (),
+    ) -> StepPlan:
+        """Each scheduled request as (id, block ids new this step, tokens computed before, tokens
+        scheduled now); for a new request its block ids are all it has so far."""
         plan = StepPlan(loads=list(self._pending_loads.values()))
         self._pending_loads.clear()
-        for rid, blocks, computed, scheduled in scheduled_new:
+        for rid, blocks, computed, scheduled in [*scheduled_new, *scheduled_cached]:
             if rid not in self._producers:
                 continue
-            key, prompt_len = self._producers.pop(rid)
-            tokens = transferable_tokens(prompt_len, self.block_size)
-            error = None
+            self._blocks.setdefault(rid, []).extend(blocks or [])
+            key, prompt_len = self._producers[rid]
             if computed + scheduled < prompt_len:
-                error = (
-                    f"prompt of {prompt_len} tokens was split into chunks; the prefill engine needs "
-                    f"max_num_batched_tokens >= the longest prompt"
-                )
-            plan.saves.append(Transfer(key, rid, list(blocks[: tokens // self.block_size]), tokens, error))
+                continue  # a chunk: the rest of the prompt comes in a later step
+            del self._producers[rid]
+            tokens = transferable_tokens(prompt_len, self.block_size)
+            blocks_all = self._blocks.pop(rid)
+            if tokens:  # a prompt shorter than a block + 1 has nothing to move
+                plan.saves.append(Transfer(key, rid, blocks_all[: tokens // self.block_size], tokens))
         return plan
 
     def finished(self, request_id: str) -> None:
         self._producers.pop(request_id, None)
+        self._blocks.pop(request_id, None)
         self._pending_loads.pop(request_id, None)
         self._loaded.discard(request_id)
 

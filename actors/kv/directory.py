@@ -91,6 +91,14 @@ class KVDirectory:
                 self._closed.popitem(last=False)
             return dropped
 
+    async def status(self, key: str) -> dict[str, Any]:
+        """Whether a sender finished publishing `key` (all groups registered) or failed, and why."""
+        return {
+            "failed": self._failed.get(key),
+            "expected": self._expected.get(key),
+            "registered": len(self._groups.get(key, {})) + len(self._taken.get(key, ())),
+        }
+
     async def report(self, key: str, row: dict[str, Any]) -> None:
         async with self._changed:
             self._reports[key] = row

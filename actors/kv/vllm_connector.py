@@ -9,8 +9,9 @@ Plugged in without patching vLLM (actors/vllm_disaggregated.py builds this):
 
 One class serves both engines; each request says what it wants in its `kv_transfer_params`:
 - producer (prefill engine, max_tokens=1): {"pdbench_role": "producer", "key": K}. After the step
-  that completes the prompt, the worker gathers the prompt's whole blocks from every layer and
-  publishes them under K (device→host, ray.put per layer group, directory).
+  that completes the prompt (chunked prompts: the last chunk's step), the worker gathers the
+  prompt's whole blocks from every layer and publishes them under K (device→host, ray.put per
+  layer group, directory).
 - consumer (decode engine): {"pdbench_role": "consumer", "key": K}. The scheduler reports those
   blocks as externally computed; the worker receives K into them before the forward pass and
   hands its transfer record to the directory. A failed receive marks the blocks invalid and vLLM
@@ -74,11 +75,14 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         )
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        new = [
-            (r.req_id, list(r.block_ids[0]), r.num_computed_tokens, scheduler_output.num_scheduled_tokens[r.req_id])
-            for r in scheduler_output.scheduled_new_reqs
+        n = scheduler_output.num_scheduled_tokens
+        new = [(r.req_id, list(r.block_ids[0]), r.num_computed_tokens, n[r.req_id]) for r in scheduler_output.scheduled_new_reqs]
+        c = scheduler_output.scheduled_cached_reqs
+        cached = [
+            (rid, list(c.new_block_ids[i][0]) if c.new_block_ids[i] else None, c.num_computed_tokens[i], n.get(rid, 0))
+            for i, rid in enumerate(c.req_ids)
         ]
-        plan = self.book.plan(new)
+        plan = self.book.plan(new, cached)
         return RayObjectStoreMetadata(saves=plan.saves, loads=plan.loads)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -153,9 +157,6 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         from actors.kv.transport import publish, reason_of
 
         d = self._dir()
-        if t.error is not None:
-            ray.get(d.fail.remote(t.key, t.error))
-            return
         try:
             layers = gather_blocks(self._caches, t.block_ids, self._dim)
             publish(d, t.key, layers, t.tokens, self._kv_cfg(), run_id=self.extra.get("run_id", ""), cell_id=self.extra.get("cell_id", ""))
