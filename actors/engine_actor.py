@@ -45,8 +45,8 @@ class EngineActor:
             yield dataclasses.asdict(delta)
 
     async def memory(self) -> dict[str, Any]:
-        """The engine's MemoryReport as a dict (keys documented on actors.engines.base.MemoryReport)."""
-        return dataclasses.asdict(await self.engine.memory())
+        """The engine's memory decomposition (keys documented on actors.engines.base.MemoryReport)."""
+        return await self.engine.memory()
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()

@@ -59,6 +59,9 @@ class EngineInfo:
 class MemoryReport:
     """Where one engine's memory went, measured inside its own process. Bytes; None = not measured.
 
+    `EngineAdapter.memory()` returns these fields as a dict (`dataclasses.asdict`); an adapter
+    may add keys of its own (vLLM: its profiler's raw numbers) beside them.
+
     - `weights_bytes`: model parameters and buffers as loaded.
     - `kv_cache_bytes`: KV cache held at its peak. vLLM: the preallocated block pool; reference:
       the per-sequence K/V buffers at their largest total.
@@ -95,8 +98,10 @@ class EngineAdapter(abc.ABC):
     def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]: ...
 
     @abc.abstractmethod
-    async def memory(self) -> MemoryReport:
-        """Memory decomposition so far (peaks since the engine finished loading); see MemoryReport."""
+    async def memory(self) -> dict[str, Any]:
+        """Memory decomposition so far (peaks since the engine finished loading): a dict with the
+        fields of MemoryReport, at least `source`, `measured`, `device`, `weights_bytes`,
+        `kv_cache_bytes`, `activation_peak_bytes`, `other_bytes`, `total_bytes`."""
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...

@@ -15,6 +15,7 @@ token known, so it joins the running batch without a prefill.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 import time
@@ -193,9 +194,9 @@ class BatchingEngine(EngineAdapter):
         self._batcher.start()
         return model.info()
 
-    async def memory(self) -> MemoryReport:
+    async def memory(self) -> dict[str, Any]:
         assert self._model is not None, "engine not started"
-        return await asyncio.to_thread(self._model.memory)
+        return dataclasses.asdict(await asyncio.to_thread(self._model.memory))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
         async for delta in self._stream(request):
