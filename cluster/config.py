@@ -101,7 +101,7 @@ def _format(err: ValidationError, model: type[BaseModel], prefix: str = "") -> s
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("fixed", "uniform", "normal", "closed", "poisson", "gamma")))
-        name = prefix + ".".join(str(p) for p in loc)
+        name = (prefix + ".".join(str(p) for p in loc)).rstrip(".")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             allowed = _allowed_fields(model, loc[:-1])

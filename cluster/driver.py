@@ -284,10 +284,10 @@ class Driver:
             write_json(self.run_dir / "manifest.json", self._manifest(metas, "running"))
             return meta
 
-        while round_plans:
+        while True:  # a round; the first may be empty when a track is adaptive only
             self.plans += round_plans
             tasks = [asyncio.ensure_future(one(p)) for p in round_plans]
-            while not all(t.done() for t in tasks):
+            while tasks and not all(t.done() for t in tasks):
                 await asyncio.wait(tasks, timeout=0.5)
                 if on_progress is not None:
                     sent, _failed = await progress.read.remote()
@@ -304,6 +304,8 @@ class Driver:
             known = {p.cell_id for p in self.plans}
             proposed = self.track.next_cells(self.cfg.workload, self.params, outcomes)
             round_plans = list({p.cell_id: p for p in proposed if p.cell_id not in known}.values())
+            if not round_plans:
+                break
         ray.kill(progress)
         return [metas[p.cell_id] for p in self.plans]
 
