@@ -106,3 +106,25 @@ def test_hf_overrides_reach_the_reference_model():
         ly = yarn.model(input_ids=torch.tensor([prompt])).logits
     assert not torch.allclose(lp, ly)
     assert isinstance(t_plain, int) and isinstance(t_yarn, int)
+
+
+def test_vllm_gets_the_same_hf_overrides():
+    from actors.engines.vllm_engine import engine_args
+
+    over = yarn_rope_parameters(4.0, 32768, 1e6)
+    cfg = EngineConfig(kind="vllm", model="qwen3-8b", max_model_len=131072, hf_overrides=over)
+    assert engine_args(cfg, "/tmp/m", dummy=True)["hf_overrides"] == over
+
+
+@pytest.mark.gpu
+def test_reference_memory_report_on_cuda():
+    """On a GPU node (`pytest -m gpu`): torch allocator stats and NVML decompose the peak."""
+    m = ReferenceModel(EngineConfig(model="tiny-qwen3", device="cuda", dtype="bfloat16"))
+    kvb = m.info().kv_bytes_per_token
+    _, state = m.prefill(list(range(500)), capacity=600)
+    rep = m.memory()
+    assert rep.source.startswith("cuda:") and rep.device.startswith("cuda")
+    assert rep.kv_cache_bytes == 600 * kvb and rep.activation_peak_bytes > 0
+    assert rep.weights_bytes == sum(t.numel() * t.element_size() for t in [*m.model.parameters(), *m.model.buffers()])
+    assert rep.total_bytes == rep.weights_bytes + rep.kv_cache_bytes + rep.activation_peak_bytes + rep.other_bytes
+    assert rep.device_total_bytes == torch.cuda.get_device_properties(0).total_memory
