@@ -98,12 +98,12 @@ def cell_hash(cfg: ExperimentConfig, plan: CellPlan) -> str:
     return sha256_of(what)
 
 
-def cell_concurrency(cfg: ExperimentConfig, bundles: list[list[dict[str, float]]]) -> int:
+def cell_concurrency(cfg: ExperimentConfig, bundles: list[list[dict[str, float]]], measures_latency: bool = True) -> int:
     """`max_concurrent_cells`, with `auto` resolved against the cluster.
 
-    auto: cells that need GPUs run as many at once as the cluster's GPUs (and CPUs) hold, so the
-    same command spreads over more nodes on a bigger cluster; CPU-only cells run one at a time,
-    because cells sharing cores would measure each other's load.
+    auto: as many cells at once as the cluster's resources hold (GPUs, CPUs), so the same command
+    spreads over more nodes on a bigger cluster; except CPU-only cells of a track that measures
+    latency, which run one at a time, because cells sharing cores would measure each other's load.
     """
     if cfg.max_concurrent_cells != "auto":
         return int(cfg.max_concurrent_cells)
@@ -115,33 +115,10 @@ def cell_concurrency(cfg: ExperimentConfig, bundles: list[list[dict[str, float]]
                 per[k] = per.get(k, 0.0) + v
         for k, v in per.items():
             need[k] = max(need.get(k, 0.0), v)
-    if not need.get("GPU"):
+    if not need or (measures_latency and not need.get("GPU")):
         return 1
     total = ray.cluster_resources()
     return max(1, min(int(total.get(k, 0.0) // v) for k, v in need.items() if v > 0))
-
-
-def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
-    """Refuse what can never run before any engine starts (DESIGN.md, Reliability)."""
-    errors = []
-    for p in plans:
-        if p.mode not in MODES:
-            errors.append(f"  mode: cell {p.cell_id} asks for serving mode {p.mode!r}; allowed: {', '.join(MODES)}")
-            continue
-        eng = cell_engine(cfg, p)
-        need = p.workload.input_len.upper + p.workload.output_len.upper
-        if need > eng.max_model_len:
-            errors.append(
-                f"  workload.input_len/output_len: cell {p.cell_id} can ask for {need} tokens "
-                f"but engine.max_model_len is {eng.max_model_len}"
-            )
-    if cfg.engine.kind == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            errors.append("  engine.kind: 'vllm' needs vllm installed (pip install -e '.[vllm]' on a GPU node)")
-    if errors:
-        raise ConfigError("invalid config:\n" + "\n".join(dict.fromkeys(errors)))
 
 
 class Driver:
@@ -393,7 +370,7 @@ class Driver:
             except RuntimeError as e:
                 raise ConfigError(f"invalid config:\n  placement.gpus_per_engine/cpus_per_engine: {e}") from None
             bundles.append(b)
-        self.concurrency = cell_concurrency(self.cfg, bundles)
+        self.concurrency = cell_concurrency(self.cfg, bundles, self.track.measures_latency)
         if self.opts.resume is None:
             self.run_dir.mkdir(parents=True, exist_ok=False)
             write_yaml(self.run_dir / "config.yaml", to_yaml(self.cfg))

@@ -158,6 +158,7 @@ def test_auto_concurrency(monkeypatch):
     assert cell_concurrency(cfg, [[{"CPU": 1.0, "GPU": 1.0}]] * 3) == 8
     assert cell_concurrency(cfg, [[{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]]) == 4  # disaggregated: 2 GPUs a cell
     assert cell_concurrency(cfg, [[{"CPU": 1.0}]]) == 1, "CPU-only cells would measure each other's load"
+    assert cell_concurrency(cfg, [[{"CPU": 2.0}]], measures_latency=False) == 32, "accuracy and memory tracks fill the CPUs"
     assert cell_concurrency(resolve("e1", {"max_concurrent_cells": 3}), [[{"CPU": 1.0}]]) == 3
 
 

@@ -85,6 +85,9 @@ class Track:
     params_model: ClassVar[type[TrackParams]] = TrackParams
     # The quick profile: config defaults sized for a 2-core CPU box with the tiny model.
     quick_defaults: ClassVar[dict[str, Any]] = {}
+    # Whether the track's answer is a latency: then CPU-only cells never share cores
+    # (max_concurrent_cells: auto); tracks that measure tokens or memory fill the CPUs.
+    measures_latency: ClassVar[bool] = True
 
     def cells(self, workload: WorkloadSpec, params: TrackParams) -> list[CellPlan]:
         raise NotImplementedError

@@ -30,9 +30,9 @@ class E4(Track):
     name = "e4"
     question = "capability on a deterministic subset"
     params_model = E4Params
+    measures_latency = False  # accuracy: cells may share cores
     quick_defaults = {
         "workload": {"warmup_requests": 1, "arrival": {"kind": "closed", "concurrency": 4}},
-        "max_concurrent_cells": 2,
         "params": {
             "datasets": [
                 {"family": "gsm8k", "n": 16, "max_tokens": 12},

@@ -39,9 +39,9 @@ class E5(Track):
     name = "e5"
     question = "where the memory goes"
     params_model = E5Params
+    measures_latency = False  # memory per engine process: cells may share cores
     quick_defaults = {
         "workload": {"warmup_requests": 1},
-        "max_concurrent_cells": 2,
         "params": {"contexts": [256, 1024, 2048], "concurrencies": [1, 4, 16], "output_len": 8},
     }
 
