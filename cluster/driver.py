@@ -121,6 +121,29 @@ def cell_concurrency(cfg: ExperimentConfig, bundles: list[list[dict[str, float]]
     return max(1, min(int(total.get(k, 0.0) // v) for k, v in need.items() if v > 0))
 
 
+def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
+    """Refuse what can never run before any engine starts (DESIGN.md, Reliability)."""
+    errors = []
+    for p in plans:
+        if p.mode not in MODES:
+            errors.append(f"  mode: cell {p.cell_id} asks for serving mode {p.mode!r}; allowed: {', '.join(MODES)}")
+            continue
+        eng = cell_engine(cfg, p)
+        need = p.workload.input_len.upper + p.workload.output_len.upper
+        if need > eng.max_model_len:
+            errors.append(
+                f"  workload.input_len/output_len: cell {p.cell_id} can ask for {need} tokens "
+                f"but engine.max_model_len is {eng.max_model_len}"
+            )
+    if cfg.engine.kind == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            errors.append("  engine.kind: 'vllm' needs vllm installed (pip install -e '.[vllm]' on a GPU node)")
+    if errors:
+        raise ConfigError("invalid config:\n" + "\n".join(dict.fromkeys(errors)))
+
+
 class Driver:
     def __init__(self, cfg: ExperimentConfig, opts: RunOptions):
         self.cfg = cfg
