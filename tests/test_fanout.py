@@ -203,3 +203,10 @@ def test_rate_search_finds_the_known_max_rate_within_one_step(ray_local, tmp_pat
     probes = sorted(float(c.split("-r")[1]) for c in m["cells"])
     assert probes[0] == 1.5 and probes[-1] == 4.0 and len(probes) <= 8
     assert "Max-rate goodput" in (run_dir / "report.md").read_text()
+
+
+def test_help_explains_resume_and_compare():
+    res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "--resume" in res.output and "config hash" in res.output
+    res = CliRunner().invoke(app, ["compare", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "--allow-simulated" in res.output and "baseline" in res.output
