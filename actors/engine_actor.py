@@ -44,5 +44,9 @@ class EngineActor:
         async for delta in self.engine.generate(EngineRequest(**request)):
             yield dataclasses.asdict(delta)
 
+    async def memory(self) -> dict[str, Any]:
+        """The engine's memory decomposition (keys documented on actors.engines.base.MemoryReport)."""
+        return await self.engine.memory()
+
     async def shutdown(self) -> None:
         await self.engine.shutdown()

@@ -94,12 +94,13 @@ def sections(packet: Packet) -> list[Section]:
     return out
 
 
-def render_markdown(packet: Packet, secs: list[Section]) -> str:
-    lines = [f"# pdbench report — {packet.manifest.get('track', '?').upper()} `{packet.manifest.get('run_id')}`", ""]
-    if packet.simulated:
-        lines += ["> **SIMULATED RUN** — analytic latency law, no real engine. Not comparable with real runs.", ""]
+def markdown_document(title: str, warning: str | None, facts: dict[str, Any], secs: list[Section]) -> str:
+    """A report page in Markdown: title, an optional warning quote, a facts table, the sections."""
+    lines = [f"# {title}", ""]
+    if warning:
+        lines += [f"> {warning}", ""]
     lines += ["| fact | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in _facts(packet).items()]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in facts.items()]
     for s in secs:
         lines += ["", f"## {s.title}", ""]
         lines += [t for t in s.text] + ([""] if s.text else [])
@@ -108,14 +109,16 @@ def render_markdown(packet: Packet, secs: list[Section]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_html(packet: Packet, secs: list[Section], plotly_js: str = "inline") -> str:
-    """`plotly_js="inline"` embeds plotly.js (self-contained, ~4.7 MB); anything else is a URL
-    the page loads it from instead (docs/evidence/ keeps one shared copy beside its packets)."""
+def html_document(
+    title: str, banner: str, simulated: bool, facts: dict[str, Any], secs: list[Section], plotly_js: str = "inline"
+) -> str:
+    """The same page as HTML; a red banner when simulated. `plotly_js="inline"` embeds plotly.js
+    (self-contained, ~4.7 MB); anything else is a URL the page loads it from instead
+    (docs/evidence/ keeps one shared copy beside its packets)."""
     e = html.escape
-    title = f"pdbench {e(str(packet.manifest.get('track')))} {e(str(packet.manifest.get('run_id')))}"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{title}</title>",
+        f"<title>{e(title)}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
         ".sim{background:#b00;color:#fff;font-size:2.5em;padding:.4em;text-align:center;font-weight:bold}"
@@ -125,12 +128,9 @@ def render_html(packet: Packet, secs: list[Section], plotly_js: str = "inline") 
         else f"<script type='text/javascript' src='{e(plotly_js, quote=True)}'></script>",
         "</head><body>",
     ]
-    mode = str(packet.manifest.get("mode"))
-    parts.append(
-        f"<div class='sim'>SIMULATED RUN — mode: {e(mode)}</div>" if packet.simulated else f"<div class='real'>mode: {e(mode)}</div>"
-    )
-    parts.append(f"<h1>{title}</h1><table>")
-    parts += [f"<tr><th>{e(k)}</th><td>{e(_fmt(v))}</td></tr>" for k, v in _facts(packet).items()]
+    parts.append(f"<div class='{'sim' if simulated else 'real'}'>{e(banner)}</div>")
+    parts.append(f"<h1>{e(title)}</h1><table>")
+    parts += [f"<tr><th>{e(k)}</th><td>{e(_fmt(v))}</td></tr>" for k, v in facts.items()]
     parts.append("</table>")
     for s in secs:
         parts.append(f"<h2>{e(s.title)}</h2>")
@@ -140,6 +140,19 @@ def render_html(packet: Packet, secs: list[Section], plotly_js: str = "inline") 
         parts += [f.to_html(full_html=False, include_plotlyjs=False) for f in s.figures]
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def render_markdown(packet: Packet, secs: list[Section]) -> str:
+    m = packet.manifest
+    warning = "**SIMULATED RUN** — analytic latency law, no real engine. Not comparable with real runs." if packet.simulated else None
+    return markdown_document(f"pdbench report — {m.get('track', '?').upper()} `{m.get('run_id')}`", warning, _facts(packet), secs)
+
+
+def render_html(packet: Packet, secs: list[Section], plotly_js: str = "inline") -> str:
+    m = packet.manifest
+    mode = str(m.get("mode"))
+    banner = f"SIMULATED RUN — mode: {mode}" if packet.simulated else f"mode: {mode}"
+    return html_document(f"pdbench {m.get('track')} {m.get('run_id')}", banner, packet.simulated, _facts(packet), secs, plotly_js)
 
 
 def write_reports(packet: Packet, plotly_js: str = "inline") -> None:

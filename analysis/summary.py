@@ -41,7 +41,8 @@ def build_summary(
         cell_moved = moved[moved["cell_id"] == cid] if moved is not None else None
         if cell_moved is not None and not cell_moved.empty:
             out_cells[cid]["transfers"] = transfer_metrics(cell_moved)
-    ok_cells = {c: m for c, m in cells.items() if m.get("status") == "ok"}
+    # Tracks judge finished cells with the metrics above (computed once, under the run's SLO).
+    ok_cells = {c: {**m, "metrics": out_cells[c]["metrics"]} for c, m in cells.items() if m.get("status") == "ok"}
     analysis = get_analysis(track)
     verdicts = (
         analysis.verdicts_with_transfers(requests, transfers, ok_cells, params) if ok_cells and not requests.empty else {}

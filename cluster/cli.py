@@ -44,10 +44,17 @@ def run(
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="folder that receives runs/<run-id>/"),
     seed: Optional[int] = typer.Option(None, help="seed of prompts, lengths and arrivals; overrides the config's seed"),
     progress: bool = typer.Option(True, help="show a progress display"),
+    resume: Optional[Path] = typer.Option(
+        None,
+        "--resume",
+        help="continue the run in this runs/<run-id>/ folder: cells already finished with the same cell config "
+        "hash are kept, failed and unfinished ones run again, the run-level files are rebuilt. Without --config, "
+        "the run's own config.yaml is used",
+    ),
 ) -> None:
     """Run one track and write its evidence packet (manifest, records, summary, reports)."""
     from cluster.config import ConfigError, load_yaml, resolve
-    from cluster.driver import Driver, RunOptions
+    from cluster.driver import Driver, RunOptions, RunProgress
 
     overrides: dict = {}
     if engine is not None and simulate:
@@ -59,14 +66,17 @@ def run(
     if seed is not None:
         overrides["seed"] = seed
     try:
+        if config is None and resume is not None and (resume / "config.yaml").is_file():
+            config = resume / "config.yaml"
         data = load_yaml(config) if config else {}
         cfg = resolve(track, data, overrides)
         if cfg.simulated and not simulate:
             raise ConfigError("invalid config:\n  engine.kind: 'simulated' runs only with --simulate (real engines are the default)")
-        driver = Driver(cfg, RunOptions(out_dir=out, address=address, progress=progress))
+        driver = Driver(cfg, RunOptions(out_dir=out, address=address, progress=progress, resume=resume))
     except ConfigError as e:
         _fail(str(e))
-    console.print(f"run [bold]{driver.run_id}[/] — track {cfg.track}, engine {cfg.engine.kind}, {len(driver.plans)} cell(s)")
+    what = "resuming" if resume is not None else "run"
+    console.print(f"{what} [bold]{driver.run_id}[/] — track {cfg.track}, engine {cfg.engine.kind}, {len(driver.plans)} cell(s) planned")
     try:
         if progress:
             with Progress(
@@ -77,16 +87,15 @@ def run(
                 console=console,
                 transient=False,
             ) as bar:
-                n_req = sum(p.workload.num_requests + p.workload.warmup_requests for p in driver.plans)
                 cells_task = bar.add_task("cells", total=len(driver.plans))
-                req_task = bar.add_task("requests", total=n_req)
+                req_task = bar.add_task("requests", total=sum(p.num_requests for p in driver.plans))
 
-                def on_progress(cells_done: int, reqs_done: int, _total: int) -> None:
-                    bar.update(cells_task, completed=cells_done)
-                    bar.update(req_task, completed=reqs_done)
+                def on_progress(p: RunProgress) -> None:
+                    bar.update(cells_task, completed=p.cells_done, total=p.cells_total)
+                    bar.update(req_task, completed=p.requests_done, total=p.requests_total)
 
                 run_dir = driver.run(on_progress)
-                bar.update(cells_task, completed=len(driver.plans))
+                bar.update(cells_task, completed=len(driver.plans), total=len(driver.plans))
         else:
             run_dir = driver.run()
     except ConfigError as e:
@@ -122,6 +131,28 @@ def report(
         _fail(str(e))
     write_reports(packet, plotly_js)
     typer.echo(str(run_dir / "report.html"))
+
+
+@app.command()
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="two or more runs/<run-id>/ folders; the first is the baseline (A)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for compare.md/.html/.json; default runs/compare-<time>"),
+    allow_simulated: bool = typer.Option(
+        False, "--allow-simulated", help="compare simulated runs with real ones anyway (each is labelled SIMULATED)"
+    ),
+) -> None:
+    """Side-by-side report across runs (e.g. one track on 1, 2 and 4 nodes), from their files alone."""
+    from datetime import datetime, timezone
+
+    from analysis.compare import MixedModes
+    from analysis.compare import compare as do_compare
+
+    target = out or Path("runs") / f"compare-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    try:
+        done = do_compare(run_dirs, target, allow_simulated=allow_simulated)
+    except (FileNotFoundError, MixedModes, ValueError) as e:
+        _fail(str(e))
+    typer.echo(str(done / "compare.html"))
 
 
 @app.command()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from actors.engines.spec import EngineConfig
 from actors.kv.spec import KVTransferConfig
@@ -50,7 +50,11 @@ class ExperimentConfig(BaseModel):
         default_factory=KVTransferConfig, description="disaggregated cells: how KV moves from prefill to decode"
     )
     params: dict[str, Any] = Field(default_factory=dict, description="track-specific parameters")
-    max_concurrent_cells: int = Field(default=1, ge=1, description="cells run at once on disjoint placement groups")
+    max_concurrent_cells: PositiveInt | Literal["auto"] = Field(
+        default="auto",
+        description="cells run at once on disjoint placement groups; auto: as many GPU cells as the "
+        "cluster's GPUs hold, CPU-only cells one at a time (shared cores would skew latency)",
+    )
     request_timeout_s: float | None = Field(default=600.0, gt=0)
 
     @field_validator("track")
@@ -97,7 +101,7 @@ def _format(err: ValidationError, model: type[BaseModel], prefix: str = "") -> s
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("fixed", "uniform", "normal", "closed", "poisson", "gamma")))
-        name = prefix + ".".join(str(p) for p in loc)
+        name = (prefix + ".".join(str(p) for p in loc)).rstrip(".")
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             allowed = _allowed_fields(model, loc[:-1])

@@ -1,13 +1,20 @@
 """The driver: expand a track into cells, run them on placement groups, persist, summarise.
 
 Each finished cell is written atomically under `cells/<cell_id>/` before the next result is
-awaited, so a killed run loses at most the cells in flight. The run-level files
-(requests.parquet, summary.json, manifest.json, reports) are rebuilt from those cell files.
+awaited, so a killed run loses at most the cells in flight; `--resume` (RunOptions.resume)
+runs only the cells that have no finished result with the same cell config hash. The run-level
+files (requests.parquet, summary.json, manifest.json, memory.json, reports) are rebuilt from
+the cell files, so they never hold a cell twice.
+
+A track's cells run in rounds: the first is its grid, each further round is what the track's
+`next_cells` proposes from the finished cells' metrics (E2's rate search). Cells of a round run
+concurrently, up to `max_concurrent_cells`, each on its own placement group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 import traceback
@@ -21,14 +28,17 @@ import ray
 
 from actors.engines import EngineConfig
 from actors.progress import ProgressCounter
-from analysis.packet import load_packet, write_json, write_parquet, write_yaml
+from analysis.metrics import cell_metrics
+from analysis.packet import load_packet, read_json, write_json, write_parquet, write_yaml
+from analysis.records import measured
 from analysis.report import write_reports
 from analysis.summary import build_summary
 from cluster import manifest as mf
 from cluster import ray_env
 from cluster.cells import MODES, CellContext
 from cluster.config import ConfigError, ExperimentConfig, config_hash, sha256_of, to_yaml
-from workloads.tracks import CellPlan, get_track
+from workloads.text import get_codec
+from workloads.tracks import CellOutcome, CellPlan, get_track
 
 
 @dataclass
@@ -36,6 +46,17 @@ class RunOptions:
     out_dir: Path = Path("runs")
     address: str | None = None
     progress: bool = True
+    resume: Path | None = None
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """What the progress display shows; totals grow when an adaptive track adds a round."""
+
+    cells_done: int
+    cells_total: int
+    requests_done: int
+    requests_total: int
 
 
 def _now() -> str:
@@ -43,8 +64,13 @@ def _now() -> str:
 
 
 def plan_cells(cfg: ExperimentConfig) -> list[CellPlan]:
+    """The track's first round of cells. Workload errors (a missing dataset file, a prompt that
+    cannot be built) are config errors naming the field."""
     track = get_track(cfg.track)
-    return track.cells(cfg.workload, track.params_model.model_validate(cfg.params))
+    try:
+        return track.cells(cfg.workload, track.params_model.model_validate(cfg.params))
+    except ValueError as e:
+        raise ConfigError(f"invalid config:\n  {e}") from None
 
 
 def cell_engine(cfg: ExperimentConfig, plan: CellPlan) -> EngineConfig:
@@ -52,20 +78,47 @@ def cell_engine(cfg: ExperimentConfig, plan: CellPlan) -> EngineConfig:
 
 
 def cell_hash(cfg: ExperimentConfig, plan: CellPlan) -> str:
-    """What decides a cell's result: engine, workload, seed, mode and engine count, KV transfer,
-    SLO, placement (not its name)."""
-    return sha256_of(
-        {
-            "engine": cell_engine(cfg, plan).model_dump(mode="json"),
-            "workload": plan.workload.model_dump(mode="json"),
-            "seed": cfg.seed + plan.seed_offset,
-            "mode": plan.mode,
-            "replicas": plan.replicas,
-            "kv_transfer": cfg.kv_transfer.model_dump(mode="json"),
-            "placement": cfg.placement.model_dump(mode="json"),
-            "slo": cfg.slo.model_dump(mode="json"),
-        }
-    )
+    """What decides a cell's result: engine, workload (and the prompts a track built), seed,
+    mode and engine count, KV transfer, SLO, placement; not its name."""
+    what: dict[str, Any] = {
+        "engine": cell_engine(cfg, plan).model_dump(mode="json"),
+        "workload": plan.workload.model_dump(mode="json"),
+        "seed": cfg.seed + plan.seed_offset,
+        "mode": plan.mode,
+        "replicas": plan.replicas,
+        "kv_transfer": cfg.kv_transfer.model_dump(mode="json"),
+        "placement": cfg.placement.model_dump(mode="json"),
+        "slo": cfg.slo.model_dump(mode="json"),
+    }
+    if plan.requests is not None:
+        what["requests"] = sha256_of(
+            [[r.request_id, list(r.prompt_token_ids), r.max_tokens, r.warmup, r.meta] for r in plan.requests]
+        )
+        what["tokenizer"] = plan.tokenizer
+    return sha256_of(what)
+
+
+def cell_concurrency(cfg: ExperimentConfig, bundles: list[list[dict[str, float]]], measures_latency: bool = True) -> int:
+    """`max_concurrent_cells`, with `auto` resolved against the cluster.
+
+    auto: as many cells at once as the cluster's resources hold (GPUs, CPUs), so the same command
+    spreads over more nodes on a bigger cluster; except CPU-only cells of a track that measures
+    latency, which run one at a time, because cells sharing cores would measure each other's load.
+    """
+    if cfg.max_concurrent_cells != "auto":
+        return int(cfg.max_concurrent_cells)
+    need: dict[str, float] = {}
+    for cell in bundles:
+        per: dict[str, float] = {}
+        for b in cell:
+            for k, v in b.items():
+                per[k] = per.get(k, 0.0) + v
+        for k, v in per.items():
+            need[k] = max(need.get(k, 0.0), v)
+    if not need or (measures_latency and not need.get("GPU")):
+        return 1
+    total = ray.cluster_resources()
+    return max(1, min(int(total.get(k, 0.0) // v) for k, v in need.items() if v > 0))
 
 
 def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
@@ -95,12 +148,39 @@ class Driver:
     def __init__(self, cfg: ExperimentConfig, opts: RunOptions):
         self.cfg = cfg
         self.opts = opts
+        self.track = get_track(cfg.track)
+        self.params = self.track.params_model.model_validate(cfg.params)
         self.plans = plan_cells(cfg)
         self.hash = config_hash(cfg)
-        self.run_id = f"{cfg.track}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{self.hash[:8]}-{secrets.token_hex(2)}"
-        self.run_dir = Path(opts.out_dir) / self.run_id
-        self.started_at = _now()
         self.ray_info: dict[str, Any] = {}
+        self.resumed_at: list[str] = []
+        self.concurrency: int | None = None  # max_concurrent_cells resolved against the cluster in run()
+        self._nodes: list[dict[str, Any]] | None = None
+        if opts.resume is None:
+            self.run_id = f"{cfg.track}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{self.hash[:8]}-{secrets.token_hex(2)}"
+            self.run_dir = Path(opts.out_dir) / self.run_id
+            self.started_at = _now()
+        else:
+            self._adopt(Path(opts.resume))
+
+    def _adopt(self, run_dir: Path) -> None:
+        """Resume: take over an earlier run's folder, id and start time; refuse another config."""
+        try:
+            prior = read_json(run_dir / "manifest.json")
+        except (FileNotFoundError, json.JSONDecodeError):
+            raise ConfigError(f"--resume: {run_dir} is not a pdbench run folder (no readable manifest.json)") from None
+        if prior.get("track") != self.cfg.track:
+            raise ConfigError(f"--resume: {run_dir} is a run of track {prior.get('track')!r}, not {self.cfg.track!r}")
+        if prior.get("config_hash") != self.hash:
+            raise ConfigError(
+                f"--resume: {run_dir} was run with config hash {str(prior.get('config_hash'))[:12]}…, this command "
+                f"resolves to {self.hash[:12]}…; resume with the same config, seed and engine flags "
+                f"(leave out --config to reuse {run_dir / 'config.yaml'})"
+            )
+        self.run_id = prior["run_id"]
+        self.run_dir = run_dir
+        self.started_at = prior["started_at"]
+        self.resumed_at = [*prior.get("resumed_at", []), _now()]
 
     # --- cells -----------------------------------------------------------------------------
     def context(self, plan: CellPlan, progress: Any = None) -> CellContext:
@@ -113,8 +193,31 @@ class Driver:
             progress=progress,
         )
 
+    def _cell_dir(self, plan: CellPlan) -> Path:
+        return self.run_dir / "cells" / plan.cell_id
+
+    def _finished(self, plan: CellPlan) -> dict[str, Any] | None:
+        """A resumable result: status ok, same cell config hash, its records on disk."""
+        d = self._cell_dir(plan)
+        try:
+            meta = read_json(d / "cell.json")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if meta.get("status") == "ok" and meta.get("config_hash") == cell_hash(self.cfg, plan) and (d / "requests.parquet").is_file():
+            return meta
+        return None
+
+    def _clear(self, plan: CellPlan) -> None:
+        """Before a (re)run: drop what an earlier, unfinished or failed attempt left behind."""
+        d = self._cell_dir(plan)
+        if d.is_dir():
+            for f in d.iterdir():
+                if f.is_file():
+                    f.unlink()
+
     async def _run_cell(self, plan: CellPlan, progress: Any) -> dict[str, Any]:
-        cell_dir = self.run_dir / "cells" / plan.cell_id
+        cell_dir = self._cell_dir(plan)
+        self._clear(plan)
         meta: dict[str, Any] = {
             "cell_id": plan.cell_id,
             "labels": plan.labels,
@@ -123,10 +226,13 @@ class Driver:
             "seed": self.cfg.seed + plan.seed_offset,
             "started_at": _now(),
         }
+        if plan.provenance:
+            meta["provenance"] = plan.provenance
         t0 = time.monotonic()
         try:
+            preflight(self.cfg, [plan])  # later rounds were not checked before the run began
             result = await MODES[plan.mode].run(self.context(plan, progress))
-            write_parquet(cell_dir / "requests.parquet", result.requests)
+            write_parquet(cell_dir / "requests.parquet", self._annotate(plan, result.requests))
             if result.transfers is not None:
                 write_parquet(cell_dir / "transfers.parquet", result.transfers)
             meta.update(result.meta, status="ok", error=None)
@@ -137,34 +243,81 @@ class Driver:
         write_json(cell_dir / "cell.json", meta)
         return meta
 
-    async def _run_all(self, on_progress: Callable[[int, int, int], None] | None) -> list[dict[str, Any]]:
+    @staticmethod
+    def _annotate(plan: CellPlan, df: pd.DataFrame) -> pd.DataFrame:
+        """Track-built prompts: each row gets its request's meta (answer, depth) and, where a
+        tokenizer made the prompt, the decoded output, so scoring needs the files alone."""
+        if plan.requests is None or df.empty:
+            return df
+        metas = {r.request_id: json.dumps(r.meta, sort_keys=True) if r.meta else None for r in plan.requests}
+        df = df.assign(meta=df["request_id"].map(metas))
+        if plan.tokenizer:
+            codec = get_codec(plan.tokenizer)
+            df = df.assign(output_text=[codec.decode(ids) for ids in df["output_token_ids"]])
+        return df
+
+    def _outcome(self, plan: CellPlan, meta: dict[str, Any]) -> CellOutcome:
+        metrics = None
+        if meta.get("status") == "ok":
+            rows = measured(pd.read_parquet(self._cell_dir(plan) / "requests.parquet"))
+            metrics = cell_metrics(rows, self.cfg.slo) if not rows.empty else None
+        return CellOutcome(plan.cell_id, dict(plan.labels), meta.get("status") == "ok", meta.get("error"), metrics)
+
+    async def _run_all(self, on_progress: Callable[[RunProgress], None] | None) -> list[dict[str, Any]]:
         progress = ProgressCounter.remote()
-        sem = asyncio.Semaphore(self.cfg.max_concurrent_cells)
-        cells_done = 0
+        sem = asyncio.Semaphore(self.concurrency or 1)
+        metas: dict[str, dict[str, Any]] = {}
+        outcomes: dict[str, CellOutcome] = {}
+        counts = {"cells": 0, "resumed_requests": 0}
+        round_plans = list(self.plans)
+        self.plans = []
 
         async def one(plan: CellPlan) -> dict[str, Any]:
-            nonlocal cells_done
-            async with sem:
-                meta = await self._run_cell(plan, progress)
-            cells_done += 1
+            meta = self._finished(plan)
+            if meta is not None:
+                counts["resumed_requests"] += plan.num_requests
+            else:
+                async with sem:
+                    meta = await self._run_cell(plan, progress)
+            metas[plan.cell_id] = meta
+            counts["cells"] += 1
+            write_json(self.run_dir / "manifest.json", self._manifest(metas, "running"))
             return meta
 
-        tasks = [asyncio.ensure_future(one(p)) for p in self.plans]
-        while not all(t.done() for t in tasks):
-            await asyncio.wait(tasks, timeout=0.5)
-            if on_progress is not None:
-                done, _failed = await progress.read.remote()
-                on_progress(cells_done, done, len(self.plans))
+        while True:  # a round; the first may be empty when a track is adaptive only
+            self.plans += round_plans
+            tasks = [asyncio.ensure_future(one(p)) for p in round_plans]
+            while tasks and not all(t.done() for t in tasks):
+                await asyncio.wait(tasks, timeout=0.5)
+                if on_progress is not None:
+                    sent, _failed = await progress.read.remote()
+                    on_progress(
+                        RunProgress(
+                            counts["cells"],
+                            len(self.plans),
+                            sent + counts["resumed_requests"],
+                            sum(p.num_requests for p in self.plans),
+                        )
+                    )
+            for p in round_plans:
+                outcomes[p.cell_id] = self._outcome(p, metas[p.cell_id])
+            known = {p.cell_id for p in self.plans}
+            proposed = self.track.next_cells(self.cfg.workload, self.params, outcomes)
+            round_plans = list({p.cell_id: p for p in proposed if p.cell_id not in known}.values())
+            if not round_plans:
+                break
         ray.kill(progress)
-        return [t.result() for t in tasks]
+        return [metas[p.cell_id] for p in self.plans]
 
     # --- packet ----------------------------------------------------------------------------
     def _manifest(self, cells: dict[str, Any], status: str) -> dict[str, Any]:
         info = next((c["engine_info"] for c in cells.values() if c.get("engine_info")), {})
-        try:
-            nodes = ray_env.on_each_node(mf.hardware)
-        except Exception:  # a dead node must not cost the packet its manifest
-            nodes = [mf.hardware()]
+        if self._nodes is None:
+            try:
+                self._nodes = ray_env.on_each_node(mf.hardware)
+            except Exception:  # a dead node must not cost the packet its manifest
+                self._nodes = [mf.hardware()]
+        nodes = self._nodes
         return {
             "run_id": self.run_id,
             "track": self.cfg.track,
@@ -179,19 +332,27 @@ class Driver:
                 "dtype": self.cfg.engine.dtype,
                 "kv_bytes_per_token": info.get("kv_bytes_per_token"),
                 "device": info.get("device"),
+                "random_weights": info.get("random_weights"),
             },
             "versions": mf.versions(),
             "hardware": {"summary": nodes[0]["summary"], "nodes": nodes},
             "ray": self.ray_info,
+            "max_concurrent_cells": self.concurrency,
             "seeds": {
                 "config": self.cfg.seed,
                 "weights": self.cfg.engine.weight_seed,
                 "cells": {c: m.get("seed") for c, m in cells.items()},
             },
             "started_at": self.started_at,
+            "resumed_at": self.resumed_at,
             "ended_at": _now() if status != "running" else None,
             "status": status,
-            "cells": {c: {"status": m.get("status"), "error": m.get("error"), "config_hash": m.get("config_hash")} for c, m in cells.items()},
+            "cells": {
+                c: {"status": m.get("status"), "error": m.get("error"), "config_hash": m.get("config_hash")}
+                for c, m in cells.items()
+            },
+            # Where track-built prompts came from: a dataset subset's ids and their hash (E4).
+            "provenance": {c: m["provenance"] for c, m in cells.items() if m.get("provenance")},
         }
 
     def finalize(self, metas: list[dict[str, Any]]) -> Path:
@@ -207,6 +368,9 @@ class Driver:
         tdf = pd.concat(transfers, ignore_index=True) if transfers else None
         if tdf is not None:
             write_parquet(self.run_dir / "transfers.parquet", tdf)
+        memory = {c: m["memory"] for c, m in cells.items() if m.get("memory")}
+        if memory:
+            write_json(self.run_dir / "memory.json", memory)
         n_ok = sum(m["status"] == "ok" for m in metas)
         status = "complete" if n_ok == len(metas) else ("partial" if n_ok else "failed")
         mode = "simulated" if self.cfg.simulated else "real"
@@ -218,17 +382,21 @@ class Driver:
         write_reports(load_packet(self.run_dir))
         return self.run_dir
 
-    def run(self, on_progress: Callable[[int, int, int], None] | None = None) -> Path:
+    def run(self, on_progress: Callable[[RunProgress], None] | None = None) -> Path:
         preflight(self.cfg, self.plans)
         self.ray_info = ray_env.connect(self.opts.address)
+        bundles = []
         for p in self.plans:
             try:
-                ray_env.check_fits(MODES[p.mode].bundles(self.context(p)), "placement")
+                b = MODES[p.mode].bundles(self.context(p))
+                ray_env.check_fits(b, "placement")
             except RuntimeError as e:
                 raise ConfigError(f"invalid config:\n  placement.gpus_per_engine/cpus_per_engine: {e}") from None
-        self.run_dir.mkdir(parents=True, exist_ok=False)
-        write_yaml(self.run_dir / "config.yaml", to_yaml(self.cfg))
+            bundles.append(b)
+        self.concurrency = cell_concurrency(self.cfg, bundles, self.track.measures_latency)
+        if self.opts.resume is None:
+            self.run_dir.mkdir(parents=True, exist_ok=False)
+            write_yaml(self.run_dir / "config.yaml", to_yaml(self.cfg))
         write_json(self.run_dir / "manifest.json", self._manifest({}, "running"))
         metas = asyncio.run(self._run_all(on_progress))
         return self.finalize(metas)
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.engines.base import EngineAdapter, EngineInfo, EngineRequest, TokenDelta
+from actors.engines.base import EngineAdapter, EngineInfo, EngineRequest, MemoryReport, TokenDelta
 from actors.engines.spec import EngineConfig
 
 
@@ -25,4 +25,4 @@ def build_engine(cfg: EngineConfig) -> EngineAdapter:
     raise ValueError(f"engine.kind must be reference, simulated or vllm, got {cfg.kind!r}")
 
 
-__all__ = ["EngineAdapter", "EngineConfig", "EngineInfo", "EngineRequest", "TokenDelta", "build_engine"]
+__all__ = ["EngineAdapter", "EngineConfig", "EngineInfo", "EngineRequest", "MemoryReport", "TokenDelta", "build_engine"]

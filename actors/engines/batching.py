@@ -15,6 +15,7 @@ token known, so it joins the running batch without a prefill.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 import time
@@ -22,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Protocol
 
-from actors.engines.base import EngineAdapter, EngineInfo, EngineRequest, TokenDelta
+from actors.engines.base import EngineAdapter, EngineInfo, EngineRequest, MemoryReport, TokenDelta
 
 
 class StepModel(Protocol):
@@ -42,6 +43,9 @@ class StepModel(Protocol):
 
     def import_kv(self, num_tokens: int, capacity: int) -> tuple[Any, list[Any]]:
         """A fresh state for `num_tokens` positions and the per-layer tensors to fill it through."""
+
+    def memory(self) -> MemoryReport:
+        """Memory decomposition (safe to call from another thread while the engine runs)."""
 
 
 @dataclass
@@ -189,6 +193,10 @@ class BatchingEngine(EngineAdapter):
         self._batcher = ContinuousBatcher(model, self._max_batch_size)
         self._batcher.start()
         return model.info()
+
+    async def memory(self) -> dict[str, Any]:
+        assert self._model is not None, "engine not started"
+        return dataclasses.asdict(await asyncio.to_thread(self._model.memory))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
         async for delta in self._stream(request):

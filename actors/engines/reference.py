@@ -12,12 +12,16 @@ V side by side, so the transport moves one tensor per layer) and enters a fresh 
 from __future__ import annotations
 
 import inspect
+import os
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from actors.engines.base import EngineInfo
+from actors.engines import memory as mem
+from actors.engines.base import EngineInfo, MemoryReport
 from actors.engines.checksum import weight_checksum
 from actors.engines.models import (
     arch_kv_bytes_per_token,
@@ -58,10 +62,14 @@ def load_causal_lm(cfg: EngineConfig) -> tuple[torch.nn.Module, dict[str, Any], 
 
     arch_cfg, weights = resolve_model(cfg.model)
     dtype = _DTYPES[cfg.dtype]
+    # engine.hf_overrides replace top-level config fields before the model is built, as vLLM's
+    # hf_overrides do, so both engines run the same architecture (e.g. the same YaRN rope).
     if weights is not None:
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation="eager")
+        hf_config = AutoConfig.from_pretrained(weights, **cfg.hf_overrides)
+        model = AutoModelForCausalLM.from_pretrained(weights, config=hf_config, dtype=dtype, attn_implementation="eager")
         return model, model.config.to_dict(), weights
     assert arch_cfg is not None
+    arch_cfg = {**arch_cfg, **cfg.hf_overrides}
     hf_config = AutoConfig.for_model(**arch_cfg)
     torch.manual_seed(cfg.weight_seed)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="eager")
@@ -79,6 +87,7 @@ class ReferenceModel:
         model, raw_cfg, name = load_causal_lm(cfg)
         self.model = model.to(self.device).eval()
         self.name = name
+        self.random_weights = resolve_model(cfg.model)[1] is None
         self.arch = architecture(raw_cfg)
         c = self.model.config
         self.layers = c.num_hidden_layers
@@ -89,6 +98,110 @@ class ReferenceModel:
         # transformers 5.2x renamed `past_key_values` to `cache`; accept both releases.
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._init_memory_accounting()
+
+    # --- memory ----------------------------------------------------------------------------
+    def _init_memory_accounting(self) -> None:
+        """Baselines taken once the model is loaded: what serving adds is measured from here."""
+        self._kv_lock = threading.Lock()
+        self._kv_live = 0
+        self._kv_peak = 0
+        self._weights = mem.tensor_bytes([*self.model.parameters(), *self.model.buffers()])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._allocated_after_load = torch.cuda.memory_allocated(self.device)
+            self._peak_reset = True
+        else:
+            self._rss_after_load = mem.rss_bytes()[0]
+            self._peak_reset = mem.reset_peak_rss()
+
+    def _kv_alloc(self, state: "SeqKV") -> None:
+        """Count a sequence's KV buffer until the buffer itself is freed: views of it handed to
+        the KV transport keep it alive after the sequence is gone, and keep it counted."""
+        nbytes = state.kv.numel() * state.kv.element_size()
+        with self._kv_lock:
+            self._kv_live += nbytes
+            self._kv_peak = max(self._kv_peak, self._kv_live)
+        weakref.finalize(state.kv, self._kv_free, nbytes)
+
+    def _kv_free(self, nbytes: int) -> None:
+        with self._kv_lock:
+            self._kv_live -= nbytes
+
+    def memory(self) -> MemoryReport:
+        """Weights and KV are tensor bytes; activation and other come from the process's peak.
+
+        CPU: peak RSS since load = post-load RSS + KV peak + activation peak, so activation is
+        what the peak holds beyond the KV buffers; other is the post-load RSS beyond the weights
+        (Python, torch, Ray). CUDA: activation = peak allocated − post-load allocated − KV peak;
+        other = NVML's process memory (context, workspaces) + allocator slack beyond the rest.
+        Activation and KV peaks need not coincide in time, so activation is an upper bound.
+        """
+        with self._kv_lock:
+            kv_peak, kv_live = self._kv_peak, self._kv_live
+        if self.device.type == "cuda":
+            return self._memory_cuda(kv_peak, kv_live)
+        rss_now, rss_peak = mem.rss_bytes()
+        base = self._rss_after_load
+        activation = max(0, rss_peak - base - kv_peak)
+        other = max(0, base - self._weights)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+        return MemoryReport(
+            source="cpu: weights and KV as tensor bytes; activation and other from the process RSS "
+            "(peak since load" + ("" if self._peak_reset else ", NOT reset after load: includes loading") + ")",
+            measured=True,
+            device="cpu",
+            weights_bytes=self._weights,
+            kv_cache_bytes=kv_peak,
+            activation_peak_bytes=activation,
+            other_bytes=other,
+            total_bytes=self._weights + kv_peak + activation + other,
+            device_total_bytes=ram,
+            detail={
+                "rss_after_load_bytes": base,
+                "rss_peak_bytes": rss_peak,
+                "rss_now_bytes": rss_now,
+                "kv_live_bytes": kv_live,
+                "peak_reset_after_load": self._peak_reset,
+            },
+        )
+
+    def _memory_cuda(self, kv_peak: int, kv_live: int) -> MemoryReport:
+        d = self.device
+        torch.cuda.synchronize(d)
+        props = torch.cuda.get_device_properties(d)
+        allocated_peak = torch.cuda.max_memory_allocated(d)
+        reserved_now, reserved_peak = torch.cuda.memory_reserved(d), torch.cuda.max_memory_reserved(d)
+        activation = max(0, allocated_peak - self._allocated_after_load - kv_peak)
+        process = mem.nvml_process_bytes(str(props.uuid))
+        # What torch does not allocate (context, cuBLAS workspaces) stays roughly constant, so the
+        # process's peak is torch's reserved peak plus today's non-torch share.
+        non_torch = max(0, process - reserved_now) if process is not None else 0
+        total = reserved_peak + non_torch
+        other = max(0, total - self._weights - kv_peak - activation)
+        return MemoryReport(
+            source="cuda: weights and KV as tensor bytes; activation from torch.cuda peak allocated; "
+            "other = torch reserved peak + non-torch process memory (NVML"
+            + ("" if process is not None else ": unavailable, context not counted")
+            + ") beyond the rest",
+            measured=True,
+            device=str(d),
+            weights_bytes=self._weights,
+            kv_cache_bytes=kv_peak,
+            activation_peak_bytes=activation,
+            other_bytes=other,
+            total_bytes=self._weights + kv_peak + activation + other,
+            device_total_bytes=int(props.total_memory),
+            detail={
+                "allocated_after_load_bytes": self._allocated_after_load,
+                "allocated_peak_bytes": allocated_peak,
+                "reserved_peak_bytes": reserved_peak,
+                "reserved_now_bytes": reserved_now,
+                "nvml_process_bytes": process,
+                "kv_live_bytes": kv_live,
+            },
+        )
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -103,6 +216,7 @@ class ReferenceModel:
                 "num_parameters": sum(p.numel() for p in self.model.parameters()),
                 "weight_checksum": weight_checksum(self.model.named_parameters()),
             },
+            random_weights=self.random_weights,
         )
 
     def _new_cache(self):
@@ -115,7 +229,9 @@ class ReferenceModel:
 
     def new_state(self, capacity: int) -> SeqKV:
         shape = (self.layers, 2, self.kv_heads, capacity, self.head_dim)
-        return SeqKV(kv=torch.empty(shape, dtype=self.dtype, device=self.device), n=0)
+        state = SeqKV(kv=torch.empty(shape, dtype=self.dtype, device=self.device), n=0)
+        self._kv_alloc(state)
+        return state
 
     def export_kv(self, state: SeqKV) -> list[torch.Tensor]:
         """The filled positions, one view [2, kv_heads, n, head_dim] per layer (no copy)."""

@@ -11,7 +11,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 
-from actors.engines.base import EngineInfo
+from actors.engines.base import EngineInfo, MemoryReport
 from actors.engines.models import arch_kv_bytes_per_token, architecture, architecture_hash, resolve_model
 from actors.engines.spec import EngineConfig
 
@@ -27,7 +27,7 @@ class SimulatedModel:
         self.cfg = cfg
         self.law = cfg.simulated
         raw, _ = resolve_model(cfg.model)
-        self.arch = architecture(raw or {})
+        self.arch = architecture({**(raw or {}), **cfg.hf_overrides})
         self.vocab_size = int(self.arch.get("vocab_size", 32000))
 
     def info(self) -> EngineInfo:
@@ -41,7 +41,13 @@ class SimulatedModel:
             device="none",
             dtype=self.cfg.dtype,
             extra={"law": self.law.model_dump()},
+            random_weights=True,
         )
+
+    def memory(self) -> MemoryReport:
+        """Nothing to measure: the simulator holds no weights and no KV. Analysis may still show
+        the analytic model for this architecture, but never as a measurement."""
+        return MemoryReport(source="simulated: nothing measured", measured=False, device="none")
 
     def _token(self, state: SimState) -> int:
         h = hashlib.blake2b(f"{state.seed}:{state.n}".encode(), digest_size=4).digest()

@@ -42,3 +42,8 @@ class EngineConfig(BaseModel):
     vllm: dict[str, Any] = Field(
         default_factory=dict, description="extra vLLM engine arguments (gpu_memory_utilization, ...)"
     )
+    hf_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="top-level fields replacing those of the model's HF config (e.g. rope_parameters for "
+        "YaRN); the reference engine applies them to the transformers config, vLLM gets them as hf_overrides",
+    )

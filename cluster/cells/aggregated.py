@@ -17,7 +17,6 @@ from actors.router import ReplicaRouter
 from analysis.records import to_frame
 from cluster import ray_env
 from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult
-from workloads.requests import synthetic_requests
 
 
 def bundles(ctx: CellContext) -> list[dict[str, float]]:
@@ -50,11 +49,15 @@ async def run_aggregated(ctx: CellContext) -> CellResult:
         actors.append(loadgen)
         infos = await asyncio.wait_for(asyncio.gather(*(e.start.remote() for e in engines)), ENGINE_START_TIMEOUT_S)
         info = infos[0]
-        reqs = synthetic_requests(ctx.plan.workload, info["vocab_size"], ctx.seed)
+        reqs = ctx.plan.build_requests(info["vocab_size"], ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
         raws = await loadgen.run.remote(entry, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress)
+        memory = await asyncio.gather(*(e.memory.remote() for e in engines))
         if n > 1:
             meta = {"replicas": n, "requests_per_replica": await entry.counts.remote(), "nodes": [i["node"] for i in infos]}
+            meta["memory_per_replica"] = list(memory)
+        else:
+            meta = {"memory": memory[0]}  # memory.json and E5 hold single-engine cells
         await asyncio.gather(*(e.shutdown.remote() for e in engines))
     finally:
         for a in actors:

@@ -7,11 +7,11 @@ engine overrides), not of how to run it; cluster/ turns plans into actors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
-from workloads.requests import WorkloadSpec
+from workloads.requests import RequestSpec, WorkloadSpec, synthetic_requests
 
 
 class TrackParams(BaseModel):
@@ -29,6 +29,11 @@ class CellPlan:
     `replicas` is the number of engines of an aggregated cell, requests spread over them (E3 gives
     the aggregated side as many engines as a disaggregated pair has); a disaggregated cell is
     always one prefill and one decode engine and ignores it.
+    `requests`, when set, are the cell's prompts made by the track (dataset items, passkey
+    prompts) instead of synthetic ones; `workload` then describes them (counts, length bounds,
+    arrival). `tokenizer` names what turned their text into ids, so outputs can be decoded back
+    for scoring. `provenance` is what the manifest records about where the prompts came from
+    (a dataset subset's ids and their hash).
     """
 
     cell_id: str
@@ -38,6 +43,40 @@ class CellPlan:
     engine_overrides: dict[str, Any] = field(default_factory=dict)
     seed_offset: int = 0
     replicas: int = 1
+    requests: tuple[RequestSpec, ...] | None = None
+    tokenizer: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def build_requests(self, vocab_size: int, seed: int) -> list[RequestSpec]:
+        """The requests to send, once the engine has said how large its vocabulary is."""
+        if self.requests is None:
+            return synthetic_requests(self.workload, vocab_size, seed)
+        top = max((max(r.prompt_token_ids) for r in self.requests if r.prompt_token_ids), default=-1)
+        if top >= vocab_size:
+            raise ValueError(
+                f"cell {self.cell_id}: prompt token id {top} is outside the model's vocabulary "
+                f"({vocab_size}); tokenizer {self.tokenizer!r} does not belong to this model"
+            )
+        return list(self.requests)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests the cell sends, warm-up included (for progress displays)."""
+        if self.requests is not None:
+            return len(self.requests)
+        return self.workload.num_requests + self.workload.warmup_requests
+
+
+@dataclass(frozen=True)
+class CellOutcome:
+    """What an adaptive track learns from a finished cell: its status and its metrics
+    (summary.json's per-cell names: `slo_attainment`, `request_throughput_rps`, `slo`, ...)."""
+
+    cell_id: str
+    labels: dict[str, Any]
+    ok: bool
+    error: str | None
+    metrics: dict[str, Any] | None
 
 
 class Track:
@@ -46,9 +85,23 @@ class Track:
     params_model: ClassVar[type[TrackParams]] = TrackParams
     # The quick profile: config defaults sized for a 2-core CPU box with the tiny model.
     quick_defaults: ClassVar[dict[str, Any]] = {}
+    # Whether the track's answer is a latency: then CPU-only cells never share cores
+    # (max_concurrent_cells: auto); tracks that measure tokens or memory fill the CPUs.
+    measures_latency: ClassVar[bool] = True
 
     def cells(self, workload: WorkloadSpec, params: TrackParams) -> list[CellPlan]:
         raise NotImplementedError
+
+    def next_cells(
+        self, workload: WorkloadSpec, params: TrackParams, done: Mapping[str, CellOutcome]
+    ) -> list[CellPlan]:
+        """Adaptive tracks: the cells that should exist given the finished ones (`done`).
+
+        The driver runs, as the next round, every returned cell whose id has not run yet, and
+        stops when none is new. Rounds are deterministic functions of finished results, so a
+        resumed run proposes the same cells again. Default: a fixed grid, nothing adaptive.
+        """
+        return []
 
 
 _REGISTRY: dict[str, Track] = {}

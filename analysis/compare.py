@@ -1,0 +1,206 @@
+"""`pdbench compare`: runs side by side (a scaling study over 1, 2, 4 nodes; before/after a
+change), from their packets alone.
+
+Simulated and real runs are never mixed silently: comparing them is refused unless asked for,
+and then every simulated run carries SIMULATED in its label, on every table and figure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import yaml
+
+from analysis.packet import Packet, load_packet, write_json, write_text
+from analysis.report import html_document, markdown_document
+from analysis.tracks.base import Section
+
+# summary.json name → (column title, how to read it from a cell's metrics)
+METRICS: dict[str, tuple[str, Any]] = {
+    "request_throughput_rps": ("req/s", lambda m: m.get("request_throughput_rps")),
+    "output_token_throughput_tps": ("out tok/s", lambda m: m.get("output_token_throughput_tps")),
+    "ttft_s.p50": ("TTFT p50 s", lambda m: (m.get("ttft_s") or {}).get("p50")),
+    "ttft_s.p99": ("TTFT p99 s", lambda m: (m.get("ttft_s") or {}).get("p99")),
+    "tpot_s.p50": ("TPOT p50 s", lambda m: (m.get("tpot_s") or {}).get("p50")),
+    "tpot_s.p99": ("TPOT p99 s", lambda m: (m.get("tpot_s") or {}).get("p99")),
+    "e2e_s.p50": ("E2E p50 s", lambda m: (m.get("e2e_s") or {}).get("p50")),
+    "slo_attainment": ("SLO attainment", lambda m: m.get("slo_attainment")),
+    "goodput_rps": ("goodput req/s", lambda m: m.get("goodput_rps")),
+}
+
+
+class MixedModes(ValueError):
+    """Simulated and real runs asked to be compared without --allow-simulated."""
+
+
+def check_modes(packets: list[Packet], allow_simulated: bool) -> None:
+    sim = [p.manifest.get("run_id") for p in packets if p.simulated]
+    real = [p.manifest.get("run_id") for p in packets if not p.simulated]
+    if sim and real and not allow_simulated:
+        raise MixedModes(
+            f"refusing to compare simulated runs ({', '.join(map(str, sim))}) with real ones "
+            f"({', '.join(map(str, real))}): a simulated run's numbers come from an analytic law, not an engine. "
+            "Pass --allow-simulated to compare them anyway; every simulated run is then labelled SIMULATED."
+        )
+
+
+def _nodes(p: Packet) -> int:
+    return len(p.manifest.get("hardware", {}).get("nodes", [])) or 1
+
+
+def _gpus(p: Packet) -> int:
+    return sum(n.get("gpu", {}).get("count", 0) for n in p.manifest.get("hardware", {}).get("nodes", []))
+
+
+def labels(packets: list[Packet]) -> list[str]:
+    """Short, unique run labels: a letter, the node count, and SIMULATED where it applies."""
+    out = []
+    for i, p in enumerate(packets):
+        lab = f"{chr(ord('A') + i) if i < 26 else i}: {_nodes(p)} node{'s' if _nodes(p) > 1 else ''}"
+        if p.simulated:
+            lab += " SIMULATED"
+        out.append(lab)
+    return out
+
+
+def runs_table(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
+    rows = []
+    for lab, p in zip(labs, packets):
+        m = p.manifest
+        rows.append(
+            {
+                "run": lab,
+                "run_id": m.get("run_id"),
+                "track": m.get("track"),
+                "mode": m.get("mode"),
+                "engine": m.get("engine"),
+                "model": (m.get("model") or {}).get("name"),
+                "config hash": str(m.get("config_hash"))[:12],
+                "status": m.get("status"),
+                "nodes": _nodes(p),
+                "GPUs": _gpus(p),
+                "hardware": (m.get("hardware") or {}).get("summary"),
+                "git": str((m.get("versions") or {}).get("pdbench_git_sha"))[:10],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
+    """Config fields (config.yaml) whose values differ between the runs."""
+    flat = []
+    for p in packets:
+        f = p.root / "config.yaml"
+        flat.append(_flatten(yaml.safe_load(f.read_text()) or {}) if f.is_file() else {})
+    keys = sorted({k for f in flat for k in f})
+    rows = [{"field": k, **{lab: str(f.get(k)) for lab, f in zip(labs, flat)}} for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    return pd.DataFrame(rows)
+
+
+def side_by_side(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
+    """One row per (cell, metric); a column per run, and each run's ratio to the first (A)."""
+    cells = sorted({c for p in packets for c in p.summary.get("cells", {})})
+    rows = []
+    for cid in cells:
+        for name, (title, get) in METRICS.items():
+            vals = []
+            for p in packets:
+                m = ((p.summary.get("cells") or {}).get(cid) or {}).get("metrics")
+                vals.append(get(m) if m else None)
+            if all(v is None for v in vals):
+                continue
+            row: dict[str, Any] = {"cell": cid, "metric": title}
+            row.update(dict(zip(labs, vals)))
+            for lab, v in zip(labs[1:], vals[1:]):
+                row[f"{lab.split(':')[0]}/A"] = v / vals[0] if (v is not None and vals[0]) else None
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def verdicts_table(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
+    """Run-level results the tracks publish (E0 verdict, E2 capacity and max-rate goodput)."""
+    rows = []
+    for lab, p in zip(labs, packets):
+        v = p.summary.get("verdicts") or {}
+        g = v.get("max_rate_goodput") or {}
+        rows.append(
+            {
+                "run": lab,
+                "verdict": v.get("verdict"),
+                "closed-loop capacity req/s": v.get("capacity_rps"),
+                "max-rate goodput req/s": g.get("rate_rps"),
+                "max-rate goodput status": g.get("status"),
+                "cells ok/all": f"{sum(c.get('status') == 'ok' for c in p.summary.get('cells', {}).values())}/{len(p.summary.get('cells', {}))}",
+            }
+        )
+    df = pd.DataFrame(rows)
+    return df.dropna(axis=1, how="all")
+
+
+def _figure(table: pd.DataFrame, labs: list[str], metric: str) -> go.Figure:
+    fig = go.Figure()
+    t = table[table["metric"] == metric]
+    for lab in labs:
+        fig.add_trace(go.Bar(x=t["cell"], y=t[lab], name=lab))
+    fig.update_layout(barmode="group", title=f"{metric} per cell", height=400)
+    return fig
+
+
+def compare(run_dirs: list[Path], out_dir: Path, allow_simulated: bool = False) -> Path:
+    """Write compare.md, compare.html and compare.json for these runs into out_dir."""
+    if len(run_dirs) < 2:
+        raise ValueError("compare needs at least two run folders")
+    packets = [load_packet(Path(d)) for d in run_dirs]
+    check_modes(packets, allow_simulated)
+    labs = labels(packets)
+    runs = runs_table(packets, labs)
+    diffs = config_differences(packets, labs)
+    table = side_by_side(packets, labs)
+    verdicts = verdicts_table(packets, labs)
+    tracks = sorted({str(p.manifest.get("track")) for p in packets})
+    text = ["Ratios are to run A. Cells are matched by cell id; a cell a run lacks is empty."]
+    if len(tracks) > 1:
+        text.append(f"These runs are of different tracks ({', '.join(tracks)}): only cells with the same id line up.")
+    sim = any(p.simulated for p in packets)
+    if sim:
+        text.insert(0, "Includes SIMULATED runs (analytic latency law, no engine): their numbers are not measurements.")
+    secs = [
+        Section(title="Runs", table=runs),
+        Section(title="Config differences", text=[] if not diffs.empty else ["None: the configs are identical."], table=diffs),
+        Section(title="Run-level results", table=verdicts),
+        Section(
+            title="Cells side by side",
+            text=text,
+            table=table,
+            figures=[_figure(table, labs, m) for m in ("out tok/s", "TTFT p99 s") if not table.empty and (table["metric"] == m).any()],
+        ),
+    ]
+    facts = {"runs": len(packets), "tracks": ", ".join(tracks), "modes": ", ".join(sorted({str(p.manifest.get('mode')) for p in packets}))}
+    title = "pdbench comparison — " + " vs ".join(str(p.manifest.get("run_id")) for p in packets)
+    warning = "**INCLUDES SIMULATED RUNS** — labelled SIMULATED; not measurements." if sim else None
+    out_dir = Path(out_dir)
+    write_text(out_dir / "compare.md", markdown_document(title, warning, facts, secs))
+    banner = "INCLUDES SIMULATED RUNS" if sim else "modes: " + facts["modes"]
+    write_text(out_dir / "compare.html", html_document(title, banner, sim, facts, secs))
+    write_json(
+        out_dir / "compare.json",
+        {
+            "runs": runs.to_dict(orient="records"),
+            "config_differences": diffs.to_dict(orient="records"),
+            "run_level": verdicts.to_dict(orient="records"),
+            "cells": table.astype(object).where(table.notna(), None).to_dict(orient="records"),
+        },
+    )
+    return out_dir

@@ -1,0 +1,74 @@
+"""pdbench compare: side by side from packets alone; simulated and real never mixed silently."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from analysis.compare import MixedModes, compare
+from cluster.cli import app
+
+
+def fake_run(root, run_id, mode, nodes, tps, seed=0):
+    d = root / run_id
+    d.mkdir(parents=True)
+    manifest = {
+        "run_id": run_id,
+        "track": "e2",
+        "mode": mode,
+        "engine": "simulated" if mode == "simulated" else "vllm",
+        "config_hash": run_id * 4,
+        "status": "complete",
+        "model": {"name": "qwen3-8b"},
+        "hardware": {"summary": f"{nodes} nodes", "nodes": [{"gpu": {"count": 8}}] * nodes},
+        "versions": {"pdbench_git_sha": "abc"},
+    }
+    metrics = {"output_token_throughput_tps": tps, "request_throughput_rps": tps / 100, "ttft_s": {"p50": 0.1, "p99": 0.3}}
+    summary = {
+        "cells": {"closed-c8": {"status": "ok", "metrics": metrics}, f"only-{run_id}": {"status": "ok", "metrics": metrics}},
+        "verdicts": {"capacity_rps": tps / 100, "max_rate_goodput": {"rate_rps": tps / 200, "status": "bracketed"}},
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "config.yaml").write_text(yaml.safe_dump({"track": "e2", "seed": seed, "engine": {"kind": manifest["engine"]}}))
+    return d
+
+
+def test_scaling_study_side_by_side(tmp_path):
+    runs = [fake_run(tmp_path, f"r{n}", "real", n, 1000.0 * n) for n in (1, 2, 4)]
+    out = compare(runs, tmp_path / "cmp")
+    data = json.loads((out / "compare.json").read_text())
+    assert [r["nodes"] for r in data["runs"]] == [1, 2, 4] and [r["GPUs"] for r in data["runs"]] == [8, 16, 32]
+    tput = next(r for r in data["cells"] if r["cell"] == "closed-c8" and r["metric"] == "out tok/s")
+    assert tput["B/A"] == pytest.approx(2.0) and tput["C/A"] == pytest.approx(4.0)
+    assert [r["max-rate goodput req/s"] for r in data["run_level"]] == [5.0, 10.0, 20.0]
+    assert data["config_differences"] == [], "same config on bigger clusters"
+    md = (out / "compare.md").read_text()
+    assert "only-r1" in md and "SIMULATED" not in md
+    assert "Plotly.newPlot" in (out / "compare.html").read_text()
+
+
+def test_mixing_simulated_and_real_is_refused_unless_asked(tmp_path):
+    real = fake_run(tmp_path, "real1", "real", 1, 1000.0)
+    sim = fake_run(tmp_path, "sim1", "simulated", 1, 5000.0, seed=1)
+    with pytest.raises(MixedModes, match="--allow-simulated"):
+        compare([real, sim], tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()
+    res = CliRunner().invoke(app, ["compare", str(real), str(sim), "-o", str(tmp_path / "cli")], env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and "refusing" in res.output
+    out = compare([real, sim], tmp_path / "cmp", allow_simulated=True)
+    md = (out / "compare.md").read_text()
+    assert "INCLUDES SIMULATED RUNS" in md and "B: 1 node SIMULATED" in md
+    assert "SIMULATED" in (out / "compare.html").read_text()
+    diffs = json.loads((out / "compare.json").read_text())["config_differences"]
+    assert {d["field"] for d in diffs} == {"seed", "engine.kind"}
+    # Two simulated runs compare without the flag: nothing real is being mixed in.
+    assert compare([sim, fake_run(tmp_path, "sim2", "simulated", 2, 1.0)], tmp_path / "cmp2")
+
+
+def test_compare_needs_two_runs_and_real_folders(tmp_path):
+    res = CliRunner().invoke(app, ["compare", str(tmp_path)], env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and "at least two" in res.output
+    res = CliRunner().invoke(app, ["compare", str(tmp_path), str(tmp_path)], env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and "not a pdbench run folder" in res.output
