@@ -75,12 +75,20 @@ class ExperimentConfig(BaseModel):
         return 1 if self.engine.kind == "vllm" or self.engine.device == "cuda" else 0
 
 
+# Sections whose `kind` picks a different model (a length distribution, an arrival process): a
+# new kind replaces the whole mapping. `engine.kind` is not one: its other fields apply to any kind.
+_KIND_IS_VARIANT_EXCEPT = ("engine",)
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge; a mapping with a different `kind` replaces the base instead of mixing fields."""
+    """Deep merge; a variant mapping with a different `kind` replaces the base instead of mixing fields."""
     out = dict(base)
     for k, v in over.items():
         b = out.get(k)
-        if isinstance(b, dict) and isinstance(v, dict) and b.get("kind", v.get("kind")) == v.get("kind", b.get("kind")):
+        same_kind = k in _KIND_IS_VARIANT_EXCEPT or (
+            isinstance(b, dict) and isinstance(v, dict) and b.get("kind", v.get("kind")) == v.get("kind", b.get("kind"))
+        )
+        if isinstance(b, dict) and isinstance(v, dict) and same_kind:
             out[k] = _merge(b, v)
         else:
             out[k] = v

@@ -91,3 +91,13 @@ def test_resolved_config_has_every_default_and_round_trips():
     dumped = json.loads(json.dumps(cfg.model_dump(mode="json")))
     assert dumped["params"] == {"repeats": 2, "tolerance": 0.25}
     assert config_hash(resolve("e0", dumped)) == config_hash(cfg)
+
+
+def test_switching_engine_kind_keeps_the_engine_fields():
+    cfg = resolve("e0", {"engine": {"kind": "vllm", "model": "qwen3-8b", "max_model_len": 4096}}, {"engine": {"kind": "simulated"}})
+    assert cfg.engine.kind == "simulated" and cfg.engine.model == "qwen3-8b" and cfg.engine.max_model_len == 4096
+
+
+def test_switching_a_distribution_kind_replaces_its_fields():
+    cfg = resolve("e0", {"workload": {"input_len": {"kind": "uniform", "low": 4, "high": 9}}}, {"workload": {"input_len": {"kind": "fixed", "value": 5}}})
+    assert cfg.workload.input_len.upper == 5

@@ -35,3 +35,13 @@ def test_server_stats_are_differences_of_the_engine_clock():
 def test_missing_stats_leave_breakdown_empty():
     s = VllmEngine._server_stats(SimpleNamespace(metrics=None, num_cached_tokens=None), t_q=0.0, now=1.0)
     assert "prefill_s" not in s and s["server_e2e_s"] == 1.0
+
+
+def test_memory_report_from_vllm_profiler_numbers():
+    from actors.engines.vllm_engine import memory_report
+
+    raw = {"weights_bytes": 16, "kv_cache_bytes": 50, "activation_peak_bytes": 4, "non_torch_bytes": 2,
+           "cudagraph_bytes": 1, "device_total_bytes": 80, "num_gpu_blocks": 10, "block_size": 16, "device": "cuda:0"}
+    m = memory_report(raw)
+    assert m.measured and m.other_bytes == 3 and m.total_bytes == 73 and m.kv_cache_tokens == 160
+    assert m.device == "cuda:0" and m.detail == raw

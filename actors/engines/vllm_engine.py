@@ -12,6 +12,7 @@ them are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from actors.engines.base import EngineAdapter, EngineInfo, EngineRequest, TokenDelta
+from actors.engines.base import EngineAdapter, EngineInfo, EngineRequest, MemoryReport, TokenDelta
 from actors.engines.models import arch_kv_bytes_per_token, architecture, architecture_hash, resolve_model
 from actors.engines.spec import EngineConfig
 
@@ -46,6 +47,26 @@ def engine_args(cfg: EngineConfig, model_dir: str, dummy: bool, kv_transfer_conf
         args["kv_transfer_config"] = kv_transfer_config
     args.update(cfg.vllm)
     return args
+
+
+def memory_report(raw: dict[str, Any]) -> MemoryReport:
+    """weights and activation peak as vLLM's profiler measured them; KV = the allocated block
+    pool; other = non-torch memory (CUDA context, NCCL/cuBLAS workspaces) + CUDA graphs."""
+    other = raw["non_torch_bytes"] + raw["cudagraph_bytes"]
+    parts = (raw["weights_bytes"], raw["kv_cache_bytes"], raw["activation_peak_bytes"], other)
+    return MemoryReport(
+        source="vLLM start-up profiler (determine_available_memory) + KV tensors + torch.cuda + NVML",
+        measured=True,
+        device=raw.get("device", "cuda"),
+        weights_bytes=raw["weights_bytes"],
+        kv_cache_bytes=raw["kv_cache_bytes"],
+        activation_peak_bytes=raw["activation_peak_bytes"],
+        other_bytes=other,
+        total_bytes=sum(parts),
+        device_total_bytes=raw["device_total_bytes"],
+        kv_cache_tokens=raw["num_gpu_blocks"] * raw["block_size"] if raw.get("num_gpu_blocks") else None,
+        detail=raw,
+    )
 
 
 def _materialise(arch: dict[str, Any]) -> str:
@@ -80,8 +101,9 @@ class VllmEngine(EngineAdapter):
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(self.cfg, model_dir, dummy, self.kv_transfer_config)))
         init_s = time.monotonic() - t0
         hf = self.llm.model_config.hf_config.to_dict()
-        arch = architecture(raw if raw is not None else hf)
-        mem = (await self.llm.collective_rpc("pdbench_memory"))[0]
+        # The architecture as run: engine.hf_overrides (e.g. YaRN) included, as vLLM applies them.
+        arch = architecture({**raw, **self.cfg.hf_overrides} if raw is not None else hf)
+        mem = await self.memory()
         checksum = (await self.llm.collective_rpc("pdbench_weight_checksum"))[0]
         self.info_ = EngineInfo(
             engine="vllm",
@@ -91,10 +113,11 @@ class VllmEngine(EngineAdapter):
             kv_bytes_per_token=arch_kv_bytes_per_token(arch, self.cfg.dtype),
             device=torch.cuda.get_device_name(0),
             dtype=self.cfg.dtype,
+            random_weights=dummy,
             extra={
                 "load_format": "dummy" if dummy else "auto",
                 "engine_init_s": init_s,
-                "vllm_memory": mem,
+                "vllm_memory": mem["detail"],
                 "weight_checksum": checksum,
                 "engine_args": {k: v for k, v in engine_args(self.cfg, model_dir, dummy).items() if k != "model"},
             },
@@ -152,8 +175,10 @@ class VllmEngine(EngineAdapter):
         return stats
 
     async def memory(self) -> dict[str, Any]:
+        """MemoryReport fields from vLLM's own start-up profiler; its raw numbers under `detail`."""
         assert self.llm is not None, "engine not started"
-        return (await self.llm.collective_rpc("pdbench_memory"))[0]
+        raw = (await self.llm.collective_rpc("pdbench_memory"))[0]
+        return dataclasses.asdict(memory_report(raw))
 
     async def shutdown(self) -> None:
         if self.llm is not None:

@@ -26,7 +26,7 @@ class PdbenchWorkerExtension:
         dev = self.device  # type: ignore[attr-defined]
         free, total = torch.cuda.mem_get_info(dev)
         out: dict[str, Any] = {
-            "source": "vllm profiler + torch.cuda + NVML",
+            "device": str(dev),
             "weights_bytes": int(mr.model_memory_usage),
             "activation_peak_bytes": int(getattr(self, "peak_activation_memory", 0)),
             "non_torch_bytes": int(getattr(self, "non_torch_memory", 0)),
