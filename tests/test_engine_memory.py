@@ -128,3 +128,27 @@ def test_reference_memory_report_on_cuda():
     assert rep.weights_bytes == sum(t.numel() * t.element_size() for t in [*m.model.parameters(), *m.model.buffers()])
     assert rep.total_bytes == rep.weights_bytes + rep.kv_cache_bytes + rep.activation_peak_bytes + rep.other_bytes
     assert rep.device_total_bytes == torch.cuda.get_device_properties(0).total_memory
+
+
+def test_e5_reports_kv_bytes_per_token_of_a_fixed_pool():
+    """vLLM-style memory (a preallocated pool that says how many tokens it holds): the E5 verdict
+    carries the measured bytes per token beside the analytic one, and the report prints both."""
+    import pandas as pd
+
+    from analysis.tracks.e5 import ANALYSIS
+
+    import json
+
+    from actors.engines.models import MODELS_DIR, architecture
+
+    arch = {**architecture(json.loads((MODELS_DIR / "qwen3-8b.json").read_text())), "hash": "h"}
+    mem = {"source": "vllm", "measured": True, "device": "cuda:0", "weights_bytes": 16_000_000_000,
+           "kv_cache_bytes": 147456 * 1000, "kv_cache_tokens": 1000, "activation_peak_bytes": 1, "other_bytes": 1,
+           "total_bytes": 16_000_000_000 + 147456 * 1000 + 2, "device_total_bytes": 80 * 2**30}
+    cells = {"ctx64-c1": {"labels": {"context": 64, "concurrency": 1}, "memory": mem, "status": "ok",
+                          "engine_info": {"architecture": arch, "dtype": "bfloat16", "kv_bytes_per_token": 147456,
+                                          "extra": {"num_parameters": 8_000_000_000}}}}
+    v = ANALYSIS.verdicts(pd.DataFrame(), cells, {})
+    assert v["kv_bytes_per_token_measured"] == 147456 == v["kv_bytes_per_token_analytic"]
+    text = " ".join(t for s in ANALYSIS.sections(pd.DataFrame(), {"verdicts": v}) for t in s.text)
+    assert "measured 147,456 B" in text and "analytic 147,456 B" in text

@@ -52,7 +52,16 @@ class E5Analysis(TrackAnalysis):
                 row["overhead_assumed_bytes"] = overhead
             fits.append(row)
         kv_ratio = (t["measured_kv_cache_bytes"] / t["analytic_kv_cache_bytes"]).where(measured)
+        # Engines with a fixed KV pool (vLLM) say how many tokens it holds: bytes per token measured.
+        pools = [m["memory"] for m in cells.values() if (m.get("memory") or {}).get("kv_cache_tokens")]
+        per_token = {}
+        if pools and "kv_bytes_per_token" in t:
+            per_token = {
+                "kv_bytes_per_token_measured": pools[0]["kv_cache_bytes"] / pools[0]["kv_cache_tokens"],
+                "kv_bytes_per_token_analytic": int(t["kv_bytes_per_token"].iloc[0]),
+            }
         return {
+            **per_token,
             "rows": t.astype(object).where(t.notna(), None).to_dict(orient="records"),
             "measured": bool(measured.any()),
             "sources": sorted({s for s in t["source"].dropna()}),
@@ -76,6 +85,11 @@ class E5Analysis(TrackAnalysis):
         kv = v.get("kv_measured_over_analytic") or {}
         if kv.get("min") is not None:
             text.append(f"Measured KV / analytic KV: {kv['min']:.3f} … {kv['max']:.3f} (1.0 when every request of the wave was resident at once).")
+        if v.get("kv_bytes_per_token_measured") is not None:
+            text.append(
+                f"KV bytes per token: measured {v['kv_bytes_per_token_measured']:,.0f} B (the engine's KV pool bytes ÷ the "
+                f"tokens it holds) vs analytic {v['kv_bytes_per_token_analytic']:,} B."
+            )
         if v.get("weights_measured_over_analytic") is not None:
             text.append(f"Measured weights / analytic weights: {v['weights_measured_over_analytic']:.4f} (measured counts buffers too).")
         if v.get("budget_bytes"):
