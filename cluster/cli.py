@@ -113,6 +113,69 @@ def run(
 
 
 @app.command()
+def serve(
+    mode: str = typer.Option("aggregated", help="serving mode behind the endpoint (aggregated; disaggregated where available)"),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML with engine:, placement: (an experiment config works), served_model_name:, tokenizer:"
+    ),
+    engine: Optional[EngineKind] = typer.Option(None, help="engine to use; overrides engine.kind of the config"),
+    model: Optional[str] = typer.Option(None, help="engine.model (tiny-qwen3, a configs/models/ name, a path, a hub name)"),
+    tokenizer: Optional[str] = typer.Option(
+        None, help="Hugging Face tokenizer (folder or hub name) so text prompts work; without it prompts are token ids"
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", help="address the HTTP proxy listens on; the endpoint has no authentication, so loopback by default"
+    ),
+    port: int = typer.Option(8000, help="HTTP port"),
+    replicas: int = typer.Option(1, min=1, help="data-parallel replicas, each with its own engine"),
+    name: str = typer.Option("pdbench", help="Serve application name"),
+    address: Optional[str] = typer.Option(None, help="Ray address to join ('auto' on a cluster node); default: embedded local Ray"),
+    detach: bool = typer.Option(False, help="with --address: leave the app running on the cluster and return"),
+) -> None:
+    """Serve pdbench's engine actors behind an OpenAI-compatible /v1/completions (streaming SSE).
+
+    Prompts are token-id lists unless --tokenizer is given. Stop with Ctrl-C (the app is deleted);
+    with --address and --detach it keeps running until `serve shutdown` or `ray down`.
+    """
+    import time
+
+    from cluster import ray_env
+    from cluster.config import ConfigError, load_yaml
+    from cluster.serve import deploy, is_loopback, serve_spec, undeploy
+
+    if detach and not address:
+        _fail("--detach needs --address: an embedded Ray ends with this command")
+    overrides: dict = {"mode": mode, "app_name": name, "replicas": replicas}
+    if engine is not None:
+        overrides.setdefault("engine", {})["kind"] = engine.value
+    if model is not None:
+        overrides.setdefault("engine", {})["model"] = model
+    if tokenizer is not None:
+        overrides["tokenizer"] = tokenizer
+    try:
+        spec = serve_spec(load_yaml(config) if config else {}, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+    if not is_loopback(host):
+        console.print(f"[bold yellow]warning:[/] listening on {host}: anyone who reaches it can use the engines (no authentication)")
+    ray_env.connect(address)
+    try:
+        url = deploy(spec, host, port)
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {url}/v1/completions")
+    typer.echo(url)
+    if detach:
+        return
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        undeploy(spec)
+        console.print("stopped")
+
+
+@app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="a runs/<run-id>/ folder"),
     plotly_js: str = typer.Option(

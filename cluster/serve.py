@@ -1,0 +1,214 @@
+"""`pdbench serve`: pdbench's engine actors behind an OpenAI-compatible `/v1/completions` (Ray Serve).
+
+External clients (`vllm bench serve`, GuideLLM, curl) then drive the very actors pdbench
+benchmarks. Each Serve replica starts its own entry actor for the chosen serving mode (the actor
+fate-shares with its replica) and streams that actor's `generate(request)` deltas as SSE chunks.
+The HTTP proxy listens on 127.0.0.1 unless told otherwise: the endpoint has no authentication.
+"""
+
+
+import asyncio
+import ipaddress
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+
+from actors.backends import ActorBackend
+from actors.engine_actor import EngineActor, actor_name
+from actors.engines.spec import EngineConfig
+from actors.openai_api import ApiError, ChunkWriter, CompletionRequest, check_supported, prompt_ids, sse
+from cluster.config import ConfigError, PlacementSpec, _format, _merge
+
+ENGINE_START_TIMEOUT_S = 900.0
+LOOPBACK = "127.0.0.1"
+
+
+class ServeSpec(BaseModel):
+    """What `pdbench serve` deploys (the `engine:` and `placement:` sections of a config file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mode: str = "aggregated"
+    engine: EngineConfig = EngineConfig()
+    placement: PlacementSpec = PlacementSpec()
+    served_model_name: str | None = Field(default=None, description="the `model` clients send; default engine.model")
+    tokenizer: str | None = Field(default=None, description="Hugging Face tokenizer (folder or hub name) for text prompts")
+    app_name: str = Field(default="pdbench", pattern=r"^[A-Za-z0-9_-]+$")
+    replicas: int = Field(default=1, ge=1, description="data-parallel replicas, each with its own engine")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.engine.model
+
+    def gpus_per_engine(self) -> int:
+        if self.placement.gpus_per_engine is not None:
+            return self.placement.gpus_per_engine
+        return 1 if self.engine.kind == "vllm" or self.engine.device == "cuda" else 0
+
+
+# Sections of an experiment config that mean nothing to a server: one file can serve both.
+_EXPERIMENT_ONLY = ("track", "seed", "workload", "slo", "params", "max_concurrent_cells", "request_timeout_s", "target")
+
+
+def serve_spec(file_data: dict[str, Any], overrides: dict[str, Any]) -> ServeSpec:
+    """Config file ← CLI flags, validated; errors name the field."""
+    data = _merge({k: v for k, v in file_data.items() if k not in _EXPERIMENT_ONLY}, overrides)
+    try:
+        return ServeSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e, ServeSpec)) from None
+
+
+# --- entry actors per serving mode ---------------------------------------------------------
+@dataclass
+class Entry:
+    """A started entry actor (streaming `generate(request)`), its engine info, the actors it owns."""
+
+    handle: Any
+    info: dict[str, Any]
+    owned: list[Any]
+
+
+async def _aggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
+    engine = EngineActor.options(
+        name=actor_name(run, cell, "engine"),
+        num_cpus=spec.placement.cpus_per_engine,
+        num_gpus=spec.gpus_per_engine(),
+    ).remote(spec.engine.model_dump(mode="json"), role="engine")
+    info = await asyncio.wait_for(engine.start.remote(), ENGINE_START_TIMEOUT_S)
+    return Entry(handle=engine, info=info, owned=[engine])
+
+
+# The disaggregated entry (prefill + decode actors behind one `generate`) registers here once the
+# disaggregated serving mode exists on this branch.
+SERVE_ENTRIES: dict[str, Callable[[ServeSpec, str, str], Awaitable[Entry]]] = {"aggregated": _aggregated_entry}
+
+
+# --- the HTTP app --------------------------------------------------------------------------
+api = FastAPI(title="pdbench OpenAI-compatible endpoint", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    err = ApiError(400, f"{param or 'request'}: {first.get('msg', 'invalid request')}", param)
+    return JSONResponse(err.body(), status_code=400)
+
+
+async def _events(deltas: AsyncIterator[dict[str, Any]], writer: ChunkWriter, usage: bool) -> AsyncIterator[str]:
+    async for d in deltas:
+        if d["finished"] and d["error"]:
+            yield sse(ApiError(500, f"engine error: {d['error']}", None, "engine_error").body())
+            break
+        if d["token_ids"] or d["finished"]:
+            yield sse(writer.chunk(d["token_ids"], d["finished"], d["server"] if d["finished"] else None))
+    if usage:
+        yield sse(writer.usage_chunk())
+    yield sse("[DONE]")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress(api)
+class Completions:
+    async def __init__(self, spec: dict[str, Any]):
+        self.spec = ServeSpec.model_validate(spec)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.entry = await SERVE_ENTRIES[self.spec.mode](self.spec, f"serve-{self.spec.app_name}", replica)
+        self.vocab_size = int(self.entry.info["vocab_size"])
+        self.tokenizer = None
+        if self.spec.tokenizer:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.spec.tokenizer)
+
+    def __del__(self) -> None:
+        # Serve's shutdown hook: free the engine's GPU now rather than when the owner is reaped.
+        for actor in getattr(getattr(self, "entry", None), "owned", []):
+            ray.kill(actor)
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        card = {
+            "id": self.spec.model_name,
+            "object": "model",
+            "owned_by": "pdbench",
+            "max_model_len": self.spec.engine.max_model_len,
+            "vocab_size": self.vocab_size,
+            "serving_mode": self.spec.mode,
+            "engine": self.spec.engine.kind,
+        }
+        return {"object": "list", "data": [card]}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Any:
+        try:
+            if body.model != self.spec.model_name:
+                raise ApiError(404, f"model {body.model!r} is not served here; this server serves {self.spec.model_name!r}", "model", "model_not_found")
+            check_supported(body)
+            ids = prompt_ids(body, self.tokenizer, self.vocab_size, self.spec.engine.max_model_len, self.spec.model_name)
+        except ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        rid = uuid.uuid4().hex
+        writer = ChunkWriter(rid, self.spec.model_name, len(ids), self.tokenizer)
+        deltas = ActorBackend(self.entry.handle).stream({"request_id": rid, "prompt_token_ids": ids, "max_tokens": body.max_tokens})
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_events(deltas, writer, usage), media_type="text/event-stream")
+        out: list[int] = []
+        server = None
+        async for d in deltas:
+            out += d["token_ids"]
+            if d["finished"]:
+                if d["error"]:
+                    err = ApiError(500, f"engine error: {d['error']}", None, "engine_error")
+                    return JSONResponse(err.body(), status_code=500)
+                server = d["server"]
+        return writer.whole(out, server)
+
+
+# --- deploying -----------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def deploy(spec: ServeSpec, host: str = LOOPBACK, port: int = 8000) -> str:
+    """Start Serve's HTTP proxy on host:port and run the app; return its base URL.
+
+    Ray must already be connected (cluster.ray_env.connect). Serve keeps the HTTP options it was
+    first started with on a cluster, so a conflicting host or port is refused, not ignored.
+    """
+    if spec.mode not in SERVE_ENTRIES:
+        raise ValueError(f"mode: {spec.mode!r} cannot be served; available: {', '.join(SERVE_ENTRIES)}")
+    serve.start(http_options={"host": host, "port": port})
+    # serve.start only logs when Serve already runs with other options; no public API reads them.
+    actual = serve.context._get_global_client().http_config
+    if (actual.host, actual.port) != (host, port):
+        raise RuntimeError(
+            f"--host/--port: Serve already runs on this cluster at {actual.host}:{actual.port}; "
+            f"shut it down (`serve shutdown`) or pass --host {actual.host} --port {actual.port}"
+        )
+    app = Completions.options(num_replicas=spec.replicas).bind(spec.model_dump(mode="json"))
+    serve.run(app, name=spec.app_name, route_prefix="/", blocking=False)
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def undeploy(spec: ServeSpec) -> None:
+    serve.delete(spec.app_name)
+
