@@ -60,7 +60,7 @@ def _delta(token_ids: list[int] | None = None, finished: bool = False, error: st
 
 
 class OpenAIBackend:
-    def __init__(self, target: TargetSpec, api_key: str | None = None):
+    def __init__(self, target: TargetSpec, api_key: str | None = None, transport: httpx.AsyncBaseTransport | None = None):
         self.target = target
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(
@@ -70,6 +70,7 @@ class OpenAIBackend:
             # streams open at once, so the pool is unbounded.
             timeout=httpx.Timeout(None, connect=target.connect_timeout_s),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+            transport=transport,
         )
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from actors.engines.spec import EngineConfig
 from actors.kv.spec import KVTransferConfig
+from actors.openai_client import TargetSpec
 from analysis.metrics import SLO
 from workloads.requests import WorkloadSpec
 from workloads.tracks import get_track, list_tracks
@@ -56,6 +57,9 @@ class ExperimentConfig(BaseModel):
         "cluster's GPUs hold, CPU-only cells one at a time (shared cores would skew latency)",
     )
     request_timeout_s: float | None = Field(default=600.0, gt=0)
+    target: TargetSpec | None = Field(
+        default=None, description="benchmark this OpenAI-compatible server instead of starting engines"
+    )
 
     @field_validator("track")
     @classmethod

@@ -14,6 +14,7 @@ concurrently, up to `max_concurrent_cells`, each on its own placement group.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
@@ -68,9 +69,25 @@ def plan_cells(cfg: ExperimentConfig) -> list[CellPlan]:
     cannot be built) are config errors naming the field."""
     track = get_track(cfg.track)
     try:
-        return track.cells(cfg.workload, track.params_model.model_validate(cfg.params))
+        plans = track.cells(cfg.workload, track.params_model.model_validate(cfg.params))
     except ValueError as e:
         raise ConfigError(f"invalid config:\n  {e}") from None
+    return for_target(cfg, plans)
+
+
+def for_target(cfg: ExperimentConfig, plans: list[CellPlan]) -> list[CellPlan]:
+    """With a `target:`, every cell (of every round) drives that server over HTTP."""
+    if cfg.target is None:
+        return plans
+    if cfg.simulated:
+        raise ConfigError("invalid config:\n  target: an external server is real; it cannot run with --simulate")
+    modes = sorted({p.mode for p in plans})
+    if len(modes) > 1:
+        raise ConfigError(
+            f"invalid config:\n  target: track {cfg.track} compares serving modes {', '.join(modes)}; "
+            "an external server is one deployment (run this track on pdbench's engines)"
+        )
+    return [dataclasses.replace(p, mode="external") for p in plans]
 
 
 def cell_engine(cfg: ExperimentConfig, plan: CellPlan) -> EngineConfig:
@@ -95,6 +112,8 @@ def cell_hash(cfg: ExperimentConfig, plan: CellPlan) -> str:
             [[r.request_id, list(r.prompt_token_ids), r.max_tokens, r.warmup, r.meta] for r in plan.requests]
         )
         what["tokenizer"] = plan.tokenizer
+    if cfg.target is not None:  # another server is another result (only then: old hashes stand)
+        what["target"] = cfg.target.model_dump(mode="json")
     return sha256_of(what)
 
 
@@ -130,7 +149,7 @@ def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
             continue
         eng = cell_engine(cfg, p)
         need = p.workload.input_len.upper + p.workload.output_len.upper
-        if need > eng.max_model_len:
+        if need > eng.max_model_len and cfg.target is None:
             errors.append(
                 f"  workload.input_len/output_len: cell {p.cell_id} can ask for {need} tokens "
                 f"but engine.max_model_len is {eng.max_model_len}"
@@ -302,7 +321,7 @@ class Driver:
             for p in round_plans:
                 outcomes[p.cell_id] = self._outcome(p, metas[p.cell_id])
             known = {p.cell_id for p in self.plans}
-            proposed = self.track.next_cells(self.cfg.workload, self.params, outcomes)
+            proposed = for_target(self.cfg, self.track.next_cells(self.cfg.workload, self.params, outcomes))
             round_plans = list({p.cell_id: p for p in proposed if p.cell_id not in known}.values())
             if not round_plans:
                 break
@@ -323,7 +342,8 @@ class Driver:
             "track": self.cfg.track,
             "config_hash": self.hash,
             "mode": "simulated" if self.cfg.simulated else "real",
-            "engine": self.cfg.engine.kind,
+            "engine": "external" if self.cfg.target else self.cfg.engine.kind,
+            "target": self.cfg.target.model_dump(mode="json") if self.cfg.target else None,
             "serving_modes": sorted({p.mode for p in self.plans}),
             "model": {
                 "name": info.get("model", self.cfg.engine.model),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from cluster.cells import aggregated, disaggregated
+from cluster.cells import aggregated, disaggregated, external
 from cluster.cells.base import CellContext, CellResult
 
 
@@ -18,6 +18,8 @@ class ServingMode:
 MODES: dict[str, ServingMode] = {
     "aggregated": ServingMode(aggregated.run_aggregated, aggregated.bundles),
     "disaggregated": ServingMode(disaggregated.run_disaggregated, disaggregated.bundles),
+    # Not a serving mode of ours: every cell of a run with a `target:` drives that server.
+    "external": ServingMode(external.run_external, external.bundles),
 }
 
 __all__ = ["CellContext", "CellResult", "MODES", "ServingMode"]

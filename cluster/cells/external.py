@@ -1,0 +1,47 @@
+"""External cell: no engine of ours; the load generator drives the config's `target:` server over
+HTTP (OpenAI-compatible /v1/completions), so the same tracks benchmark any such server.
+
+The load generator runs on the node of the `pdbench run` process, so `target.base_url` means what
+it means there (a loopback URL reaches a server on that machine).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.loadgen import LoadGenerator
+from analysis.records import to_frame
+from cluster.cells.base import CellContext, CellResult
+
+
+def bundles(ctx: CellContext) -> list[dict[str, float]]:
+    return []  # the load generator takes no CPU and the server is not ours to place
+
+
+def _api_key(ctx: CellContext) -> str | None:
+    name = ctx.cfg.target.api_key_env
+    if name is None:
+        return None
+    key = os.environ.get(name)
+    if not key:
+        raise RuntimeError(f"target.api_key_env: environment variable {name} is not set in the pdbench run process")
+    return key
+
+
+async def run_external(ctx: CellContext) -> CellResult:
+    target = ctx.cfg.target
+    api_key = _api_key(ctx)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=here).remote()
+    try:
+        reqs = ctx.plan.build_requests(target.vocab_size, ctx.seed)
+        conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
+        raws = await loadgen.run.remote(target, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, api_key)
+    finally:
+        ray.kill(loadgen)
+    df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, mode="external", engine="external")
+    info = {"engine": "external", "model": target.model, "vocab_size": target.vocab_size, "base_url": target.base_url}
+    return CellResult(requests=df, meta={"engine_info": info})

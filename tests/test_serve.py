@@ -1,0 +1,207 @@
+"""The OpenAI-compatible endpoint on Ray Serve, driven by pdbench's own HTTP backend."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from cluster.config import resolve
+
+MODEL = "tiny-qwen3"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening_hosts(port: int) -> set[str]:
+    return {c.laddr.ip for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def non_loopback_ip() -> str | None:
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    return None
+
+
+@pytest.fixture(scope="module")
+def served(ray_local):
+    from ray import serve
+
+    from cluster.serve import deploy, serve_spec
+
+    port = free_port()
+    spec = serve_spec({}, {"app_name": "pdbench-test", "engine": {"max_model_len": 256}})
+    url = deploy(spec, "127.0.0.1", port)
+    yield url, port
+    serve.shutdown()
+
+
+def _post(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"model": MODEL, **body}, timeout=60)
+
+
+def test_endpoint_bound_to_loopback_only(served):
+    url, port = served
+    assert url == f"http://127.0.0.1:{port}"
+    assert listening_hosts(port) == {"127.0.0.1"}
+    ip = non_loopback_ip()
+    if ip is not None:  # the machine's own non-loopback address must not reach it
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://{ip}:{port}/health", timeout=5)
+
+
+def test_models_card_and_refusals(served):
+    url, _ = served
+    card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+    assert card["id"] == MODEL and card["vocab_size"] == 2048 and card["max_model_len"] == 256
+
+    r = _post(url, prompt="hello world", max_tokens=4)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "prompt" and "tokenizer" in err["message"] and "token ids" in err["message"]
+
+    r = _post(url, prompt=[1, 2, 3], max_tokens=4, temperature=0.7)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = _post(url, prompt=[1, 5000], max_tokens=4)
+    assert r.status_code == 400 and "2048" in r.json()["error"]["message"]
+    r = _post(url, prompt=[1, 2], max_tokens=300)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = _post(url, prompt=[1, 2], max_tokens=0)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = httpx.post(f"{url}/v1/completions", json={"model": "gpt-4", "prompt": [1], "max_tokens": 2}, timeout=30)
+    assert r.status_code == 404
+
+
+def test_stream_and_whole_agree(served):
+    url, _ = served
+    whole = _post(url, prompt=[3, 1, 4, 1, 5], max_tokens=6).json()
+    ids = whole["choices"][0]["token_ids"]
+    assert len(ids) == 6 and whole["usage"] == {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}
+    assert whole["choices"][0]["text"] == "".join(f" {i}" for i in ids)
+    streamed, events = [], []
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", timeout=60,
+        json={"model": MODEL, "prompt": [3, 1, 4, 1, 5], "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    import json
+
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    for c in chunks:
+        for ch in c["choices"]:
+            streamed += ch["token_ids"]
+    assert streamed == ids
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+    assert [ch["finish_reason"] for c in chunks for ch in c["choices"]][-1] == "length"
+
+
+def test_http_backend_drives_the_endpoint_with_greedy_tokens_and_timestamps(served, tmp_path):
+    """A whole track through pdbench's HTTP backend; tokens equal the engine's own greedy tokens."""
+    import ray
+
+    from actors.engine_actor import EngineActor
+    from analysis.packet import load_packet
+    from cluster.driver import Driver, RunOptions
+    from workloads.requests import synthetic_requests
+
+    url, _ = served
+    cfg = resolve(
+        "e0",
+        {
+            "workload": {
+                "num_requests": 6,
+                "warmup_requests": 1,
+                "input_len": {"kind": "uniform", "low": 8, "high": 32},
+                "output_len": {"kind": "fixed", "value": 8},
+                "arrival": {"kind": "closed", "concurrency": 3},
+            },
+            "target": {"base_url": url, "model": MODEL, "vocab_size": 2048},
+        },
+    )
+    run_dir = Driver(cfg, RunOptions(out_dir=tmp_path)).run()
+    p = load_packet(run_dir)
+    assert p.manifest["status"] == "complete" and p.manifest["engine"] == "external"
+    assert p.manifest["target"]["base_url"] == url
+    df = p.requests
+    assert set(df["mode"]) == {"external"} and df["ok"].all()
+    # Latency medians of 5 requests are noise; the token check across repeats is not.
+    checks = {c["check"]: c["ok"] for c in p.summary["verdicts"]["checks"]}
+    assert checks["greedy token ids identical request by request"], p.summary["verdicts"]
+
+    # The oracle: the same prompts straight into an engine actor (no HTTP, no Serve).
+    engine = EngineActor.remote({"max_model_len": 256})
+    try:
+        ray.get(engine.start.remote())
+        reqs = synthetic_requests(cfg.workload, 2048, cfg.seed)
+
+        async def direct(spec):
+            out = []
+            gen = engine.generate.options(num_returns="streaming").remote(
+                {"request_id": spec.request_id, "prompt_token_ids": spec.prompt_token_ids, "max_tokens": spec.max_tokens}
+            )
+            async for ref in gen:
+                out += (await ref)["token_ids"]
+            return out
+
+        async def all_direct():
+            return await asyncio.gather(*(direct(s) for s in reqs))
+
+        expected = dict(zip([s.request_id for s in reqs], asyncio.run(all_direct())))
+    finally:
+        ray.kill(engine)
+    for row in df.itertuples():
+        assert list(row.output_token_ids) == expected[row.request_id], row.request_id
+        # Client timestamps, one process's clock: sent ≤ first ≤ last, one ITL per token gap.
+        assert row.t_sent <= row.t_first_token <= row.t_last_token
+        assert row.ttft_s > 0 and row.output_tokens == 8 and len(row.itl_s) == 7
+        assert row.ttft_s <= row.e2e_s
+        # The endpoint's server_timing extension carries the engine-side breakdown.
+        assert row.prefill_s > 0 and row.server_queue_s >= 0
+
+
+def test_cli_serve_defaults_to_loopback(tmp_path):
+    """`pdbench serve` as a user runs it: embedded Ray, default host, Ctrl-C stops it."""
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--name", "pdbench-cli"],
+        cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert listening_hosts(port) == {"127.0.0.1"}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": MODEL, "prompt": [7, 8, 9], "max_tokens": 3}, timeout=60)
+        assert len(r.json()["choices"][0]["token_ids"]) == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert out.strip() == f"http://127.0.0.1:{port}"
