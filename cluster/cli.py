@@ -41,7 +41,13 @@ def run(
     address: Optional[str] = typer.Option(
         None, help="Ray address to join ('auto' inside `ray job submit`); default: start an embedded local Ray"
     ),
-    out: Path = typer.Option(Path("runs"), "--out", "-o", help="folder that receives runs/<run-id>/"),
+    out: Optional[str] = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="folder or pyarrow.fs URI (s3://, gs://, file://...) that receives <run-id>/; default $PDBENCH_OUT, "
+        "else ~/pdbench-runs inside `ray job submit`, else ./runs",
+    ),
     seed: Optional[int] = typer.Option(None, help="seed of prompts, lengths and arrivals; overrides the config's seed"),
     progress: bool = typer.Option(True, help="show a progress display"),
     resume: Optional[Path] = typer.Option(
@@ -55,6 +61,7 @@ def run(
     """Run one track and write its evidence packet (manifest, records, summary, reports)."""
     from cluster.config import ConfigError, load_yaml, resolve
     from cluster.driver import Driver, RunOptions, RunProgress
+    from cluster.storage import default_out
 
     overrides: dict = {}
     if engine is not None and simulate:
@@ -72,11 +79,12 @@ def run(
         cfg = resolve(track, data, overrides)
         if cfg.simulated and not simulate:
             raise ConfigError("invalid config:\n  engine.kind: 'simulated' runs only with --simulate (real engines are the default)")
-        driver = Driver(cfg, RunOptions(out_dir=out, address=address, progress=progress, resume=resume))
-    except ConfigError as e:
+        driver = Driver(cfg, RunOptions(out_dir=out or default_out(), address=address, progress=progress, resume=resume))
+    except ValueError as e:  # ConfigError, or an --out that pyarrow.fs cannot open
         _fail(str(e))
     what = "resuming" if resume is not None else "run"
-    console.print(f"{what} [bold]{driver.run_id}[/] — track {cfg.track}, engine {cfg.engine.kind}, {len(driver.plans)} cell(s) planned")
+    engine_desc = f"external server {cfg.target.base_url}" if cfg.target else cfg.engine.kind
+    console.print(f"{what} [bold]{driver.run_id}[/] — track {cfg.track}, engine {engine_desc}, {len(driver.plans)} cell(s) planned")
     try:
         if progress:
             with Progress(
@@ -106,8 +114,11 @@ def run(
     verdict = summary.get("verdicts", {}).get("verdict")
     if verdict:
         console.print(f"verdict: [bold]{verdict}[/]")
-    console.print(f"report: {run_dir / 'report.md'}\n        {run_dir / 'report.html'}  (open in a browser; works offline)")
-    typer.echo(str(run_dir))
+    if driver.dest.remote:
+        console.print(f"packet: {driver.location}  (get it with `pdbench runs pull {driver.location}`)\nstaging copy: {run_dir}")
+    else:
+        console.print(f"report: {run_dir / 'report.md'}\n        {run_dir / 'report.html'}  (open in a browser; works offline)")
+    typer.echo(driver.location)
     if manifest["status"] == "failed":
         raise typer.Exit(1)
 
@@ -194,6 +205,38 @@ def report(
         _fail(str(e))
     write_reports(packet, plotly_js)
     typer.echo(str(run_dir / "report.html"))
+
+
+runs_app = typer.Typer(help="Evidence packets kept elsewhere: list them, copy them here.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("list")
+def runs_list(src: str = typer.Argument(..., help="a runs folder or pyarrow.fs URI (s3://bucket/pdbench-runs, ...)")) -> None:
+    """List the run folders under SRC."""
+    from cluster.storage import list_runs
+
+    try:
+        names = list_runs(src)
+    except ValueError as e:
+        _fail(str(e))
+    for n in names:
+        typer.echo(n)
+
+
+@runs_app.command("pull")
+def runs_pull(
+    src: str = typer.Argument(..., help="one run folder: a URI (s3://bucket/pdbench-runs/<run-id>) or a path"),
+    to: Path = typer.Option(Path("runs"), "--to", help="local folder that receives <run-id>/"),
+) -> None:
+    """Copy a run's packet here; `pdbench report` then works on it offline."""
+    from cluster.storage import pull
+
+    try:
+        target = pull(src, to)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(str(target))
 
 
 @app.command()

@@ -38,13 +38,14 @@ from cluster import manifest as mf
 from cluster import ray_env
 from cluster.cells import MODES, CellContext
 from cluster.config import ConfigError, ExperimentConfig, config_hash, sha256_of, to_yaml
+from cluster.storage import Destination
 from workloads.text import get_codec
 from workloads.tracks import CellOutcome, CellPlan, get_track
 
 
 @dataclass
 class RunOptions:
-    out_dir: Path = Path("runs")
+    out_dir: str | Path = "runs"  # a folder or a pyarrow.fs URI (cluster/storage.py)
     address: str | None = None
     progress: bool = True
     resume: Path | None = None
@@ -175,12 +176,15 @@ class Driver:
         self.resumed_at: list[str] = []
         self.concurrency: int | None = None  # max_concurrent_cells resolved against the cluster in run()
         self._nodes: list[dict[str, Any]] | None = None
+        self.dest = Destination(opts.out_dir)
         if opts.resume is None:
             self.run_id = f"{cfg.track}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{self.hash[:8]}-{secrets.token_hex(2)}"
-            self.run_dir = Path(opts.out_dir) / self.run_id
+            self.run_dir = self.dest.local_dir(self.run_id)
             self.started_at = _now()
         else:
             self._adopt(Path(opts.resume))
+        # Where the packet ends up: the URI for shared storage, else the folder itself.
+        self.location = self.dest.location(self.run_id) if self.dest.remote else str(self.run_dir)
 
     def _adopt(self, run_dir: Path) -> None:
         """Resume: take over an earlier run's folder, id and start time; refuse another config."""
@@ -260,6 +264,7 @@ class Driver:
         meta["ended_at"] = _now()
         meta["wall_s"] = time.monotonic() - t0
         write_json(cell_dir / "cell.json", meta)
+        self.dest.publish_cell(self.run_dir, plan.cell_id)
         return meta
 
     @staticmethod
@@ -400,6 +405,7 @@ class Driver:
         )
         write_json(self.run_dir / "manifest.json", self._manifest(cells, status))
         write_reports(load_packet(self.run_dir))
+        self.dest.publish_run(self.run_dir)
         return self.run_dir
 
     def run(self, on_progress: Callable[[RunProgress], None] | None = None) -> Path:
@@ -418,5 +424,6 @@ class Driver:
             self.run_dir.mkdir(parents=True, exist_ok=False)
             write_yaml(self.run_dir / "config.yaml", to_yaml(self.cfg))
         write_json(self.run_dir / "manifest.json", self._manifest({}, "running"))
+        self.dest.publish_run(self.run_dir)
         metas = asyncio.run(self._run_all(on_progress))
         return self.finalize(metas)
