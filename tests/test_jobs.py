@@ -1,7 +1,7 @@
 """One Ray job per experiment, on a real Ray head with its dashboard, as on a cluster.
 
-The head runs in a child process owned by this test (the session's embedded Ray stays untouched:
-one ray.init per process), with token authentication on and the dashboard on loopback. The test
+The head is `ray start --head --block` in a child process owned by this test (the session's
+embedded Ray stays untouched), with token authentication on and the dashboard on loopback. The test
 submits `pdbench run e0 --address auto` through the Jobs SDK, waits, pulls the packet from a
 pyarrow.fs URI, checks it, and scrapes pdbench's live metrics from the node's Prometheus endpoint.
 """
@@ -12,9 +12,10 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
-import textwrap
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,17 +26,6 @@ import yaml
 from tests.test_serve import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-HEAD = textwrap.dedent(
-    """
-    import sys, ray
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]),
-             _metrics_export_port=int(sys.argv[2]), log_to_driver=False)
-    print("READY", flush=True)
-    sys.stdin.read()  # until the test closes our stdin
-    ray.shutdown()
-    """
-)
 
 SMALL_E0 = {
     "workload": {
@@ -50,10 +40,14 @@ SMALL_E0 = {
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    """`ray start --head --block` as a cluster head runs it; SIGTERM ends it and all it started."""
     tmp = tmp_path_factory.mktemp("head")
     token = secrets.token_hex(16)
     (tmp / "token").write_text(token)
-    dash, metrics = free_port(), free_port()
+    # Its own Ray temp dir: `--address auto` inside the job resolves through the head's temp dir,
+    # and /tmp/ray is shared with every other Ray on this machine. Short: Unix sockets live there.
+    ray_tmp = tempfile.mkdtemp(prefix="pdbench-ray-", dir="/tmp")
+    gcs, dash, metrics, client, agent = (free_port() for _ in range(5))
     env = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -64,23 +58,29 @@ def head(tmp_path_factory):
         # The job's entrypoint runs `pdbench` from this environment, as a cluster node's PATH would.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    env.pop("RAY_AUTH_TOKEN", None)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HEAD, str(dash), str(metrics)],
-        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    for k in ("RAY_AUTH_TOKEN", "RAY_ADDRESS"):
+        env.pop(k, None)
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    cmd = [
+        ray_cli, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4", f"--temp-dir={ray_tmp}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
+        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        line = proc.stdout.readline()
-        assert line.strip() == "READY", proc.stderr.read()[-3000:] if proc.poll() is not None else line
+        deadline = time.monotonic() + 120
+        while not (Path(ray_tmp) / "ray_current_cluster").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else "no head"
+            time.sleep(1)
         yield {"dashboard": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics", "token": token, "tmp": tmp}
     finally:
-        proc.stdin.close()  # the head shuts itself down
+        proc.terminate()
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_dashboard_requires_the_token(head):
@@ -149,4 +149,4 @@ def test_live_metrics_reach_prometheus_tagged_by_run_cell_and_role(head):
     out_tokens = [s for s in series if s.startswith("ray_pdbench_output_tokens") and 'role="loadgen"' in s]
     # 7 requests × 8 tokens per cell, counted by the client.
     assert sorted(float(s.rsplit(" ", 1)[1]) for s in out_tokens) == [56.0, 56.0], out_tokens
-    print(json.dumps(sorted(names)))
+    print(json.dumps(sorted({s.split("{")[0] for s in series})))
