@@ -1,7 +1,8 @@
 """The evidence packet on disk: atomic writers, and a loader that needs nothing but the files.
 
 Every file is written to a temporary name in the same folder, flushed, then renamed, so a
-killed run leaves either the old file or the new one, never half of one.
+killed run leaves either the old file or the new one, never half of one. Everything written goes
+through analysis/redact.py first: no secret reaches a packet.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import pandas as pd
 import yaml
+
+from analysis.redact import redact_obj, redact_text, secret_env_values
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -33,19 +36,31 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    clean = redact_text(text)
+    _atomic_write(Path(path), lambda f: f.write(clean.encode()))
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    write_text(path, json.dumps(redact_obj(json.loads(json.dumps(obj, default=str))), indent=2, sort_keys=True) + "\n")
 
 
 def write_yaml(path: Path, obj: Any) -> None:
-    write_text(path, yaml.safe_dump(obj, sort_keys=True))
+    write_text(path, yaml.safe_dump(redact_obj(obj), sort_keys=True))
+
+
+def _redact_strings(df: pd.DataFrame) -> pd.DataFrame:
+    secrets = secret_env_values()
+    out = df
+    for col in df.columns:
+        if df[col].dtype == object and df[col].map(lambda v: isinstance(v, str)).any():
+            out = out.copy() if out is df else out
+            out[col] = df[col].map(lambda v: redact_text(v, secrets) if isinstance(v, str) else v)
+    return out
 
 
 def write_parquet(path: Path, df: pd.DataFrame) -> None:
-    _atomic_write(Path(path), lambda f: df.to_parquet(f, index=False))
+    clean = _redact_strings(df)
+    _atomic_write(Path(path), lambda f: clean.to_parquet(f, index=False))
 
 
 def read_json(path: Path) -> Any:
