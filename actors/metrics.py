@@ -1,7 +1,7 @@
 """Live serving metrics through `ray.util.metrics`, so the Ray dashboard and Prometheus show a run
 while it happens (the evidence packet stays the record; these are for watching).
 
-Every series is tagged `run_id`, `cell_id`, `role`, taken from the recording actor's name
+Every series is tagged `run`, `cell`, `role`, taken from the recording actor's name
 (`pdbench:<run>:<cell>:<role>`), so any cell runner that names its actors by that rule gets tagged
 metrics without passing anything around. The load generator records what the client sees (role
 `loadgen`); engine actors record what the engine sees (role `engine`, `prefill`, `decode`, ...),
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-TAG_KEYS = ("run_id", "cell_id", "role")
+# The same keys as the KV transfer series (actors/kv/accounting.py), so one dashboard filter fits all.
+TAG_KEYS = ("run", "cell", "role")
 
 # Seconds; from a fast GPU decode step (ms) to a long prefill queued behind a saturated engine.
 LATENCY_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
@@ -53,8 +54,8 @@ def tags_from_actor_name(name: str | None, default_role: str) -> dict[str, str]:
     """`pdbench:<run>:<cell>:<role>` → tags; anything else (a test's bare actor) → `unknown`."""
     parts = (name or "").split(":")
     if len(parts) == 4 and parts[0] == "pdbench":
-        return {"run_id": parts[1], "cell_id": parts[2], "role": parts[3]}
-    return {"run_id": "unknown", "cell_id": "unknown", "role": default_role}
+        return {"run": parts[1], "cell": parts[2], "role": parts[3]}
+    return {"run": "unknown", "cell": "unknown", "role": default_role}
 
 
 def current_actor_tags(default_role: str) -> dict[str, str]:

@@ -125,7 +125,9 @@ def run(
 
 @app.command()
 def serve(
-    mode: str = typer.Option("aggregated", help="serving mode behind the endpoint (aggregated; disaggregated where available)"),
+    mode: str = typer.Option(
+        "aggregated", help="aggregated (one engine) or disaggregated (prefill and decode engines, KV through the object store)"
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", help="YAML with engine:, placement: (an experiment config works), served_model_name:, tokenizer:"
     ),
@@ -140,6 +142,7 @@ def serve(
     port: int = typer.Option(8000, help="HTTP port"),
     replicas: int = typer.Option(1, min=1, help="data-parallel replicas, each with its own engine"),
     name: str = typer.Option("pdbench", help="Serve application name"),
+    route_prefix: str = typer.Option("/", help="URL path the app is served under (several apps can share one port)"),
     address: Optional[str] = typer.Option(None, help="Ray address to join ('auto' on a cluster node); default: embedded local Ray"),
     detach: bool = typer.Option(False, help="with --address: leave the app running on the cluster and return"),
 ) -> None:
@@ -156,7 +159,7 @@ def serve(
 
     if detach and not address:
         _fail("--detach needs --address: an embedded Ray ends with this command")
-    overrides: dict = {"mode": mode, "app_name": name, "replicas": replicas}
+    overrides: dict = {"mode": mode, "app_name": name, "replicas": replicas, "route_prefix": route_prefix}
     if engine is not None:
         overrides.setdefault("engine", {})["kind"] = engine.value
     if model is not None:
@@ -172,7 +175,7 @@ def serve(
     ray_env.connect(address)
     try:
         url = deploy(spec, host, port)
-    except (ValueError, RuntimeError) as e:
+    except RuntimeError as e:
         _fail(str(e))
     console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {url}/v1/completions")
     typer.echo(url)

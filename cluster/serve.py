@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
 import ray
 from fastapi import FastAPI, Request
@@ -23,6 +23,8 @@ from ray import serve
 from actors.backends import ActorBackend
 from actors.engine_actor import EngineActor, actor_name
 from actors.engines.spec import EngineConfig
+from actors.kv.directory import directory_actor
+from actors.kv.spec import KVTransferConfig
 from actors.openai_api import ApiError, ChunkWriter, CompletionRequest, check_supported, prompt_ids, sse
 from cluster.config import ConfigError, PlacementSpec, _format, _merge
 
@@ -34,13 +36,15 @@ class ServeSpec(BaseModel):
     """What `pdbench serve` deploys (the `engine:` and `placement:` sections of a config file)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    mode: str = "aggregated"
+    mode: Literal["aggregated", "disaggregated"] = "aggregated"
     engine: EngineConfig = EngineConfig()
     placement: PlacementSpec = PlacementSpec()
+    kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig, description="disaggregated mode: how KV moves")
     served_model_name: str | None = Field(default=None, description="the `model` clients send; default engine.model")
     tokenizer: str | None = Field(default=None, description="Hugging Face tokenizer (folder or hub name) for text prompts")
     app_name: str = Field(default="pdbench", pattern=r"^[A-Za-z0-9_-]+$")
     replicas: int = Field(default=1, ge=1, description="data-parallel replicas, each with its own engine")
+    route_prefix: str = Field(default="/", pattern=r"^/", description="URL path the app is served under")
 
     @property
     def model_name(self) -> str:
@@ -60,9 +64,12 @@ def serve_spec(file_data: dict[str, Any], overrides: dict[str, Any]) -> ServeSpe
     """Config file ← CLI flags, validated; errors name the field."""
     data = _merge({k: v for k, v in file_data.items() if k not in _EXPERIMENT_ONLY}, overrides)
     try:
-        return ServeSpec.model_validate(data)
+        spec = ServeSpec.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format(e, ServeSpec)) from None
+    if spec.mode == "disaggregated" and spec.engine.kind != "reference":
+        raise ConfigError(f"invalid config:\n  engine.kind: the disaggregated mode runs the reference engine, not {spec.engine.kind!r}")
+    return spec
 
 
 # --- entry actors per serving mode ---------------------------------------------------------
@@ -73,6 +80,8 @@ class Entry:
     handle: Any
     info: dict[str, Any]
     owned: list[Any]
+    # Called now and then while serving (e.g. to hand over records an actor would otherwise keep).
+    housekeeping: Callable[[], Awaitable[Any]] | None = None
 
 
 async def _aggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
@@ -85,9 +94,37 @@ async def _aggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
     return Entry(handle=engine, info=info, owned=[engine])
 
 
-# The disaggregated entry (prefill + decode actors behind one `generate`) registers here once the
-# disaggregated serving mode exists on this branch.
-SERVE_ENTRIES: dict[str, Callable[[ServeSpec, str, str], Awaitable[Entry]]] = {"aggregated": _aggregated_entry}
+async def _disaggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
+    """Prefill and decode actors, KV through the object store; the decode actor is the entry.
+
+    No placement group: each engine takes its own GPU (or CPUs) wherever Ray finds one, so
+    prefill and decode may share a node or not, as the cluster has room.
+    """
+    from actors.disaggregated import DecodeActor, PrefillActor
+
+    opts = {"num_cpus": spec.placement.cpus_per_engine, "num_gpus": spec.gpus_per_engine()}
+    engine, kv = spec.engine.model_dump(mode="json"), spec.kv_transfer.model_dump(mode="json")
+    dir_name = actor_name(run, cell, "kvdir")
+    directory = directory_actor(dir_name)
+    prefill = PrefillActor.options(name=actor_name(run, cell, "prefill"), **opts).remote(engine, kv, dir_name, run, cell)
+    decode = DecodeActor.options(name=actor_name(run, cell, "decode"), **opts).remote(engine, kv, prefill, dir_name, run, cell)
+    owned = [decode, prefill, directory]
+    try:
+        p_info, d_info = await asyncio.wait_for(asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S)
+    except BaseException:
+        for a in owned:
+            ray.kill(a)
+        raise
+    # The decode actor keeps one transfer record per request for a cell to collect; a server
+    # has no cell end, so they are handed over and dropped (the Ray metrics keep the story).
+    return Entry(handle=decode, info=d_info, owned=owned, housekeeping=decode.transfers.remote)
+
+
+SERVE_ENTRIES: dict[str, Callable[[ServeSpec, str, str], Awaitable[Entry]]] = {
+    "aggregated": _aggregated_entry,
+    "disaggregated": _disaggregated_entry,
+}
+HOUSEKEEPING_EVERY_S = 30.0
 
 
 # --- the HTTP app --------------------------------------------------------------------------
@@ -122,11 +159,17 @@ class Completions:
         replica = serve.get_replica_context().replica_id.unique_id
         self.entry = await SERVE_ENTRIES[self.spec.mode](self.spec, f"serve-{self.spec.app_name}", replica)
         self.vocab_size = int(self.entry.info["vocab_size"])
+        self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep()) if self.entry.housekeeping else None
         self.tokenizer = None
         if self.spec.tokenizer:
             from transformers import AutoTokenizer
 
             self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.spec.tokenizer)
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_EVERY_S)
+            await self.entry.housekeeping()
 
     def __del__(self) -> None:
         # Serve's shutdown hook: free the engine's GPU now rather than when the owner is reaped.
@@ -193,8 +236,6 @@ def deploy(spec: ServeSpec, host: str = LOOPBACK, port: int = 8000) -> str:
     Ray must already be connected (cluster.ray_env.connect). Serve keeps the HTTP options it was
     first started with on a cluster, so a conflicting host or port is refused, not ignored.
     """
-    if spec.mode not in SERVE_ENTRIES:
-        raise ValueError(f"mode: {spec.mode!r} cannot be served; available: {', '.join(SERVE_ENTRIES)}")
     serve.start(http_options={"host": host, "port": port})
     # serve.start only logs when Serve already runs with other options; no public API reads them.
     actual = serve.context._get_global_client().http_config
@@ -204,9 +245,9 @@ def deploy(spec: ServeSpec, host: str = LOOPBACK, port: int = 8000) -> str:
             f"shut it down (`serve shutdown`) or pass --host {actual.host} --port {actual.port}"
         )
     app = Completions.options(num_replicas=spec.replicas).bind(spec.model_dump(mode="json"))
-    serve.run(app, name=spec.app_name, route_prefix="/", blocking=False)
+    serve.run(app, name=spec.app_name, route_prefix=spec.route_prefix, blocking=False)
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
+    return f"http://{shown}:{port}{spec.route_prefix.rstrip('/')}"
 
 
 def undeploy(spec: ServeSpec) -> None:

@@ -142,10 +142,10 @@ def test_live_metrics_reach_prometheus_tagged_by_run_cell_and_role(head):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = httpx.get(head["metrics"], timeout=30).text
-        if f'run_id="{run_id}"' in text and "pdbench_ttft_seconds" in text:
+        if f'run="{run_id}"' in text and "pdbench_ttft_seconds" in text:
             break
         time.sleep(2)
-    series = [line for line in text.splitlines() if line.startswith("ray_pdbench_") and f'run_id="{run_id}"' in line]
+    series = [line for line in text.splitlines() if line.startswith("ray_pdbench_") and f'run="{run_id}"' in line]
     names = {re.match(r"(ray_pdbench_\w+?)(_bucket|_count|_sum|_total)?\{", s).group(1) for s in series}
     assert {"ray_pdbench_ttft_seconds", "ray_pdbench_tpot_seconds", "ray_pdbench_output_tokens"} <= names, sorted(names)
     roles = set(re.findall(r'role="(\w+)"', "\n".join(series)))

@@ -144,5 +144,5 @@ def test_target_refuses_credentials_in_url():
 
 
 def test_metric_tags_come_from_the_actor_name():
-    assert tags_from_actor_name("pdbench:e0-1:rep0:loadgen", "x") == {"run_id": "e0-1", "cell_id": "rep0", "role": "loadgen"}
-    assert tags_from_actor_name(None, "engine") == {"run_id": "unknown", "cell_id": "unknown", "role": "engine"}
+    assert tags_from_actor_name("pdbench:e0-1:rep0:loadgen", "x") == {"run": "e0-1", "cell": "rep0", "role": "loadgen"}
+    assert tags_from_actor_name(None, "engine") == {"run": "unknown", "cell": "unknown", "role": "engine"}

@@ -176,6 +176,28 @@ def test_http_backend_drives_the_endpoint_with_greedy_tokens_and_timestamps(serv
         assert row.prefill_s > 0 and row.server_queue_s >= 0
 
 
+def test_disaggregated_endpoint_streams_the_aggregated_tokens(served):
+    """Prefill and decode actors behind the same API, on the same port under another prefix."""
+    from ray import serve
+
+    from cluster.serve import deploy, serve_spec
+
+    url, port = served
+    spec = serve_spec({}, {"mode": "disaggregated", "app_name": "pdbench-test-pd", "route_prefix": "/pd", "engine": {"max_model_len": 256}})
+    pd_url = deploy(spec, "127.0.0.1", port)
+    try:
+        assert pd_url == f"{url}/pd"
+        assert httpx.get(f"{pd_url}/v1/models", timeout=30).json()["data"][0]["serving_mode"] == "disaggregated"
+        for prompt in ([3, 1, 4, 1, 5], list(range(40, 70))):
+            agg = _post(url, prompt=prompt, max_tokens=6).json()
+            pd = _post(pd_url, prompt=prompt, max_tokens=6).json()
+            assert pd["choices"][0]["token_ids"] == agg["choices"][0]["token_ids"]
+            timing = pd["server_timing"]
+            assert timing["kv_transfer_ok"] is True and timing["transfer_s"] > 0
+    finally:
+        serve.delete(spec.app_name)
+
+
 def test_cli_serve_defaults_to_loopback(tmp_path):
     """`pdbench serve` as a user runs it: embedded Ray, default host, Ctrl-C stops it."""
     port = free_port()
