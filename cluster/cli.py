@@ -174,17 +174,17 @@ def serve(
         console.print(f"[bold yellow]warning:[/] listening on {host}: anyone who reaches it can use the engines (no authentication)")
     ray_env.connect(address)
     try:
-        url = deploy(spec, host, port)
-    except RuntimeError as e:
-        _fail(str(e))
-    console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {url}/v1/completions")
-    typer.echo(url)
-    if detach:
-        return
-    try:
+        try:
+            url = deploy(spec, host, port)
+        except RuntimeError as e:
+            _fail(str(e))
+        console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {url}/v1/completions")
+        typer.echo(url)
+        if detach:
+            return
         while True:
             time.sleep(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # at any point, deploying included: leave nothing behind
         undeploy(spec)
         console.print("stopped")
 

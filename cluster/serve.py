@@ -110,7 +110,7 @@ async def _disaggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
     decode = DecodeActor.options(name=actor_name(run, cell, "decode"), **opts).remote(engine, kv, prefill, dir_name, run, cell)
     owned = [decode, prefill, directory]
     try:
-        p_info, d_info = await asyncio.wait_for(asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S)
+        _, d_info = await asyncio.wait_for(asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S)
     except BaseException:
         for a in owned:
             ray.kill(a)

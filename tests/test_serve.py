@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -201,20 +200,15 @@ def test_disaggregated_endpoint_streams_the_aggregated_tokens(served):
 def test_cli_serve_defaults_to_loopback(tmp_path):
     """`pdbench serve` as a user runs it: embedded Ray, default host, Ctrl-C stops it."""
     port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--name", "pdbench-cli"],
         cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        url = proc.stdout.readline().strip()  # printed once the app is deployed and serving
+        assert url == f"http://127.0.0.1:{port}", proc.communicate()[1][-3000:] if proc.poll() is not None else url
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
         assert listening_hosts(port) == {"127.0.0.1"}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": MODEL, "prompt": [7, 8, 9], "max_tokens": 3}, timeout=60)
         assert len(r.json()["choices"][0]["token_ids"]) == 3
@@ -226,4 +220,4 @@ def test_cli_serve_defaults_to_loopback(tmp_path):
             proc.kill()
             out, err = proc.communicate()
     assert proc.returncode == 0, err[-3000:]
-    assert out.strip() == f"http://127.0.0.1:{port}"
+    assert "stopped" in err
