@@ -151,6 +151,7 @@ def serve(
     Prompts are token-id lists unless --tokenizer is given. Stop with Ctrl-C (the app is deleted);
     with --address and --detach it keeps running until `serve shutdown` or `ray down`.
     """
+    import signal
     import time
 
     from cluster import ray_env
@@ -173,6 +174,14 @@ def serve(
     if not is_loopback(host):
         console.print(f"[bold yellow]warning:[/] listening on {host}: anyone who reaches it can use the engines (no authentication)")
     ray_env.connect(address)
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C, and `kill` or a supervisor's SIGTERM alike, remove the app (a shell may have left
+    # SIGINT ignored for a background process).
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         try:
             url = deploy(spec, host, port)
