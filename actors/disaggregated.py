@@ -31,7 +31,7 @@ from actors.kv.accounting import TransferRecord
 from actors.kv.directory import find_directory
 from actors.kv.spec import KVTransferConfig
 from actors.kv.transport import CopyInto, publish, reason_of, receive
-from actors.metrics import RequestMeter, current_actor_tags
+from actors.metrics import metered
 
 # Publishing and receiving block (ray.put, ray.get, waits on the directory), so they run in
 # threads; one per request in flight, lest a waiting receive hold up another request's transfer.
@@ -119,21 +119,18 @@ class DecodeActor:
         return {**dataclasses.asdict(info), "node": node_facts(), "role": "decode"}
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for delta in metered(self._generate(request), "decode", len(request["prompt_token_ids"])):
+            yield delta
+
+    async def _generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         t0 = time.monotonic()
-        meter = RequestMeter(current_actor_tags("decode"), len(request["prompt_token_ids"]))
-        ok = False
         key = f"{request['request_id']}/{secrets.token_hex(6)}"
         try:
-            try:
-                reply, failure = await self.prefill.prefill.remote(request, key), None
-            except Exception as e:  # dead prefill actor or failed prefill: recompute here
-                reply, failure = None, f"prefill: {reason_of(e)}"
-            async for delta in self._decode(request, key, reply, failure, t0):
-                meter.tokens_seen(len(delta["token_ids"]))
-                ok = delta["finished"] and delta["error"] is None
-                yield delta
-        finally:
-            meter.finish(ok)
+            reply, failure = await self.prefill.prefill.remote(request, key), None
+        except Exception as e:  # dead prefill actor or failed prefill: recompute here
+            reply, failure = None, f"prefill: {reason_of(e)}"
+        async for delta in self._decode(request, key, reply, failure, t0):
+            yield delta
 
     async def decode_prefilled(self, request: dict[str, Any], key: str, reply: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Continue a request whose prefill ran elsewhere (`reply` of PrefillActor.prefill, KV

@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 import ray
 
 from actors.engines import EngineConfig, EngineRequest, build_engine
-from actors.metrics import RequestMeter, current_actor_tags
+from actors.metrics import metered
 
 
 def actor_name(run_id: str, cell_id: str, role: str) -> str:
@@ -42,15 +42,12 @@ class EngineActor:
         return {**dataclasses.asdict(info), "node": node_facts(), "role": self.role}
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        meter = RequestMeter(current_actor_tags(self.role), len(request["prompt_token_ids"]))
-        ok = False
-        try:
-            async for delta in self.engine.generate(EngineRequest(**request)):
-                meter.tokens_seen(len(delta.token_ids))
-                ok = delta.finished and delta.error is None
-                yield dataclasses.asdict(delta)
-        finally:
-            meter.finish(ok)
+        async for delta in metered(self._generate(request), self.role, len(request["prompt_token_ids"])):
+            yield delta
+
+    async def _generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for delta in self.engine.generate(EngineRequest(**request)):
+            yield dataclasses.asdict(delta)
 
     async def memory(self) -> dict[str, Any]:
         """The engine's memory decomposition (keys documented on actors.engines.base.MemoryReport)."""

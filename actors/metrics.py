@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, AsyncIterator
 
 # The same keys as the KV transfer series (actors/kv/accounting.py), so one dashboard filter fits all.
 TAG_KEYS = ("run", "cell", "role")
@@ -117,3 +117,16 @@ def _in_flight(tags: dict[str, str], step: int) -> int:
     key = tuple(tags[k] for k in TAG_KEYS)
     _IN_FLIGHT[key] = _IN_FLIGHT.get(key, 0) + step
     return _IN_FLIGHT[key]
+
+
+async def metered(stream: AsyncIterator[dict[str, Any]], role: str, prompt_tokens: int) -> AsyncIterator[dict[str, Any]]:
+    """Pass an entry actor's TokenDelta dicts through, recording them (role from the actor name)."""
+    meter = RequestMeter(current_actor_tags(role), prompt_tokens)
+    ok = False
+    try:
+        async for delta in stream:
+            meter.tokens_seen(len(delta["token_ids"]))
+            ok = delta["finished"] and delta["error"] is None
+            yield delta
+    finally:
+        meter.finish(ok)

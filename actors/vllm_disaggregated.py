@@ -32,6 +32,7 @@ from actors.kv.directory import find_directory
 from actors.kv.spec import KVTransferConfig
 from actors.kv.transport import reason_of
 from actors.kv.blocks import CONSUMER, PRODUCER, transferable_tokens
+from actors.metrics import metered
 
 _REPORT_TIMEOUT_S = 30.0
 
@@ -129,6 +130,10 @@ class VllmDecodeActor:
         return rows
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async for delta in metered(self._generate(request), "decode", len(request["prompt_token_ids"])):
+            yield delta
+
+    async def _generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         t0 = time.monotonic()
         key = f"{request['request_id']}/{secrets.token_hex(6)}"
         try:

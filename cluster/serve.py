@@ -67,8 +67,8 @@ def serve_spec(file_data: dict[str, Any], overrides: dict[str, Any]) -> ServeSpe
         spec = ServeSpec.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format(e, ServeSpec)) from None
-    if spec.mode == "disaggregated" and spec.engine.kind != "reference":
-        raise ConfigError(f"invalid config:\n  engine.kind: the disaggregated mode runs the reference engine, not {spec.engine.kind!r}")
+    if spec.mode == "disaggregated" and spec.engine.kind not in ("reference", "vllm"):
+        raise ConfigError(f"invalid config:\n  engine.kind: the disaggregated mode runs reference or vllm engines, not {spec.engine.kind!r}")
     return spec
 
 
@@ -100,8 +100,9 @@ async def _disaggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
     No placement group: each engine takes its own GPU (or CPUs) wherever Ray finds one, so
     prefill and decode may share a node or not, as the cluster has room.
     """
-    from actors.disaggregated import DecodeActor, PrefillActor
+    from cluster.cells.disaggregated import check_pair, pair_classes
 
+    PrefillActor, DecodeActor = pair_classes(spec.engine.kind)
     opts = {"num_cpus": spec.placement.cpus_per_engine, "num_gpus": spec.gpus_per_engine()}
     engine, kv = spec.engine.model_dump(mode="json"), spec.kv_transfer.model_dump(mode="json")
     dir_name = actor_name(run, cell, "kvdir")
@@ -110,7 +111,8 @@ async def _disaggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
     decode = DecodeActor.options(name=actor_name(run, cell, "decode"), **opts).remote(engine, kv, prefill, dir_name, run, cell)
     owned = [decode, prefill, directory]
     try:
-        _, d_info = await asyncio.wait_for(asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S)
+        p_info, d_info = await asyncio.wait_for(asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S)
+        check_pair(p_info, d_info)
     except BaseException:
         for a in owned:
             ray.kill(a)

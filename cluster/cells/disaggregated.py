@@ -10,6 +10,7 @@ transfers.parquet row per request.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import ray
 
@@ -28,17 +29,30 @@ def bundles(ctx: CellContext) -> list[dict[str, float]]:
     return [ctx.engine_bundle(), ctx.engine_bundle()]
 
 
-async def run_disaggregated(ctx: CellContext) -> CellResult:
+def pair_classes(kind: str) -> tuple[Any, Any]:
+    """(PrefillActor, DecodeActor) for an engine kind; `pdbench serve` builds the same pair."""
     # torch (and vllm): imported only where a cell runs
-    if ctx.engine.kind == "reference":
+    if kind == "reference":
         from actors.disaggregated import DecodeActor, PrefillActor
-    elif ctx.engine.kind == "vllm":
+    elif kind == "vllm":
         from actors.vllm_disaggregated import VllmDecodeActor as DecodeActor
         from actors.vllm_disaggregated import VllmPrefillActor as PrefillActor
     else:
-        raise ValueError(
-            f"engine.kind: disaggregated cells move real KV tensors (reference or vllm engines), not {ctx.engine.kind!r}"
-        )
+        raise ValueError(f"engine.kind: disaggregated cells move real KV tensors (reference or vllm engines), not {kind!r}")
+    return PrefillActor, DecodeActor
+
+
+def check_pair(p_info: dict[str, Any], d_info: dict[str, Any]) -> None:
+    """Refuse a pair whose KV is not interchangeable."""
+    if p_info["architecture"]["hash"] != d_info["architecture"]["hash"] or p_info["dtype"] != d_info["dtype"]:
+        raise RuntimeError("prefill and decode engines differ in architecture or dtype; their KV is not interchangeable")
+    p_sum, d_sum = p_info["extra"].get("weight_checksum"), d_info["extra"].get("weight_checksum")
+    if p_sum != d_sum:  # dummy weights are seeded: both engines must hold the same ones
+        raise RuntimeError(f"prefill and decode engines hold different weights ({p_sum} vs {d_sum})")
+
+
+async def run_disaggregated(ctx: CellContext) -> CellResult:
+    PrefillActor, DecodeActor = pair_classes(ctx.engine.kind)
 
     b = ctx.engine_bundle()
     pg = ray_env.make_placement_group(bundles(ctx), ctx.strategy(2), ctx.name("pg"))
@@ -65,11 +79,7 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
         p_info, d_info = await asyncio.wait_for(
             asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S
         )
-        if p_info["architecture"]["hash"] != d_info["architecture"]["hash"] or p_info["dtype"] != d_info["dtype"]:
-            raise RuntimeError("prefill and decode engines differ in architecture or dtype; their KV is not interchangeable")
-        p_sum, d_sum = p_info["extra"].get("weight_checksum"), d_info["extra"].get("weight_checksum")
-        if p_sum != d_sum:  # dummy weights are seeded: both engines must hold the same ones
-            raise RuntimeError(f"prefill and decode engines hold different weights ({p_sum} vs {d_sum})")
+        check_pair(p_info, d_info)
         reqs = synthetic_requests(ctx.plan.workload, d_info["vocab_size"], ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
         raws = await loadgen.run.remote(decode, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress)
