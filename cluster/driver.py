@@ -82,6 +82,12 @@ def for_target(cfg: ExperimentConfig, plans: list[CellPlan]) -> list[CellPlan]:
         return plans
     if cfg.simulated:
         raise ConfigError("invalid config:\n  target: an external server is real; it cannot run with --simulate")
+    tuned = sorted({k for p in plans for k in p.engine_overrides})
+    if tuned:
+        raise ConfigError(
+            f"invalid config:\n  target: track {cfg.track} sets the engine per cell ({', '.join(tuned)}); "
+            "an external server's engine is not pdbench's to set"
+        )
     modes = sorted({p.mode for p in plans})
     if len(modes) > 1:
         raise ConfigError(
