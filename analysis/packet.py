@@ -76,6 +76,7 @@ class Packet:
     summary: dict[str, Any]
     requests: pd.DataFrame
     transfers: pd.DataFrame | None
+    telemetry: pd.DataFrame | None = None
 
     @property
     def simulated(self) -> bool:
@@ -88,10 +89,12 @@ def load_packet(root: Path) -> Packet:
         raise FileNotFoundError(f"{root} is not a pdbench run folder (no manifest.json)")
     transfers = root / "transfers.parquet"
     req = root / "requests.parquet"
+    tel = root / "telemetry.parquet"
     return Packet(
         root=root,
         manifest=read_json(root / "manifest.json"),
         summary=read_json(root / "summary.json") if (root / "summary.json").is_file() else {},
         requests=pd.read_parquet(req) if req.is_file() else pd.DataFrame(),
         transfers=pd.read_parquet(transfers) if transfers.is_file() else None,
+        telemetry=pd.read_parquet(tel) if tel.is_file() else None,
     )

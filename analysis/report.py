@@ -90,6 +90,8 @@ def sections(packet: Packet) -> list[Section]:
         figs = [plots.latency_distributions(df), plots.throughput(df)]
         first = sorted(df["cell_id"].unique())[0]
         figs.append(plots.timeline(df, first))
+        if packet.telemetry is not None and not packet.telemetry.empty:
+            figs.append(plots.telemetry(packet.telemetry))
         out.append(Section(title="Figures", text=["Interactive in report.html."], figures=figs))
     return out
 

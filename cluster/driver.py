@@ -29,6 +29,7 @@ import ray
 
 from actors.engines import EngineConfig
 from actors.progress import ProgressCounter
+from actors.telemetry import TelemetrySampler
 from analysis.metrics import cell_metrics
 from analysis.packet import load_packet, read_json, write_json, write_parquet, write_yaml
 from analysis.records import measured
@@ -41,6 +42,9 @@ from cluster.config import ConfigError, ExperimentConfig, config_hash, sha256_of
 from cluster.storage import Destination
 from workloads.text import get_codec
 from workloads.tracks import CellOutcome, CellPlan, get_track
+
+
+TELEMETRY_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -294,6 +298,26 @@ class Driver:
         return CellOutcome(plan.cell_id, dict(plan.labels), meta.get("status") == "ok", meta.get("error"), metrics)
 
     async def _run_all(self, on_progress: Callable[[RunProgress], None] | None) -> list[dict[str, Any]]:
+        samplers = ray_env.actor_on_each_node(TelemetrySampler, TELEMETRY_INTERVAL_S)
+        await asyncio.gather(*(s.start.remote() for s in samplers))
+        try:
+            return await self._run_rounds(on_progress)
+        finally:
+            self._save_telemetry(await asyncio.gather(*(s.stop.remote() for s in samplers), return_exceptions=True))
+            for s in samplers:
+                ray.kill(s)
+
+    def _save_telemetry(self, per_node: list[Any]) -> None:
+        """telemetry.parquet: GPU/CPU samples of every node over the run (a resumed run appends)."""
+        rows = [r for got in per_node if isinstance(got, list) for r in got]
+        path = self.run_dir / "telemetry.parquet"
+        df = pd.DataFrame(rows)
+        if path.is_file():
+            df = pd.concat([pd.read_parquet(path), df], ignore_index=True)
+        if not df.empty:
+            write_parquet(path, df)
+
+    async def _run_rounds(self, on_progress: Callable[[RunProgress], None] | None) -> list[dict[str, Any]]:
         progress = ProgressCounter.remote()
         sem = asyncio.Semaphore(self.concurrency or 1)
         metas: dict[str, dict[str, Any]] = {}

@@ -69,3 +69,12 @@ def on_each_node(fn: Any) -> list[Any]:
         if n["Alive"]
     ]
     return ray.get(refs, timeout=120)
+
+
+def actor_on_each_node(actor_cls: Any, *args: Any) -> list[Any]:
+    """One instance of a (zero-CPU) actor class pinned to every alive node."""
+    return [
+        actor_cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(*args)
+        for n in ray.nodes()
+        if n["Alive"]
+    ]

@@ -142,3 +142,12 @@ def test_report_can_share_one_plotly_copy(e0_run, tmp_path):
     html = (copy / "report.html").read_text()
     assert "src='../plotly.min.js'" in html and "Plotly.newPlot" in html
     assert len(html) < len((run_dir / "report.html").read_text()) / 5
+
+
+def test_telemetry_sampled_over_the_run(e0_run):
+    _, run_dir = e0_run
+    t = pd.read_parquet(run_dir / "telemetry.parquet")
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert len(t) >= 2 and set(t["node_id"]) <= {n["node_id"] for n in m["ray"]["nodes"]}
+    assert t["cpu_percent"].notna().all() and (t["host_mem_used_bytes"] > 0).all()
+    assert "Telemetry (NVML" in (run_dir / "report.html").read_text()
