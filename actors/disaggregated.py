@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 import ray
 
+from actors.decode_entry import DecodeEntry
 from actors.engine_actor import node_facts
 from actors.engines import EngineConfig, EngineRequest, build_engine
 from actors.engines.batching import BatchingEngine, Prefilled
@@ -31,7 +31,6 @@ from actors.kv.accounting import TransferRecord
 from actors.kv.directory import find_directory
 from actors.kv.spec import KVTransferConfig
 from actors.kv.transport import CopyInto, publish, reason_of, receive
-from actors.metrics import metered
 
 # Publishing and receiving block (ray.put, ray.get, waits on the directory), so they run in
 # threads; one per request in flight, lest a waiting receive hold up another request's transfer.
@@ -91,7 +90,7 @@ class PrefillActor:
 
 
 @ray.remote
-class DecodeActor:
+class DecodeActor(DecodeEntry):
     def __init__(
         self,
         engine_cfg: dict[str, Any],
@@ -118,25 +117,6 @@ class DecodeActor:
         self.directory = find_directory(self.directory_name)
         return {**dataclasses.asdict(info), "node": node_facts(), "role": "decode"}
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for delta in metered(self._generate(request), "decode", len(request["prompt_token_ids"])):
-            yield delta
-
-    async def _generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        t0 = time.monotonic()
-        key = f"{request['request_id']}/{secrets.token_hex(6)}"
-        try:
-            reply, failure = await self.prefill.prefill.remote(request, key), None
-        except Exception as e:  # dead prefill actor or failed prefill: recompute here
-            reply, failure = None, f"prefill: {reason_of(e)}"
-        async for delta in self._decode(request, key, reply, failure, t0):
-            yield delta
-
-    async def decode_prefilled(self, request: dict[str, Any], key: str, reply: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Continue a request whose prefill ran elsewhere (`reply` of PrefillActor.prefill, KV
-        under `key`). `generate` is prefill + this; tests call it to break the KV in between."""
-        async for delta in self._decode(request, key, reply, None, time.monotonic()):
-            yield delta
 
     def transfers(self) -> list[dict[str, Any]]:
         """The transfer records so far, handed over once (the cell collects them at its end)."""

@@ -17,12 +17,12 @@ the time from the prefill's reply to the first token on this actor.
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import time
 from typing import Any, AsyncIterator
 
 import ray
 
+from actors.decode_entry import DecodeEntry
 from actors.engine_actor import node_facts
 from actors.engines import EngineConfig, EngineRequest
 from actors.engines.models import arch_kv_bytes_per_token, architecture, resolve_model
@@ -30,9 +30,7 @@ from actors.engines.vllm_engine import VllmEngine
 from actors.kv.accounting import TransferRecord
 from actors.kv.directory import find_directory
 from actors.kv.spec import KVTransferConfig
-from actors.kv.transport import reason_of
 from actors.kv.blocks import CONSUMER, PRODUCER, transferable_tokens
-from actors.metrics import metered
 
 _REPORT_TIMEOUT_S = 30.0
 
@@ -106,7 +104,7 @@ class VllmPrefillActor:
 
 
 @ray.remote
-class VllmDecodeActor:
+class VllmDecodeActor(DecodeEntry):
     def __init__(
         self, engine_cfg: dict[str, Any], kv_cfg: dict[str, Any], prefill: Any, directory: str, run_id: str, cell_id: str
     ):
@@ -129,25 +127,6 @@ class VllmDecodeActor:
         rows, self._records = self._records, []
         return rows
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for delta in metered(self._generate(request), "decode", len(request["prompt_token_ids"])):
-            yield delta
-
-    async def _generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        t0 = time.monotonic()
-        key = f"{request['request_id']}/{secrets.token_hex(6)}"
-        try:
-            reply, failure = await self.prefill.prefill.remote(request, key), None
-        except Exception as e:  # dead prefill actor: this engine computes the prompt itself
-            reply, failure = None, f"prefill: {reason_of(e)}"
-        async for delta in self._decode(request, key, reply, failure, t0):
-            yield delta
-
-    async def decode_prefilled(self, request: dict[str, Any], key: str, reply: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Continue a request whose prefill ran elsewhere with the KV published under `key`
-        (tests hand it another request's key: the negative control)."""
-        async for delta in self._decode(request, key, reply, None, time.monotonic()):
-            yield delta
 
     async def _decode(
         self, request: dict[str, Any], key: str, reply: dict[str, Any] | None, failure: str | None, t0: float
