@@ -30,7 +30,8 @@ def timeline(df: pd.DataFrame, cell_id: str) -> go.Figure:
     TTFT is split by the engine's own durations (queue, prefill, transfer); what is left of TTFT
     after them is shown as `client/network` (actor hops, streaming).
     """
-    g = df[(df["cell_id"] == cell_id) & df["ok"].astype(bool)].sort_values("t_sent").head(_TIMELINE_ROWS)
+    m = measured(df)  # warm-up requests ran on a clock of their own, before the measured phase
+    g = m[(m["cell_id"] == cell_id) & m["ok"].astype(bool)].sort_values("t_sent").head(_TIMELINE_ROWS)
     y = g["request_id"].astype(str)
     server = g[["server_queue_s", "prefill_s", "transfer_s"]].fillna(0.0)
     other = (g["ttft_s"] - server.sum(axis=1)).clip(lower=0.0)

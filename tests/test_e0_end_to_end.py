@@ -151,3 +151,13 @@ def test_telemetry_sampled_over_the_run(e0_run):
     assert len(t) >= 2 and set(t["node_id"]) <= {n["node_id"] for n in m["ray"]["nodes"]}
     assert t["cpu_percent"].notna().all() and (t["host_mem_used_bytes"] > 0).all()
     assert "Telemetry (NVML" in (run_dir / "report.html").read_text()
+
+
+def test_timeline_shows_measured_requests_only(e0_run):
+    from analysis.plots import timeline
+
+    _, run_dir = e0_run
+    df = pd.read_parquet(run_dir / "requests.parquet")
+    ids = {y for tr in timeline(df, "rep0").data for y in tr.y}
+    assert ids and not any(i.startswith("w") for i in ids)
+    assert ids == set(df[(df["cell_id"] == "rep0") & ~df["warmup"]]["request_id"])
