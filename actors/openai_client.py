@@ -36,8 +36,9 @@ class TargetSpec(BaseModel):
         url = httpx.URL(v)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"must be an http(s) URL with a host, got {v!r}")
-        if url.userinfo:
-            raise ValueError("must not carry credentials; use api_key_env")
+        if url.userinfo or url.query or url.fragment:
+            # A key in a URL would be written into config.yaml and the manifest with it.
+            raise ValueError("must not carry credentials, a query or a fragment; put the key in api_key_env")
         return v.rstrip("/")
 
 

@@ -151,10 +151,16 @@ class VllmDecodeActor(DecodeEntry):
             delta.token_s = [s + offset for s in delta.token_s]
             if delta.finished:
                 rec = await self._record(ident, key, expected, failure)
-                transfer = rec.get("total_s") if rec.get("ok") else None
-                server["transfer_s"] = transfer
-                server["first_decode_s"] = (t_first - t_reply) - (transfer or 0.0)
-                decode_stats = {f"decode_{k}": v for k, v in (delta.server or {}).items()}
+                own = delta.server or {}
+                if rec.get("ok"):
+                    # transfer: the connector's receive, timed in the decode worker (directory wait →
+                    # last layer injected); first decode: the rest of reply → first token, here.
+                    server["transfer_s"] = rec.get("total_s")
+                    server["first_decode_s"] = (t_first - t_reply) - (server["transfer_s"] or 0.0)
+                else:  # recomputed here: this engine's own queue and prefill stand, as in aggregated
+                    server = {k: own.get(k) for k in ("server_queue_s", "prefill_s", "first_decode_s")}
+                    server["transfer_s"] = rec.get("total_s")  # time lost inside the engine, if it got that far
+                decode_stats = {f"decode_{k}": v for k, v in own.items()}
                 delta.server = {**decode_stats, **server, "server_e2e_s": now - t0, "kv_transfer_ok": bool(rec.get("ok"))}
             yield dataclasses.asdict(delta)
 

@@ -27,18 +27,19 @@ def latency_distributions(df: pd.DataFrame) -> go.Figure:
 def timeline(df: pd.DataFrame, cell_id: str) -> go.Figure:
     """Gantt of one cell's requests on the load generator's clock.
 
-    TTFT is split by the engine's own durations (queue, prefill, transfer); what is left of TTFT
-    after them is shown as `client/network` (actor hops, streaming).
+    TTFT is split by the engine's own durations (queue, prefill, transfer, first decode step);
+    what is left of TTFT after them is shown as `client/network` (actor hops, streaming).
     """
     m = measured(df)  # warm-up requests ran on a clock of their own, before the measured phase
     g = m[(m["cell_id"] == cell_id) & m["ok"].astype(bool)].sort_values("t_sent").head(_TIMELINE_ROWS)
     y = g["request_id"].astype(str)
-    server = g[["server_queue_s", "prefill_s", "transfer_s"]].fillna(0.0)
+    server = g[["server_queue_s", "prefill_s", "transfer_s", "first_decode_s"]].fillna(0.0)
     other = (g["ttft_s"] - server.sum(axis=1)).clip(lower=0.0)
     stages = [
         ("queue", server["server_queue_s"], "#c7c7c7"),
         ("prefill", server["prefill_s"], "#1f77b4"),
         ("transfer", server["transfer_s"], "#d62728"),
+        ("first decode", server["first_decode_s"], "#9467bd"),
         ("client/network", other, "#ffbb78"),
         ("decode", g["t_last_token"] - g["t_first_token"], "#2ca02c"),
     ]

@@ -19,6 +19,8 @@ def derive(raw: dict[str, Any]) -> dict[str, Any]:
     t = list(raw.get("t_tokens") or [])
     n = len(raw.get("output_token_ids") or [])
     row = {k: v for k, v in raw.items() if k not in ("t_tokens", "server", "server_token_s")}
+    # The engine's own per-token times: seconds since it received the request (its clock only).
+    row["server_token_s"] = list(raw.get("server_token_s") or [])
     row["output_tokens"] = n
     row["t_first_token"] = t[0] if t else None
     row["t_last_token"] = t[-1] if t else None
@@ -30,14 +32,15 @@ def derive(raw: dict[str, Any]) -> dict[str, Any]:
     server = raw.get("server") or {}
     for col in SERVER_COLUMNS:
         row[col] = server.get(col)
-    # Engine-specific extras (vLLM's own stats, ...) keep their names beside the standard ones.
-    row.update({k: v for k, v in server.items() if k not in SERVER_COLUMNS})
+    # Engine-specific extras (vLLM's own stats, ...) keep their names beside the standard ones,
+    # but never replace a column pdbench measured itself (a server under test reports what it likes).
+    row.update({k: v for k, v in server.items() if k not in row})
     return row
 
 
 def to_frame(raws: Iterable[dict[str, Any]], **identity: Any) -> pd.DataFrame:
     """Rows for one cell; `identity` (run_id, cell_id, mode, engine, ...) is stamped on each."""
-    rows = [{**identity, **derive(r)} for r in raws]
+    rows = [{**derive(r), **identity} for r in raws]
     df = pd.DataFrame(rows)
     for col in ("ttft_s", "tpot_s", "e2e_s", "t_first_token", "t_last_token", *SERVER_COLUMNS):
         if col in df:

@@ -36,9 +36,19 @@ _SECRET_SHAPES = re.compile(
 )
 
 
+# Variables a config names as holding a secret (target.api_key_env), whatever their names.
+_NAMED_SECRET_ENV: set[str] = set()
+
+
+def treat_env_as_secret(name: str) -> None:
+    _NAMED_SECRET_ENV.add(name)
+
+
 def secret_env_values(environ: dict[str, str] | None = None) -> list[str]:
     env = os.environ if environ is None else environ
-    vals = {v for k, v in env.items() if _SECRET_ENV_NAME.search(k) and len(v) >= _MIN_SECRET_LEN}
+    vals = {
+        v for k, v in env.items() if (_SECRET_ENV_NAME.search(k) or k in _NAMED_SECRET_ENV) and len(v) >= _MIN_SECRET_LEN
+    }
     return sorted(vals, key=len, reverse=True)  # longest first: a secret containing another goes whole
 
 

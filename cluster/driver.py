@@ -33,6 +33,7 @@ from actors.telemetry import TelemetrySampler
 from analysis.metrics import cell_metrics
 from analysis.packet import load_packet, read_json, write_json, write_parquet, write_yaml
 from analysis.records import measured
+from analysis.redact import treat_env_as_secret
 from analysis.report import write_reports
 from analysis.summary import build_summary
 from cluster import manifest as mf
@@ -82,6 +83,8 @@ def plan_cells(cfg: ExperimentConfig) -> list[CellPlan]:
 
 def for_target(cfg: ExperimentConfig, plans: list[CellPlan]) -> list[CellPlan]:
     """With a `target:`, every cell (of every round) drives that server over HTTP."""
+    if cfg.target is not None and cfg.target.api_key_env:
+        treat_env_as_secret(cfg.target.api_key_env)  # its value never reaches a packet file
     if cfg.target is None:
         return plans
     if cfg.simulated:
@@ -162,7 +165,7 @@ def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
         need = p.workload.input_len.upper + p.workload.output_len.upper
         if need > eng.max_model_len and cfg.target is None:
             errors.append(
-                f"  workload.input_len/output_len: cell {p.cell_id} can ask for {need} tokens "
+                f"  workload.input_len/output_len (or the track's params lengths): cell {p.cell_id} can ask for {need} tokens "
                 f"but engine.max_model_len is {eng.max_model_len}"
             )
     if cfg.engine.kind == "vllm":

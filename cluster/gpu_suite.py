@@ -34,6 +34,8 @@ def run_items(items: list[str], out: Path, deadline_s: float, min_left_s: float)
         t = time.monotonic()
         try:
             cfg = resolve(track, load_yaml(Path(cfg_path)) if cfg_path else {})
+            if cfg.simulated:  # evidence is real by definition; the CLI's --simulate has no equal here
+                raise ValueError("engine.kind: the evidence suite runs real engines only, not 'simulated'")
             run_dir = Driver(cfg, RunOptions(out_dir=out)).run()
             m = json.loads((run_dir / "manifest.json").read_text())
             s = json.loads((run_dir / "summary.json").read_text())

@@ -67,6 +67,9 @@ def serve_spec(file_data: dict[str, Any], overrides: dict[str, Any]) -> ServeSpe
         spec = ServeSpec.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format(e, ServeSpec)) from None
+    if spec.engine.kind == "simulated":
+        # A client benchmarking this endpoint cannot see a stamp: it would measure a simulation as real.
+        raise ConfigError("invalid config:\n  engine.kind: pdbench serve runs real engines only (reference or vllm), not 'simulated'")
     if spec.mode == "disaggregated" and spec.engine.kind not in ("reference", "vllm"):
         raise ConfigError(f"invalid config:\n  engine.kind: the disaggregated mode runs reference or vllm engines, not {spec.engine.kind!r}")
     return spec

@@ -50,3 +50,9 @@ def test_latency_beyond_tolerance_fails():
 def test_config_hash_mismatch_fails():
     v = ANALYSIS.verdicts(frame(), {"rep0": {"config_hash": "a"}, "rep1": {"config_hash": "b"}}, {"tolerance": 0.5})
     assert v["verdict"] == "not reproducible"
+
+
+def test_a_crashed_repeat_makes_the_verdict_incomplete():
+    df = frame()
+    v = ANALYSIS.verdicts(df[df["cell_id"] == "rep0"], {"rep0": {"config_hash": "h"}}, {"tolerance": 0.5, "repeats": 2})
+    assert v["verdict"] == "incomplete"

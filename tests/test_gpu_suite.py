@@ -26,3 +26,11 @@ def test_a_bad_item_does_not_stop_the_next(ray_local, tmp_path, capsys):
     rc = main(["e9:", "--out", str(tmp_path / "runs"), "--deadline-s", "100", "--min-left-s", "0"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 1 and line["status"] == "error" and "e9" in line["reason"]
+
+
+def test_the_evidence_suite_refuses_simulated_engines(tmp_path, capsys):
+    cfg = tmp_path / "sim.yaml"
+    cfg.write_text("engine: {kind: simulated}\n")
+    rc = main([f"e0:{cfg}", "--out", str(tmp_path / "runs"), "--deadline-s", "100", "--min-left-s", "0"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 1 and line["status"] == "error" and "simulated" in line["reason"]

@@ -79,3 +79,15 @@ def test_slo_bounds_unset_are_not_checked():
     assert list(meets_slo(df, SLO(ttft_s=None, tpot_s=None))) == [True, True]
     assert list(meets_slo(df, SLO(ttft_s=1.0, tpot_s=None))) == [False, True]
     assert list(meets_slo(df, SLO(ttft_s=None, tpot_s=1.0, e2e_s=10))) == [True, False]
+
+
+def test_server_reports_never_replace_client_measurements():
+    r = raw("a", 0.0, 0.0, [1.0, 1.5], server={"ttft_s": 0.001, "engine": "vllm", "vllm_num_cached_tokens": 7})
+    df = to_frame([r], engine="external", cell_id="c")
+    assert df["ttft_s"].iloc[0] == pytest.approx(1.0) and df["engine"].iloc[0] == "external"
+    assert df["vllm_num_cached_tokens"].iloc[0] == 7
+
+
+def test_engine_token_times_are_kept():
+    r = {**raw("a", 0.0, 0.0, [1.0, 1.5]), "server_token_s": [0.2, 0.7]}
+    assert derive(r)["server_token_s"] == [0.2, 0.7]

@@ -139,6 +139,8 @@ def test_backend_reports_http_and_stream_errors():
 def test_target_refuses_credentials_in_url():
     with pytest.raises(ValueError, match="api_key_env"):
         TargetSpec(base_url="http://user:pw@127.0.0.1:8000", model="m", vocab_size=10)
+    with pytest.raises(ValueError, match="query"):
+        TargetSpec(base_url="http://127.0.0.1:8000/?api_key=abcdef0123456789", model="m", vocab_size=10)
     with pytest.raises(ValueError, match="http"):
         TargetSpec(base_url="ftp://127.0.0.1", model="m", vocab_size=10)
 

@@ -144,3 +144,15 @@ def test_loopback_detection(host, loopback):
     from cluster.serve import is_loopback
 
     assert is_loopback(host) is loopback
+
+
+def test_the_env_var_a_target_names_is_secret_whatever_its_name(monkeypatch):
+    from analysis.redact import secret_env_values
+    from cluster.config import resolve
+    from cluster.driver import for_target, plan_cells
+
+    monkeypatch.setenv("VLLM_AUTH", "s3cr3t-value-0123456789")
+    assert "s3cr3t-value-0123456789" not in secret_env_values()
+    cfg = resolve("e0", {"target": {"base_url": "http://127.0.0.1:9", "model": "m", "vocab_size": 100, "api_key_env": "VLLM_AUTH"}})
+    for_target(cfg, plan_cells(cfg))
+    assert "s3cr3t-value-0123456789" in secret_env_values()

@@ -237,3 +237,13 @@ def test_target_cells_drive_the_server_in_every_round():
 
     plans = plan_cells(resolve("e2", {"target": {"base_url": "http://127.0.0.1:9", "model": MODEL, "vocab_size": 2048}}))
     assert plans and {p.mode for p in plans} == {"external"}
+
+
+def test_serve_refuses_a_simulated_engine():
+    import pytest as _pytest
+
+    from cluster.config import ConfigError
+    from cluster.serve import serve_spec
+
+    with _pytest.raises(ConfigError, match="engine.kind: pdbench serve runs real engines only"):
+        serve_spec({"engine": {"kind": "simulated"}}, {})

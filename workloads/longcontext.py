@@ -52,7 +52,8 @@ def passkey_prompt(codec: TextCodec, length: int, depth: float, key: str) -> lis
     budget = length - len(head) - len(needle) - len(tail)
     if budget < 0:
         raise ValueError(
-            f"a passkey prompt needs at least {length - budget} tokens with this tokenizer, asked for {length}"
+            f"params.native_context/params.max_tokens: a passkey prompt needs at least {length - budget} tokens "
+            f"with this tokenizer, but native_context × multiplier − max_tokens leaves {length}"
         )
     unit = codec.encode(FILLER)
     filler = (unit * (budget // len(unit) + 1))[:budget]

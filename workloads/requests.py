@@ -69,6 +69,3 @@ def synthetic_requests(spec: WorkloadSpec, vocab_size: int, seed: int) -> list[R
         )
     return out
 
-
-def is_closed_loop(spec: WorkloadSpec) -> bool:
-    return isinstance(spec.arrival, ClosedLoop)

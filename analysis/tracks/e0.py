@@ -31,6 +31,10 @@ class E0Analysis(TrackAnalysis):
     def verdicts(self, requests: pd.DataFrame, cells: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         tol = float(params.get("tolerance", 0.25))
         ids = sorted(cells)
+        repeats = int(params.get("repeats", 2))
+        if len(ids) < repeats:  # a crashed repeat is no evidence of reproducibility
+            return {"verdict": "incomplete", "tolerance": tol, "checks": [
+                {"check": "every repeat finished", "ok": False, "detail": {"finished": ids, "repeats": repeats}}]}
         checks: list[dict[str, Any]] = []
         hashes = {c: cells[c].get("config_hash") for c in ids}
         checks.append(

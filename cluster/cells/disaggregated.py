@@ -20,7 +20,6 @@ from analysis.records import to_frame
 from analysis.transfers import transfers_frame
 from cluster import ray_env
 from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult
-from workloads.requests import synthetic_requests
 
 PREFILL, DECODE = 0, 1
 
@@ -80,7 +79,7 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
             asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S
         )
         check_pair(p_info, d_info)
-        reqs = synthetic_requests(ctx.plan.workload, d_info["vocab_size"], ctx.seed)
+        reqs = ctx.plan.build_requests(d_info["vocab_size"], ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
         raws = await loadgen.run.remote(decode, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress)
         rows = await decode.transfers.remote()
