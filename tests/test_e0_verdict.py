@@ -56,3 +56,12 @@ def test_a_crashed_repeat_makes_the_verdict_incomplete():
     df = frame()
     v = ANALYSIS.verdicts(df[df["cell_id"] == "rep0"], {"rep0": {"config_hash": "h"}}, {"tolerance": 0.5, "repeats": 2})
     assert v["verdict"] == "incomplete"
+
+
+def test_different_engine_weights_fail():
+    cells = {c: {"config_hash": "h", "engine_info": {"extra": {"weight_checksum": w}}} for c, w in (("rep0", "a"), ("rep1", "b"))}
+    v = ANALYSIS.verdicts(frame(), cells, {"tolerance": 0.5})
+    assert v["verdict"] == "not reproducible"
+    assert [c["check"] for c in v["checks"] if not c["ok"]] == ["engine weights identical"]
+    same = {c: {"config_hash": "h", "engine_info": {"extra": {"weight_checksum": "a"}}} for c in ("rep0", "rep1")}
+    assert ANALYSIS.verdicts(frame(), same, {"tolerance": 0.5})["verdict"] == "reproducible"

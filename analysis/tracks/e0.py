@@ -40,6 +40,12 @@ class E0Analysis(TrackAnalysis):
         checks.append(
             {"check": "config hash identical", "ok": len(set(hashes.values())) == 1, "detail": hashes}
         )
+        # The same config must also have built the same model: engines report a weight checksum.
+        weights = {c: ((cells[c].get("engine_info") or {}).get("extra") or {}).get("weight_checksum") for c in ids}
+        if any(weights.values()):
+            checks.append(
+                {"check": "engine weights identical", "ok": len(set(weights.values())) == 1, "detail": weights}
+            )
         df = measured(requests)
         tokens = {c: df[df["cell_id"] == c].set_index("request_id")["output_token_ids"] for c in ids}
         failed = int((~df["ok"].astype(bool)).sum())
