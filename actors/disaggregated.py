@@ -135,7 +135,7 @@ class DecodeActor(DecodeEntry):
         except Exception as e:
             self.directory.drop.remote(key)
             return TransferRecord(**ident, key=key, error=f"import: {reason_of(e)}"), None
-        rec = receive(self.directory, key, CopyInto(dsts), self.kv, **ident, kv_bytes_per_token=self.kv_bytes_per_token)
+        rec = receive(self.directory, key, CopyInto(dsts, self.kv.host_copy_threads), self.kv, **ident, kv_bytes_per_token=self.kv_bytes_per_token)
         return rec, state
 
     async def _decode(

@@ -28,12 +28,13 @@ TRANSFER_COLUMNS = (
     *STAGES,
     "total_s",
     "stall_s",
+    "send_s",
     "src_node",
     "dst_node",
     "ok",
     "error",
 )
-_FLOATS = (*STAGES, "total_s", "stall_s")
+_FLOATS = (*STAGES, "total_s", "stall_s", "send_s")
 _COUNTS = ("tokens", "groups", "bytes", "analytic_bytes")
 
 

@@ -100,12 +100,12 @@ def _intercept(pair, key, corrupt):
     layer 0's KV negated, exactly as the receiver would otherwise have found it."""
     d = pair["directory"]
     entry = ray.get(d.take.remote(key, 0, 30.0))
-    meta: GroupMeta = entry["meta"]
-    layers = [t.clone() for t in unpack(ray.get(entry["refs"][0]), meta)]
-    if corrupt:
-        layers[0].neg_()
-    buf, _ = pack(layers)
-    assert ray.get(d.register.remote(key, 0, meta.groups, meta, [ray.put(buf.numpy())]))
+    for i, (meta, refs) in enumerate(entry["groups"]):  # group 0 and any already published after it
+        layers = [t.clone() for t in unpack(ray.get(refs[0]), meta)]
+        if corrupt and i == 0:
+            layers[0].neg_()
+        buf, _ = pack(layers)
+        assert ray.get(d.register.remote(key, meta.index, meta.groups, meta, [ray.put(buf.numpy())]))
 
 
 @pytest.mark.parametrize("corrupt", [False, True], ids=["untouched", "one-layer-corrupted"])
@@ -177,7 +177,7 @@ def test_fetch_timeout_recomputes(pair):
     n = len(req["prompt_token_ids"])
     key = f"q12/stuck{secrets.token_hex(3)}"
     stuck = never_ready.remote()
-    meta = GroupMeta(0, 2, 0, ((2, 2, n, 64),) * 2, ("float32",) * 2, (0, 4 * 2 * 2 * n * 64), n, 0, 0.0, 0.0, "nowhere")
+    meta = GroupMeta(0, 2, 0, ((2, 2, n, 64),) * 2, ("float32",) * 2, (0, 4 * 2 * 2 * n * 64), n, 0, 0.0, 0.0, 0.0, "nowhere")
     ray.get(pair["directory"].register.remote(key, 0, 2, meta, [stuck]))
     reply = {"first_token": 0, "num_tokens": n, "server": {}}
     ids, last = stream(pair["fragile"], "decode_prefilled", req, key, reply)

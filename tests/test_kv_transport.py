@@ -68,6 +68,7 @@ def test_roundtrip_is_bit_exact_and_fully_accounted(directory, dtype, groups):
     for stage in ("extract_s", "put_s", "wait_ref_s", "fetch_s", "get_s", "inject_s"):
         assert getattr(rec, stage) >= 0, stage
     assert rec.extract_s == pytest.approx(sent.extract_s) and rec.put_s == pytest.approx(sent.put_s)
+    assert rec.send_s == pytest.approx(sent.send_s) and sent.send_s >= sent.extract_s + sent.put_s
     assert rec.stall_s == pytest.approx(rec.wait_ref_s + rec.fetch_s)
     assert rec.total_s >= rec.stall_s + rec.get_s
     assert rec.src_node == rec.dst_node == ray.get_runtime_context().get_node_id()
@@ -100,6 +101,23 @@ def test_layers_are_grouped_up_to_the_byte_budget():
     assert layer_groups([layer(10)] * 5, 10**6) == [(0, 5)]  # a short context is one object
     assert layer_groups([layer(10), layer(100), layer(10), layer(10)], 25) == [(0, 1), (1, 2), (2, 4)]  # too big: alone
     assert layer_groups([layer(30)] * 3, 25) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_one_take_hands_over_every_group_already_published(directory):
+    """A finished publish reaches the receiver in one directory call, groups in order; a group not
+    yet registered ends the batch."""
+    k = key()
+    publish(directory, k, kv_layers(), tokens=33, cfg=FAST)  # 3 groups
+    got = ray.get(directory.take.remote(k, 0, 1.0))["groups"]
+    assert [m.index for m, _ in got] == [0, 1, 2]
+    assert ray.get(directory.stats.remote())["keys"] == 0  # all taken: forgotten
+    k = key()
+    meta = lambda i: GroupMeta(i, 3, i, (), (), (), 0, 0, 0.0, 0.0, 0.0, "n")  # noqa: E731
+    for i in (0, 2):
+        ray.get(directory.register.remote(k, i, 3, meta(i), []))
+    assert [m.index for m, _ in ray.get(directory.take.remote(k, 0, 1.0))["groups"]] == [0]
+    ray.get(directory.register.remote(k, 1, 3, meta(1), []))
+    assert [m.index for m, _ in ray.get(directory.take.remote(k, 1, 1.0))["groups"]] == [1, 2]
 
 
 def test_record_is_the_transfers_parquet_row():
@@ -166,7 +184,7 @@ def _never_ready():
 def test_fetch_timeout(directory):
     k = key()
     stuck = _never_ready.remote()
-    meta = GroupMeta(0, 1, 0, ((2, 2, 33, 16),), ("float32",), (0,), 33, 8448, 0.0, 0.0, "nowhere")
+    meta = GroupMeta(0, 1, 0, ((2, 2, 33, 16),), ("float32",), (0,), 33, 8448, 0.0, 0.0, 0.0, "nowhere")
     assert ray.get(directory.register.remote(k, 0, 1, meta, [stuck]))
     rec = receive(directory, k, CopyInto(empty_like(kv_layers(layers=1))), FAST, **IDENT)
     ray.cancel(stuck, force=True)
@@ -193,7 +211,7 @@ def test_kv_that_does_not_fit_is_refused(directory):
 def test_late_groups_of_an_abandoned_key_are_refused(directory):
     k = key()
     assert ray.get(directory.drop.remote(k)) == 0
-    meta = GroupMeta(0, 1, 0, (), (), (), 0, 0, 0.0, 0.0, "n")
+    meta = GroupMeta(0, 1, 0, (), (), (), 0, 0, 0.0, 0.0, 0.0, "n")
     assert ray.get(directory.register.remote(k, 0, 1, meta, [ray.put(1)])) is False
     assert ray.get(directory.stats.remote())["groups"] == 0
 
@@ -239,7 +257,7 @@ class _Fake:
 def test_metrics_are_tagged_by_run_cell_and_role(monkeypatch):
     fakes = {k: _Fake() for k in ("bytes", "transfers", "size", "stage")}
     monkeypatch.setattr(accounting, "_metrics", fakes)
-    accounting.observe_send(accounting.SendStats("k", 10, 2, 4096, 0.25, 0.5, "n1"), "run1", "cellA")
+    accounting.observe_send(accounting.SendStats("k", 10, 2, 4096, 0.25, 0.5, 0.8, "n1"), "run1", "cellA")
     rec = TransferRecord(
         "run1", "cellA", "r1", "k", tokens=10, groups=2, bytes=4096, wait_ref_s=0.1, fetch_s=0.2, get_s=0.01,
         inject_s=0.02, total_s=0.4, stall_s=0.3, ok=True,

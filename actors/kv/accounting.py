@@ -26,6 +26,7 @@ class SendStats:
     bytes: int
     extract_s: float
     put_s: float
+    send_s: float  # wall time of the whole publish
     src_node: str
 
 
@@ -37,7 +38,10 @@ class TransferRecord:
     so bytes − analytic_bytes is block padding or layout overhead. Stage times of stages that never
     ran (a transfer that failed early) are None. `total_s` is the receiver's wall time from asking
     for the first layer group to the last one injected; `stall_s` is the part of it the receiver
-    sat waiting for KV it did not have yet (wait_ref_s + fetch_s).
+    sat waiting for KV it did not have yet (wait_ref_s + fetch_s). `send_s` is the sender's wall time
+    from the start of its publish to its last put: send_s + total_s is the transfer path's time
+    when the receiver asks after the sender is done (extract overlaps put on a GPU sender, so
+    extract_s counts only what the put did not hide).
     """
 
     run_id: str
@@ -56,6 +60,7 @@ class TransferRecord:
     inject_s: float | None = None
     total_s: float | None = None
     stall_s: float | None = None
+    send_s: float | None = None
     src_node: str | None = None
     dst_node: str | None = None
     ok: bool = False

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
+from actors.kv.staging import host_to_device
+
 PRODUCER, CONSUMER = "producer", "consumer"
 
 
@@ -114,12 +116,18 @@ def gather_blocks(caches: Sequence[torch.Tensor], block_ids: list[int], dim: int
 
 
 class BlockInjector:
-    """Transport injector: copies each received layer into the paged cache at `block_ids`."""
+    """Transport injector: copies each received layer into the paged cache at `block_ids`; into a
+    GPU cache through pinned staging (actors/kv/staging.py) on a side stream, waited for in
+    `finish`, before the forward pass reads the blocks."""
 
-    def __init__(self, caches: Sequence[torch.Tensor], block_ids: list[int], dim: int):
+    def __init__(self, caches: Sequence[torch.Tensor], block_ids: list[int], dim: int, threads: int = 4):
         self.caches = list(caches)
         self.dim = dim
-        self.idx = torch.tensor(block_ids, device=self.caches[0].device, dtype=torch.long)
+        device = self.caches[0].device
+        self.idx = torch.tensor(block_ids, dtype=torch.long).to(device)
+        self.h2d = host_to_device(device, threads) if device.type == "cuda" else None
+        if self.h2d is not None:
+            self.h2d.begin()  # after the engine's queued work and the index copy above
         self._seen: set[int] = set()
 
     def __call__(self, layer: int, host: torch.Tensor) -> None:
@@ -130,12 +138,17 @@ class BlockInjector:
         want[self.dim] = len(self.idx)
         if list(host.shape) != want or host.dtype != dst.dtype:
             raise ValueError(f"layer {layer}: received {tuple(host.shape)} {host.dtype}, blocks need {tuple(want)} {dst.dtype}")
-        dst.index_copy_(self.dim, self.idx, host.to(dst.device))
+        if self.h2d is None:
+            dst.index_copy_(self.dim, self.idx, host)
+        else:
+            staged = self.h2d.upload(host)
+            with torch.cuda.stream(self.h2d.stream):
+                dst.index_copy_(self.dim, self.idx, staged)
         self._seen.add(layer)
 
     def finish(self) -> None:
-        if self.caches[0].is_cuda:
-            torch.cuda.synchronize(self.caches[0].device)
+        if self.h2d is not None:
+            self.h2d.synchronize()
         missing = sorted(set(range(len(self.caches))) - self._seen)
         if missing:
             raise ValueError(f"layers never received: {missing[:8]}")

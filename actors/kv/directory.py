@@ -60,8 +60,10 @@ class KVDirectory:
             self._changed.notify_all()
 
     async def take(self, key: str, index: int, timeout_s: float) -> dict[str, Any]:
-        """Remove and return group `index` of `key` ({"meta", "refs"}), or {"error"} on failure or
-        timeout. Once every group of a key is taken the key is forgotten."""
+        """Remove and return group `index` of `key` and every later one already registered, in
+        order ({"groups": [(meta, refs), ...]}), or {"error"} on failure or timeout. Only group
+        `index` is waited for: one call hands over a whole published transfer. Once every group
+        of a key is taken the key is forgotten."""
         def ready() -> bool:
             return key in self._failed or index in self._groups.get(key, {})
 
@@ -72,13 +74,17 @@ class KVDirectory:
                 return {"error": f"no reference for layer group {index} within {timeout_s:g} s"}
             if key in self._failed:
                 return {"error": f"sender failed: {self._failed[key]}"}
-            meta, refs = self._groups[key].pop(index)
+            stored = self._groups[key]
             taken = self._taken.setdefault(key, set())
-            taken.add(index)
-            if not self._groups[key] and len(taken) >= self._expected[key]:
+            out = []
+            while index in stored:
+                out.append(stored.pop(index))
+                taken.add(index)
+                index += 1
+            if not stored and len(taken) >= self._expected[key]:
                 self._forget(key)
-            self.taken += 1
-            return {"meta": meta, "refs": refs}
+            self.taken += len(out)
+            return {"groups": out}
 
     async def drop(self, key: str) -> int:
         """Forget `key` (the receiver gave up): release what is stored, refuse what comes later."""

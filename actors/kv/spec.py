@@ -22,3 +22,11 @@ class KVTransferConfig(BaseModel):
     fetch_timeout_s: float = Field(
         default=60.0, gt=0, description="longest the decode side waits for a layer group's bytes to become local"
     )
+    host_copy_threads: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="threads that copy received KV from object-store memory into pinned buffers before "
+        "the host-to-GPU copy (GPU receivers only; one thread reads shared memory at a fraction of the "
+        "host's bandwidth)",
+    )

@@ -18,7 +18,6 @@ put of 36 arrays of 1.8 MiB took ten times as long as one put of a 64 MiB array)
 from __future__ import annotations
 
 import math
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 
 from actors.kv.accounting import SendStats, TransferRecord, observe_receive, observe_send
 from actors.kv.spec import KVTransferConfig
+from actors.kv.staging import STAGING, host_to_device
 
 _ERROR_CHARS = 300
 
@@ -52,6 +52,7 @@ class GroupMeta:
     bytes: int
     extract_s: float
     put_s: float
+    send_s: float  # from the start of publish to this group's put: the last group's is the sender's wall
     src_node: str
 
 
@@ -76,12 +77,16 @@ def _copy_streams(devices: Iterable[torch.device]) -> dict[torch.device, Any]:
 
 
 class CopyInto:
-    """Injector that copies layer i into `dsts[i]` (host→device where `dsts` live on a GPU)."""
+    """Injector that copies layer i into `dsts[i]`; into a GPU through pinned staging
+    (actors/kv/staging.py), since the received bytes sit in pageable object-store memory."""
 
-    def __init__(self, dsts: Sequence[torch.Tensor]):
+    def __init__(self, dsts: Sequence[torch.Tensor], threads: int = 4):
         self.dsts = list(dsts)
         self._seen: set[int] = set()
-        self._streams = _copy_streams(d.device for d in self.dsts)
+        gpus = {d.device for d in self.dsts if d.is_cuda}
+        self._h2d = {dev: host_to_device(dev, threads) for dev in gpus}
+        for h in self._h2d.values():
+            h.begin()
 
     def __call__(self, layer: int, host: torch.Tensor) -> None:
         if not 0 <= layer < len(self.dsts):
@@ -92,15 +97,17 @@ class CopyInto:
                 f"layer {layer}: received {tuple(host.shape)} {host.dtype}, destination is {tuple(dst.shape)} {dst.dtype}"
             )
         if dst.is_cuda:
-            with torch.cuda.stream(self._streams[dst.device]):
-                dst.copy_(host)
+            h2d = self._h2d[dst.device]
+            staged = h2d.upload(host)
+            with torch.cuda.stream(h2d.stream):
+                dst.copy_(staged)
         else:
             dst.copy_(host)
         self._seen.add(layer)
 
     def finish(self) -> None:
-        for stream in self._streams.values():
-            stream.synchronize()
+        for h in self._h2d.values():
+            h.synchronize()
         missing = sorted(set(range(len(self.dsts))) - self._seen)
         if missing:
             raise ValueError(f"layers never received: {missing[:8]}{' …' if len(missing) > 8 else ''}")
@@ -125,12 +132,10 @@ def layout(layers: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], int]:
     return tuple(offsets), total
 
 
-def pack(layers: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Copy `layers` into one contiguous host uint8 buffer (`out`'s first bytes if given, else a new
-    one, pinned when a layer is on a GPU); return the packed bytes and each layer's offset."""
+def _pack_start(layers: Sequence[torch.Tensor], out: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], list[Any]]:
+    """Queue the copy of `layers` into `out`'s first bytes: device→host copies run on side streams
+    (returned, to wait on), host layers are copied at once."""
     offsets, total = layout(layers)
-    if out is None:
-        out = torch.empty(total, dtype=torch.uint8, pin_memory=any(t.is_cuda for t in layers))
     buf = out[:total]
     streams = _copy_streams(t.device for t in layers)
     for t, off in zip(layers, offsets):
@@ -140,36 +145,18 @@ def pack(layers: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> tup
                 dst.copy_(t, non_blocking=True)
         else:
             dst.copy_(t)
-    for stream in streams.values():
+    return buf, offsets, list(streams.values())
+
+
+def pack(layers: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Copy `layers` into one contiguous host uint8 buffer (`out`'s first bytes if given, else a new
+    one, pinned when a layer is on a GPU); return the packed bytes and each layer's offset."""
+    if out is None:
+        out = torch.empty(layout(layers)[1], dtype=torch.uint8, pin_memory=any(t.is_cuda for t in layers))
+    buf, offsets, streams = _pack_start(layers, out)
+    for stream in streams:
         stream.synchronize()
     return buf, offsets
-
-
-class _Staging:
-    """Host buffers that packing reuses: `ray.put` copies out of them, so a buffer is free again
-    as soon as put returns. Reuse spares page faults (fresh pages cost more than the copy into
-    them: packing 1 GiB into new buffers ran at 2 GB/s, into reused ones at memcpy speed) and, for
-    GPUs, pinned allocations. One buffer per kind is kept: the largest group seen."""
-
-    def __init__(self) -> None:
-        self._free: dict[bool, torch.Tensor] = {}
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int, pinned: bool) -> torch.Tensor:
-        with self._lock:
-            buf = self._free.get(pinned)
-            if buf is not None and buf.numel() >= nbytes:
-                return self._free.pop(pinned)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-
-    def give(self, buf: torch.Tensor, pinned: bool) -> None:
-        with self._lock:
-            kept = self._free.get(pinned)
-            if kept is None or kept.numel() < buf.numel():
-                self._free[pinned] = buf
-
-
-_STAGING = _Staging()
 
 
 def unpack(buf: np.ndarray, meta: GroupMeta) -> list[torch.Tensor]:
@@ -220,20 +207,40 @@ def publish(
     spans = layer_groups(layers, cfg.max_group_bytes)
     groups = len(spans)
     src_node = ray.get_runtime_context().get_node_id()
-    stats = SendStats(key=key, tokens=tokens, groups=groups, bytes=0, extract_s=0.0, put_s=0.0, src_node=src_node)
+    stats = SendStats(key=key, tokens=tokens, groups=groups, bytes=0, extract_s=0.0, put_s=0.0, send_s=0.0, src_node=src_node)
     acks = []
     pinned = any(t.is_cuda for t in layers)
-    t0 = time.perf_counter()
-    staging = _STAGING.take(max(layout(layers[a:b])[1] for a, b in spans), pinned)
-    staging_s = time.perf_counter() - t0  # allocation, when not reused: part of the first extract
+    # From a GPU, group i+1's device→host copy runs on the copy engine while group i is put, in a
+    # second staging buffer; host layers are packed one group at a time into one buffer.
+    overlap = pinned and groups > 1
+    t_start = time.perf_counter()
+    size = max(layout(layers[a:b])[1] for a, b in spans)
+    staging = [STAGING.take(size, pinned) for _ in range(2 if overlap else 1)]
+
+    def start(gi: int) -> tuple[torch.Tensor, tuple[int, ...], list[Any]]:
+        a, b = spans[gi]
+        return _pack_start(layers[a:b], staging[gi % len(staging)])
+
+    pending = start(0)
+    issued_s = time.perf_counter() - t_start  # staging and queueing: part of the first extract
     for gi, (first, end) in enumerate(spans):
         part = layers[first:end]
-        t0 = time.perf_counter() - staging_s
-        staging_s = 0.0
-        buf, offsets = pack(part, staging)
+        t0 = time.perf_counter()
+        buf, offsets, streams = pending
+        for stream in streams:
+            stream.synchronize()
+        extract_s = issued_s + time.perf_counter() - t0  # only what the put did not hide
+        issued_s = 0.0
+        if overlap and gi + 1 < groups:
+            t0 = time.perf_counter()
+            pending = start(gi + 1)
+            issued_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         ref = ray.put(buf.numpy())
         t2 = time.perf_counter()
+        if not overlap and gi + 1 < groups:
+            pending = start(gi + 1)  # a host copy: timed as the next group's extract
+            issued_s = time.perf_counter() - t2
         nbytes = buf.numel()
         meta = GroupMeta(
             index=gi,
@@ -244,16 +251,19 @@ def publish(
             offsets=offsets,
             tokens=tokens,
             bytes=nbytes,
-            extract_s=t1 - t0,
+            extract_s=extract_s,
             put_s=t2 - t1,
+            send_s=time.perf_counter() - t_start,
             src_node=src_node,
         )
         acks.append(directory.register.remote(key, gi, groups, meta, [ref]))
         stats.bytes += nbytes
         stats.extract_s += meta.extract_s
         stats.put_s += meta.put_s
+        stats.send_s = meta.send_s
         del ref, buf
-    _STAGING.give(staging, pinned)
+    for buf in staging:
+        STAGING.give(buf, pinned)
     ray.get(acks)  # a dead directory surfaces here, not as a silent hang on the receiver
     if run_id:
         observe_send(stats, run_id, cell_id)
@@ -300,30 +310,33 @@ def receive(
         gi = 0
         while groups is None or gi < groups:
             t = time.perf_counter()
+            # Every group already registered comes in one call; only the first is waited for.
             entry = ray.get(directory.take.remote(key, gi, cfg.ref_timeout_s))
             t = add("wait_ref_s", t)
             if "error" in entry:
                 raise KVUnavailable(entry["error"])
-            meta: GroupMeta = entry["meta"]
-            refs = entry["refs"]
+            batch = entry["groups"]
             del entry
-            groups = meta.groups
-            rec.tokens, rec.src_node = meta.tokens, meta.src_node
-            spent["extract_s"] = spent.get("extract_s", 0.0) + meta.extract_s
-            spent["put_s"] = spent.get("put_s", 0.0) + meta.put_s
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=cfg.fetch_timeout_s, fetch_local=True)
-            t = add("fetch_s", t)
-            if len(ready) < len(refs):
-                raise KVUnavailable(f"fetch of layer group {gi} timed out after {cfg.fetch_timeout_s:g} s")
-            buf = ray.get(refs[0])
-            t = add("get_s", t)
-            for j, layer in enumerate(unpack(buf, meta)):
-                inject(meta.first_layer + j, layer)
-            add("inject_s", t)
-            rec.bytes += meta.bytes
-            rec.groups += 1
-            del buf, refs, ready
-            gi += 1
+            for meta, refs in batch:
+                groups = meta.groups
+                rec.tokens, rec.src_node = meta.tokens, meta.src_node
+                spent["extract_s"] = spent.get("extract_s", 0.0) + meta.extract_s
+                spent["put_s"] = spent.get("put_s", 0.0) + meta.put_s
+                rec.send_s = meta.send_s
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=cfg.fetch_timeout_s, fetch_local=True)
+                t = add("fetch_s", t)
+                if len(ready) < len(refs):
+                    raise KVUnavailable(f"fetch of layer group {gi} timed out after {cfg.fetch_timeout_s:g} s")
+                buf = ray.get(refs[0])
+                t = add("get_s", t)
+                for j, layer in enumerate(unpack(buf, meta)):
+                    inject(meta.first_layer + j, layer)
+                t = add("inject_s", t)
+                rec.bytes += meta.bytes
+                rec.groups += 1
+                del buf, refs, ready
+                gi += 1
+            del batch
         t = time.perf_counter()
         inject.finish()
         add("inject_s", t)

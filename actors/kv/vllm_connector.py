@@ -127,11 +127,12 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
 
         from actors.kv.transport import receive
 
+        cfg = self._kv_cfg()
         rec = receive(
             self._dir(),
             t.key,
-            BlockInjector(self._caches, t.block_ids, self._dim),
-            self._kv_cfg(),
+            BlockInjector(self._caches, t.block_ids, self._dim, cfg.host_copy_threads),
+            cfg,
             run_id=self.extra.get("run_id", ""),
             cell_id=self.extra.get("cell_id", ""),
             request_id=t.key.split("/")[0],

@@ -1,0 +1,76 @@
+"""Pinned host→GPU staging on a real GPU (`pytest -m gpu`): received KV (pageable, read-only
+object-store memory) must land bit-exact, in a contiguous tensor and in a paged cache's blocks,
+and a GPU sender's overlapped device→host copies must publish exactly what the cache holds."""
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("this test needs a CUDA GPU (run it with -m gpu on such a node)")
+    return torch.device("cuda", 0)
+
+
+def _readonly_host(nbytes: int, seed: int) -> torch.Tensor:
+    arr = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    arr.setflags(write=False)  # as ray.get hands object-store memory out
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def test_upload_crosses_chunks_and_both_buffers_exactly(cuda):
+    from actors.kv.staging import HostToDevice
+
+    h = HostToDevice(cuda, chunk_bytes=1 << 20, threads=4)
+    srcs = [_readonly_host(n, i) for i, n in enumerate([(5 << 20) + 3, 1 << 20, 17])]
+    h.begin()
+    outs = [h.upload(s) for s in srcs]
+    h.synchronize()
+    for s, o in zip(srcs, outs):
+        assert o.device == cuda and torch.equal(o.cpu(), s)
+
+
+def test_block_injector_fills_the_right_blocks_on_gpu(cuda):
+    from actors.kv.blocks import BlockInjector, gather_blocks
+
+    g = torch.Generator(device=cuda).manual_seed(0)
+    caches = [torch.randn(64, 16, 4, 32, generator=g, device=cuda, dtype=torch.float32).to(torch.bfloat16) for _ in range(3)]
+    src_blocks = [5, 9, 2, 40]
+    layers = [t.cpu() for t in gather_blocks(caches, src_blocks, 0)]
+    dst_caches = [torch.zeros_like(c) for c in caches]
+    inj = BlockInjector(dst_caches, [1, 3, 60, 7], 0, threads=4)
+    for i, t in enumerate(layers):
+        inj(i, t)
+    inj.finish()
+    for c, d in zip(caches, dst_caches):
+        assert torch.equal(d[[1, 3, 60, 7]], c[src_blocks])
+        assert d[0].abs().sum() == 0
+
+
+def test_gpu_publish_overlaps_and_roundtrips_exactly(cuda, ray_local):
+    import secrets
+
+    import ray
+
+    from actors.kv.directory import directory_actor
+    from actors.kv.spec import KVTransferConfig
+    from actors.kv.transport import CopyInto, publish, receive
+
+    d = directory_actor(f"pdbench:test:{secrets.token_hex(3)}:kvdir")
+    layers = [torch.randn(2, 8, 512, 128, device=cuda) for _ in range(6)]  # 4 MiB each
+    cfg = KVTransferConfig(max_group_bytes=8 << 20)  # 3 groups: two staging buffers in turn
+    sent = publish(d, "k/0", layers, tokens=512, cfg=cfg)
+    dst = [torch.empty_like(t) for t in layers]
+    rec = receive(d, "k/0", CopyInto(dst), cfg, run_id="t", cell_id="c", request_id="k")
+    assert rec.ok, rec.error
+    assert sent.groups == rec.groups == 3 and rec.send_s == pytest.approx(sent.send_s)
+    assert all(torch.equal(a, b) for a, b in zip(layers, dst))
+    ray.kill(d)
