@@ -66,7 +66,14 @@ def parallel_copy(dst: torch.Tensor, src: torch.Tensor, pool: ThreadPoolExecutor
         return
     step = -(-n // parts)
     spans = [(a, min(a + step, n)) for a in range(0, n, step)]
-    list(pool.map(lambda s: dst[s[0] : s[1]].copy_(src[s[0] : s[1]]), spans))
+
+    def part(span: tuple[int, int]) -> None:
+        # Inference mode is per thread: buffers made under vLLM's are inference tensors, which
+        # only code in inference mode may write.
+        with torch.inference_mode():
+            dst[span[0] : span[1]].copy_(src[span[0] : span[1]])
+
+    list(pool.map(part, spans))
 
 
 class HostToDevice:
