@@ -41,6 +41,9 @@ def connector_config(cfg: EngineConfig, kv: KVTransferConfig, directory: str, ru
         "kv_connector": "RayObjectStoreConnector",
         "kv_connector_module_path": "actors.kv.vllm_connector",
         "kv_role": "kv_both",
+        # vLLM 0.26's default, "fail", ends a request whose KV load failed; pdbench's contract is
+        # that the decode engine recomputes it (the transfer record keeps the reason).
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
             "directory": directory,
             # vLLM's worker runs in a process of its own, outside Ray: it joins the cluster itself.

@@ -36,9 +36,12 @@ def versions() -> dict[str, Any]:
     v["pdbench_git_sha"] = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     v["pdbench_git_dirty"] = None if status is None else bool(status)
-    if v["pdbench_git_sha"] is None and os.environ.get("PDBENCH_GIT_SHA"):
-        # A copy of the tree without .git (a GPU box the code was shipped to): the shipper says
-        # which commit it was, and the manifest says that it was told rather than it looked.
+    if os.environ.get("PDBENCH_GIT_SHA"):
+        # A copy of the tree shipped to a GPU box: the shipper says which commit it was, and the
+        # manifest says that it was told rather than it looked. The shipper wins over a .git in
+        # the copy, which may have travelled stale (seen: HEAD of an older checkout, "dirty").
+        if v["pdbench_git_sha"] not in (None, os.environ["PDBENCH_GIT_SHA"]):
+            v["pdbench_git_seen"] = {"sha": v["pdbench_git_sha"], "dirty": v["pdbench_git_dirty"]}
         v["pdbench_git_sha"] = os.environ["PDBENCH_GIT_SHA"]
         v["pdbench_git_dirty"] = os.environ.get("PDBENCH_GIT_DIRTY", "unknown") == "1"
         v["pdbench_git_source"] = "PDBENCH_GIT_SHA"

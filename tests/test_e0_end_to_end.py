@@ -127,6 +127,20 @@ def test_git_facts_from_environment_when_tree_has_no_git(monkeypatch):
     assert v["pdbench_git_source"] == "PDBENCH_GIT_SHA"
 
 
+def test_shipper_sha_wins_over_a_stale_git_in_the_copy(monkeypatch):
+    from cluster import manifest
+
+    monkeypatch.setattr(manifest, "_git", lambda *a: "old000" if a[0] == "rev-parse" else " M x.py")
+    monkeypatch.setenv("PDBENCH_GIT_SHA", "new111")
+    monkeypatch.setenv("PDBENCH_GIT_DIRTY", "0")
+    v = manifest.versions()
+    assert v["pdbench_git_sha"] == "new111" and v["pdbench_git_dirty"] is False
+    assert v["pdbench_git_seen"] == {"sha": "old000", "dirty": True}
+    monkeypatch.delenv("PDBENCH_GIT_SHA")
+    v = manifest.versions()
+    assert v["pdbench_git_sha"] == "old000" and v["pdbench_git_dirty"] is True and "pdbench_git_source" not in v
+
+
 def test_report_can_share_one_plotly_copy(e0_run, tmp_path):
     import shutil
 

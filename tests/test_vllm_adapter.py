@@ -45,3 +45,21 @@ def test_memory_report_from_vllm_profiler_numbers():
     m = memory_report(raw)
     assert m.measured and m.other_bytes == 3 and m.total_bytes == 73 and m.kv_cache_tokens == 160
     assert m.device == "cuda:0" and m.detail == raw
+
+
+def test_a_request_vllm_ends_early_is_a_failure():
+    assert VllmEngine.finish_error("length", 64, 64) is None
+    assert "reason 'error' after 0 of 64" in VllmEngine.finish_error("error", 0, 64)
+    assert "reason 'abort'" in VllmEngine.finish_error("abort", 3, 64)
+    assert "after 10 of 64" in VllmEngine.finish_error("length", 10, 64)  # never short without an error
+    assert "reason 'stop'" in VllmEngine.finish_error("stop", 64, 64)  # ignore_eos: a stop is not ours
+
+
+def test_connector_asks_vllm_to_recompute_a_failed_load(ray_local):
+    from actors.kv.spec import KVTransferConfig
+    from actors.vllm_disaggregated import connector_config
+
+    cfg = EngineConfig(kind="vllm", model="qwen3-0.6b")
+    c = connector_config(cfg, KVTransferConfig(), "dir", "run", "cell")
+    assert c["kv_load_failure_policy"] == "recompute"
+    assert c["kv_connector_module_path"] == "actors.kv.vllm_connector"

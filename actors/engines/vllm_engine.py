@@ -155,7 +155,18 @@ class VllmEngine(EngineAdapter):
             delta = TokenDelta(token_ids=toks, token_s=[now - t_q] * len(toks), finished=out.finished)
             if out.finished:
                 delta.server = self._server_stats(out, t_q, now)
+                delta.error = self.finish_error(out.outputs[0].finish_reason, n, request.max_tokens)
             yield delta
+
+    @staticmethod
+    def finish_error(reason: str | None, tokens: int, max_tokens: int) -> str | None:
+        """Why a finished request failed, or None. vLLM ends a request it could not serve (a KV
+        load that failed under kv_load_failure_policy "fail", an abort) as finished, with what it
+        produced so far: such a request must not count as a success. With ignore_eos, "length"
+        is the only normal end."""
+        if reason == "length" and tokens == max_tokens:
+            return None
+        return f"vLLM finished the request with reason {reason!r} after {tokens} of {max_tokens} tokens"
 
     @staticmethod
     def _server_stats(out: Any, t_q: float, now: float) -> dict[str, Any]:
