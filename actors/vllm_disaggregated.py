@@ -41,9 +41,10 @@ def connector_config(cfg: EngineConfig, kv: KVTransferConfig, directory: str, ru
         "kv_connector": "RayObjectStoreConnector",
         "kv_connector_module_path": "actors.kv.vllm_connector",
         "kv_role": "kv_both",
-        # vLLM 0.26's default, "fail", ends a request whose KV load failed; pdbench's contract is
-        # that the decode engine recomputes it (the transfer record keeps the reason).
-        "kv_load_failure_policy": "recompute",
+        # A failed load ends the request in vLLM (its default, said out loud), and the decode actor
+        # runs it again as a fresh request (`stream_or_recompute`). vLLM 0.26's own "recompute"
+        # policy gave a token sequence shifted by one on 2x H200 (vllm-project/vllm#49250).
+        "kv_load_failure_policy": "fail",
         "kv_connector_extra_config": {
             "directory": directory,
             # vLLM's worker runs in a process of its own, outside Ray: it joins the cluster itself.
@@ -63,6 +64,26 @@ def _engine(cfg: EngineConfig, kv: KVTransferConfig, directory: str, run_id: str
         # The connector publishes a prompt after the step that completes it: one step per prompt.
         cfg = cfg.model_copy(update={"vllm": {**cfg.vllm, "max_num_batched_tokens": max(cfg.max_model_len, 8192)}})
     return VllmEngine(cfg, kv_transfer_config=connector_config(cfg, kv, directory, run_id, cell_id))
+
+
+async def stream_or_recompute(
+    engine: Any, req: EngineRequest, params: dict[str, Any] | None, retried: list[str]
+) -> AsyncIterator[Any]:
+    """The decode engine's deltas for `req`; if vLLM ends it before its first token because the KV
+    load failed, the same request again as a fresh one without a transfer (a full prefill on this
+    engine, as aggregated), and its reason appended to `retried`."""
+    n = 0
+    async for delta in engine.generate(req, kv_transfer_params=params):
+        if params is not None and n == 0 and delta.finished and delta.error and not delta.token_ids:
+            retried.append(delta.error)
+            break
+        n += len(delta.token_ids)
+        yield delta
+    else:
+        return
+    again = EngineRequest(f"{req.request_id}:recompute", req.prompt_token_ids, req.max_tokens)
+    async for delta in engine.generate(again):
+        yield delta
 
 
 @ray.remote
@@ -148,7 +169,8 @@ class VllmDecodeActor(DecodeEntry):
             server = {k: reply["server"].get(k) for k in ("server_queue_s", "prefill_s")}
         offset = t_reply - t0
         t_first = None
-        async for delta in self.engine.generate(req, kv_transfer_params=params):
+        retried: list[str] = []
+        async for delta in stream_or_recompute(self.engine, req, params, retried):
             now = time.monotonic()
             t_first = t_first or now
             delta.token_s = [s + offset for s in delta.token_s]
@@ -165,6 +187,8 @@ class VllmDecodeActor(DecodeEntry):
                     server["transfer_s"] = rec.get("total_s")  # time lost inside the engine, if it got that far
                 decode_stats = {f"decode_{k}": v for k, v in own.items()}
                 delta.server = {**decode_stats, **server, "server_e2e_s": now - t0, "kv_transfer_ok": bool(rec.get("ok"))}
+                if retried:
+                    delta.server["decode_retry_reason"] = retried[0]
             yield dataclasses.asdict(delta)
 
     async def _record(self, ident: dict[str, Any], key: str, expected: int, failure: str | None) -> dict[str, Any]:

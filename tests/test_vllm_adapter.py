@@ -55,11 +55,61 @@ def test_a_request_vllm_ends_early_is_a_failure():
     assert "reason 'stop'" in VllmEngine.finish_error("stop", 64, 64)  # ignore_eos: a stop is not ours
 
 
-def test_connector_asks_vllm_to_recompute_a_failed_load(ray_local):
+def test_connector_leaves_a_failed_load_to_the_decode_actor(ray_local):
     from actors.kv.spec import KVTransferConfig
     from actors.vllm_disaggregated import connector_config
 
     cfg = EngineConfig(kind="vllm", model="qwen3-0.6b")
     c = connector_config(cfg, KVTransferConfig(), "dir", "run", "cell")
-    assert c["kv_load_failure_policy"] == "recompute"
+    assert c["kv_load_failure_policy"] == "fail"  # vLLM 0.26's recompute is wrong (vllm#49250)
     assert c["kv_connector_module_path"] == "actors.kv.vllm_connector"
+
+
+class _FakeEngine:
+    """Ends the transfer attempt as vLLM does when its KV load fails (policy "fail"): finished,
+    no tokens, an error; a request without a transfer streams its tokens."""
+
+    def __init__(self, fail_load: bool):
+        self.fail_load = fail_load
+        self.calls: list[tuple[str, dict | None]] = []
+
+    async def generate(self, req, kv_transfer_params=None):
+        from actors.engines.base import TokenDelta
+
+        self.calls.append((req.request_id, kv_transfer_params))
+        if kv_transfer_params and self.fail_load:
+            yield TokenDelta(finished=True, error=VllmEngine.finish_error("error", 0, req.max_tokens))
+            return
+        yield TokenDelta(token_ids=[1, 2], token_s=[0.1, 0.1])
+        yield TokenDelta(token_ids=[3], token_s=[0.2], finished=True)
+
+
+async def _collect(engine, params):
+    from actors.engines import EngineRequest
+    from actors.vllm_disaggregated import stream_or_recompute
+
+    retried: list[str] = []
+    out = [d async for d in stream_or_recompute(engine, EngineRequest("r1", [5, 6, 7], 3), params, retried)]
+    return out, retried
+
+
+def test_a_failed_load_runs_the_request_again_without_the_transfer():
+    import asyncio
+
+    e = _FakeEngine(fail_load=True)
+    out, retried = asyncio.run(_collect(e, {"pdbench_role": "consumer", "key": "r1/k"}))
+    assert [t for d in out for t in d.token_ids] == [1, 2, 3] and out[-1].error is None
+    assert e.calls == [("r1", {"pdbench_role": "consumer", "key": "r1/k"}), ("r1:recompute", None)]
+    assert "reason 'error' after 0 of 3" in retried[0]
+
+
+def test_a_good_load_or_no_transfer_runs_once():
+    import asyncio
+
+    for params in ({"pdbench_role": "consumer", "key": "r1/k"}, None):
+        e = _FakeEngine(fail_load=False)
+        out, retried = asyncio.run(_collect(e, params))
+        assert [t for d in out for t in d.token_ids] == [1, 2, 3] and retried == [] and len(e.calls) == 1
+    e = _FakeEngine(fail_load=True)
+    out, retried = asyncio.run(_collect(e, None))  # no transfer asked: nothing to fail
+    assert len(e.calls) == 1 and retried == []

@@ -118,10 +118,12 @@ def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray):
     ray.kill(agg)
 
     assert [t for t, _ in got] == want
-    # The failed load: vLLM recomputed the prompt (kv_load_failure_policy "recompute"); the request
-    # completed with every token, and its record keeps the reason.
+    # The failed load: vLLM ended the attempt and the decode actor ran the request again without a
+    # transfer; it completed with every token, the aggregated ones, and its record keeps the reason.
+    # (vLLM 0.26's own kv_load_failure_policy "recompute" failed this check on 2x H200: its output
+    # came shifted by one token, vllm-project/vllm#49250.)
     assert last["error"] is None and len(recomputed) == 24, last
-    assert last["server"]["kv_transfer_ok"] is False
+    assert last["server"]["kv_transfer_ok"] is False and "reason 'error'" in last["server"]["decode_retry_reason"]
     assert [r["ok"] for r in bad_rows] == [False] and "received" in bad_rows[0]["error"], bad_rows
     assert recomputed == want[0]
     assert all(r["ok"] for r in rows), rows

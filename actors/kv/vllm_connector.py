@@ -14,8 +14,10 @@ One class serves both engines; each request says what it wants in its `kv_transf
   layer group, directory).
 - consumer (decode engine): {"pdbench_role": "consumer", "key": K}. The scheduler reports those
   blocks as externally computed; the worker receives K into them before the forward pass and
-  hands its transfer record to the directory. A failed receive marks the blocks invalid and vLLM
-  recomputes them.
+  hands its transfer record to the directory. A failed receive marks the blocks invalid; under
+  kv_load_failure_policy "fail" vLLM ends the request, and the decode actor runs it again as a
+  fresh request (actors/vllm_disaggregated.py: vLLM 0.26's own recompute of a failed synchronous
+  load gives wrong tokens, vllm-project/vllm#49250).
 
 Loads and saves are synchronous, inside the step: simple and exact, at the price of stalling the
 step's other requests while a transfer runs (the accounting shows it). The decisions live in
