@@ -69,12 +69,13 @@ def _engine(cfg: EngineConfig, kv: KVTransferConfig, directory: str, run_id: str
 async def stream_or_recompute(
     engine: Any, req: EngineRequest, params: dict[str, Any] | None, retried: list[str]
 ) -> AsyncIterator[Any]:
-    """The decode engine's deltas for `req`; if vLLM ends it before its first token because the KV
-    load failed, the same request again as a fresh one without a transfer (a full prefill on this
-    engine, as aggregated), and its reason appended to `retried`."""
+    """The decode engine's deltas for `req`; if vLLM ends it with an error before its first token
+    (what a failed KV load does under policy "fail"; an abort is not retried), the same request
+    again as a fresh one without a transfer (a full prefill on this engine, as aggregated), and
+    its reason appended to `retried`."""
     n = 0
     async for delta in engine.generate(req, kv_transfer_params=params):
-        if params is not None and n == 0 and delta.finished and delta.error and not delta.token_ids:
+        if params is not None and n == 0 and delta.finished and delta.finish_reason == "error" and not delta.token_ids:
             retried.append(delta.error)
             break
         n += len(delta.token_ids)
@@ -177,7 +178,7 @@ class VllmDecodeActor(DecodeEntry):
             if delta.finished:
                 rec = await self._record(ident, key, expected, failure)
                 own = delta.server or {}
-                if rec.get("ok"):
+                if rec.get("ok") and not retried:
                     # transfer: the connector's receive, timed in the decode worker (directory wait →
                     # last layer injected); first decode: the rest of reply → first token, here.
                     server["transfer_s"] = rec.get("total_s")
@@ -186,7 +187,8 @@ class VllmDecodeActor(DecodeEntry):
                     server = {k: own.get(k) for k in ("server_queue_s", "prefill_s", "first_decode_s")}
                     server["transfer_s"] = rec.get("total_s")  # time lost inside the engine, if it got that far
                 decode_stats = {f"decode_{k}": v for k, v in own.items()}
-                delta.server = {**decode_stats, **server, "server_e2e_s": now - t0, "kv_transfer_ok": bool(rec.get("ok"))}
+                ok = bool(rec.get("ok")) and not retried
+                delta.server = {**decode_stats, **server, "server_e2e_s": now - t0, "kv_transfer_ok": ok}
                 if retried:
                     delta.server["decode_retry_reason"] = retried[0]
             yield dataclasses.asdict(delta)

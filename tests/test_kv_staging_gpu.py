@@ -29,8 +29,8 @@ def _readonly_host(nbytes: int, seed: int) -> torch.Tensor:
 def test_upload_crosses_chunks_and_both_buffers_exactly(cuda):
     from actors.kv.staging import HostToDevice
 
-    h = HostToDevice(cuda, chunk_bytes=1 << 20, threads=4)
-    srcs = [_readonly_host(n, i) for i, n in enumerate([(5 << 20) + 3, 1 << 20, 17])]
+    h = HostToDevice(cuda, chunk_bytes=8 << 20, threads=4)  # 8 MiB chunks: the threaded copy runs
+    srcs = [_readonly_host(n, i) for i, n in enumerate([(37 << 20) + 3, 1 << 20, 17])]
     h.begin()
     outs = [h.upload(s) for s in srcs]
     h.synchronize()

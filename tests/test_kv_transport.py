@@ -120,6 +120,29 @@ def test_one_take_hands_over_every_group_already_published(directory):
     assert [m.index for m, _ in ray.get(directory.take.remote(k, 1, 1.0))["groups"]] == [1, 2]
 
 
+def test_a_receive_that_fails_halfway_settles_its_copies_first(directory):
+    """Copies already queued must finish before the caller frees or reuses their destination."""
+
+    class Fragile(CopyInto):
+        settled = 0
+
+        def __call__(self, layer, host):
+            if layer == 3:
+                raise ValueError("layer 3 does not fit")
+            super().__call__(layer, host)
+
+        def settle(self):
+            Fragile.settled += 1
+            super().settle()
+
+    src = kv_layers()
+    k = key()
+    publish(directory, k, src, tokens=33, cfg=FAST)
+    rec = receive(directory, k, Fragile(empty_like(src)), FAST, **IDENT)
+    assert not rec.ok and "layer 3 does not fit" in rec.error
+    assert Fragile.settled == 1
+
+
 def test_record_is_the_transfers_parquet_row():
     assert tuple(f.name for f in dataclasses.fields(TransferRecord)) == TRANSFER_COLUMNS
 

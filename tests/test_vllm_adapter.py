@@ -69,7 +69,7 @@ class _FakeEngine:
     """Ends the transfer attempt as vLLM does when its KV load fails (policy "fail"): finished,
     no tokens, an error; a request without a transfer streams its tokens."""
 
-    def __init__(self, fail_load: bool):
+    def __init__(self, fail_load: str | None):
         self.fail_load = fail_load
         self.calls: list[tuple[str, dict | None]] = []
 
@@ -78,7 +78,8 @@ class _FakeEngine:
 
         self.calls.append((req.request_id, kv_transfer_params))
         if kv_transfer_params and self.fail_load:
-            yield TokenDelta(finished=True, error=VllmEngine.finish_error("error", 0, req.max_tokens))
+            reason = self.fail_load
+            yield TokenDelta(finished=True, finish_reason=reason, error=VllmEngine.finish_error(reason, 0, req.max_tokens))
             return
         yield TokenDelta(token_ids=[1, 2], token_s=[0.1, 0.1])
         yield TokenDelta(token_ids=[3], token_s=[0.2], finished=True)
@@ -96,7 +97,7 @@ async def _collect(engine, params):
 def test_a_failed_load_runs_the_request_again_without_the_transfer():
     import asyncio
 
-    e = _FakeEngine(fail_load=True)
+    e = _FakeEngine(fail_load="error")
     out, retried = asyncio.run(_collect(e, {"pdbench_role": "consumer", "key": "r1/k"}))
     assert [t for d in out for t in d.token_ids] == [1, 2, 3] and out[-1].error is None
     assert e.calls == [("r1", {"pdbench_role": "consumer", "key": "r1/k"}), ("r1:recompute", None)]
@@ -107,9 +108,17 @@ def test_a_good_load_or_no_transfer_runs_once():
     import asyncio
 
     for params in ({"pdbench_role": "consumer", "key": "r1/k"}, None):
-        e = _FakeEngine(fail_load=False)
+        e = _FakeEngine(fail_load=None)
         out, retried = asyncio.run(_collect(e, params))
         assert [t for d in out for t in d.token_ids] == [1, 2, 3] and retried == [] and len(e.calls) == 1
-    e = _FakeEngine(fail_load=True)
+    e = _FakeEngine(fail_load="error")
     out, retried = asyncio.run(_collect(e, None))  # no transfer asked: nothing to fail
     assert len(e.calls) == 1 and retried == []
+
+
+def test_an_aborted_request_is_not_retried():
+    import asyncio
+
+    e = _FakeEngine(fail_load="abort")
+    out, retried = asyncio.run(_collect(e, {"pdbench_role": "consumer", "key": "r1/k"}))
+    assert len(e.calls) == 1 and retried == [] and "reason 'abort'" in out[-1].error

@@ -46,16 +46,18 @@ async def _tokens(stream):
 
 
 def _tamper(directory, key):
-    """Put `key`'s groups back with group 0 claiming one block fewer: the decode engine's load
-    fails on its first layer, after the engine has already counted those tokens as external."""
+    """Put `key`'s groups back with the last layer claiming one block: the decode engine's load
+    fails there, after every other layer's copy was queued (they must settle before the blocks are
+    reused) and after its scheduler counted those tokens as external."""
     import dataclasses
 
     import ray
 
     entry = ray.get(directory.take.remote(key, 0, 30.0))
     for meta, refs in entry["groups"]:
-        if meta.index == 0:
-            meta = dataclasses.replace(meta, shapes=tuple((1, *s[1:]) for s in meta.shapes))
+        if meta.index == meta.groups - 1:
+            last = meta.shapes[-1]
+            meta = dataclasses.replace(meta, shapes=(*meta.shapes[:-1], (1, *last[1:])))
         assert ray.get(directory.register.remote(key, meta.index, meta.groups, meta, refs))
 
 

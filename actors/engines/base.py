@@ -27,6 +27,7 @@ class TokenDelta:
     finished: bool = False
     error: str | None = None
     server: dict[str, Any] | None = None
+    finish_reason: str | None = None  # the engine's own word, where it gives one (vLLM: "length", "error", ...)
 
     def merge(self, later: "TokenDelta") -> "TokenDelta":
         return TokenDelta(
@@ -35,6 +36,7 @@ class TokenDelta:
             finished=later.finished,
             error=later.error or self.error,
             server=later.server or self.server,
+            finish_reason=later.finish_reason or self.finish_reason,
         )
 
 

@@ -155,7 +155,8 @@ class VllmEngine(EngineAdapter):
             delta = TokenDelta(token_ids=toks, token_s=[now - t_q] * len(toks), finished=out.finished)
             if out.finished:
                 delta.server = self._server_stats(out, t_q, now)
-                delta.error = self.finish_error(out.outputs[0].finish_reason, n, request.max_tokens)
+                delta.finish_reason = out.outputs[0].finish_reason
+                delta.error = self.finish_error(delta.finish_reason, n, request.max_tokens)
             yield delta
 
     @staticmethod

@@ -146,9 +146,12 @@ class BlockInjector:
                 dst.index_copy_(self.dim, self.idx, staged)
         self._seen.add(layer)
 
-    def finish(self) -> None:
+    def settle(self) -> None:
         if self.h2d is not None:
             self.h2d.synchronize()
+
+    def finish(self) -> None:
+        self.settle()
         missing = sorted(set(range(len(self.caches))) - self._seen)
         if missing:
             raise ValueError(f"layers never received: {missing[:8]}")

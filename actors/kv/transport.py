@@ -64,6 +64,10 @@ class Injector(Protocol):
     def finish(self) -> None:
         """Wait for outstanding copies; raise if the KV is incomplete."""
 
+    def settle(self) -> None:
+        """Wait for outstanding copies (a receive that failed halfway: nothing may still be writing
+        into memory its owner frees next)."""
+
 
 def _copy_streams(devices: Iterable[torch.device]) -> dict[torch.device, Any]:
     """A side stream per GPU for the transport's copies, ordered after the work already queued on
@@ -105,9 +109,12 @@ class CopyInto:
             dst.copy_(host)
         self._seen.add(layer)
 
-    def finish(self) -> None:
+    def settle(self) -> None:
         for h in self._h2d.values():
             h.synchronize()
+
+    def finish(self) -> None:
+        self.settle()
         missing = sorted(set(range(len(self.dsts))) - self._seen)
         if missing:
             raise ValueError(f"layers never received: {missing[:8]}{' …' if len(missing) > 8 else ''}")
@@ -223,47 +230,51 @@ def publish(
 
     pending = start(0)
     issued_s = time.perf_counter() - t_start  # staging and queueing: part of the first extract
-    for gi, (first, end) in enumerate(spans):
-        part = layers[first:end]
-        t0 = time.perf_counter()
-        buf, offsets, streams = pending
-        for stream in streams:
-            stream.synchronize()
-        extract_s = issued_s + time.perf_counter() - t0  # only what the put did not hide
-        issued_s = 0.0
-        if overlap and gi + 1 < groups:
+    try:
+        for gi, (first, end) in enumerate(spans):
+            part = layers[first:end]
             t0 = time.perf_counter()
-            pending = start(gi + 1)
-            issued_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        ref = ray.put(buf.numpy())
-        t2 = time.perf_counter()
-        if not overlap and gi + 1 < groups:
-            pending = start(gi + 1)  # a host copy: timed as the next group's extract
-            issued_s = time.perf_counter() - t2
-        nbytes = buf.numel()
-        meta = GroupMeta(
-            index=gi,
-            groups=groups,
-            first_layer=first,
-            shapes=tuple(tuple(t.shape) for t in part),
-            dtypes=tuple(_dtype_name(t.dtype) for t in part),
-            offsets=offsets,
-            tokens=tokens,
-            bytes=nbytes,
-            extract_s=extract_s,
-            put_s=t2 - t1,
-            send_s=time.perf_counter() - t_start,
-            src_node=src_node,
-        )
-        acks.append(directory.register.remote(key, gi, groups, meta, [ref]))
-        stats.bytes += nbytes
-        stats.extract_s += meta.extract_s
-        stats.put_s += meta.put_s
-        stats.send_s = meta.send_s
-        del ref, buf
-    for buf in staging:
-        STAGING.give(buf, pinned)
+            buf, offsets, streams = pending
+            for stream in streams:
+                stream.synchronize()
+            extract_s = issued_s + time.perf_counter() - t0  # only what the put did not hide
+            issued_s = 0.0
+            if overlap and gi + 1 < groups:
+                t0 = time.perf_counter()
+                pending = start(gi + 1)
+                issued_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            ref = ray.put(buf.numpy())
+            t2 = time.perf_counter()
+            if not overlap and gi + 1 < groups:
+                pending = start(gi + 1)  # a host copy: timed as the next group's extract
+                issued_s = time.perf_counter() - t2
+            nbytes = buf.numel()
+            meta = GroupMeta(
+                index=gi,
+                groups=groups,
+                first_layer=first,
+                shapes=tuple(tuple(t.shape) for t in part),
+                dtypes=tuple(_dtype_name(t.dtype) for t in part),
+                offsets=offsets,
+                tokens=tokens,
+                bytes=nbytes,
+                extract_s=extract_s,
+                put_s=t2 - t1,
+                send_s=t2 - t_start,
+                src_node=src_node,
+            )
+            acks.append(directory.register.remote(key, gi, groups, meta, [ref]))
+            stats.bytes += nbytes
+            stats.extract_s += meta.extract_s
+            stats.put_s += meta.put_s
+            stats.send_s = meta.send_s
+            del ref, buf
+    finally:
+        for stream in pending[2]:  # a put that raised may leave the next copy in flight
+            stream.synchronize()
+        for buf in staging:
+            STAGING.give(buf, pinned)
     ray.get(acks)  # a dead directory surfaces here, not as a silent hang on the receiver
     if run_id:
         observe_send(stats, run_id, cell_id)
@@ -317,7 +328,9 @@ def receive(
                 raise KVUnavailable(entry["error"])
             batch = entry["groups"]
             del entry
-            for meta, refs in batch:
+            batch.reverse()
+            while batch:  # popped, so each group's object is released once it is injected
+                meta, refs = batch.pop()
                 groups = meta.groups
                 rec.tokens, rec.src_node = meta.tokens, meta.src_node
                 spent["extract_s"] = spent.get("extract_s", 0.0) + meta.extract_s
@@ -343,6 +356,10 @@ def receive(
         rec.ok = True
     except Exception as e:  # every failure becomes a recorded reason and a recompute
         rec.error = reason_of(e)
+        try:
+            inject.settle()
+        except Exception:  # the device itself failed: nothing more to wait for
+            pass
         try:
             ray.get(directory.drop.remote(key), timeout=30)
         except Exception:  # a dead directory has nothing left to drop
