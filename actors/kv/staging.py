@@ -82,7 +82,8 @@ class HostToDevice:
     `upload` returns a new device tensor whose copy is queued on `stream`; work that uses it (an
     index_copy_ into a paged cache) is queued on the same stream, and `synchronize` waits for all
     of it. One per (device, threads) per process (`host_to_device`): its pinned buffers are
-    allocated once.
+    allocated once. Receivers that run at once in one process share it, chunk by chunk, so each
+    one's `synchronize` (and inject_s) also waits for the others' copies queued before it.
     """
 
     def __init__(self, device: torch.device, chunk_bytes: int = 64 << 20, threads: int = 4):
