@@ -1,12 +1,14 @@
 """Move one request's per-layer KV through the Ray object store and account for every stage.
 
 Sender (`publish`), per layer group (consecutive layers up to `max_group_bytes`): extract (pack the
-group's layers into one contiguous host buffer: device→host into pinned memory on CUDA, a gather
-of the strided views on CPU), `ray.put` (one object per group, so a long context never sits in one
-huge object and the receiver can fetch group i while group i+1 is still being put), register the
-reference in the directory. Receiver (`receive`), per group: wait for the reference (wait_ref),
-`ray.wait(fetch_local=True)` to make the bytes local (fetch, timed apart from deserialising),
-`ray.get` (get; zero-copy on the same node), copy each layer into the engine's memory (inject).
+group's layers into one contiguous host buffer: device→host into pinned memory on CUDA, where
+group i+1's copy runs while group i is put; a gather of the strided views on CPU), `ray.put` (one
+object per group, so a long context never sits in one huge object and the receiver can fetch
+group i while group i+1 is still being put), register the reference in the directory. Receiver
+(`receive`): wait for references (wait_ref; one directory call hands over every group already
+registered), then per group `ray.wait(fetch_local=True)` to make the bytes local (fetch, timed
+apart from deserialising), `ray.get` (get; zero-copy on the same node), copy each layer into the
+engine's memory (inject; into a GPU through pinned staging, actors/kv/staging.py).
 
 A group travels as one flat uint8 array plus the layers' offsets, shapes and dtypes: the bytes move
 unchanged whatever the dtype (bfloat16 and float8, which numpy lacks, included), and Ray serialises
