@@ -73,15 +73,16 @@ async def stream_or_recompute(
     (what a failed KV load does under policy "fail"; an abort is not retried), the same request
     again as a fresh one without a transfer (a full prefill on this engine, as aggregated), and
     its reason appended to `retried`."""
-    n = 0
+    n, failed = 0, None
     async for delta in engine.generate(req, kv_transfer_params=params):
         if params is not None and n == 0 and delta.finished and delta.finish_reason == "error" and not delta.token_ids:
-            retried.append(delta.error)
+            failed = delta.error
             break
         n += len(delta.token_ids)
         yield delta
-    else:
+    if failed is None:
         return
+    retried.append(failed)
     again = EngineRequest(f"{req.request_id}:recompute", req.prompt_token_ids, req.max_tokens)
     async for delta in engine.generate(again):
         yield delta

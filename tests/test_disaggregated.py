@@ -206,3 +206,16 @@ def test_router_spreads_requests_over_replicas_without_changing_tokens(pair):
     finally:
         ray.kill(router)
         ray.kill(second)
+
+
+def test_a_pair_whose_kv_is_not_interchangeable_is_refused():
+    from cluster.cells.disaggregated import check_pair
+
+    info = {"architecture": {"hash": "a"}, "dtype": "bfloat16", "extra": {"weight_checksum": "w1"}}
+    check_pair(info, dict(info))  # same architecture, dtype and weights: accepted
+    with pytest.raises(RuntimeError, match=r"different weights \(w1 vs w2\)"):
+        check_pair(info, {**info, "extra": {"weight_checksum": "w2"}})
+    with pytest.raises(RuntimeError, match="architecture or dtype"):
+        check_pair(info, {**info, "dtype": "float16"})
+    with pytest.raises(RuntimeError, match="architecture or dtype"):
+        check_pair(info, {**info, "architecture": {"hash": "b"}})

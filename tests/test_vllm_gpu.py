@@ -2,10 +2,10 @@
 
 The disaggregated pair must give the aggregated engine's greedy tokens and move exactly the
 prompt's whole blocks, and a KV load that fails inside the decode engine must be recomputed there
-(the request completes, its transfer record says why). With one GPU, the two engines share it. (A GPU negative control that decodes with another random prompt's KV was
-tried on H200 and left the greedy tokens unchanged: vLLM's dummy weights, uniform in ±1e-3, make
-greedy output nearly context-free. The negative control runs on the reference engine instead,
-tests/test_disaggregated.py.)
+(the request completes, its transfer record says why). A GPU negative control that decodes with
+another random prompt's KV was tried on H200 and left the greedy tokens unchanged: vLLM's dummy
+weights, uniform in ±1e-3, make greedy output nearly context-free. The negative control runs on
+the reference engine instead (tests/test_disaggregated.py).
 """
 
 import importlib.util
@@ -27,8 +27,8 @@ def _gpus() -> int:
 
 @pytest.fixture(scope="module")
 def gpu_ray():
-    if _gpus() < 1:
-        pytest.fail("this test needs vllm and a CUDA GPU (run it with -m gpu on such a node)")
+    if _gpus() < 2:
+        pytest.fail("this test needs vllm and two CUDA GPUs (run it with -m gpu on such a node)")
     import ray
 
     ray.init(address="local", namespace="pdbench", include_dashboard=False, log_to_driver=False)
@@ -74,19 +74,13 @@ def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray):
     from workloads.lengths import Fixed
     from workloads.requests import WorkloadSpec, synthetic_requests
 
-    share = _gpus() < 2  # one GPU: both engines on it, each with a part of its memory
-    gpus, util = (0.5, 0.3) if share else (1, 0.5)
     cfg = EngineConfig(kind="vllm", model=MODEL, dtype="bfloat16", max_model_len=2048, max_batch_size=16,
-                       vllm={"gpu_memory_utilization": util, "enforce_eager": True}).model_dump()
+                       vllm={"gpu_memory_utilization": 0.5, "enforce_eager": True}).model_dump()
     kv = KVTransferConfig().model_dump()
     directory = directory_actor("gpu-test-kvdir")
-    prefill = VllmPrefillActor.options(num_gpus=gpus).remote(cfg, kv, "gpu-test-kvdir", "t", "c")
-    decode = VllmDecodeActor.options(num_gpus=gpus).remote(cfg, kv, prefill, "gpu-test-kvdir", "t", "c")
-    if share:  # one after the other: vLLM sizes its KV pool from the memory free at its start
-        p_info = ray.get(prefill.start.remote())
-        d_info = ray.get(decode.start.remote())
-    else:
-        p_info, d_info = ray.get([prefill.start.remote(), decode.start.remote()])
+    prefill = VllmPrefillActor.options(num_gpus=1).remote(cfg, kv, "gpu-test-kvdir", "t", "c")
+    decode = VllmDecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, "gpu-test-kvdir", "t", "c")
+    p_info, d_info = ray.get([prefill.start.remote(), decode.start.remote()])
     assert p_info["extra"]["weight_checksum"] == d_info["extra"]["weight_checksum"]
     spec = WorkloadSpec(num_requests=4, warmup_requests=0, input_len=Fixed(value=300), output_len=Fixed(value=24))
     reqs = [{"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
