@@ -1,17 +1,20 @@
 """vLLM prefill and decode actors: the same pair as actors/disaggregated.py, with the KV moved by
 `RayObjectStoreConnector` inside the engines instead of by the actors.
 
-The prefill actor runs the prompt with max_tokens=1 and producer params: when vLLM's step that
-computed the prompt ends, the connector (in vLLM's worker process) has published the prompt's
-full KV blocks under the request's key. The decode actor then submits the whole request with
-consumer params: the connector loads those blocks before the forward pass, vLLM computes the
-remaining tail of the prompt (< one block + 1 token) and produces the first token itself, and the
-connector hands its transfer record to the directory, where this actor collects it. A failed load
-makes vLLM recompute the blocks; the record says why.
+The prefill actor runs the prompt with max_tokens=1 and producer params: after vLLM's step that
+computed the prompt, the connector (in vLLM's worker process) publishes the prompt's full KV
+blocks under the request's key in a thread of its own, while the first token already returns.
+The decode actor then submits the whole request with consumer params: the request waits in the
+decode engine while the connector receives those blocks (following the sender group by group),
+vLLM computes the remaining tail of the prompt (< one block + 1 token) and produces the first
+token itself, and the connector hands its transfer record to the directory, where this actor
+collects it. A failed load ends the attempt in vLLM and this actor runs the request again
+without a transfer; the record says why.
 
 TTFT breakdown (each part measured in one process): queue and prefill from the prefill engine's
-own stats; transfer = the connector's receive time (decode worker); first decode = the rest of
-the time from the prefill's reply to the first token on this actor.
+own stats; transfer = the time the decode engine held the request for its KV (`kv_wait_s`: the
+step that started the load → KV injected, decode worker's clock); first decode = the rest of the
+time from the prefill's reply to the first token on this actor.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from actors.kv.blocks import CONSUMER, PRODUCER, transferable_tokens
 _REPORT_TIMEOUT_S = 30.0
 
 
-def connector_config(cfg: EngineConfig, kv: KVTransferConfig, directory: str, run_id: str, cell_id: str) -> dict[str, Any]:
+def connector_config(
+    cfg: EngineConfig, kv: KVTransferConfig, directory: str, run_id: str, cell_id: str, role: str = "decode"
+) -> dict[str, Any]:
     raw, _ = resolve_model(cfg.model)
     return {
         "kv_connector": "RayObjectStoreConnector",
@@ -51,6 +56,9 @@ def connector_config(cfg: EngineConfig, kv: KVTransferConfig, directory: str, ru
             "ray_address": ray.get_runtime_context().gcs_address,
             "run_id": run_id,
             "cell_id": cell_id,
+            "engine_label": f"{cell_id}/{role}",
+            # The decode engine receives: it registers the object store with CUDA at start-up.
+            "receiver": role == "decode",
             "kv_transfer": kv.model_dump(),
             "kv_bytes_per_token": arch_kv_bytes_per_token(architecture(raw), cfg.dtype) if raw else None,
         },
@@ -60,10 +68,8 @@ def connector_config(cfg: EngineConfig, kv: KVTransferConfig, directory: str, ru
 def _engine(cfg: EngineConfig, kv: KVTransferConfig, directory: str, run_id: str, cell_id: str, producer: bool) -> VllmEngine:
     if cfg.kind != "vllm":
         raise ValueError(f"engine.kind: the vLLM disaggregated pair needs 'vllm', got {cfg.kind!r}")
-    if producer and "max_num_batched_tokens" not in cfg.vllm:
-        # The connector publishes a prompt after the step that completes it: one step per prompt.
-        cfg = cfg.model_copy(update={"vllm": {**cfg.vllm, "max_num_batched_tokens": max(cfg.max_model_len, 8192)}})
-    return VllmEngine(cfg, kv_transfer_config=connector_config(cfg, kv, directory, run_id, cell_id))
+    role = "prefill" if producer else "decode"
+    return VllmEngine(cfg, kv_transfer_config=connector_config(cfg, kv, directory, run_id, cell_id, role))
 
 
 async def stream_or_recompute(
@@ -103,11 +109,11 @@ class VllmPrefillActor:
         return {**dataclasses.asdict(info), "node": node_facts(), "role": "prefill"}
 
     async def prefill(self, request: dict[str, Any], key: str) -> dict[str, Any]:
-        """Run the prompt (max_tokens=1) and report whether its KV is published under `key`.
+        """Run the prompt (max_tokens=1); its KV is being published under `key` when this returns.
 
-        The connector publishes inside the engine step that completes the prompt, before the
-        request's output comes back: the directory already knows the outcome when this returns.
-        """
+        `published` is None: the connector publishes off the engine step, so the outcome is not
+        known yet; a failed publish reaches the decode side through the directory (its load fails
+        and the request is recomputed there)."""
         req = EngineRequest(**request)
         one = EngineRequest(f"{req.request_id}:prefill", req.prompt_token_ids, 1)
         first, server = None, None
@@ -115,14 +121,12 @@ class VllmPrefillActor:
             first = d.token_ids[0] if d.token_ids and first is None else first
             if d.finished:
                 server = d.server
-        st = await self.directory.status.remote(key)
-        error = st["failed"] or (None if st["expected"] and st["registered"] >= st["expected"] else "nothing published")
         return {
             "first_token": first,
             "num_tokens": len(req.prompt_token_ids),
             "server": server or {},
-            "published": error is None,
-            "publish_error": error,
+            "published": None,
+            "publish_error": None,
         }
 
     async def shutdown(self) -> None:
@@ -161,7 +165,7 @@ class VllmDecodeActor(DecodeEntry):
         ident = {"run_id": self.run_id, "cell_id": self.cell_id, "request_id": req.request_id, "key": key}
         t_reply = time.monotonic()
         expected = transferable_tokens(len(req.prompt_token_ids), self.block_size) if reply else 0
-        if expected and not reply["published"]:
+        if expected and reply["published"] is False:
             # Known before the decode engine sees the request: recompute cleanly, record why.
             failure = f"prefill side: {reply['publish_error']}"
             self.directory.drop.remote(key)
@@ -180,9 +184,10 @@ class VllmDecodeActor(DecodeEntry):
                 rec = await self._record(ident, key, expected, failure)
                 own = delta.server or {}
                 if rec.get("ok") and not retried:
-                    # transfer: the connector's receive, timed in the decode worker (directory wait →
-                    # last layer injected); first decode: the rest of reply → first token, here.
-                    server["transfer_s"] = rec.get("total_s")
+                    # transfer: how long the decode engine held the request for its KV (the step
+                    # that started the load → last layer injected, decode worker's clock); first
+                    # decode: the rest of reply → first token, here.
+                    server["transfer_s"] = rec.get("kv_wait_s") if rec.get("kv_wait_s") is not None else rec.get("total_s")
                     server["first_decode_s"] = (t_first - t_reply) - (server["transfer_s"] or 0.0)
                 else:  # recomputed here: this engine's own queue and prefill stand, as in aggregated
                     server = {k: own.get(k) for k in ("server_queue_s", "prefill_s", "first_decode_s")}
@@ -198,7 +203,7 @@ class VllmDecodeActor(DecodeEntry):
         if failure is not None:
             row = TransferRecord(**ident, error=failure).row()
         elif not expected:
-            row = TransferRecord(**ident, tokens=0, ok=True, error="prompt shorter than one block + 1: nothing to move").row()
+            row = TransferRecord(**ident, tokens=0, status="none", error="prompt shorter than one block + 1: nothing to move").row()
         else:
             row = await self.directory.take_report.remote(key, _REPORT_TIMEOUT_S) or TransferRecord(
                 **ident, error=f"no transfer record from the connector within {_REPORT_TIMEOUT_S:g} s"

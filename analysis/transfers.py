@@ -34,8 +34,15 @@ TRANSFER_COLUMNS = (
     "dst_node",
     "ok",
     "error",
+    "status",
+    "queued_s",
+    "kv_wait_s",
+    "ready_to_injected_s",
 )
-_FLOATS = (*STAGES, "total_s", "stall_s", "send_s")
+# Asynchronous loads (vLLM connector): the step that started the load → a worker took it up /
+# → KV injected; and the sender's KV complete → the receiver's KV injected (same host only).
+ASYNC_TIMES = ("queued_s", "kv_wait_s", "ready_to_injected_s")
+_FLOATS = (*STAGES, "total_s", "stall_s", "send_s", *ASYNC_TIMES)
 _COUNTS = ("tokens", "groups", "bytes", "analytic_bytes")
 
 
@@ -49,7 +56,17 @@ def transfers_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     for c in _COUNTS:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
     df["ok"] = df["ok"].fillna(False).astype(bool)
+    # Packets from before `status` existed: a record was a transfer, ok or failed.
+    df["status"] = df["status"].where(df["status"].notna(), df["ok"].map({True: "ok", False: "failed"})).astype(str)
     return df
+
+
+def moving_transfers(transfers: pd.DataFrame) -> pd.DataFrame:
+    """Records of requests that had KV to move (a prompt shorter than one block + 1 has none: its
+    record says so with status "none", and it is no transfer, neither ok nor failed)."""
+    if "status" not in transfers:
+        return transfers
+    return transfers[transfers["status"] != "none"]
 
 
 def measured_transfers(transfers: pd.DataFrame) -> pd.DataFrame:
@@ -88,6 +105,7 @@ def transfer_metrics(df: pd.DataFrame, block_tokens: int = 1) -> dict[str, Any]:
     Counts and failure reasons cover every transfer; times, throughputs and bytes cover the ones
     that succeeded (a failed transfer's partial stages would mix timeouts into the stage times).
     """
+    df = moving_transfers(df)
     ok = df[df["ok"]]
     analytic = int(ok["analytic_bytes"].sum()) if ok["analytic_bytes"].notna().any() else None
     moved = int(ok["bytes"].sum())
@@ -102,7 +120,7 @@ def transfer_metrics(df: pd.DataFrame, block_tokens: int = 1) -> dict[str, Any]:
         "bytes_vs_analytic": bytes_vs_analytic(df, block_tokens),
         "bytes": distribution(ok["bytes"].astype("float64")),
         "stage_totals_s": {s: float(ok[s].sum()) for s in (*STAGES, "total_s", "stall_s")},
-        "stages_s": {s: distribution(ok[s]) for s in (*STAGES, "total_s", "stall_s")},
+        "stages_s": {s: distribution(ok[s]) for s in (*STAGES, "total_s", "stall_s", *ASYNC_TIMES) if s in ok},
         "throughput_bytes_per_s": {
             s: distribution((ok["bytes"].astype("float64") / ok[s]).where(ok[s] > 0)) for s in MOVING_STAGES
         },

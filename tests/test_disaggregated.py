@@ -1,6 +1,7 @@
 """Prefill and decode actors on a real local Ray: the oracle, its negative control, and recompute on
 every way the KV can fail to arrive."""
 
+import dataclasses
 import secrets
 import time
 
@@ -10,7 +11,7 @@ import ray
 from actors.disaggregated import DecodeActor, PrefillActor
 from actors.engine_actor import EngineActor
 from actors.kv.directory import directory_actor
-from actors.kv.transport import GroupMeta, pack, unpack
+from actors.kv.transport import GroupMeta, as_bytes, pack, unpack
 from actors.router import ReplicaRouter
 from analysis.transfers import TRANSFER_COLUMNS
 
@@ -95,15 +96,18 @@ def test_disaggregated_tokens_equal_aggregated_and_transfers_are_accounted(pair)
     assert stats["groups"] == 0 and stats["keys"] == 0
 
 
-def _intercept(pair, key, corrupt):
+def _intercept(pair, key, corrupt, keep_checksum=False):
     """Man in the middle: take group 0 out of the directory and put it back, optionally with
-    layer 0's KV negated, exactly as the receiver would otherwise have found it."""
+    layer 0's KV negated, exactly as the receiver would otherwise have found it. A corrupted group
+    loses its checksum unless `keep_checksum` (then the receiver's check must catch it)."""
     d = pair["directory"]
     entry = ray.get(d.take.remote(key, 0, 30.0))
     for i, (meta, refs) in enumerate(entry["groups"]):  # group 0 and any already published after it
-        layers = [t.clone() for t in unpack(ray.get(refs[0]), meta)]
+        layers = [t.clone() for t in unpack(as_bytes(ray.get(refs[0])), meta)]
         if corrupt and i == 0:
             layers[0].neg_()
+            if not keep_checksum:
+                meta = dataclasses.replace(meta, checksum=None)
         buf, _ = pack(layers)
         assert ray.get(d.register.remote(key, meta.index, meta.groups, meta, [ray.put(buf.numpy())]))
 
@@ -123,6 +127,18 @@ def test_negative_control_corrupting_one_layer_changes_the_output(pair, corrupt)
     assert ray.get(pair["directory"].stats.remote())["keys"] == 0  # groups put back count once
     # Untouched KV through the same detour: identical. One corrupted layer: the output changes.
     assert changed == (4 if corrupt else 0)
+
+
+def test_checksum_catches_corrupted_kv_and_the_request_is_recomputed(pair):
+    req = request(5, max_tokens=12)
+    key = f"{req['request_id']}/mitm{secrets.token_hex(3)}"
+    reply = ray.get(pair["prefill"].prefill.remote(req, key))
+    _intercept(pair, key, corrupt=True, keep_checksum=True)
+    ids, last = stream(pair["decode"], "decode_prefilled", req, key, reply)
+    assert last["server"]["kv_transfer_ok"] is False  # refused, not used
+    assert ids == aggregated(pair, req)  # recomputed on the decode side
+    (row,) = ray.get(pair["decode"].transfers.remote())
+    assert row["ok"] is False and "checksum mismatch in layers 0.." in row["error"], row["error"]
 
 
 def _store_bytes_used():

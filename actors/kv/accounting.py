@@ -28,12 +28,15 @@ class SendStats:
     put_s: float
     send_s: float  # wall time of the whole publish
     src_node: str
+    taken: bool = True  # False: the receiver had given up on the key, the directory refused the bytes
 
 
 @dataclass
 class TransferRecord:
     """One request's KV transfer: a transfers.parquet row (DESIGN.md's columns plus a few).
 
+    `status`: "ok", "failed", "cancelled" (the request ended while its KV was on the way) or "none"
+    (a prompt shorter than one block + 1: nothing to move, so not a transfer at all).
     `bytes` is what went through the object store; `analytic_bytes` = tokens × KV bytes per token,
     so bytes − analytic_bytes is block padding or layout overhead. Stage times of stages that never
     ran (a transfer that failed early) are None. `total_s` is the receiver's wall time from asking
@@ -42,6 +45,12 @@ class TransferRecord:
     from the start of its publish to its last put: send_s + total_s is the transfer path's time
     when the receiver asks after the sender is done (extract overlaps put on a GPU sender, so
     extract_s counts only what the put did not hide).
+
+    Asynchronous loads (vLLM connector) add: `queued_s`, from the engine step that started the
+    load to a worker thread taking it up; `kv_wait_s`, from that step to the KV injected, i.e. how
+    long the request could not run for want of its KV; `ready_to_injected_s`, from the sender's KV
+    being complete to the receiver's KV injected, from CLOCK_MONOTONIC stamps of two processes on
+    one host (host-wide on Linux; None across hosts, where such a difference would mean nothing).
     """
 
     run_id: str
@@ -65,6 +74,10 @@ class TransferRecord:
     dst_node: str | None = None
     ok: bool = False
     error: str | None = None
+    status: str = "failed"
+    queued_s: float | None = None
+    kv_wait_s: float | None = None
+    ready_to_injected_s: float | None = None
 
     def row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

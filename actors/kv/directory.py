@@ -14,6 +14,7 @@ handle from anyone, reach it the same way the reference engine's actors do.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -22,11 +23,22 @@ import ray
 # The namespace cluster/ray_env.py joins; worker processes that ray.init themselves pass it too.
 NAMESPACE = "pdbench"
 _CLOSED_KEYS_KEPT = 100_000
+_SWEEP_EVERY_S = 5.0
 
 
 @ray.remote(num_cpus=0)
 class KVDirectory:
-    def __init__(self) -> None:
+    """`ttl_s`: a key whose groups nobody took within this long after its first registration is
+    dropped (its objects freed): a client that went away after the prefill published, a consumer
+    whose load never started. The default outlives every receiver's own timeouts."""
+
+    def __init__(self, ttl_s: float = 300.0) -> None:
+        self.ttl_s = ttl_s
+        self._born: dict[str, float] = {}
+        self._last_sweep = time.monotonic()
+        self.expired = 0
+        # Per engine: wall time its steps spent inside the connector, and steps (see report_engine).
+        self._engines: dict[str, dict[str, float]] = {}
         self._groups: dict[str, dict[int, tuple[Any, list[Any]]]] = {}
         # Per key: how many groups it has, and which were taken; it is forgotten once all were
         # taken and none is waiting (a group put back after a take counts once).
@@ -46,6 +58,8 @@ class KVDirectory:
         if key in self._closed or key in self._failed:
             return False
         async with self._changed:
+            self._sweep()
+            self._born.setdefault(key, time.monotonic())
             self._groups.setdefault(key, {})[index] = (meta, refs)
             self._expected.setdefault(key, groups)
             self.registered += 1
@@ -71,7 +85,7 @@ class KVDirectory:
             try:
                 await asyncio.wait_for(self._changed.wait_for(ready), timeout_s)
             except asyncio.TimeoutError:
-                return {"error": f"no reference for layer group {index} within {timeout_s:g} s"}
+                return {"error": f"no reference for layer group {index} within {timeout_s:g} s", "timeout": True}
             if key in self._failed:
                 return {"error": f"sender failed: {self._failed[key]}"}
             stored = self._groups[key]
@@ -119,7 +133,26 @@ class KVDirectory:
                 return None
             return self._reports.pop(key)
 
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep < _SWEEP_EVERY_S:
+            return
+        self._last_sweep = now
+        for key in [k for k, born in self._born.items() if now - born > self.ttl_s]:
+            if self._groups.get(key):
+                self.expired += 1
+            self._forget(key)
+            self._closed[key] = None
+
+    async def report_engine(self, engine: str, blocked_s: float, steps: int, loads: int, saves: int) -> None:
+        """An engine's connector says how long its steps were blocked so far (cumulative)."""
+        self._engines[engine] = {"blocked_s": blocked_s, "steps": steps, "loads": loads, "saves": saves}
+
+    async def engines(self) -> dict[str, dict[str, float]]:
+        return dict(self._engines)
+
     def _forget(self, key: str) -> None:
+        self._born.pop(key, None)
         self._groups.pop(key, None)
         self._expected.pop(key, None)
         self._taken.pop(key, None)
@@ -134,12 +167,13 @@ class KVDirectory:
             "closed": len(self._closed),
             "registered": self.registered,
             "taken": self.taken,
+            "expired": self.expired,
         }
 
 
-def directory_actor(name: str, **options: Any) -> Any:
+def directory_actor(name: str, ttl_s: float = 300.0, **options: Any) -> Any:
     """Create the named directory (or get it if it exists) in the pdbench namespace."""
-    return KVDirectory.options(name=name, namespace=NAMESPACE, get_if_exists=True, **options).remote()
+    return KVDirectory.options(name=name, namespace=NAMESPACE, get_if_exists=True, **options).remote(ttl_s)
 
 
 def find_directory(name: str) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -29,4 +31,23 @@ class KVTransferConfig(BaseModel):
         description="threads that copy received KV from object-store memory into pinned buffers before "
         "the host-to-GPU copy (GPU receivers only; one thread reads shared memory at a fraction of the "
         "host's bandwidth)",
+    )
+    worker_threads: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="threads per vLLM engine that run the connector's loads and saves off the engine step "
+        "(a load waiting for its producer holds one; more transfers than threads queue, measured as queued_s)",
+    )
+    checksum: bool = Field(
+        default=True,
+        description="compare a checksum of each layer group's KV on the sender with the blocks it landed in "
+        "(with random weights the token oracle cannot see wrong KV; costs a few ms per GB on a GPU)",
+    )
+    host_to_device: Literal["registered", "staged"] = Field(
+        default="registered",
+        description="how a GPU receiver copies KV out of the object store: 'registered' pins the store's "
+        "shared-memory mapping with CUDA once per process and DMAs straight from each object; 'staged' "
+        "copies through pinned buffers with host_copy_threads threads (also the fallback for objects outside "
+        "the mapping)",
     )

@@ -97,10 +97,14 @@ class HostToDevice:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pdbench-h2d") if threads > 1 else None
         self._lock = threading.Lock()
 
-    def begin(self) -> None:
-        """Order this stream after the work already queued on the device's current stream (the
-        engine's writes to the cache the upload will land in)."""
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+    def begin(self, after: Any = None) -> None:
+        """Order this stream after the engine's writes to the memory the upload will land in: the
+        event `after` (recorded by the engine's thread on its stream), else the work already queued
+        on this thread's current stream."""
+        if after is not None:
+            self.stream.wait_event(after)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def upload(self, src: torch.Tensor) -> torch.Tensor:
         src = src.contiguous()

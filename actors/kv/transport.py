@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import ray
@@ -56,19 +56,74 @@ class GroupMeta:
     put_s: float
     send_s: float  # from the start of publish to this group's put: the last group's is the sender's wall
     src_node: str
+    checksum: int | None = None  # kv_checksum of the group's layers on the sender (None: not computed)
+    ready_ts: float | None = None  # sender's CLOCK_MONOTONIC when the KV was ready (host-wide on Linux)
 
 
-class Injector(Protocol):
-    """Puts a received layer where the engine wants it (its device memory, its block layout)."""
+def kv_checksum(layers: Sequence[torch.Tensor]) -> int:
+    """A position-weighted sum of the layers' bytes (as int32 words), computed where they live.
 
-    def __call__(self, layer: int, host: torch.Tensor) -> None: ...
+    Why: with random weights the token oracle cannot tell right KV from wrong KV, so the bytes are
+    checked directly: the sender sums what it gathered, the receiver sums what landed in its
+    blocks. Weighting by position (and layer) catches blocks or layers that arrive swapped, not
+    only bytes that changed. int64 sums wrap identically on every device, so CPU and GPU agree."""
+    total = 0
+    for li, t in enumerate(layers):
+        w = t.contiguous().reshape(-1).view(torch.uint8)
+        if w.numel() % 4 == 0:
+            w = w.view(torch.int32)
+        step = 1 << 22
+        acc = torch.zeros((), dtype=torch.int64, device=t.device)
+        for a in range(0, w.numel(), step):
+            part = w[a : a + step].to(torch.int64)
+            pos = torch.arange(a + 1, a + 1 + part.numel(), dtype=torch.int64, device=t.device) % 65521 + 1
+            acc += (part * pos).sum()
+        total = (total + int(acc) * (li + 1)) & ((1 << 63) - 1)
+    return total
 
-    def finish(self) -> None:
-        """Wait for outstanding copies; raise if the KV is incomplete."""
+
+class Injector:
+    """Puts received layers where the engine wants them (its device memory, its block layout).
+
+    `group` takes one layer group's packed bytes; the default unpacks them and hands each layer to
+    `__call__`. `finish` waits for outstanding copies, raises if a layer is missing, and compares
+    each group's checksum (when the sender sent one) with the bytes that `landed` holds."""
+
+    layers: int
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+        self._sums: list[tuple[int, int, int]] = []  # (first layer, layer count, sender's checksum)
+
+    def __call__(self, layer: int, host: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def landed(self, layer: int) -> torch.Tensor:
+        """The received bytes of `layer`, shaped as sent (what the checksum is taken over)."""
+        raise NotImplementedError
+
+    def group(self, flat: torch.Tensor, meta: GroupMeta) -> None:
+        for j, layer in enumerate(unpack(flat, meta)):
+            self(meta.first_layer + j, layer)
+        self._expect(meta)
+
+    def _expect(self, meta: GroupMeta) -> None:
+        if meta.checksum is not None:
+            self._sums.append((meta.first_layer, len(meta.shapes), meta.checksum))
 
     def settle(self) -> None:
         """Wait for outstanding copies (a receive that failed halfway: nothing may still be writing
         into memory its owner frees next)."""
+
+    def finish(self) -> None:
+        self.settle()
+        missing = sorted(set(range(self.layers)) - self._seen)
+        if missing:
+            raise ValueError(f"layers never received: {missing[:8]}{' …' if len(missing) > 8 else ''}")
+        for first, n, want in self._sums:
+            got = kv_checksum([self.landed(first + j) for j in range(n)])
+            if got != want:
+                raise ValueError(f"KV checksum mismatch in layers {first}..{first + n - 1}: the blocks hold other bytes than were sent")
 
 
 def _copy_streams(devices: Iterable[torch.device]) -> dict[torch.device, Any]:
@@ -82,13 +137,14 @@ def _copy_streams(devices: Iterable[torch.device]) -> dict[torch.device, Any]:
     return streams
 
 
-class CopyInto:
+class CopyInto(Injector):
     """Injector that copies layer i into `dsts[i]`; into a GPU through pinned staging
     (actors/kv/staging.py), since the received bytes sit in pageable object-store memory."""
 
     def __init__(self, dsts: Sequence[torch.Tensor], threads: int = 4):
+        super().__init__()
         self.dsts = list(dsts)
-        self._seen: set[int] = set()
+        self.layers = len(self.dsts)
         gpus = {d.device for d in self.dsts if d.is_cuda}
         self._h2d = {dev: host_to_device(dev, threads) for dev in gpus}
         for h in self._h2d.values():
@@ -111,15 +167,12 @@ class CopyInto:
             dst.copy_(host)
         self._seen.add(layer)
 
+    def landed(self, layer: int) -> torch.Tensor:
+        return self.dsts[layer]
+
     def settle(self) -> None:
         for h in self._h2d.values():
             h.synchronize()
-
-    def finish(self) -> None:
-        self.settle()
-        missing = sorted(set(range(len(self.dsts))) - self._seen)
-        if missing:
-            raise ValueError(f"layers never received: {missing[:8]}{' …' if len(missing) > 8 else ''}")
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -168,11 +221,15 @@ def pack(layers: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> tup
     return buf, offsets
 
 
-def unpack(buf: np.ndarray, meta: GroupMeta) -> list[torch.Tensor]:
-    """The group's layers as views of `buf` (read-only object-store memory: copy, never write)."""
+def as_bytes(buf: np.ndarray) -> torch.Tensor:
+    """An object-store buffer as a flat uint8 tensor over the same (read-only) memory."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only numpy memory
-        flat = torch.from_numpy(buf)
+        return torch.from_numpy(buf)
+
+
+def unpack(flat: torch.Tensor, meta: GroupMeta) -> list[torch.Tensor]:
+    """The group's layers as views of `flat` (object-store memory is read-only: copy, never write)."""
     out = []
     for shape, dtype, off in zip(meta.shapes, meta.dtypes, meta.offsets):
         dt = getattr(torch, dtype)
@@ -205,13 +262,15 @@ def publish(
     *,
     run_id: str = "",
     cell_id: str = "",
+    ready_ts: float | None = None,
 ) -> SendStats:
     """Put `layers` (one request's KV, one tensor per layer) into the object store under `key`.
 
     Every group's reference goes to the directory as soon as it exists; this process drops its own
     reference right after, so the object lives exactly as long as the directory or the receiver
     holds it (this process stays its owner: if it dies, the object is lost, and the receiver
-    sees that).
+    sees that). `ready_ts` (CLOCK_MONOTONIC) is when the KV was complete on the sender; it travels
+    with every group so a receiver on the same host can time KV ready → KV injected.
     """
     spans = layer_groups(layers, cfg.max_group_bytes)
     groups = len(spans)
@@ -235,6 +294,7 @@ def publish(
     try:
         for gi, (first, end) in enumerate(spans):
             part = layers[first:end]
+            checksum = kv_checksum(part) if cfg.checksum else None
             t0 = time.perf_counter()
             buf, offsets, streams = pending
             for stream in streams:
@@ -265,6 +325,8 @@ def publish(
                 put_s=t2 - t1,
                 send_s=t2 - t_start,
                 src_node=src_node,
+                checksum=checksum,
+                ready_ts=ready_ts,
             )
             acks.append(directory.register.remote(key, gi, groups, meta, [ref]))
             stats.bytes += nbytes
@@ -277,8 +339,10 @@ def publish(
             stream.synchronize()
         for buf in staging:
             STAGING.give(buf, pinned)
-    ray.get(acks)  # a dead directory surfaces here, not as a silent hang on the receiver
-    if run_id:
+    # A dead directory surfaces here, not as a silent hang on the receiver; a key the receiver
+    # already gave up on refuses the registration, and nobody took those bytes.
+    stats.taken = all(ray.get(acks))
+    if run_id and stats.taken:
         observe_send(stats, run_id, cell_id)
     return stats
 
@@ -287,6 +351,30 @@ def reason_of(e: BaseException) -> str:
     """One line naming an exception, short enough for a parquet column."""
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first}"[:_ERROR_CHARS]
+
+
+class Cancelled(KVUnavailable):
+    """The request the KV was for ended while it was on its way."""
+
+
+_CANCEL_POLL_S = 0.5
+
+
+def _take(directory: Any, key: str, index: int, cfg: KVTransferConfig, cancelled: Callable[[], bool] | None) -> dict[str, Any]:
+    """The directory's next groups of `key`; with a cancel check, waited for in slices so that an
+    aborted request does not hold its blocks for the whole `ref_timeout_s`."""
+    if cancelled is None:
+        return ray.get(directory.take.remote(key, index, cfg.ref_timeout_s))
+    deadline = time.monotonic() + cfg.ref_timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        entry = ray.get(directory.take.remote(key, index, max(0.0, min(_CANCEL_POLL_S, left))))
+        if not entry.get("timeout") or left <= _CANCEL_POLL_S:
+            if entry.get("timeout"):
+                entry["error"] = f"no reference for layer group {index} within {cfg.ref_timeout_s:g} s"
+            return entry
+        if cancelled():
+            raise Cancelled("request ended while its KV was awaited")
 
 
 def receive(
@@ -299,13 +387,14 @@ def receive(
     cell_id: str,
     request_id: str,
     kv_bytes_per_token: int | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> TransferRecord:
-    """Fetch `key`'s layer groups in order and hand each layer to `inject`; never raises.
+    """Fetch `key`'s layer groups in order and hand each to `inject`; never raises.
 
     On any failure (no reference in time, sender failed, object lost because its owner died or
-    it was evicted, fetch timeout, a layer that does not fit) the record has ok=False and the
-    reason; the key is dropped from the directory so nothing of it lingers, and the caller
-    recomputes the prefill itself.
+    it was evicted, fetch timeout, a layer that does not fit, a checksum that differs, the request
+    cancelled) the record has ok=False and the reason; the key is dropped from the directory so
+    nothing of it lingers, and the caller recomputes the prefill itself.
     """
     rec = TransferRecord(
         run_id=run_id, cell_id=cell_id, request_id=request_id, key=key, dst_node=ray.get_runtime_context().get_node_id()
@@ -319,12 +408,13 @@ def receive(
 
     t_start = time.perf_counter()
     groups: int | None = None
+    ready_ts: float | None = None
     try:
         gi = 0
         while groups is None or gi < groups:
             t = time.perf_counter()
             # Every group already registered comes in one call; only the first is waited for.
-            entry = ray.get(directory.take.remote(key, gi, cfg.ref_timeout_s))
+            entry = _take(directory, key, gi, cfg, cancelled)
             t = add("wait_ref_s", t)
             if "error" in entry:
                 raise KVUnavailable(entry["error"])
@@ -332,9 +422,11 @@ def receive(
             del entry
             batch.reverse()
             while batch:  # popped, so each group's object is released once it is injected
+                if cancelled is not None and cancelled():
+                    raise Cancelled("request ended while its KV was arriving")
                 meta, refs = batch.pop()
                 groups = meta.groups
-                rec.tokens, rec.src_node = meta.tokens, meta.src_node
+                rec.tokens, rec.src_node, ready_ts = meta.tokens, meta.src_node, meta.ready_ts
                 spent["extract_s"] = spent.get("extract_s", 0.0) + meta.extract_s
                 spent["put_s"] = spent.get("put_s", 0.0) + meta.put_s
                 rec.send_s = meta.send_s
@@ -342,22 +434,25 @@ def receive(
                 t = add("fetch_s", t)
                 if len(ready) < len(refs):
                     raise KVUnavailable(f"fetch of layer group {gi} timed out after {cfg.fetch_timeout_s:g} s")
-                buf = ray.get(refs[0])
+                flat = as_bytes(ray.get(refs[0]))
                 t = add("get_s", t)
-                for j, layer in enumerate(unpack(buf, meta)):
-                    inject(meta.first_layer + j, layer)
+                inject.group(flat, meta)
                 t = add("inject_s", t)
                 rec.bytes += meta.bytes
                 rec.groups += 1
-                del buf, refs, ready
+                del flat, refs, ready
                 gi += 1
             del batch
         t = time.perf_counter()
         inject.finish()
         add("inject_s", t)
         rec.ok = True
+        rec.status = "ok"
+        if ready_ts is not None and rec.src_node == rec.dst_node:
+            rec.ready_to_injected_s = time.monotonic() - ready_ts
     except Exception as e:  # every failure becomes a recorded reason and a recompute
         rec.error = reason_of(e)
+        rec.status = "cancelled" if isinstance(e, Cancelled) else "failed"
         try:
             inject.settle()
         except Exception:  # the device itself failed: nothing more to wait for

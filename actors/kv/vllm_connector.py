@@ -9,19 +9,21 @@ Plugged in without patching vLLM (actors/vllm_disaggregated.py builds this):
 
 One class serves both engines; each request says what it wants in its `kv_transfer_params`:
 - producer (prefill engine, max_tokens=1): {"pdbench_role": "producer", "key": K}. After the step
-  that completes the prompt (chunked prompts: the last chunk's step), the worker gathers the
+  that completes the prompt (chunked prompts: the last chunk's step), a worker thread gathers the
   prompt's whole blocks from every layer and publishes them under K (device→host, ray.put per
-  layer group, directory).
+  layer group, directory), group by group. vLLM keeps the blocks (request_finished → True) until
+  the gather is done, reported through `finished_sending`.
 - consumer (decode engine): {"pdbench_role": "consumer", "key": K}. The scheduler reports those
-  blocks as externally computed; the worker receives K into them before the forward pass and
-  hands its transfer record to the directory. A failed receive marks the blocks invalid; under
-  kv_load_failure_policy "fail" vLLM ends the request, and the decode actor runs it again as a
-  fresh request (actors/vllm_disaggregated.py: vLLM 0.26's own recompute of a failed synchronous
-  load gives wrong tokens, vllm-project/vllm#49250).
+  blocks as externally computed and loading asynchronously: the request waits in vLLM's
+  WAITING_FOR_REMOTE_KVS while a worker thread receives K into its blocks, following the sender
+  group by group, and the engine keeps stepping the other requests. `finished_recving` releases
+  it. A failed receive marks its blocks invalid in the same pass; under kv_load_failure_policy
+  "fail" vLLM ends the request, and the decode actor runs it again as a fresh request
+  (actors/vllm_disaggregated.py: vLLM 0.26's own recompute gives wrong tokens, vllm#49250).
 
-Loads and saves are synchronous, inside the step: simple and exact, at the price of stalling the
-step's other requests while a transfer runs (the accounting shows it). The decisions live in
-actors/kv/blocks.py (vLLM-free, tested on CPU); this class only adapts vLLM's hooks to them.
+The decisions live in actors/kv/blocks.py (scheduler side) and actors/kv/jobs.py (worker side),
+both vLLM-free and tested on CPU against a fake scheduler that enforces vLLM's rules; this class
+only adapts vLLM's hooks to them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
-from actors.kv.blocks import BlockInjector, StepPlan, Transfer, TransferBook, block_dim, gather_blocks
+from actors.kv.blocks import StepPlan, TransferBook, block_dim
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger("pdbench.vllm_connector")
@@ -54,10 +57,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.book = TransferBook(vllm_config.cache_config.block_size)
-        self._caches: list[torch.Tensor] = []
-        self._dim = 0
-        self._directory: Any = None
-        self._failed_blocks: set[int] = set()
+        self.worker: Any = None
 
     # ---------------------------------------------------------------- scheduler side
     @staticmethod
@@ -69,7 +69,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         n = self.book.matched_tokens(request.request_id, self._p(request), len(request.prompt_token_ids or []), num_computed_tokens)
-        return n, False
+        return n, n > 0  # loaded asynchronously: the request waits, the engine steps on
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         self.book.allocated(
@@ -84,36 +84,47 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
             (rid, list(c.new_block_ids[i][0]) if c.new_block_ids[i] else None, c.num_computed_tokens[i], n.get(rid, 0))
             for i, rid in enumerate(c.req_ids)
         ]
-        plan = self.book.plan(new, cached)
-        return RayObjectStoreMetadata(saves=plan.saves, loads=plan.loads)
+        plan = self.book.plan(new, cached, resumed=set(c.resumed_req_ids))
+        return RayObjectStoreMetadata(saves=plan.saves, loads=plan.loads, cancels=plan.cancels, drops=plan.drops)
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        self.book.worker_finished(connector_output.finished_sending or (), connector_output.finished_recving or ())
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self.book.finished(request.request_id)
-        return False, None
+        return self.book.finished(request.request_id), None
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        # Layers come in model order; both engines of a pair build the same model.
-        self._caches = list(kv_caches.values())
-        num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else None
-        self._dim = block_dim(tuple(self._caches[0].shape), num_blocks)
-        log.info("pdbench connector: %d KV layers %s, blocks on dim %d", len(self._caches), tuple(self._caches[0].shape), self._dim)
+        import ray
 
-    def _dir(self) -> Any:
-        if self._directory is None:
-            import ray
-
-            from actors.kv.directory import NAMESPACE, find_directory
-
-            if not ray.is_initialized():
-                ray.init(address=self.extra["ray_address"], namespace=NAMESPACE, log_to_driver=False)
-            self._directory = find_directory(self.extra["directory"])
-        return self._directory
-
-    def _kv_cfg(self):
+        from actors.kv import plasma
+        from actors.kv.directory import NAMESPACE, find_directory
+        from actors.kv.jobs import ConnectorWorker
         from actors.kv.spec import KVTransferConfig
 
-        return KVTransferConfig.model_validate(self.extra.get("kv_transfer", {}))
+        # Layers come in model order; both engines of a pair build the same model.
+        caches = list(kv_caches.values())
+        num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else None
+        dim = block_dim(tuple(caches[0].shape), num_blocks)
+        # vLLM's worker runs in a process of its own, outside Ray: it joins the cluster itself, once,
+        # here at start-up, so no step ever waits for it.
+        if not ray.is_initialized():
+            ray.init(address=self.extra["ray_address"], namespace=NAMESPACE, log_to_driver=False)
+        cfg = KVTransferConfig.model_validate(self.extra.get("kv_transfer", {}))
+        registers = self.extra.get("receiver", False) and cfg.host_to_device == "registered" and caches[0].is_cuda
+        if registers:
+            plasma.registered()  # once per process, before the first request (seconds for a large store)
+        self.worker = ConnectorWorker(
+            cfg,
+            find_directory(self.extra["directory"]),
+            run_id=self.extra.get("run_id", ""),
+            cell_id=self.extra.get("cell_id", ""),
+            engine=self.extra.get("engine_label", ""),
+            kv_bytes_per_token=self.extra.get("kv_bytes_per_token"),
+            registration=plasma.registered if registers else (lambda: None),
+        )
+        self.worker.register(caches, dim)
+        log.info("pdbench connector: %d KV layers %s, blocks on dim %d", len(caches), tuple(caches[0].shape), dim)
 
     def _plan(self) -> StepPlan:
         meta = self._get_connector_metadata()
@@ -121,51 +132,23 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         return meta
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        for t in self._plan().loads:
-            self._load(t)
-
-    def _load(self, t: Transfer) -> None:
-        import ray
-
-        from actors.kv.transport import receive
-
-        cfg = self._kv_cfg()
-        rec = receive(
-            self._dir(),
-            t.key,
-            BlockInjector(self._caches, t.block_ids, self._dim, cfg.host_copy_threads),
-            cfg,
-            run_id=self.extra.get("run_id", ""),
-            cell_id=self.extra.get("cell_id", ""),
-            request_id=t.key.split("/")[0],
-            kv_bytes_per_token=self.extra.get("kv_bytes_per_token"),
-        )
-        if not rec.ok:
-            self._failed_blocks.update(t.block_ids)
-        ray.get(self._dir().report.remote(t.key, rec.row()))
+        self.worker.start_loads(self._plan())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv
+        return  # whole-prompt loads, finished before vLLM schedules the request
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # whole blocks are saved after the forward pass, in wait_for_save
 
     def wait_for_save(self) -> None:
-        for t in self._plan().saves:
-            self._save(t)
+        self.worker.start_saves(self._plan())
 
-    def _save(self, t: Transfer) -> None:
-        import ray
-
-        from actors.kv.transport import publish, reason_of
-
-        d = self._dir()
-        try:
-            layers = gather_blocks(self._caches, t.block_ids, self._dim)
-            publish(d, t.key, layers, t.tokens, self._kv_cfg(), run_id=self.extra.get("run_id", ""), cell_id=self.extra.get("cell_id", ""))
-        except Exception as e:  # the decode side learns why at once and recomputes
-            ray.get(d.fail.remote(t.key, reason_of(e)))
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self.worker.finished(finished_req_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        failed, self._failed_blocks = self._failed_blocks, set()
-        return failed
+        return self.worker.load_errors()
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()

@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from analysis.packet import Packet
 from analysis.records import measured
 from analysis.tracks.base import Section, TrackAnalysis
-from analysis.transfers import bytes_vs_analytic, measured_transfers, with_stall_ratio
+from analysis.transfers import bytes_vs_analytic, measured_transfers, moving_transfers, with_stall_ratio
 
 MODES = ("aggregated", "disaggregated")
 BREAKDOWN = (
@@ -71,6 +71,9 @@ class E3Analysis(TrackAnalysis):
 
         t = transfers[transfers["cell_id"].isin(by_mode["disaggregated"])] if transfers is not None else pd.DataFrame()
         n_req = len(rows["disaggregated"])
+        if not t.empty and "status" in t:  # requests with nothing to move are no transfer: neither counted nor required
+            n_req -= int((t["status"] == "none").sum())
+            t = moving_transfers(t)
         t_ok = int(t["ok"].sum()) if not t.empty else 0
         reasons = sorted({str(e) for e in t.loc[~t["ok"], "error"]}) if not t.empty else []
         checks.append(
