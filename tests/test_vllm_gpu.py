@@ -45,6 +45,39 @@ async def _tokens(stream):
     return out, last
 
 
+def _published(directory, key, timeout_s=30.0):
+    """Wait until every layer group of `key` is registered (the connector publishes off the step)."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = ray.get(directory.status.remote(key))
+        assert st["failed"] is None, st
+        if st["expected"] and st["registered"] >= st["expected"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{key} was never published")
+
+
+def _flip(directory, key):
+    """Put `key`'s groups back with one value of the first layer changed but the sender's
+    checksum kept: only the receiver's checksum can see it (the oracle cannot, on dummy weights)."""
+    import ray
+    import torch
+
+    from actors.kv.transport import as_bytes, pack, unpack
+
+    entry = ray.get(directory.take.remote(key, 0, 30.0))
+    for meta, refs in entry["groups"]:
+        layers = [t.clone() for t in unpack(as_bytes(ray.get(refs[0])), meta)]
+        if meta.index == 0:
+            layers[0].view(torch.uint8)[0] ^= 0x40
+        buf, _ = pack(layers)
+        assert ray.get(directory.register.remote(key, meta.index, meta.groups, meta, [ray.put(buf.numpy())]))
+
+
 def _tamper(directory, key):
     """Put `key`'s groups back with the last layer claiming one block: the decode engine's load
     fails there, after every other layer's copy was queued (they must settle before the blocks are
@@ -95,10 +128,29 @@ def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray):
     bad = dict(reqs[0], request_id="bad0")
     key = "bad0/tampered"
     reply = ray.get(prefill.prefill.remote(bad, key))
-    assert reply["published"], reply
+    _published(directory, key)
     _tamper(directory, key)
     recomputed, last = asyncio.run(_tokens(decode.decode_prefilled.options(num_returns="streaming").remote(bad, key, reply)))
     bad_rows = ray.get(decode.transfers.remote())
+
+    # One flipped bit in the KV, sender's checksum kept: the load fails on the checksum.
+    flip = dict(reqs[1], request_id="flip1")
+    reply = ray.get(prefill.prefill.remote(flip, "flip1/k"))
+    _published(directory, "flip1/k")
+    _flip(directory, "flip1/k")
+    flipped, flip_last = asyncio.run(_tokens(decode.decode_prefilled.options(num_returns="streaming").remote(flip, "flip1/k", reply)))
+    flip_rows = ray.get(decode.transfers.remote())
+
+    # Abort mid-load: a consumer whose KV never comes is cancelled while it waits; the decode
+    # engine frees its blocks and serves the next request.
+    import time
+
+    lost = dict(reqs[2], request_id="lost2")
+    gen = decode.decode_prefilled.options(num_returns="streaming").remote(lost, "lost2/never", {"published": None, "server": {}})
+    time.sleep(3.0)
+    ray.cancel(gen)
+    aborted_row = ray.get(directory.take_report.remote("lost2/never", 20.0))
+    after_abort = asyncio.run(disagg())
     ray.get([decode.shutdown.remote(), prefill.shutdown.remote()])
     ray.kill(decode)
     ray.kill(prefill)
@@ -122,7 +174,12 @@ def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray):
     assert last["server"]["kv_transfer_ok"] is False and "reason 'error'" in last["server"]["decode_retry_reason"]
     assert [r["ok"] for r in bad_rows] == [False] and "received" in bad_rows[0]["error"], bad_rows
     assert recomputed == want[0]
+    assert flipped == want[1] and flip_last["server"]["kv_transfer_ok"] is False
+    assert [r["ok"] for r in flip_rows] == [False] and "checksum mismatch" in flip_rows[0]["error"], flip_rows
+    assert aborted_row is not None and aborted_row["status"] == "cancelled", aborted_row
+    assert [t for t, _ in after_abort] == want  # the engine lived on, with its blocks back
     assert all(r["ok"] for r in rows), rows
+    assert all(r["kv_wait_s"] is not None and r["ready_to_injected_s"] is not None for r in rows), rows
     block = d_info["extra"]["vllm_memory"]["block_size"]
     for r in rows:
         assert r["tokens"] == (300 - 1) // block * block and r["bytes"] == r["analytic_bytes"]
