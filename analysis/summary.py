@@ -38,6 +38,8 @@ def build_summary(
             "serving_mode": meta.get("serving_mode"),
             "metrics": cell_metrics(rows, s) if not rows.empty else None,
         }
+        if meta.get("kv_connector"):
+            out_cells[cid]["kv_connector"] = meta["kv_connector"]
         cell_moved = moved[moved["cell_id"] == cid] if moved is not None else None
         if cell_moved is not None and not cell_moved.empty:
             out_cells[cid]["transfers"] = transfer_metrics(cell_moved)

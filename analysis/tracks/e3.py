@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from analysis.packet import Packet
 from analysis.records import measured
 from analysis.tracks.base import Section, TrackAnalysis
-from analysis.transfers import bytes_vs_analytic, measured_transfers, moving_transfers, with_stall_ratio
+from analysis.transfers import ASYNC_TIMES, bytes_vs_analytic, measured_transfers, moving_transfers, with_stall_ratio
 
 MODES = ("aggregated", "disaggregated")
 BREAKDOWN = (
@@ -139,7 +139,10 @@ class E3Analysis(TrackAnalysis):
                     text=[
                         "Per stage over successful transfers: extract and put on the prefill side, wait for the "
                         "reference, fetch (ray.wait fetch_local), get and inject on the decode side. Stall = "
-                        "wait_ref + fetch; stall ratio = stall / request E2E."
+                        "wait_ref + fetch; stall ratio = stall / request E2E. Asynchronous loads (vLLM): queued = "
+                        "the step that started the load → a worker took it; kv_wait = that step → KV injected (the "
+                        "request could not run meanwhile); ready_to_injected = the sender's KV complete → the "
+                        "receiver's KV injected (one host's monotonic clock)."
                     ]
                     + transfer_totals(summary),
                     table=transfer_table(summary),
@@ -198,7 +201,9 @@ def transfer_table(summary: dict[str, Any]) -> pd.DataFrame:
         t = cell.get("transfers")
         if not t:
             continue
-        for stage in ("extract_s", "put_s", "wait_ref_s", "fetch_s", "get_s", "inject_s", "total_s", "stall_s"):
+        for stage in ("extract_s", "put_s", "wait_ref_s", "fetch_s", "get_s", "inject_s", "total_s", "stall_s", *ASYNC_TIMES):
+            if stage not in t["stages_s"]:
+                continue
             d = t["stages_s"].get(stage) or {}
             tp = (t["throughput_bytes_per_s"].get(stage) or {}).get("p50")
             rows.append(
@@ -227,6 +232,12 @@ def transfer_totals(summary: dict[str, Any]) -> list[str]:
             f"{t['analytic_bytes_total'] or 0:,} B of analytic KV (overhead {t['overhead_ratio'] or 0:.2%}); "
             f"stall ratio p50 {'n/a' if ratio is None else f'{ratio:.3f}'}."
         )
+        for engine, c in sorted((cell.get("kv_connector") or {}).items()):
+            out.append(
+                f"{cid}: the {engine} engine's steps spent {c['blocked_s'] * 1e3:,.1f} ms in the KV connector over "
+                f"{c['steps']:,} steps ({c['loads']} loads, {c['saves']} saves) during {c['load_wall_s']:.1f} s of load: "
+                f"stall {c['stall']:.2%} of wall time."
+            )
     return out
 
 

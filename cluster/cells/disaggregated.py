@@ -10,6 +10,7 @@ transfers.parquet row per request.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import ray
@@ -81,9 +82,12 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
         check_pair(p_info, d_info)
         reqs = ctx.plan.build_requests(d_info["vocab_size"], ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
+        t_load = time.monotonic()
         raws = await loadgen.run.remote(decode, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress)
+        load_wall_s = time.monotonic() - t_load
         rows = await decode.transfers.remote()
         directory_left = await directory.stats.remote()
+        connector = await directory.engines.remote()
         await asyncio.gather(decode.shutdown.remote(), prefill.shutdown.remote())
     finally:
         for a in actors:
@@ -99,6 +103,12 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
         "nodes": {"prefill": p_info["node"]["node_id"], "decode": d_info["node"]["node_id"]},
         "placement_strategy": ctx.cfg.placement.strategy,
         "kv_directory_at_end": directory_left,
+        # Per engine (vLLM connector only): wall time its steps spent in the connector, over the
+        # load phase's wall time (docs/metrics.md: stall).
+        "kv_connector": {
+            e.rsplit("/", 1)[-1]: {**v, "load_wall_s": load_wall_s, "stall": v["blocked_s"] / load_wall_s if load_wall_s else None}
+            for e, v in connector.items()
+        },
         "weights_identical": p_info["extra"].get("weight_checksum") == d_info["extra"].get("weight_checksum"),
         "weight_checksum": d_info["extra"].get("weight_checksum"),
     }
