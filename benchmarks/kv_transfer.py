@@ -13,7 +13,9 @@ Printed side by side, from one run on one machine:
 Each stage is timed inside the process that runs it (sender: extract, put; receiver: fetch, get,
 inject) and the best of `--repeats` runs is kept. Every size first runs once untimed, and each run
 starts once the store has freed the previous one's objects: a long sweep reuses the store's pages,
-so first-touch page faults (which make a cold `ray.put` several times slower) are not its cost. Where torch sees a CUDA GPU, the device stages
+so first-touch page faults (which make a cold `ray.put` several times slower) are not its cost; the
+store is sized (`--store-gib`) and prefaulted by both actors at start, as the vLLM connector's
+sender does (actors/kv/plasma.py). The KV checksum is off: this measures transport. Where torch sees a CUDA GPU, the device stages
 are measured too: the transport's device→host extract against a plain copy into a preallocated
 pinned buffer, and its host→device inject against a plain pinned→device copy.
 
@@ -33,6 +35,7 @@ import ray
 import torch
 
 from actors.kv.directory import directory_actor, find_directory
+from actors.kv.plasma import prefault
 from actors.kv.spec import KVTransferConfig
 from actors.kv.transport import CopyInto, pack, publish, receive
 
@@ -52,6 +55,7 @@ def kv(tokens: int, device: str = "cpu") -> list[torch.Tensor]:
 @ray.remote(num_cpus=0)
 class Sender:
     def __init__(self, directory: str, cfg: KVTransferConfig):
+        prefault()  # as the vLLM connector's sender does: puts never fault pages in
         self.directory = find_directory(directory)
         self.cfg = cfg
         self.layers: list[torch.Tensor] = []
@@ -68,6 +72,7 @@ class Sender:
 @ray.remote(num_cpus=0)
 class Receiver:
     def __init__(self, directory: str, cfg: KVTransferConfig):
+        prefault()
         self.directory = find_directory(directory)
         self.cfg = cfg
         self.dst: list[torch.Tensor] = []
@@ -207,15 +212,20 @@ def main() -> None:
     ap.add_argument("--max-mib", type=int, default=1024, help="largest payload (MiB); sizes grow ×4")
     ap.add_argument("--repeats", type=int, default=3, help="runs per size; the best is kept")
     ap.add_argument("--max-group-mib", type=int, default=GROUP_MIB, help="most MiB per object (kv_transfer.max_group_bytes)")
+    ap.add_argument("--store-gib", type=float, default=3.0, help="object store size; both actors prefault it at start")
     args = ap.parse_args()
-    cfg = KVTransferConfig(max_group_bytes=args.max_group_mib * 2**20)
+    # The transport alone: the KV checksum (on by default) is compute, not transport, and on a
+    # CPU sender it would cost more than the copy it checks.
+    cfg = KVTransferConfig(max_group_bytes=args.max_group_mib * 2**20, checksum=False)
     sizes = []
     s = args.min_mib
     while s <= args.max_mib:
         sizes.append(s)
         s *= 4
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", namespace="pdbench", include_dashboard=False, log_to_driver=False)
+    os.environ.setdefault("RAY_preallocate_plasma_memory", "1")
+    ray.init(address="local", namespace="pdbench", include_dashboard=False, log_to_driver=False,
+             object_store_memory=int(args.store_gib * 2**30))
     print(f"KV shaped like Qwen3-8B bf16 ({BYTES_PER_TOKEN // 1024} KiB/token, objects of at most {args.max_group_mib} MiB); "
           f"best of {args.repeats}; one process puts, another fetches and gets (same node).")
     print_host_header()

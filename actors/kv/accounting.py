@@ -78,6 +78,7 @@ class TransferRecord:
     queued_s: float | None = None
     kv_wait_s: float | None = None
     ready_to_injected_s: float | None = None
+    direct_groups: int = 0  # groups copied to the GPU straight from CUDA-registered object-store memory
 
     def row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

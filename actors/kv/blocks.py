@@ -245,6 +245,7 @@ class BlockInjector(Injector):
             done.record(self.stream)
         self._held = [(e, f) for e, f in self._held if not e.query()]
         self._held.append((done, flat))
+        self.direct += 1
         self._seen.update(range(meta.first_layer, meta.first_layer + len(meta.shapes)))
         self._expect(meta)
 

@@ -38,7 +38,7 @@ class KVDirectory:
         self._last_sweep = time.monotonic()
         self.expired = 0
         # Per engine: wall time its steps spent inside the connector, and steps (see report_engine).
-        self._engines: dict[str, dict[str, float]] = {}
+        self._engines: dict[str, dict[str, Any]] = {}
         self._groups: dict[str, dict[int, tuple[Any, list[Any]]]] = {}
         # Per key: how many groups it has, and which were taken; it is forgotten once all were
         # taken and none is waiting (a group put back after a take counts once).
@@ -144,11 +144,14 @@ class KVDirectory:
             self._forget(key)
             self._closed[key] = None
 
-    async def report_engine(self, engine: str, blocked_s: float, steps: int, loads: int, saves: int) -> None:
-        """An engine's connector says how long its steps were blocked so far (cumulative)."""
-        self._engines[engine] = {"blocked_s": blocked_s, "steps": steps, "loads": loads, "saves": saves}
+    async def report_engine(
+        self, engine: str, blocked_s: float, steps: int, loads: int, saves: int, store: dict[str, Any] | None = None
+    ) -> None:
+        """An engine's connector says how long its steps were blocked so far (cumulative), and how
+        its process prepared the object store (registration or prefault time)."""
+        self._engines[engine] = {"blocked_s": blocked_s, "steps": steps, "loads": loads, "saves": saves, **(store or {})}
 
-    async def engines(self) -> dict[str, dict[str, float]]:
+    async def engines(self) -> dict[str, dict[str, Any]]:
         return dict(self._engines)
 
     def _forget(self, key: str) -> None:

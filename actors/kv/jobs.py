@@ -48,12 +48,14 @@ class ConnectorWorker:
         engine: str = "",
         kv_bytes_per_token: int | None = None,
         registration: Callable[[], Any] = lambda: None,
+        store: dict[str, Any] | None = None,
     ):
         self.cfg = cfg
         self.directory = directory
         self.run_id, self.cell_id, self.engine = run_id, cell_id, engine
         self.kv_bytes_per_token = kv_bytes_per_token
         self.registration = registration
+        self.store = dict(store or {})  # how this process prepared the object store (reported)
         self.caches: list[torch.Tensor] = []
         self.dim = 0
         self._pool = ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="pdbench-kv")
@@ -137,8 +139,11 @@ class ConnectorWorker:
             now = time.monotonic()
             if sending or recving or now - self._last_report > _REPORT_EVERY_S:
                 self._last_report = now
-                self.directory.report_engine.remote(self.engine, self.blocked_s, self.steps, self.loads, self.saves)
+                self._report()
         return sending or None, recving or None
+
+    def _report(self) -> None:
+        self.directory.report_engine.remote(self.engine, self.blocked_s, self.steps, self.loads, self.saves, self.store)
 
     def load_errors(self) -> set[int]:
         """Blocks of loads that failed, handed out in the same pass as their request ids."""
@@ -151,7 +156,7 @@ class ConnectorWorker:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
-        self.directory.report_engine.remote(self.engine, self.blocked_s, self.steps, self.loads, self.saves)
+        self._report()
 
     # ------------------------------------------------------------------ job threads
     def _device(self) -> Any:

@@ -22,10 +22,11 @@ class Staging:
     """Host buffers that packing reuses: `ray.put` copies out of them, so a buffer is free again as
     soon as put returns. Reuse spares page faults (fresh pages cost more than the copy into them:
     packing 1 GiB into new buffers ran at 2 GB/s, into reused ones at memcpy speed) and, for GPUs,
-    pinned allocations. Two buffers per kind are kept (the largest seen): a GPU sender fills one
-    while the other is put."""
+    pinned allocations (a fresh pinned buffer costs milliseconds). A GPU sender fills one buffer
+    while the other is put, and the vLLM connector runs up to `kv_transfer.worker_threads` senders
+    at once: eight buffers per kind are kept (the largest seen)."""
 
-    KEPT = 2
+    KEPT = 8
 
     def __init__(self) -> None:
         self._free: dict[bool, list[torch.Tensor]] = {False: [], True: []}

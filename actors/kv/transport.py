@@ -60,26 +60,37 @@ class GroupMeta:
     ready_ts: float | None = None  # sender's CLOCK_MONOTONIC when the KV was ready (host-wide on Linux)
 
 
+_CHECKSUM_CHUNK = 1 << 22  # int32 words per step: bounds the int64 temporaries (32 MiB each)
+_WEIGHTS: dict[Any, torch.Tensor] = {}
+
+
+def _weights(device: torch.device) -> torch.Tensor:
+    if device not in _WEIGHTS:
+        _WEIGHTS[device] = torch.arange(_CHECKSUM_CHUNK, dtype=torch.int64, device=device) % 65521 + 1
+    return _WEIGHTS[device]
+
+
 def kv_checksum(layers: Sequence[torch.Tensor]) -> int:
     """A position-weighted sum of the layers' bytes (as int32 words), computed where they live.
 
     Why: with random weights the token oracle cannot tell right KV from wrong KV, so the bytes are
     checked directly: the sender sums what it gathered, the receiver sums what landed in its
-    blocks. Weighting by position (and layer) catches blocks or layers that arrive swapped, not
-    only bytes that changed. int64 sums wrap identically on every device, so CPU and GPU agree."""
-    total = 0
+    blocks. Weighting by position within a chunk, by chunk and by layer catches blocks or layers
+    that arrive swapped, not only bytes that changed. int64 sums wrap identically on every device,
+    so CPU and GPU agree; the device is waited for once per call."""
+    if not layers:
+        return 0
+    device = layers[0].device
+    weights = _weights(device)
+    acc = torch.zeros((), dtype=torch.int64, device=device)
     for li, t in enumerate(layers):
         w = t.contiguous().reshape(-1).view(torch.uint8)
         if w.numel() % 4 == 0:
             w = w.view(torch.int32)
-        step = 1 << 22
-        acc = torch.zeros((), dtype=torch.int64, device=t.device)
-        for a in range(0, w.numel(), step):
-            part = w[a : a + step].to(torch.int64)
-            pos = torch.arange(a + 1, a + 1 + part.numel(), dtype=torch.int64, device=t.device) % 65521 + 1
-            acc += (part * pos).sum()
-        total = (total + int(acc) * (li + 1)) & ((1 << 63) - 1)
-    return total
+        for ci, a in enumerate(range(0, w.numel(), _CHECKSUM_CHUNK)):
+            part = w[a : a + _CHECKSUM_CHUNK].to(torch.int64)
+            acc += (part * weights[: part.numel()]).sum() * ((li + 1) * 1_000_003 + ci + 1)
+    return int(acc) & ((1 << 63) - 1)
 
 
 class Injector:
@@ -90,6 +101,7 @@ class Injector:
     each group's checksum (when the sender sent one) with the bytes that `landed` holds."""
 
     layers: int
+    direct = 0  # groups copied straight from registered object-store memory (BlockInjector on a GPU)
 
     def __init__(self) -> None:
         self._seen: set[int] = set()
@@ -462,6 +474,7 @@ def receive(
         except Exception:  # a dead directory has nothing left to drop
             pass
     rec.total_s = time.perf_counter() - t_start
+    rec.direct_groups = inject.direct
     for stage, v in spent.items():
         setattr(rec, stage, v)
     if "wait_ref_s" in spent:

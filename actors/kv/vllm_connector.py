@@ -112,8 +112,12 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
             ray.init(address=self.extra["ray_address"], namespace=NAMESPACE, log_to_driver=False)
         cfg = KVTransferConfig.model_validate(self.extra.get("kv_transfer", {}))
         registers = self.extra.get("receiver", False) and cfg.host_to_device == "registered" and caches[0].is_cuda
-        if registers:
-            plasma.registered()  # once per process, before the first request (seconds for a large store)
+        store: dict[str, Any] = {}
+        if registers:  # once per process, before the first request (seconds for a large store)
+            reg = plasma.registered()
+            store = {"registered_s": reg.seconds if reg else None, "registration_error": plasma.registration_error()}
+        elif not self.extra.get("receiver", False):  # the sender's puts must not fault pages in
+            store = {"prefault_s": plasma.prefault()}
         self.worker = ConnectorWorker(
             cfg,
             find_directory(self.extra["directory"]),
@@ -122,6 +126,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
             engine=self.extra.get("engine_label", ""),
             kv_bytes_per_token=self.extra.get("kv_bytes_per_token"),
             registration=plasma.registered if registers else (lambda: None),
+            store=store,
         )
         self.worker.register(caches, dim)
         log.info("pdbench connector: %d KV layers %s, blocks on dim %d", len(caches), tuple(caches[0].shape), dim)
