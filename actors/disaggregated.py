@@ -52,6 +52,8 @@ class PrefillActor:
     def __init__(self, engine_cfg: dict[str, Any], kv_cfg: dict[str, Any], directory: str, run_id: str, cell_id: str):
         self.cfg = EngineConfig.model_validate(engine_cfg)
         self.kv = KVTransferConfig.model_validate(kv_cfg)
+        if self.kv.decode_submit != "after_prefill":
+            raise ValueError("kv_transfer.decode_submit: the reference pair moves the KV after the prefill; use 'after_prefill'")
         self.engine = _kv_engine(self.cfg)
         self.directory_name = directory
         self.run_id, self.cell_id = run_id, cell_id

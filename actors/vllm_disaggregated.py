@@ -19,7 +19,9 @@ time from the prefill's reply to the first token on this actor.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import secrets
 import time
 from typing import Any, AsyncIterator
 
@@ -33,6 +35,7 @@ from actors.engines.vllm_engine import VllmEngine
 from actors.kv.accounting import TransferRecord
 from actors.kv.directory import find_directory
 from actors.kv.spec import KVTransferConfig
+from actors.kv.transport import reason_of
 from actors.kv.blocks import CONSUMER, PRODUCER, transferable_tokens
 
 _REPORT_TIMEOUT_S = 30.0
@@ -139,7 +142,8 @@ class VllmDecodeActor(DecodeEntry):
         self, engine_cfg: dict[str, Any], kv_cfg: dict[str, Any], prefill: Any, directory: str, run_id: str, cell_id: str
     ):
         self.cfg = EngineConfig.model_validate(engine_cfg)
-        self.engine = _engine(self.cfg, KVTransferConfig.model_validate(kv_cfg), directory, run_id, cell_id, False)
+        self.kv = KVTransferConfig.model_validate(kv_cfg)
+        self.engine = _engine(self.cfg, self.kv, directory, run_id, cell_id, False)
         self.prefill = prefill
         self.directory_name = directory
         self.run_id, self.cell_id = run_id, cell_id
@@ -156,6 +160,74 @@ class VllmDecodeActor(DecodeEntry):
     def transfers(self) -> list[dict[str, Any]]:
         rows, self._records = self._records, []
         return rows
+
+    async def _generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        req = EngineRequest(**request)
+        expected = transferable_tokens(len(req.prompt_token_ids), self.block_size)
+        if self.kv.decode_submit == "after_prefill" or not expected:
+            async for delta in super()._generate(request):
+                yield delta
+            return
+        async for delta in self._decode_with_prefill(req, expected):
+            yield delta
+
+    async def _prefill_or_fail(self, request: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, str | None, float]:
+        """The prefill actor's reply, or the reason it failed; a failure is told to the directory at
+        once, so the load already waiting for `key` in the decode engine fails now, not at its
+        timeout (and the request is recomputed there)."""
+        try:
+            reply = await self.prefill.prefill.remote(request, key)
+            if reply["first_token"] is None:
+                raise RuntimeError("the prefill engine returned no token")
+            return reply, None, time.monotonic()
+        except Exception as e:
+            failure = f"prefill: {reason_of(e)}"
+            await self.directory.fail.remote(key, failure)
+            return None, failure, time.monotonic()
+
+    async def _decode_with_prefill(self, req: EngineRequest, expected: int) -> AsyncIterator[dict[str, Any]]:
+        """kv_transfer.decode_submit 'with_prefill': the consumer request enters the decode engine
+        at once and waits there for its KV while the prefill runs; the connector follows the sender
+        group by group. TTFT breakdown: queue and prefill from the prefill engine; transfer = the
+        part of the KV's arrival after the prefill's reply (KV injected − reply, the decode worker's
+        and this actor's CLOCK_MONOTONIC on one host: the engine runs beside this actor); first
+        decode = the rest up to the first token."""
+        t0 = time.monotonic()
+        key = f"{req.request_id}/{secrets.token_hex(6)}"
+        ident = {"run_id": self.run_id, "cell_id": self.cell_id, "request_id": req.request_id, "key": key}
+        prefill = asyncio.ensure_future(self._prefill_or_fail(dataclasses.asdict(req), key))
+        offset = time.monotonic() - t0
+        t_first = None
+        retried: list[str] = []
+        async for delta in stream_or_recompute(self.engine, req, {"pdbench_role": CONSUMER, "key": key}, retried):
+            now = time.monotonic()
+            t_first = t_first or now
+            delta.token_s = [s + offset for s in delta.token_s]
+            if delta.finished:
+                reply, failure, t_reply = await prefill
+                rec = await self._record(ident, key, expected, None)
+                own = delta.server or {}
+                ok = bool(rec.get("ok")) and not retried
+                if ok and reply is not None:
+                    server = {k: reply["server"].get(k) for k in ("server_queue_s", "prefill_s")}
+                    injected = rec.get("injected_mono") or t_reply
+                    server["transfer_s"] = max(0.0, injected - t_reply)
+                    server["first_decode_s"] = t_first - max(t_reply, injected)
+                else:  # recomputed here: this engine's own queue and prefill stand, as in aggregated
+                    server = {k: own.get(k) for k in ("server_queue_s", "prefill_s", "first_decode_s")}
+                    server["transfer_s"] = rec.get("total_s")
+                delta.server = {
+                    **{f"decode_{k}": v for k, v in own.items()},
+                    **server,
+                    "kv_wait_s": rec.get("kv_wait_s"),
+                    "server_e2e_s": now - t0,
+                    "kv_transfer_ok": ok,
+                }
+                if retried:
+                    delta.server["decode_retry_reason"] = retried[0]
+                elif failure:
+                    delta.server["decode_retry_reason"] = failure
+            yield dataclasses.asdict(delta)
 
 
     async def _decode(

@@ -38,12 +38,13 @@ TRANSFER_COLUMNS = (
     "queued_s",
     "kv_wait_s",
     "ready_to_injected_s",
+    "injected_mono",
     "direct_groups",
 )
 # Asynchronous loads (vLLM connector): the step that started the load → a worker took it up /
 # → KV injected; and the sender's KV complete → the receiver's KV injected (same host only).
 ASYNC_TIMES = ("queued_s", "kv_wait_s", "ready_to_injected_s")
-_FLOATS = (*STAGES, "total_s", "stall_s", "send_s", *ASYNC_TIMES)
+_FLOATS = (*STAGES, "total_s", "stall_s", "send_s", *ASYNC_TIMES, "injected_mono")
 _COUNTS = ("tokens", "groups", "bytes", "analytic_bytes", "direct_groups")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from actors.engines.spec import EngineConfig
 from actors.kv.spec import KVTransferConfig
@@ -69,6 +69,15 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"unknown track {v!r}; allowed: {', '.join(names)}")
         return v.lower()
 
+    @model_validator(mode="after")
+    def _decode_submit_fits_the_engine(self) -> "ExperimentConfig":
+        if self.kv_transfer.decode_submit == "with_prefill" and self.engine.kind != "vllm":
+            raise ValueError(
+                f"kv_transfer.decode_submit: 'with_prefill' needs engine.kind vllm (the {self.engine.kind} pair moves "
+                "its KV after the prefill); use 'after_prefill'"
+            )
+        return self
+
     @property
     def simulated(self) -> bool:
         return self.engine.kind == "simulated"
@@ -118,6 +127,9 @@ def _format(err: ValidationError, model: type[BaseModel], prefix: str = "") -> s
         if e["type"] == "extra_forbidden":
             allowed = _allowed_fields(model, loc[:-1])
             msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif not name:  # a rule across fields: its message names them
+            lines.append(f"  {msg.removeprefix('Value error, ')}")
+            continue
         elif "input" in e and e["type"] not in ("missing",):
             msg += f" (got {e['input']!r})"
         lines.append(f"  {name}: {msg}")

@@ -101,3 +101,11 @@ def test_switching_engine_kind_keeps_the_engine_fields():
 def test_switching_a_distribution_kind_replaces_its_fields():
     cfg = resolve("e0", {"workload": {"input_len": {"kind": "uniform", "low": 4, "high": 9}}}, {"workload": {"input_len": {"kind": "fixed", "value": 5}}})
     assert cfg.workload.input_len.upper == 5
+
+
+def test_decode_submit_with_prefill_needs_vllm():
+    with pytest.raises(ConfigError) as e:
+        resolve("e3", {"kv_transfer": {"decode_submit": "with_prefill"}})
+    assert "\n  kv_transfer.decode_submit: 'with_prefill' needs engine.kind vllm" in str(e.value), str(e.value)
+    ok = resolve("e3", {"engine": {"kind": "vllm", "model": "qwen3-8b"}, "kv_transfer": {"decode_submit": "with_prefill"}})
+    assert ok.kv_transfer.decode_submit == "with_prefill"

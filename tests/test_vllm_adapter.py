@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+import pytest
+
 from actors.engines.spec import EngineConfig
 from actors.engines.vllm_engine import WORKER_EXTENSION, VllmEngine, engine_args
 
@@ -122,3 +124,108 @@ def test_an_aborted_request_is_not_retried():
     e = _FakeEngine(fail_load="abort")
     out, retried = asyncio.run(_collect(e, {"pdbench_role": "consumer", "key": "r1/k"}))
     assert len(e.calls) == 1 and retried == [] and "reason 'abort'" in out[-1].error
+
+
+class _Remote:
+    """`handle.method.remote(...)` of a Ray actor, awaitable, in this process."""
+
+    def __init__(self, fn):
+        self.remote = fn
+
+
+def _with_prefill_actor(prefill_fn, engine, reports):
+    import types
+
+    from actors.kv.spec import KVTransferConfig
+    from actors.vllm_disaggregated import VllmDecodeActor
+
+    cls = VllmDecodeActor.__ray_metadata__.modified_class
+    a = cls.__new__(cls)
+    a.kv = KVTransferConfig(decode_submit="with_prefill")
+    a.engine, a.block_size, a.run_id, a.cell_id, a._records = engine, 4, "run", "cell", []
+    a.prefill = types.SimpleNamespace(prefill=_Remote(prefill_fn))
+    failed: list[tuple[str, str]] = []
+
+    async def fail(key, reason):  # the waiting load fails, as the connector's would
+        failed.append((key, reason))
+        engine.fail_load = "error"
+        engine.kv.set()
+
+    async def take_report(key, timeout):
+        row = reports.pop(0)
+        return row() if callable(row) else row
+
+    a.directory = types.SimpleNamespace(fail=_Remote(fail), take_report=_Remote(take_report))
+    return a, failed
+
+
+class _WaitingEngine(_FakeEngine):
+    """A decode engine whose request waits for its KV (as in WAITING_FOR_REMOTE_KVS) until `kv`."""
+
+    def __init__(self):
+        super().__init__(fail_load=None)
+        import asyncio
+
+        self.kv = asyncio.Event()
+        self.submitted_at: list[float] = []
+
+    async def generate(self, req, kv_transfer_params=None):
+        import time
+
+        self.submitted_at.append(time.monotonic())
+        if kv_transfer_params:
+            await self.kv.wait()
+        async for d in super().generate(req, kv_transfer_params):
+            yield d
+
+
+def test_with_prefill_submits_the_decode_request_at_once_and_times_the_tail():
+    import asyncio
+    import time
+
+    async def main():
+        engine = _WaitingEngine()
+        t = {}
+
+        async def prefill(request, key):
+            await asyncio.sleep(0.05)
+            t["reply"] = time.monotonic()
+            asyncio.get_running_loop().call_later(0.02, lambda: (t.__setitem__("injected", time.monotonic()), engine.kv.set()))
+            return {"first_token": 7, "server": {"server_queue_s": 0.001, "prefill_s": 0.04}}
+
+        reports = [lambda: {"ok": True, "kv_wait_s": 0.07, "injected_mono": t["injected"]}]
+        a, failed = _with_prefill_actor(prefill, engine, reports)
+        t0 = time.monotonic()
+        out = [d async for d in a._generate({"request_id": "r1", "prompt_token_ids": list(range(9)), "max_tokens": 3})]
+        reports_row = a._records[0]
+        return engine, t, t0, out, failed, reports_row
+
+    engine, t, t0, out, failed, row = asyncio.run(main())
+    assert engine.submitted_at[0] - t0 < 0.02 < t["reply"] - t0  # in the engine before the prefill answered
+    s = out[-1]["server"]
+    assert s["kv_transfer_ok"] is True and failed == []
+    assert s["prefill_s"] == 0.04 and s["kv_wait_s"] == 0.07
+    assert s["transfer_s"] == pytest.approx(t["injected"] - t["reply"], abs=0.005) and s["transfer_s"] >= 0.01  # KV 20 ms after the reply
+    assert 0 <= s["first_decode_s"] < 0.05
+    assert [tok for d in out for tok in d["token_ids"]] == [1, 2, 3] and row["ok"]
+
+
+def test_with_prefill_tells_the_directory_when_the_prefill_fails_and_recomputes():
+    import asyncio
+
+    async def main():
+        engine = _WaitingEngine()
+
+        async def prefill(request, key):
+            raise RuntimeError("prefill actor died")
+
+        reports = [{"ok": False, "error": "sender failed: prefill: RuntimeError: prefill actor died", "total_s": 0.01}]
+        a, failed = _with_prefill_actor(prefill, engine, reports)
+        out = [d async for d in a._generate({"request_id": "r2", "prompt_token_ids": list(range(9)), "max_tokens": 3})]
+        return engine, out, failed
+
+    engine, out, failed = asyncio.run(main())
+    assert failed and failed[0][0].startswith("r2/") and "prefill actor died" in failed[0][1]
+    assert [c[0] for c in engine.calls] == ["r2", "r2:recompute"]  # the load failed, then a full prefill here
+    s = out[-1]["server"]
+    assert s["kv_transfer_ok"] is False and [tok for d in out for tok in d["token_ids"]] == [1, 2, 3]

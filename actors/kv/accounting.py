@@ -78,6 +78,7 @@ class TransferRecord:
     queued_s: float | None = None
     kv_wait_s: float | None = None
     ready_to_injected_s: float | None = None
+    injected_mono: float | None = None  # receiver's CLOCK_MONOTONIC when the KV was injected (host-wide)
     direct_groups: int = 0  # groups copied to the GPU straight from CUDA-registered object-store memory
 
     def row(self) -> dict[str, Any]:

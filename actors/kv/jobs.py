@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,9 @@ class ConnectorWorker:
         self.loads = 0
         self.saves = 0
         self._last_report = 0.0
+        # The engine's step loop and these threads share one interpreter: bound how long a busy
+        # connector thread may keep the loop waiting for the GIL.
+        sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)
 
     def register(self, caches: list[torch.Tensor], dim: int) -> None:
         self.caches, self.dim = caches, dim

@@ -51,3 +51,19 @@ class KVTransferConfig(BaseModel):
         "copies through pinned buffers with host_copy_threads threads (also the fallback for objects outside "
         "the mapping)",
     )
+    decode_submit: Literal["after_prefill", "with_prefill"] = Field(
+        default="after_prefill",
+        description="vLLM pairs: when the decode actor hands a request to its engine. 'after_prefill': once "
+        "the prefill engine has answered; 'with_prefill': at once, beside the prefill call, so the request "
+        "waits in the decode engine for its KV and the transfer overlaps the prefill and the reply's hop "
+        "(its decode blocks are held meanwhile). The reference pair moves KV itself after the prefill and "
+        "refuses 'with_prefill'",
+    )
+    gil_switch_interval_ms: float = Field(
+        default=0.5,
+        gt=0,
+        le=5,
+        description="vLLM engines with the connector: Python's thread switch interval in the engine process. "
+        "The connector's threads launch many small GPU operations; under Python's default 5 ms a busy one "
+        "can hold the engine's step loop that long",
+    )

@@ -460,8 +460,9 @@ def receive(
         add("inject_s", t)
         rec.ok = True
         rec.status = "ok"
+        rec.injected_mono = time.monotonic()
         if ready_ts is not None and rec.src_node == rec.dst_node:
-            rec.ready_to_injected_s = time.monotonic() - ready_ts
+            rec.ready_to_injected_s = rec.injected_mono - ready_ts
     except Exception as e:  # every failure becomes a recorded reason and a recompute
         rec.error = reason_of(e)
         rec.status = "cancelled" if isinstance(e, Cancelled) else "failed"
