@@ -40,6 +40,7 @@ from cluster import manifest as mf
 from cluster import ray_env
 from cluster.cells import MODES, CellContext
 from cluster.config import ConfigError, ExperimentConfig, config_hash, sha256_of, to_yaml
+from cluster.hostload import HostLoadProbe
 from cluster.storage import Destination
 from workloads.text import get_codec
 from workloads.tracks import CellOutcome, CellPlan, get_track
@@ -265,6 +266,7 @@ class Driver:
         if plan.provenance:
             meta["provenance"] = plan.provenance
         t0 = time.monotonic()
+        load = HostLoadProbe()
         try:
             preflight(self.cfg, [plan])  # later rounds were not checked before the run began
             result = await MODES[plan.mode].run(self.context(plan, progress))
@@ -276,6 +278,7 @@ class Driver:
             meta.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
         meta["ended_at"] = _now()
         meta["wall_s"] = time.monotonic() - t0
+        meta["host_load"] = dataclasses.asdict(load.stop())
         write_json(cell_dir / "cell.json", meta)
         self.dest.publish_cell(self.run_dir, plan.cell_id)
         return meta
