@@ -28,7 +28,7 @@ import pandas as pd
 import ray
 
 from actors.engines import EngineConfig
-from actors.progress import ProgressCounter
+from actors.progress import CellCounter, ProgressCounter
 from actors.telemetry import TelemetrySampler
 from analysis.metrics import cell_metrics
 from analysis.packet import load_packet, read_json, write_json, write_parquet, write_yaml
@@ -58,6 +58,14 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
+class CellState:
+    cell_id: str
+    state: str  # waiting, running, ok, failed
+    requests_done: int
+    requests_total: int
+
+
+@dataclass(frozen=True)
 class RunProgress:
     """What the progress display shows; totals grow when an adaptive track adds a round."""
 
@@ -65,6 +73,7 @@ class RunProgress:
     cells_total: int
     requests_done: int
     requests_total: int
+    cells: tuple[CellState, ...] = ()
 
 
 def _now() -> str:
@@ -332,13 +341,17 @@ class Driver:
         round_plans = list(self.plans)
         self.plans = []
 
+        running: set[str] = set()
+
         async def one(plan: CellPlan) -> dict[str, Any]:
             meta = self._finished(plan)
             if meta is not None:
                 counts["resumed_requests"] += plan.num_requests
             else:
                 async with sem:
-                    meta = await self._run_cell(plan, progress)
+                    running.add(plan.cell_id)
+                    meta = await self._run_cell(plan, CellCounter(progress, plan.cell_id))
+                    running.discard(plan.cell_id)
             metas[plan.cell_id] = meta
             counts["cells"] += 1
             write_json(self.run_dir / "manifest.json", self._manifest(metas, "running"))
@@ -351,12 +364,23 @@ class Driver:
                 await asyncio.wait(tasks, timeout=0.5)
                 if on_progress is not None:
                     sent, _failed = await progress.read.remote()
+                    per_cell = await progress.read_cells.remote()
+                    states = tuple(
+                        CellState(
+                            p.cell_id,
+                            metas[p.cell_id].get("status", "failed") if p.cell_id in metas else ("running" if p.cell_id in running else "waiting"),
+                            p.num_requests if p.cell_id in metas and p.cell_id not in per_cell else per_cell.get(p.cell_id, 0),
+                            p.num_requests,
+                        )
+                        for p in self.plans
+                    )
                     on_progress(
                         RunProgress(
                             counts["cells"],
                             len(self.plans),
                             sent + counts["resumed_requests"],
                             sum(p.num_requests for p in self.plans),
+                            states,
                         )
                     )
             for p in round_plans:

@@ -12,14 +12,16 @@ correctness failure.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from itertools import combinations
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from analysis.formatting import num
 from analysis.records import measured
-from analysis.tracks.base import Section, TrackAnalysis
+from analysis.tracks.base import Headline, Section, TrackAnalysis
 
 NOISE_BLOCKS = 4  # blocks each repeat is split into to measure its own noise
 NOISE_SIGMAS = 3.0  # a difference within this many standard errors is noise
@@ -103,7 +105,7 @@ class E0Analysis(TrackAnalysis):
                 "check": "greedy token ids identical request by request",
                 "kind": "correctness",
                 "ok": not mismatched,
-                "detail": {"requests_compared": int(len(tokens[ids[0]])) if ids else 0, "mismatches": mismatched[:20]},
+                "detail": {"requests_compared": len(tokens[ids[0]]) if ids else 0, "mismatches": mismatched[:20]},
             }
         )
         done = {c: df[(df["cell_id"] == c) & df["ok"].astype(bool)] for c in ids}
@@ -132,6 +134,40 @@ class E0Analysis(TrackAnalysis):
             "tolerance": tol,
             "checks": checks,
         }
+
+    def headline(self, summary: dict[str, Any]) -> list[Headline]:
+        v = summary.get("verdicts") or {}
+        if not v.get("checks"):
+            return []
+        out = []
+        bad = [c["check"] for c in v["checks"] if c.get("kind", "correctness") == "correctness" and not c["ok"]]
+        tokens = next((c["detail"] for c in v["checks"] if c["check"].startswith("greedy")), None)
+        if bad:
+            out.append(Headline("correctness", "FAIL: " + "; ".join(bad)))
+        elif tokens:
+            out.append(Headline("correctness", f"pass: config, weights and greedy tokens of {tokens['requests_compared']} requests identical"))
+        timing = [c for c in v["checks"] if c.get("kind") == "timing"]
+        if timing:
+            worst = max(timing, key=lambda c: c["detail"]["max_relative_difference"] - c["detail"]["allowed"])
+            d = worst["detail"]
+            out.append(
+                Headline(
+                    "timing",
+                    f"{v.get('timing')}: largest median difference {d['max_relative_difference']:.1%} "
+                    f"({worst['check'].split(' ')[0]}; allowed {d['allowed']:.1%})",
+                )
+            )
+        loads = [c["host_load"] for c in summary.get("cells", {}).values() if c.get("host_load")]
+        if loads:
+            out.append(
+                Headline(
+                    "host load",
+                    f"load average up to {num(max(h['load_avg_1m'] for h in loads))} on {loads[0]['cores']} cores; "
+                    f"other processes up to {max(h['other_processes_cpu_percent'] for h in loads):.0f}% CPU, "
+                    f"steal up to {max(h['cpu_steal_percent'] for h in loads):.1f}%",
+                )
+            )
+        return out
 
     def sections(self, requests: pd.DataFrame, summary: dict[str, Any]) -> list[Section]:
         v = summary.get("verdicts", {})

@@ -13,7 +13,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.tracks.base import Section, TrackAnalysis
+from analysis.formatting import num, pct
+from analysis.tracks.base import Headline, Section, TrackAnalysis
 from workloads.search import bracket
 
 
@@ -108,6 +109,22 @@ class E2Analysis(TrackAnalysis):
             "pareto_ttft_p99": pareto(df, "out_tok_s", "ttft_p99_s"),
             "pareto_tpot_p50": pareto(df, "out_tok_s", "tpot_p50_s"),
         }
+
+    def headline(self, summary: dict[str, Any]) -> list[Headline]:
+        v = summary.get("verdicts") or {}
+        out = []
+        if v.get("capacity_rps"):
+            out.append(Headline("closed-loop capacity", f"{num(v['capacity_rps'])} req/s"))
+        g = v.get("max_rate_goodput")
+        if g:
+            rate = {"bracketed": g["rate_rps"], "above_range": g["rate_rps"]}.get(g["status"])
+            what = f"{num(rate)} req/s" if rate is not None else f"below {num(g['first_failing_rps'])} req/s"
+            cond = f"{g['arrival']}, {pct(g['target_attainment'])} of requests inside every SLO"
+            out.append(Headline("max-rate goodput", f"{what} ({cond}; {g['status'].replace('_', ' ')})"))
+        b = v.get("best_per_request_goodput")
+        if b:
+            out.append(Headline("best per-request goodput", f"{num(b['goodput_rps'])} req/s (cell {b['cell']})"))
+        return out
 
     def sections(self, requests: pd.DataFrame, summary: dict[str, Any]) -> list[Section]:
         v = summary.get("verdicts", {})

@@ -16,7 +16,8 @@ import plotly.graph_objects as go
 
 from analysis.packet import Packet
 from analysis.records import measured
-from analysis.tracks.base import Section, TrackAnalysis
+from analysis.formatting import ms, num
+from analysis.tracks.base import Headline, Section, TrackAnalysis
 from analysis.transfers import ASYNC_TIMES, bytes_vs_analytic, measured_transfers, moving_transfers, with_stall_ratio
 
 MODES = ("aggregated", "disaggregated")
@@ -96,6 +97,31 @@ class E3Analysis(TrackAnalysis):
         else:
             verdict = "identical" if not mismatches else "different"
         return {"verdict": verdict, "checks": checks}
+
+    def headline(self, summary: dict[str, Any]) -> list[Headline]:
+        cells = summary.get("cells", {})
+        metrics = {m: next((c.get("metrics") for c in cells.values() if c.get("serving_mode") == m and c.get("metrics")), None) for m in MODES}
+        out = []
+        if all(metrics.values()):
+            for label, path, fmt, unit in (
+                ("TTFT p50", ("ttft_s", "p50"), ms, " ms"),
+                ("TPOT p50", ("tpot_s", "p50"), ms, " ms"),
+                ("output throughput", ("output_token_throughput_tps",), num, " tok/s"),
+            ):
+                a, d = (_get(metrics[m], path) for m in MODES)
+                ratio = f" (×{d / a:.2f})" if a and d is not None else ""
+                out.append(Headline(f"{label} aggregated → disaggregated", f"{fmt(a)}{unit} → {fmt(d)}{unit}{ratio}"))
+        for c in cells.values():
+            t = c.get("transfers")
+            if t:
+                out.append(
+                    Headline(
+                        "KV transfers",
+                        f"{t['ok']}/{t['transfers']} ok; {num(t['bytes_total'] / 1e6)} MB moved for "
+                        f"{num((t['analytic_bytes_total'] or 0) / 1e6)} MB of analytic KV",
+                    )
+                )
+        return out
 
     def packet_sections(self, packet: Packet) -> list[Section]:
         summary = packet.summary
