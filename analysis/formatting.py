@@ -20,7 +20,7 @@ def num(x: Any) -> str:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return str(x)
     a = abs(x)
-    if isinstance(x, int) or a >= 100:
+    if isinstance(x, int) or a >= 100 or (a >= 10 and float(x).is_integer()):
         return f"{x:,.0f}"
     if a >= 10:
         return f"{x:.1f}"

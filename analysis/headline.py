@@ -24,6 +24,7 @@ def cell_rows(summary: dict[str, Any], latencies: tuple[str, ...] = ("ttft_s", "
         row = {
             "cell": cid,
             "status": c.get("status") or DASH,
+            "mode": c.get("serving_mode") or DASH,
             "requests ok/all": f"{m.get('completed', 0)}/{m.get('requests', 0)}" if m else DASH,
             "req/s": num(m.get("request_throughput_rps")),
             "out tok/s": num(m.get("output_token_throughput_tps")),

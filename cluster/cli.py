@@ -80,7 +80,7 @@ def run(
 ) -> None:
     """Run one track and write its evidence packet (manifest, records, summary, reports)."""
     from cluster.config import ConfigError, load_yaml, resolve
-    from cluster.console import RunDisplay, ray_logs_on, summary_tables
+    from cluster.console import RunDisplay, print_summary, ray_logs_on
     from cluster.driver import Driver, RunOptions
     from cluster.outcome import exit_code
     from cluster.storage import default_out
@@ -122,8 +122,7 @@ def run(
               "or leave out --address for an embedded Ray")
     summary = json.loads((run_dir / "summary.json").read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    for table in summary_tables(summary, manifest):  # stderr: stdout stays the packet's location alone
-        console.print(table)
+    print_summary(console, summary, manifest)  # on stderr: stdout stays the packet's location alone
     if driver.dest.remote:
         console.print(f"packet: {driver.location}  (get it with `pdbench runs pull {driver.location}`)\nstaging copy: {run_dir}")
     else:

@@ -134,6 +134,13 @@ class RunDisplay:
             )
 
 
+def print_summary(console: Console, summary: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """The closing summary; off a terminal (a log file) at full width rather than Rich's 80 columns."""
+    out = console if console.is_terminal else Console(file=console.file, width=max(console.width, 200))
+    for table in summary_tables(summary, manifest):
+        out.print(table)
+
+
 def summary_tables(summary: dict[str, Any], manifest: dict[str, Any]) -> list[Table]:
     """The closing summary: the track's headline numbers, then one row per cell."""
     head = Table(title=f"{str(manifest.get('track', '')).upper()} {manifest.get('run_id', '')}", show_header=False, title_justify="left")

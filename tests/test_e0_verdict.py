@@ -49,7 +49,7 @@ def test_latency_beyond_tolerance_and_noise_is_unstable_timing_not_irreproducibi
     assert v["correctness"] == "pass" and v["timing"] == "unstable"
     bad = [c for c in v["checks"] if not c["ok"]]
     assert bad and all(c["kind"] == "timing" for c in bad)
-    assert any(c["check"].startswith("ttft_s.p50") for c in bad)
+    assert any(c["check"].startswith("TTFT median") for c in bad)
     assert ANALYSIS.verdicts(frame(slow_b=1.1), CELLS, {"tolerance": 0.2})["verdict"] == "reproducible"
 
 
@@ -58,7 +58,7 @@ def test_timing_difference_inside_the_measured_noise_passes():
     quiet = ANALYSIS.verdicts(frame(slow_b=1.3, n=16), CELLS, {"tolerance": 0.2})
     assert quiet["timing"] == "unstable"
     noisy = ANALYSIS.verdicts(frame(slow_b=1.3, n=16, jitter=0.4), CELLS, {"tolerance": 0.2})
-    ttft = next(c for c in noisy["checks"] if c["check"].startswith("ttft_s.p50"))
+    ttft = next(c for c in noisy["checks"] if c["check"].startswith("TTFT median"))
     assert ttft["detail"]["allowed"] > 0.3 and ttft["ok"], ttft
     assert noisy["verdict"] == "reproducible"
 

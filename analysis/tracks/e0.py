@@ -40,12 +40,12 @@ def _median(col: str) -> Callable[[pd.DataFrame], float | None]:
     return get
 
 
-# Medians compared between repeats (name in summary.json → how to compute it from requests).
+# Timing compared between repeats (name in the checks → how to compute it from requests).
 _MEDIANS: dict[str, Callable[[pd.DataFrame], float | None]] = {
-    "output_token_throughput_tps": _throughput,
-    "ttft_s.p50": _median("ttft_s"),
-    "tpot_s.p50": _median("tpot_s"),
-    "e2e_s.p50": _median("e2e_s"),
+    "output token throughput": _throughput,
+    "TTFT median": _median("ttft_s"),
+    "TPOT median": _median("tpot_s"),
+    "E2E median": _median("e2e_s"),
 }
 
 
@@ -121,7 +121,8 @@ class E0Analysis(TrackAnalysis):
                     "check": f"{name} within max({tol:.0%}, measured noise)",
                     "kind": "timing",
                     "ok": worst <= band,
-                    "detail": {"values": values, "max_relative_difference": worst, "noise_relative_se": noise, "allowed": band},
+                    "detail": {"metric": name, "values": values, "max_relative_difference": worst, "noise_relative_se": noise,
+                               "allowed": band},
                 }
             )
         correct = all(c["ok"] for c in checks if c["kind"] == "correctness")
@@ -154,7 +155,7 @@ class E0Analysis(TrackAnalysis):
                 Headline(
                     "timing",
                     f"{v.get('timing')}: largest median difference {d['max_relative_difference']:.1%} "
-                    f"({worst['check'].split(' ')[0]}; allowed {d['allowed']:.1%})",
+                    f"({d.get('metric', worst['check'])}; allowed {d['allowed']:.1%})",
                 )
             )
         loads = [c["host_load"] for c in summary.get("cells", {}).values() if c.get("host_load")]
@@ -241,7 +242,7 @@ def host_load_table(cells: dict[str, Any]) -> pd.DataFrame:
 def _value(name: str, x: Any) -> str:
     if not isinstance(x, (int, float)):
         return "–"
-    return f"{x:.1f} tok/s" if name.startswith("output_token") else f"{x * 1e3:.1f} ms"
+    return f"{x:.1f} tok/s" if name.startswith("output token") else f"{x * 1e3:.1f} ms"
 
 
 def _short(name: str, detail: dict[str, Any]) -> str:
