@@ -15,12 +15,12 @@ from plotly.subplots import make_subplots
 from analysis.records import measured
 
 _TIMELINE_ROWS = 120  # beyond this a Gantt chart stops being readable
-_PALETTE = qualitative.D3 + qualitative.Dark24
+PALETTE = qualitative.D3 + qualitative.Dark24
 
 
 def colours(names: list[str]) -> dict[str, str]:
     """One colour per series name, the same in every panel (sorted names: stable across figures)."""
-    return {n: _PALETTE[i % len(_PALETTE)] for i, n in enumerate(sorted(set(map(str, names))))}
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(sorted(set(map(str, names))))}
 
 
 _CDF_PANELS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL (every gap between tokens)"), ("e2e_s", "E2E"))

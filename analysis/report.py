@@ -153,7 +153,7 @@ def markdown_document(
         lines += [f"## {s.title}", ""] + [x for t in s.text for x in (t, "")]
         if s.table is not None and not s.table.empty:
             lines += [_md_table(s.table), ""]
-    lines += ["| run | |", "|---|---|"]
+    lines += (["## Run", ""] if lead else []) + ["| fact | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in facts.items()]
     for s in secs:
         lines += ["", f"## {s.title}", ""]

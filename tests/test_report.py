@@ -54,7 +54,7 @@ def packet(tmp_path, track="e0"):
 def test_headline_and_workload_come_first_with_readable_units(tmp_path):
     p = packet(tmp_path)
     md = render_markdown(p, sections(p))
-    order = [md.index(t) for t in ("## Headline", "## Workload and SLOs", "| run id |", "## Cells", "## E0 verdict")]
+    order = [md.index(t) for t in ("## Headline", "## Workload and SLOs", "## Run", "| run id |", "## Cells", "## E0 verdict")]
     assert order == sorted(order), "verdict and workload before the run facts and the cells"
     head = md[md.index("## Headline"):md.index("## Workload")]
     assert "| verdict | reproducible |" in head and "correctness" in head and "host load" in head
