@@ -165,7 +165,7 @@ def cell_concurrency(cfg: ExperimentConfig, bundles: list[list[dict[str, float]]
 
 
 def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
-    """Refuse what can never run before any engine starts (DESIGN.md, Reliability)."""
+    """Refuse what can never run before any engine starts."""
     errors = []
     for p in plans:
         if p.mode not in MODES:
