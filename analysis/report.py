@@ -101,26 +101,24 @@ def timeline_cells(summary: dict[str, Any], cells: list[str]) -> list[str]:
 
 
 def lead_sections(packet: Packet) -> list[Section]:
-    """What comes before anything else: the verdict and headline numbers, then the workload and SLOs."""
+    """What comes before anything else: the verdict and headline numbers, the workload and SLOs, the cells."""
     head = pd.DataFrame([{"": h.label, "value": h.value} for h in headlines(packet.summary, packet.manifest)])
+    warn = small_sample_warning(packet.summary)
     return [
         Section(title="Headline", table=head),
         Section(title="Workload and SLOs", table=workload_table(_config(packet), packet.requests, packet.summary)),
-    ]
-
-
-def sections(packet: Packet) -> list[Section]:
-    df = packet.requests
-    warn = small_sample_warning(packet.summary)
-    out = [
         Section(
             title="Cells",
             text=["Measured requests only (warm-up excluded). Latencies in ms; SLO attainment is the share of measured "
                   "requests inside every SLO."] + ([warn] if warn else []),
             table=cell_table(packet.summary),
-        )
+        ),
     ]
-    out += get_analysis(packet.manifest.get("track", "")).packet_sections(packet)
+
+
+def sections(packet: Packet) -> list[Section]:
+    df = packet.requests
+    out = get_analysis(packet.manifest.get("track", "")).packet_sections(packet)
     failed = {c: v.get("error") for c, v in packet.summary.get("cells", {}).items() if v.get("status") != "ok"}
     if failed:
         out.append(Section(title="Failed cells", table=pd.DataFrame([{"cell": c, "reason": r} for c, r in failed.items()])))
@@ -180,7 +178,8 @@ def html_document(
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{e(title)}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}"
+        "th{background:#f2f2f2}"
         ".sim{background:#b00;color:#fff;font-size:2.5em;padding:.4em;text-align:center;font-weight:bold}"
         ".real{background:#064;color:#fff;font-size:1.2em;padding:.3em;text-align:center}</style>",
         f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>"

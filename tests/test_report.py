@@ -54,14 +54,14 @@ def packet(tmp_path, track="e0"):
 def test_headline_and_workload_come_first_with_readable_units(tmp_path):
     p = packet(tmp_path)
     md = render_markdown(p, sections(p))
-    order = [md.index(t) for t in ("## Headline", "## Workload and SLOs", "## Run", "| run id |", "## Cells", "## E0 verdict")]
+    order = [md.index(t) for t in ("## Headline", "## Workload and SLOs", "## Cells", "## Run", "| run id |", "## E0 verdict")]
     assert order == sorted(order), "verdict and workload before the run facts and the cells"
     head = md[md.index("## Headline"):md.index("## Workload")]
     assert "| verdict | reproducible |" in head and "correctness" in head and "host load" in head
     for text in ("uniform 16–128", "closed loop, 4 concurrent users", "≤ 500 ms", "≤ 50 ms", "| SLO: E2E | not checked |",
                  "| warm-up requests per cell | 2 (sent first", "| attainment target (max-rate goodput) | 90.0% |", "| seed | 7 |"):
         assert text in md, text
-    cells = md[md.index("## Cells"):md.index("## E0 verdict")]
+    cells = md[md.index("## Cells"):md.index("## Run")]
     assert "TTFT p50 (ms)" in cells and "| 20 |" in cells and "| 22.0 |" in cells and "100%" in cells and "| 6/6 |" in cells
     assert "Small samples (every cell has 6 measured requests)" in cells
     assert not re.search(r"\bnan\b|\bNone\b|\{'", md)
@@ -110,11 +110,13 @@ def test_e2_colours_offered_vs_achieved_and_no_raw_names():
     summary = {"cells": cells, "verdicts": a.verdicts(pd.DataFrame(), cells, {"search": {"enabled": False}})}
     req = pd.DataFrame([{"cell_id": c, "warmup": False, "t_sent": i / 2.0} for c in cells for i in range(5)])
     secs = {s.title: s for s in a.sections(req, summary)}
-    for fig in (secs["E2: throughput–latency"].figures[0], secs["E2: SLO attainment vs rate"].figures[0]):
-        by_name: dict[str, set] = {}
-        for t in fig.data:
-            by_name.setdefault(t.name, set()).add(t.line.color)
-        assert all(len(c) == 1 for c in by_name.values()), by_name
+    by_name: dict[str, set] = {}
+    for title in ("E2: throughput–latency", "E2: SLO attainment vs rate", "E2: offered vs achieved load"):
+        for t in secs[title].figures[0].data:
+            if t.name != "achieved = offered":
+                by_name.setdefault(t.name.split(" ")[0], set()).add(t.marker.color)
+    assert set(by_name) == {"closed", "poisson", "gamma0.25"}
+    assert all(len(c) == 1 for c in by_name.values()), "a series has one colour in every panel of every figure"
     load = offered_vs_achieved(points(cells), req)
     assert list(load["sent (req/s)"]) == [2.0] * 4 and list(load["offered (req/s)"]) == [2.0, 4.0, 2.0, 4.0]
     goodput = secs["E2: goodput"].table

@@ -155,7 +155,7 @@ class E2Analysis(TrackAnalysis):
                     table=load.drop(columns=["series"]).assign(
                         **{c: load[c].map(num) for c in ("offered (req/s)", "sent (req/s)", "completed (req/s)")}
                     ),
-                    figures=[offered_figure(load)],
+                    figures=[offered_figure(load, series_colours(df))],
                 )
             )
         return out
@@ -219,7 +219,7 @@ class E2Analysis(TrackAnalysis):
     @staticmethod
     def _curves(df: pd.DataFrame, v: dict[str, Any]) -> go.Figure:
         fig = make_subplots(rows=1, cols=2, subplot_titles=("TTFT p99 (ms)", "TPOT p50 (ms)"))
-        colour = colours(list(df["series"].dropna().astype(str)))
+        colour = series_colours(df)
         for col, (key, front) in enumerate((("ttft_p99_s", v.get("pareto_ttft_p99", [])), ("tpot_p50_s", v.get("pareto_tpot_p50", []))), 1):
             for name, g in df.dropna(subset=["out_tok_s"]).groupby("series", sort=True):
                 g = g.sort_values("out_tok_s")
@@ -240,7 +240,7 @@ class E2Analysis(TrackAnalysis):
     def _attainment(df: pd.DataFrame) -> go.Figure:
         fig = make_subplots(rows=1, cols=2, subplot_titles=("SLO attainment (%)", "per-request goodput (req/s)"))
         open_ = df[df["rate"].notna()]
-        colour = colours(list(df["series"].dropna().astype(str)))
+        colour = series_colours(df)
         for name, g in open_.groupby("series", sort=True):
             g = g.sort_values("rate")
             style = {"line": {"color": colour[str(name)]}, "marker": {"color": colour[str(name)]}}
@@ -279,9 +279,13 @@ def offered_vs_achieved(df: pd.DataFrame, requests: pd.DataFrame) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def offered_figure(load: pd.DataFrame) -> go.Figure:
+def series_colours(df: pd.DataFrame) -> dict[str, str]:
+    """One colour per series (closed loop, each arrival process) across every E2 figure."""
+    return colours(list(df["series"].dropna().astype(str)))
+
+
+def offered_figure(load: pd.DataFrame, colour: dict[str, str]) -> go.Figure:
     fig = go.Figure()
-    colour = colours(list(load["series"].astype(str)))
     for name, g in load.groupby("series", sort=True):
         c = colour[str(name)]
         fig.add_trace(go.Scatter(x=g["offered (req/s)"], y=g["completed (req/s)"], mode="lines+markers", name=f"{name} completed",
