@@ -16,6 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,  # plain click help: flags without `<bool>` metavars, `[vllm]` kept as typed
+    context_settings={"max_content_width": 160},  # click would wrap at 80 columns whatever the terminal
 )
 console = Console(stderr=True)
 
@@ -46,7 +47,7 @@ class EngineKind(str, Enum):
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)  # escaped: keeps `[vllm]`
     raise typer.Exit(code)
 
 

@@ -12,21 +12,18 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from analysis.headline import cell_rows, headlines
+
+if TYPE_CHECKING:  # the driver imports Ray; the display needs only its dataclasses' shape
+    from cluster.driver import CellState, RunProgress
 
 PLAIN_INTERVAL_S = 10.0
 _TERMINAL_COLUMNS = ("req/s", "out tok/s", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)",
@@ -62,7 +59,7 @@ def ray_logs_on(console: Console) -> Iterator[None]:
         logger.handlers, logger.propagate = saved
 
 
-def _cell_line(c: Any) -> str:
+def _cell_line(c: CellState) -> str:
     if c.state == "running" and c.requests_done == 0:
         return f"{c.cell_id}: starting engines"
     return f"{c.cell_id}: {c.state} {c.requests_done}/{c.requests_total}"
@@ -114,7 +111,7 @@ class RunDisplay:
         else:
             self._plain(text)
 
-    def update(self, p: Any) -> None:
+    def update(self, p: RunProgress) -> None:
         running = [c for c in p.cells if c.state == "running"]
         status = ", ".join(_cell_line(c) for c in running[:3]) + (" …" if len(running) > 3 else "")
         if self._bar is not None:

@@ -42,7 +42,7 @@ def test_vllm_refused_where_missing(tmp_path):
     if importlib.util.find_spec("vllm") is not None:  # a GPU node: the refusal does not apply
         return
     res = runner.invoke(app, ["run", "e0", "--engine", "vllm", "--out", str(tmp_path)], env={"COLUMNS": "200"})
-    assert res.exit_code == 2 and "engine.kind" in res.output and "vllm" in res.output
+    assert res.exit_code == 2 and "engine.kind" in res.output and "pip install -e '.[vllm]'" in res.output
 
 
 def test_version():
