@@ -3,6 +3,7 @@ track's headline numbers, and one formatted row per cell."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pandas as pd
@@ -15,11 +16,16 @@ def _q(m: dict[str, Any], key: str, q: str) -> Any:
     return (m.get(key) or {}).get(q)
 
 
+def natural_key(cell_id: str) -> list[Any]:
+    """poisson-r8.961 before poisson-r17.92: numbers inside cell ids compare as numbers."""
+    return [float(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+(?:\.\d+)?)", cell_id))]
+
+
 def cell_rows(summary: dict[str, Any], latencies: tuple[str, ...] = ("ttft_s", "tpot_s", "itl_s", "e2e_s")) -> pd.DataFrame:
     """One row per cell, every value a formatted string: rates, latencies (ms), SLO attainment (%)."""
     names = {"ttft_s": "TTFT", "tpot_s": "TPOT", "itl_s": "ITL", "e2e_s": "E2E"}
     rows = []
-    for cid, c in sorted(summary.get("cells", {}).items()):
+    for cid, c in sorted(summary.get("cells", {}).items(), key=lambda kv: natural_key(kv[0])):
         m = c.get("metrics") or {}
         row = {
             "cell": cid,

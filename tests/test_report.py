@@ -131,3 +131,10 @@ def test_e3_evidence_is_prose_and_counts_explain_the_warm_up():
     assert evidence({"aggregated": 0, "disaggregated": 1}, {"aggregated": 8, "disaggregated": 8}) == \
         "aggregated: 0 failed of 8, disaggregated: 1 failed of 8"
     assert evidence({"exact": 6, "within_padding": 2, "outside": 0}, {}) == "6 exact, 2 within block padding, 0 outside"
+
+
+def test_cells_sort_by_the_numbers_in_their_ids():
+    from analysis.headline import cell_rows
+
+    cells = {c: {"status": "ok", "metrics": {}} for c in ("poisson-r26.88", "poisson-r8.961", "closed-c16", "closed-c4", "poisson-r17.92")}
+    assert list(cell_rows({"cells": cells})["cell"]) == ["closed-c4", "closed-c16", "poisson-r8.961", "poisson-r17.92", "poisson-r26.88"]
