@@ -53,3 +53,22 @@ def headlines(summary: dict[str, Any], manifest: dict[str, Any]) -> list[Headlin
         out.append(Headline("verdict", str(verdict)))
     out += get_analysis(str(manifest.get("track", ""))).headline(summary)
     return out
+
+
+def host_load_rows(summary: dict[str, Any]) -> pd.DataFrame:
+    """How busy the driver's host was during each cell (cluster/hostload.py): why timing may have moved."""
+    rows = []
+    for cid, c in sorted(summary.get("cells", {}).items(), key=lambda kv: natural_key(kv[0])):
+        h = c.get("host_load")
+        if h:
+            rows.append(
+                {
+                    "cell": cid,
+                    "cores": h["cores"],
+                    "load avg (1 min)": f"{h['load_avg_1m']:.2f}",
+                    "CPU busy": f"{h['cpu_busy_percent']:.0f}%",
+                    "CPU steal": f"{h['cpu_steal_percent']:.1f}%",
+                    "CPU of other processes": f"{h['other_processes_cpu_percent']:.0f}%",
+                }
+            )
+    return pd.DataFrame(rows)

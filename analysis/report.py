@@ -15,7 +15,7 @@ import yaml
 
 from analysis import plots
 from analysis.formatting import cell as fmt_cell
-from analysis.headline import cell_rows, headlines
+from analysis.headline import cell_rows, headlines, host_load_rows
 from analysis.packet import Packet, write_text
 from analysis.tracks import Section, get_analysis
 from analysis.workload import workload_table
@@ -112,6 +112,13 @@ def lead_sections(packet: Packet) -> list[Section]:
             text=["Measured requests only (warm-up excluded). Latencies in ms; SLO attainment is the share of measured "
                   "requests inside every SLO."] + ([warn] if warn else []),
             table=cell_table(packet.summary),
+        ),
+        Section(
+            title="Host load",
+            text=["Measured on the driver's host over each cell (psutil): load average, CPU stolen by the hypervisor, "
+                  "and CPU used by processes that are not this run's. A busy host slows requests without anything "
+                  "being wrong with the engine."],
+            table=host_load_rows(packet.summary),
         ),
     ]
 

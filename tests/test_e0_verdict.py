@@ -63,16 +63,18 @@ def test_timing_difference_inside_the_measured_noise_passes():
     assert noisy["verdict"] == "reproducible"
 
 
-def test_report_separates_correctness_timing_and_host_load():
+def test_report_and_headline_separate_correctness_timing_and_host_load():
     v = ANALYSIS.verdicts(frame(slow_b=1.5), CELLS, {"tolerance": 0.2})
     load = {"cores": 2, "wall_s": 9.0, "load_avg_1m": 3.5, "cpu_busy_percent": 99.0, "cpu_steal_percent": 1.5,
             "other_processes_cpu_percent": 61.0}
     summary = {"verdicts": v, "cells": {c: {"host_load": load} for c in CELLS}}
     secs = ANALYSIS.sections(frame(), summary)
-    assert [s.title for s in secs] == ["E0 verdict: reproducible, timing unstable", "E0 timing: unstable", "Host load per repeat"]
+    assert [s.title for s in secs] == ["E0 verdict: reproducible, timing unstable", "E0 timing: unstable"]
     assert set(secs[0].table["result"]) == {"pass"}
     assert "ms" in secs[1].table["evidence"].iloc[1] and "{" not in "".join(secs[1].table["evidence"])
-    assert secs[2].table.iloc[0]["CPU of other processes"] == "61%" and secs[2].table.iloc[0]["load avg (1 min)"] == "3.50"
+    head = {h.label: h.value for h in ANALYSIS.headline(summary)}
+    assert head["correctness"].startswith("pass") and head["timing"].startswith("unstable")
+    assert head["host load"] == "load average up to 3.50 on 2 cores; other processes up to 61% CPU, steal up to 1.5%"
 
 
 def test_config_hash_mismatch_fails():

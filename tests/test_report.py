@@ -61,9 +61,11 @@ def test_headline_and_workload_come_first_with_readable_units(tmp_path):
     for text in ("uniform 16–128", "closed loop, 4 concurrent users", "≤ 500 ms", "≤ 50 ms", "| SLO: E2E | not checked |",
                  "| warm-up requests per cell | 2 (sent first", "| attainment target (max-rate goodput) | 90.0% |", "| seed | 7 |"):
         assert text in md, text
-    cells = md[md.index("## Cells"):md.index("## Run")]
+    cells = md[md.index("## Cells"):md.index("## Host load")]
     assert "TTFT p50 (ms)" in cells and "| 20 |" in cells and "| 22.0 |" in cells and "100%" in cells and "| 6/6 |" in cells
     assert "Small samples (every cell has 6 measured requests)" in cells
+    load = md[md.index("## Host load"):md.index("## Run")]
+    assert "| rep0 | 2 | 1.50 | 80% | 0.0% | 20% |" in load
     assert not re.search(r"\bnan\b|\bNone\b|\{'", md)
 
 

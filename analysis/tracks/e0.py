@@ -202,42 +202,13 @@ class E0Analysis(TrackAnalysis):
                     text=[
                         f"Medians between repeats may differ by the larger of {v['tolerance']:.0%} and the noise each "
                         f"repeat measured itself ({NOISE_SIGMAS:g} standard errors of the difference, from "
-                        f"{NOISE_BLOCKS} blocks of requests per repeat). The host load below says whether other "
+                        f"{NOISE_BLOCKS} blocks of requests per repeat). The host load table (with the cells) says whether other "
                         "work on the machine moved the timing."
                     ],
                     table=timing,
                 )
             )
-        load = host_load_table(cells)
-        if not load.empty:
-            out.append(
-                Section(
-                    title="Host load per repeat",
-                    text=["Measured on the driver's host over each repeat (psutil): load average, CPU stolen by the "
-                          "hypervisor, and CPU used by processes that are not this run's."],
-                    table=load,
-                )
-            )
         return out
-
-
-def host_load_table(cells: dict[str, Any]) -> pd.DataFrame:
-    rows = []
-    for cid, c in sorted(cells.items()):
-        h = c.get("host_load")
-        if not h:
-            continue
-        rows.append(
-            {
-                "cell": cid,
-                "cores": h["cores"],
-                "load avg (1 min)": f"{h['load_avg_1m']:.2f}",
-                "CPU busy": f"{h['cpu_busy_percent']:.0f}%",
-                "CPU steal": f"{h['cpu_steal_percent']:.1f}%",
-                "CPU of other processes": f"{h['other_processes_cpu_percent']:.0f}%",
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 def _value(name: str, x: Any) -> str:
