@@ -46,6 +46,9 @@ class EngineKind(str, Enum):
     vllm = "vllm"
 
 
+_NO_CLUSTER = "--address {address}: no reachable Ray cluster; start one with `ray start --head`, or leave out --address for an embedded Ray"
+
+
 def _fail(msg: str, code: int = 2) -> None:
     console.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)  # escaped: keeps `[vllm]`
     raise typer.Exit(code)
@@ -118,9 +121,8 @@ def run(
                 run_dir = driver.run()
     except ConfigError as e:
         _fail(str(e))
-    except ConnectionError as e:  # --address with no reachable cluster
-        _fail(f"--address {address}: no reachable Ray cluster ({type(e).__name__}); start one with `ray start --head`, "
-              "or leave out --address for an embedded Ray")
+    except ConnectionError:  # --address with no reachable cluster
+        _fail(_NO_CLUSTER.format(address=address))
     summary = json.loads((run_dir / "summary.json").read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text())
     print_summary(console, summary, manifest)  # on stderr: stdout stays the packet's location alone
@@ -185,7 +187,10 @@ def serve(
         _fail(str(e))
     if not is_loopback(host):
         console.print(f"[bold yellow]warning:[/] listening on {host}: anyone who reaches it can use the engines (no authentication)")
-    ray_env.connect(address)
+    try:
+        ray_env.connect(address)
+    except ConnectionError:
+        _fail(_NO_CLUSTER.format(address=address))
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt

@@ -124,3 +124,5 @@ def test_address_without_a_reachable_cluster_is_one_line(tmp_path, monkeypatch):
     assert res.exit_code == 2
     assert "--address auto: no reachable Ray cluster" in res.output and "Traceback" not in res.output
     assert res.output.count("error:") == 1 and "Could not find" not in res.output, res.output
+    res = runner.invoke(app, ["serve", "--address", "auto"], env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and "--address auto: no reachable Ray cluster" in res.output and "Traceback" not in res.output
