@@ -15,21 +15,32 @@ import plotly.graph_objects as go
 import yaml
 
 from analysis.packet import Packet, load_packet, write_json, write_text
+from analysis.plots import PALETTE
 from analysis.report import html_document, markdown_document
 from analysis.tracks.base import Section
 
-# summary.json name → (column title, how to read it from a cell's metrics)
+def _ms(key: str, q: str) -> Any:
+    return lambda m: None if (v := (m.get(key) or {}).get(q)) is None else v * 1e3
+
+
+def _pct(key: str) -> Any:
+    return lambda m: None if m.get(key) is None else m[key] * 100
+
+
+# summary.json name → (column title with its unit, how to read it from a cell's metrics)
 METRICS: dict[str, tuple[str, Any]] = {
     "request_throughput_rps": ("req/s", lambda m: m.get("request_throughput_rps")),
     "output_token_throughput_tps": ("out tok/s", lambda m: m.get("output_token_throughput_tps")),
-    "ttft_s.p50": ("TTFT p50 s", lambda m: (m.get("ttft_s") or {}).get("p50")),
-    "ttft_s.p99": ("TTFT p99 s", lambda m: (m.get("ttft_s") or {}).get("p99")),
-    "tpot_s.p50": ("TPOT p50 s", lambda m: (m.get("tpot_s") or {}).get("p50")),
-    "tpot_s.p99": ("TPOT p99 s", lambda m: (m.get("tpot_s") or {}).get("p99")),
-    "e2e_s.p50": ("E2E p50 s", lambda m: (m.get("e2e_s") or {}).get("p50")),
-    "slo_attainment": ("SLO attainment", lambda m: m.get("slo_attainment")),
+    "ttft_s.p50": ("TTFT p50 (ms)", _ms("ttft_s", "p50")),
+    "ttft_s.p99": ("TTFT p99 (ms)", _ms("ttft_s", "p99")),
+    "tpot_s.p50": ("TPOT p50 (ms)", _ms("tpot_s", "p50")),
+    "tpot_s.p99": ("TPOT p99 (ms)", _ms("tpot_s", "p99")),
+    "itl_s.p50": ("ITL p50 (ms)", _ms("itl_s", "p50")),
+    "e2e_s.p50": ("E2E p50 (ms)", _ms("e2e_s", "p50")),
+    "slo_attainment": ("SLO attainment (%)", _pct("slo_attainment")),
     "goodput_rps": ("goodput req/s", lambda m: m.get("goodput_rps")),
 }
+CHARTS = ("out tok/s", "req/s", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "E2E p50 (ms)", "SLO attainment (%)")
 
 
 class MixedModes(ValueError):
@@ -55,14 +66,34 @@ def _gpus(p: Packet) -> int:
     return sum(n.get("gpu", {}).get("count", 0) for n in p.manifest.get("hardware", {}).get("nodes", []))
 
 
+def _distinguishing(p: Packet) -> dict[str, str]:
+    m = p.manifest
+    n, g = _nodes(p), _gpus(p)
+    return {
+        "track": str(m.get("track")),
+        "nodes": f"{n} node{'s' if n > 1 else ''}",
+        "gpus": f"{g} GPU{'s' if g != 1 else ''}",
+        "engine": "SIMULATED" if p.simulated else str(m.get("engine")),
+        "model": str((m.get("model") or {}).get("name")),
+        "git": str((m.get("versions") or {}).get("pdbench_git_sha"))[:7],
+    }
+
+
 def labels(packets: list[Packet]) -> list[str]:
-    """Short, unique run labels: a letter, the node count, and SIMULATED where it applies."""
+    """Short, unique run labels: a letter, then what tells the runs apart (track, nodes, GPUs,
+    engine, model, commit: only those that differ), else the run id; SIMULATED where it applies."""
+    facts = [_distinguishing(p) for p in packets]
+    differ = [k for k in facts[0] if len({f[k] for f in facts}) > 1] if facts else []
     out = []
-    for i, p in enumerate(packets):
-        lab = f"{chr(ord('A') + i) if i < 26 else i}: {_nodes(p)} node{'s' if _nodes(p) > 1 else ''}"
-        if p.simulated:
+    for i, (p, f) in enumerate(zip(packets, facts)):
+        what = ", ".join(f[k] for k in differ)
+        run_id = str(p.manifest.get("run_id"))
+        lab = f"{chr(ord('A') + i) if i < 26 else i}: {what or run_id}"
+        if p.simulated and "SIMULATED" not in lab:
             lab += " SIMULATED"
         out.append(lab)
+    if len(set(out)) < len(out):  # same facts, e.g. two repeats of one config: the run ids tell them apart
+        out = [f"{lab} ({p.manifest.get('run_id')})" for lab, p in zip(out, packets)]
     return out
 
 
@@ -152,10 +183,16 @@ def verdicts_table(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
 def _figure(table: pd.DataFrame, labs: list[str], metric: str) -> go.Figure:
     fig = go.Figure()
     t = table[table["metric"] == metric]
+    colour = dict(zip(labs, colours_in_order(len(labs))))
     for lab in labs:
-        fig.add_trace(go.Bar(x=t["cell"], y=t[lab], name=lab))
+        fig.add_trace(go.Bar(x=t["cell"], y=t[lab], name=lab, marker_color=colour[lab]))
     fig.update_layout(barmode="group", title=f"{metric} per cell", height=400)
     return fig
+
+
+def colours_in_order(n: int) -> list[str]:
+    """Run A, B, C... keep one colour each across every chart."""
+    return [PALETTE[i % len(PALETTE)] for i in range(n)]
 
 
 def compare(run_dirs: list[Path], out_dir: Path, allow_simulated: bool = False) -> Path:
@@ -170,7 +207,7 @@ def compare(run_dirs: list[Path], out_dir: Path, allow_simulated: bool = False) 
     table = side_by_side(packets, labs)
     verdicts = verdicts_table(packets, labs)
     tracks = sorted({str(p.manifest.get("track")) for p in packets})
-    text = ["Ratios are to run A. Cells are matched by cell id; a cell a run lacks is empty."]
+    text = ["Ratios are to run A. Cells are matched by cell id; a cell a run lacks shows –."]
     if len(tracks) > 1:
         text.append(f"These runs are of different tracks ({', '.join(tracks)}): only cells with the same id line up.")
     sim = any(p.simulated for p in packets)
@@ -178,13 +215,13 @@ def compare(run_dirs: list[Path], out_dir: Path, allow_simulated: bool = False) 
         text.insert(0, "Includes SIMULATED runs (analytic latency law, no engine): their numbers are not measurements.")
     secs = [
         Section(title="Runs", table=runs),
-        Section(title="Config differences", text=[] if not diffs.empty else ["None: the configs are identical."], table=diffs),
+        Section(title="Config differences", text=[] if not diffs.empty else ["No differences: the configs are identical."], table=diffs),
         Section(title="Run-level results", table=verdicts),
         Section(
             title="Cells side by side",
             text=text,
             table=table,
-            figures=[_figure(table, labs, m) for m in ("out tok/s", "TTFT p99 s") if not table.empty and (table["metric"] == m).any()],
+            figures=[_figure(table, labs, m) for m in CHARTS if not table.empty and (table["metric"] == m).any()],
         ),
     ]
     facts = {"runs": len(packets), "tracks": ", ".join(tracks), "modes": ", ".join(sorted({str(p.manifest.get('mode')) for p in packets}))}

@@ -1,26 +1,55 @@
-"""Plotly figures every report has: latency distributions, request timeline, throughput."""
+"""Plotly figures every report has: latency percentile curves, request timelines, throughput.
+
+A series (a cell, an arrival process) keeps one colour in every panel of a figure: colours are
+assigned by name, never by the order traces happen to be added in.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from analysis.records import measured
 
 _TIMELINE_ROWS = 120  # beyond this a Gantt chart stops being readable
+PALETTE = qualitative.D3 + qualitative.Dark24
 
 
-def latency_distributions(df: pd.DataFrame) -> go.Figure:
+def colours(names: list[str]) -> dict[str, str]:
+    """One colour per series name, the same in every panel (sorted names: stable across figures)."""
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(sorted(set(map(str, names))))}
+
+
+_CDF_PANELS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL (every gap between tokens)"), ("e2e_s", "E2E"))
+
+
+def latency_cdfs(df: pd.DataFrame) -> go.Figure:
+    """Percentile curves of TTFT, TPOT, ITL and E2E per cell: where p50, p90, p99 sit, and the tail."""
     df = measured(df)
     df = df[df["ok"].astype(bool)]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("TTFT (ms)", "TPOT (ms)"))
-    for cell, g in df.groupby("cell_id", sort=True):
-        fig.add_trace(go.Box(y=g["ttft_s"] * 1e3, name=str(cell), boxpoints="all", legendgroup=str(cell)), 1, 1)
-        fig.add_trace(
-            go.Box(y=g["tpot_s"] * 1e3, name=str(cell), boxpoints="all", legendgroup=str(cell), showlegend=False), 1, 2
-        )
-    fig.update_layout(title="Latency distributions per cell", height=420)
+    cells = sorted(df["cell_id"].astype(str).unique())
+    colour = colours(cells)
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[f"{t} (ms)" for _, t in _CDF_PANELS], vertical_spacing=0.14)
+    for i, (col, _title) in enumerate(_CDF_PANELS):
+        r, c = divmod(i, 2)
+        for cell in cells:
+            g = df[df["cell_id"].astype(str) == cell]
+            vals = [x for gaps in g[col] for x in gaps] if col == "itl_s" else list(g[col].dropna())
+            if not vals:
+                continue
+            x = np.sort(np.asarray(vals, dtype="float64")) * 1e3
+            y = np.arange(1, len(x) + 1) / len(x) * 100
+            fig.add_trace(
+                go.Scatter(x=x, y=y, mode="lines", line={"shape": "hv", "color": colour[cell]}, name=cell, legendgroup=cell,
+                           showlegend=i == 0, hovertemplate="%{x:.1f} ms: p%{y:.0f}<extra>" + cell + "</extra>"),
+                r + 1, c + 1,
+            )
+        fig.update_xaxes(title_text="ms", row=r + 1, col=c + 1)
+        fig.update_yaxes(title_text="percentile", range=[0, 100], row=r + 1, col=c + 1)
+    fig.update_layout(title="Latency percentile curves (CDF) per cell, measured requests", height=640)
     return fig
 
 
@@ -50,7 +79,8 @@ def timeline(df: pd.DataFrame, cell_id: str) -> go.Figure:
             fig.add_trace(go.Bar(y=y, x=width, base=base, orientation="h", name=name, marker_color=color))
         base = base + width
     fig.update_layout(
-        title=f"Request timeline, cell {cell_id} (seconds since the measured phase began)",
+        title=f"Request timeline, cell {cell_id} (seconds since the measured phase began"
+        + (f"; first {_TIMELINE_ROWS} of {len(m[m['cell_id'] == cell_id])} requests)" if len(g) == _TIMELINE_ROWS else ")"),
         barmode="overlay",
         height=max(300, 14 * len(g) + 120),
         yaxis={"autorange": "reversed", "title": "request"},
@@ -63,10 +93,12 @@ def throughput(df: pd.DataFrame) -> go.Figure:
     """Cumulative output tokens over time, one line per cell; the slope is token throughput."""
     df = measured(df)
     fig = go.Figure()
+    colour = colours(list(df["cell_id"].astype(str).unique()))
     for cell, g in df[df["ok"].astype(bool)].groupby("cell_id", sort=True):
         g = g.sort_values("t_last_token")
         fig.add_trace(
-            go.Scatter(x=g["t_last_token"], y=g["output_tokens"].cumsum(), mode="lines+markers", name=str(cell))
+            go.Scatter(x=g["t_last_token"], y=g["output_tokens"].cumsum(), mode="lines+markers", name=str(cell),
+                       line={"color": colour[str(cell)]})
         )
     fig.update_layout(title="Cumulative output tokens", xaxis_title="s", yaxis_title="tokens", height=380)
     return fig

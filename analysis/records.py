@@ -1,4 +1,4 @@
-"""Raw load-generator records → the `requests.parquet` schema of DESIGN.md.
+"""Raw load-generator records → the `requests.parquet` schema (docs/metrics.md).
 
 Derived columns are computed here, once, from one process's clock at a time: client times come
 from the load generator, server durations from the engine's own process.

@@ -11,108 +11,171 @@ from typing import Any
 
 import pandas as pd
 import plotly.offline
+import yaml
 
 from analysis import plots
+from analysis.formatting import cell as fmt_cell
+from analysis.headline import cell_rows, headlines, host_load_rows
 from analysis.packet import Packet, write_text
 from analysis.tracks import Section, get_analysis
+from analysis.workload import workload_table
 
-_FACTS = ("run_id", "track", "mode", "engine", "serving_modes", "model", "config_hash", "status")
+SMALL_SAMPLE = 100  # below this many requests a p99 is one of the largest two values
+MAX_TIMELINES = 6  # cells with a timeline figure; more are sampled across the load range
 
 
 def _fmt(x: Any) -> str:
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return "" if x is None else str(x)
+    return fmt_cell(x)
 
 
 def _md_table(df: pd.DataFrame) -> str:
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |")
+        lines.append("| " + " | ".join(_fmt(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |")
     return "\n".join(lines)
 
 
-def _ms(d: dict | None, key: str) -> float | None:
-    return None if not d or d.get(key) is None else d[key] * 1e3
-
-
 def cell_table(summary: dict[str, Any]) -> pd.DataFrame:
-    rows = []
-    for cid, cell in sorted(summary.get("cells", {}).items()):
-        m = cell.get("metrics") or {}
-        rows.append(
-            {
-                "cell": cid,
-                "status": cell.get("status"),
-                "mode": cell.get("serving_mode"),
-                "requests ok/all": f"{m.get('completed', 0)}/{m.get('requests', 0)}",
-                "req/s": m.get("request_throughput_rps"),
-                "out tok/s": m.get("output_token_throughput_tps"),
-                "TTFT p50 ms": _ms(m.get("ttft_s"), "p50"),
-                "TTFT p99 ms": _ms(m.get("ttft_s"), "p99"),
-                "TPOT p50 ms": _ms(m.get("tpot_s"), "p50"),
-                "TPOT p99 ms": _ms(m.get("tpot_s"), "p99"),
-                "E2E p50 ms": _ms(m.get("e2e_s"), "p50"),
-                "SLO att.": m.get("slo_attainment"),
-                "goodput req/s": m.get("goodput_rps"),
-            }
-        )
-    return pd.DataFrame(rows)
+    """Per-cell numbers as a reader wants them: rates, latencies in ms, attainment in %."""
+    return cell_rows(summary)
+
+
+def small_sample_warning(summary: dict[str, Any]) -> str | None:
+    small = {c: (v.get("metrics") or {}).get("completed", 0) for c, v in sorted(summary.get("cells", {}).items()) if v.get("metrics")}
+    small = {c: n for c, n in small.items() if n < SMALL_SAMPLE}
+    if not small:
+        return None
+    sizes = sorted(set(small.values()))
+    if len(sizes) == 1:
+        listed = f"{'every cell has' if len(small) == len(summary.get('cells', {})) else ', '.join(small) + ':'} {sizes[0]}"
+    else:
+        listed = ", ".join(f"{c}: {n}" for c, n in list(small.items())[:8]) + (" …" if len(small) > 8 else "")
+    return (
+        f"Small samples ({listed} measured requests): with fewer than {SMALL_SAMPLE} requests a p99 is interpolated "
+        "between the one or two largest values, close to the maximum. Read it as the worst request, not a stable tail."
+    )
 
 
 def _facts(packet: Packet) -> dict[str, Any]:
     m = packet.manifest
     return {
-        "run_id": m.get("run_id"),
+        "run id": m.get("run_id"),
         "track": m.get("track"),
         "mode": m.get("mode"),
         "engine": m.get("engine"),
-        "serving_modes": ", ".join(m.get("serving_modes", [])),
-        "model": f"{m.get('model', {}).get('name')} (arch {str(m.get('model', {}).get('architecture_hash'))[:12]})",
-        "config_hash": m.get("config_hash"),
+        "serving modes": ", ".join(m.get("serving_modes", [])),
+        "model": _model(m.get("model") or {}),
+        "config hash": m.get("config_hash"),
         "status": m.get("status"),
-        "git": f"{m.get('versions', {}).get('pdbench_git_sha')} dirty={m.get('versions', {}).get('pdbench_git_dirty')}",
+        "git": _git(m.get("versions") or {}),
         "hardware": m.get("hardware", {}).get("summary"),
         "started": m.get("started_at"),
         "ended": m.get("ended_at"),
     }
 
 
+def _model(model: dict[str, Any]) -> str | None:
+    arch = model.get("architecture_hash")
+    return f"{model.get('name')}" + (f" (architecture hash {str(arch)[:12]})" if arch else "") if model.get("name") else None
+
+
+def _git(v: dict[str, Any]) -> str | None:
+    sha = v.get("pdbench_git_sha")
+    return f"{sha}{' (modified)' if v.get('pdbench_git_dirty') else ''}" if sha else None
+
+
+def _config(packet: Packet) -> dict[str, Any]:
+    f = packet.root / "config.yaml"
+    return (yaml.safe_load(f.read_text()) or {}) if f.is_file() else {}
+
+
+def timeline_cells(summary: dict[str, Any], cells: list[str]) -> list[str]:
+    """Every cell when few; else cells spread from the least to the most loaded (by request rate)."""
+    if len(cells) <= MAX_TIMELINES:
+        return cells
+    rate = {c: ((summary.get("cells", {}).get(c) or {}).get("metrics") or {}).get("request_throughput_rps") or 0.0 for c in cells}
+    ordered = sorted(cells, key=lambda c: (rate[c], c))
+    step = (len(ordered) - 1) / (MAX_TIMELINES - 1)
+    return [ordered[round(i * step)] for i in range(MAX_TIMELINES)]
+
+
+def lead_sections(packet: Packet) -> list[Section]:
+    """What comes before anything else: the verdict and headline numbers, the workload and SLOs, the cells."""
+    head = pd.DataFrame([{"": h.label, "value": h.value} for h in headlines(packet.summary, packet.manifest)])
+    warn = small_sample_warning(packet.summary)
+    return [
+        Section(title="Headline", table=head),
+        Section(title="Workload and SLOs", table=workload_table(_config(packet), packet.requests, packet.summary)),
+        Section(
+            title="Cells",
+            text=["Measured requests only (warm-up excluded). Latencies in ms; SLO attainment is the share of measured "
+                  "requests inside every SLO."] + ([warn] if warn else []),
+            table=cell_table(packet.summary),
+        ),
+        Section(
+            title="Host load",
+            text=["Measured on the driver's host over each cell (psutil): load average, CPU stolen by the hypervisor, "
+                  "and CPU used by processes that are not this run's. A busy host slows requests without anything "
+                  "being wrong with the engine."],
+            table=host_load_rows(packet.summary),
+        ),
+    ]
+
+
 def sections(packet: Packet) -> list[Section]:
     df = packet.requests
     out = get_analysis(packet.manifest.get("track", "")).packet_sections(packet)
-    out.append(Section(title="Cells", table=cell_table(packet.summary)))
     failed = {c: v.get("error") for c, v in packet.summary.get("cells", {}).items() if v.get("status") != "ok"}
     if failed:
         out.append(Section(title="Failed cells", table=pd.DataFrame([{"cell": c, "reason": r} for c, r in failed.items()])))
     if not df.empty:
-        figs = [plots.latency_distributions(df), plots.throughput(df)]
-        first = sorted(df["cell_id"].unique())[0]
-        figs.append(plots.timeline(df, first))
+        out.append(Section(title="Latency percentiles", text=["Each curve is one cell: the share of requests (y) at or "
+                                                               "below a latency (x). ITL counts every gap between tokens."],
+                           figures=[plots.latency_cdfs(df)]))
+        out.append(Section(title="Throughput", figures=[plots.throughput(df)]))
+        cells = timeline_cells(packet.summary, sorted(df["cell_id"].astype(str).unique()))
+        out.append(
+            Section(
+                title="Request timelines",
+                text=[f"One Gantt chart per cell ({', '.join(cells)}): TTFT split into the engine's own stages, then decode."],
+                figures=[plots.timeline(df, c) for c in cells],
+            )
+        )
         if packet.telemetry is not None and not packet.telemetry.empty:
-            figs.append(plots.telemetry(packet.telemetry))
-        out.append(Section(title="Figures", text=["Interactive in report.html."], figures=figs))
+            out.append(Section(title="Telemetry", figures=[plots.telemetry(packet.telemetry)]))
     return out
 
 
-def markdown_document(title: str, warning: str | None, facts: dict[str, Any], secs: list[Section]) -> str:
-    """A report page in Markdown: title, an optional warning quote, a facts table, the sections."""
+def markdown_document(
+    title: str, warning: str | None, facts: dict[str, Any], secs: list[Section], lead: list[Section] | None = None
+) -> str:
+    """A report page in Markdown: title, an optional warning quote, the lead sections, a facts table, the sections."""
     lines = [f"# {title}", ""]
     if warning:
         lines += [f"> {warning}", ""]
-    lines += ["| fact | value |", "|---|---|"]
+    for s in lead or []:
+        lines += [f"## {s.title}", ""] + [x for t in s.text for x in (t, "")]
+        if s.table is not None and not s.table.empty:
+            lines += [_md_table(s.table), ""]
+    lines += (["## Run", ""] if lead else []) + ["| fact | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in facts.items()]
     for s in secs:
         lines += ["", f"## {s.title}", ""]
-        lines += [t for t in s.text] + ([""] if s.text else [])
+        lines += [x for t in s.text for x in (t, "")]
         if s.table is not None and not s.table.empty:
             lines.append(_md_table(s.table))
     return "\n".join(lines) + "\n"
 
 
 def html_document(
-    title: str, banner: str, simulated: bool, facts: dict[str, Any], secs: list[Section], plotly_js: str = "inline"
+    title: str,
+    banner: str,
+    simulated: bool,
+    facts: dict[str, Any],
+    secs: list[Section],
+    plotly_js: str = "inline",
+    lead: list[Section] | None = None,
 ) -> str:
     """The same page as HTML; a red banner when simulated. `plotly_js="inline"` embeds plotly.js
     (self-contained, ~4.7 MB); anything else is a URL the page loads it from instead
@@ -122,7 +185,8 @@ def html_document(
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{e(title)}</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}"
+        "th{background:#f2f2f2}"
         ".sim{background:#b00;color:#fff;font-size:2.5em;padding:.4em;text-align:center;font-weight:bold}"
         ".real{background:#064;color:#fff;font-size:1.2em;padding:.3em;text-align:center}</style>",
         f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>"
@@ -131,15 +195,22 @@ def html_document(
         "</head><body>",
     ]
     parts.append(f"<div class='{'sim' if simulated else 'real'}'>{e(banner)}</div>")
-    parts.append(f"<h1>{e(title)}</h1><table>")
+    parts.append(f"<h1>{e(title)}</h1>")
+
+    def section(s: Section) -> None:
+        parts.append(f"<h2>{e(s.title)}</h2>")
+        parts.extend(f"<p>{e(t)}</p>" for t in s.text)
+        if s.table is not None and not s.table.empty:
+            parts.append(s.table.map(_fmt).to_html(index=False, escape=True))
+        parts.extend(f.to_html(full_html=False, include_plotlyjs=False) for f in s.figures)
+
+    for s in lead or []:
+        section(s)
+    parts.append("<h2>Run</h2><table>")
     parts += [f"<tr><th>{e(k)}</th><td>{e(_fmt(v))}</td></tr>" for k, v in facts.items()]
     parts.append("</table>")
     for s in secs:
-        parts.append(f"<h2>{e(s.title)}</h2>")
-        parts += [f"<p>{e(t)}</p>" for t in s.text]
-        if s.table is not None and not s.table.empty:
-            parts.append(s.table.map(_fmt).to_html(index=False, escape=True))
-        parts += [f.to_html(full_html=False, include_plotlyjs=False) for f in s.figures]
+        section(s)
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -147,14 +218,16 @@ def html_document(
 def render_markdown(packet: Packet, secs: list[Section]) -> str:
     m = packet.manifest
     warning = "**SIMULATED RUN** — analytic latency law, no real engine. Not comparable with real runs." if packet.simulated else None
-    return markdown_document(f"pdbench report — {m.get('track', '?').upper()} `{m.get('run_id')}`", warning, _facts(packet), secs)
+    title = f"pdbench report — {m.get('track', '?').upper()} `{m.get('run_id')}`"
+    return markdown_document(title, warning, _facts(packet), secs, lead_sections(packet))
 
 
 def render_html(packet: Packet, secs: list[Section], plotly_js: str = "inline") -> str:
     m = packet.manifest
     mode = str(m.get("mode"))
     banner = f"SIMULATED RUN — mode: {mode}" if packet.simulated else f"mode: {mode}"
-    return html_document(f"pdbench {m.get('track')} {m.get('run_id')}", banner, packet.simulated, _facts(packet), secs, plotly_js)
+    title = f"pdbench {m.get('track')} {m.get('run_id')}"
+    return html_document(title, banner, packet.simulated, _facts(packet), secs, plotly_js, lead_sections(packet))
 
 
 def write_reports(packet: Packet, plotly_js: str = "inline") -> None:

@@ -36,6 +36,7 @@ def build_summary(
             "error": meta.get("error"),
             "labels": meta.get("labels", {}),
             "serving_mode": meta.get("serving_mode"),
+            "host_load": meta.get("host_load"),
             "metrics": cell_metrics(rows, s) if not rows.empty else None,
         }
         if meta.get("kv_connector"):

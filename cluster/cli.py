@@ -9,15 +9,36 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
-    help="pdbench: benchmark aggregated and disaggregated LLM serving on Ray, with auditable evidence packets.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # plain click help: flags without `<bool>` metavars, `[vllm]` kept as typed
+    context_settings={"max_content_width": 160},  # click would wrap at 80 columns whatever the terminal
 )
 console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from cluster.manifest import pdbench_version
+
+        typer.echo(f"pdbench {pdbench_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="print the version and exit"),
+) -> None:
+    """pdbench: benchmark aggregated and disaggregated LLM serving on Ray, with auditable evidence packets.
+
+    Exit codes of `pdbench run`: 0 every cell finished and the verdict passed; 1 no cell finished;
+    2 bad command line or config (nothing ran); 3 partial (some cells failed); 4 failing verdict
+    (E0 not reproducible, E3 different, or incomplete).
+    """
 
 
 class EngineKind(str, Enum):
@@ -25,12 +46,15 @@ class EngineKind(str, Enum):
     vllm = "vllm"
 
 
+_NO_CLUSTER = "--address {address}: no reachable Ray cluster; start one with `ray start --head`, or leave out --address for an embedded Ray"
+
+
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)  # escaped: keeps `[vllm]`
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(epilog="Exit codes: 0 ok; 1 failed; 2 bad input; 3 partial; 4 failing verdict (see `pdbench --help`).")
 def run(
     track: str = typer.Argument(..., help="track to run: e0 … e6 (see `pdbench tracks`)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="experiment YAML; overrides the track's quick profile"),
@@ -60,7 +84,9 @@ def run(
 ) -> None:
     """Run one track and write its evidence packet (manifest, records, summary, reports)."""
     from cluster.config import ConfigError, load_yaml, resolve
-    from cluster.driver import Driver, RunOptions, RunProgress
+    from cluster.console import RunDisplay, print_summary, ray_logs_on
+    from cluster.driver import Driver, RunOptions
+    from cluster.outcome import exit_code
     from cluster.storage import default_out
 
     overrides: dict = {}
@@ -86,41 +112,29 @@ def run(
     engine_desc = f"external server {cfg.target.base_url}" if cfg.target else cfg.engine.kind
     console.print(f"{what} [bold]{driver.run_id}[/] — track {cfg.track}, engine {engine_desc}, {len(driver.plans)} cell(s) planned")
     try:
-        if progress:
-            with Progress(
-                TextColumn("[progress.description]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=False,
-            ) as bar:
-                cells_task = bar.add_task("cells", total=len(driver.plans))
-                req_task = bar.add_task("requests", total=sum(p.num_requests for p in driver.plans))
-
-                def on_progress(p: RunProgress) -> None:
-                    bar.update(cells_task, completed=p.cells_done, total=p.cells_total)
-                    bar.update(req_task, completed=p.requests_done, total=p.requests_total)
-
-                run_dir = driver.run(on_progress)
-                bar.update(cells_task, completed=len(driver.plans), total=len(driver.plans))
-        else:
-            run_dir = driver.run()
+        with ray_logs_on(console):
+            if progress:
+                with RunDisplay(console, len(driver.plans), sum(p.num_requests for p in driver.plans)) as display:
+                    display.phase(f"joining Ray at {address}" if address else "starting an embedded Ray (a few seconds)")
+                    run_dir = driver.run(display.update)
+            else:
+                run_dir = driver.run()
     except ConfigError as e:
         _fail(str(e))
+    except ConnectionError:  # --address with no reachable cluster
+        _fail(_NO_CLUSTER.format(address=address))
     summary = json.loads((run_dir / "summary.json").read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    console.print(f"status: [bold]{manifest['status']}[/]  mode: [bold]{manifest['mode']}[/]")
-    verdict = summary.get("verdicts", {}).get("verdict")
-    if verdict:
-        console.print(f"verdict: [bold]{verdict}[/]")
+    print_summary(console, summary, manifest)  # on stderr: stdout stays the packet's location alone
     if driver.dest.remote:
         console.print(f"packet: {driver.location}  (get it with `pdbench runs pull {driver.location}`)\nstaging copy: {run_dir}")
     else:
         console.print(f"report: {run_dir / 'report.md'}\n        {run_dir / 'report.html'}  (open in a browser; works offline)")
     typer.echo(driver.location)
-    if manifest["status"] == "failed":
-        raise typer.Exit(1)
+    code = exit_code(manifest["status"], (summary.get("verdicts") or {}).get("verdict"))
+    if code:
+        console.print(f"exit code {int(code)}: {code.name.lower()} (see `pdbench --help`)", highlight=False)
+        raise typer.Exit(int(code))
 
 
 @app.command()
@@ -173,7 +187,10 @@ def serve(
         _fail(str(e))
     if not is_loopback(host):
         console.print(f"[bold yellow]warning:[/] listening on {host}: anyone who reaches it can use the engines (no authentication)")
-    ray_env.connect(address)
+    try:
+        ray_env.connect(address)
+    except ConnectionError:
+        _fail(_NO_CLUSTER.format(address=address))
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
@@ -224,16 +241,26 @@ app.add_typer(runs_app, name="runs")
 
 
 @runs_app.command("list")
-def runs_list(src: str = typer.Argument(..., help="a runs folder or pyarrow.fs URI (s3://bucket/pdbench-runs, ...)")) -> None:
-    """List the run folders under SRC."""
-    from cluster.storage import list_runs
+def runs_list(
+    src: Optional[str] = typer.Argument(
+        None, help="a runs folder or pyarrow.fs URI (s3://bucket/pdbench-runs, ...); default $PDBENCH_OUT, else ./runs"
+    ),
+) -> None:
+    """List the runs under SRC: id, track, status, verdict, real or simulated, start time."""
+    from cluster.storage import default_out, describe_runs
 
+    src = src or default_out()
     try:
-        names = list_runs(src)
+        entries = describe_runs(src)
     except ValueError as e:
         _fail(str(e))
-    for n in names:
-        typer.echo(n)
+    if not entries:
+        console.print(f"no runs under {escape(src)}", highlight=False)
+        return
+    t = Table("run id", "track", "status", "verdict", "mode", "engine", "started (UTC)", title=escape(src), title_justify="left")
+    for r in entries:
+        t.add_row(*(escape(x) for x in (r.run_id, r.track, r.status, r.verdict or "–", r.mode, r.engine, r.started_at.replace("T", " ")[:19])))
+    Console(width=max(Console().width, 160)).print(t)
 
 
 @runs_app.command("pull")
@@ -296,7 +323,7 @@ def doctor() -> None:
     t.add_row("GPUs (NVML)", ", ".join(d["name"] for d in r["gpus"]["devices"]) or "none")
     t.add_row("torch sees CUDA", str(r["torch_cuda"]))
     for k, v in r["engines"].items():
-        t.add_row(f"engine {k}", v)
+        t.add_row(f"engine {k}", escape(v))  # keeps `[vllm]` of the install hint
     Console().print(t)
 
 

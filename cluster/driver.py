@@ -28,7 +28,7 @@ import pandas as pd
 import ray
 
 from actors.engines import EngineConfig
-from actors.progress import ProgressCounter
+from actors.progress import CellCounter, ProgressCounter
 from actors.telemetry import TelemetrySampler
 from analysis.metrics import cell_metrics
 from analysis.packet import load_packet, read_json, write_json, write_parquet, write_yaml
@@ -40,6 +40,7 @@ from cluster import manifest as mf
 from cluster import ray_env
 from cluster.cells import MODES, CellContext
 from cluster.config import ConfigError, ExperimentConfig, config_hash, sha256_of, to_yaml
+from cluster.hostload import HostLoadProbe
 from cluster.storage import Destination
 from workloads.text import get_codec
 from workloads.tracks import CellOutcome, CellPlan, get_track
@@ -57,6 +58,14 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
+class CellState:
+    cell_id: str
+    state: str  # waiting, running, ok, failed
+    requests_done: int
+    requests_total: int
+
+
+@dataclass(frozen=True)
 class RunProgress:
     """What the progress display shows; totals grow when an adaptive track adds a round."""
 
@@ -64,6 +73,7 @@ class RunProgress:
     cells_total: int
     requests_done: int
     requests_total: int
+    cells: tuple[CellState, ...] = ()
 
 
 def _now() -> str:
@@ -155,7 +165,7 @@ def cell_concurrency(cfg: ExperimentConfig, bundles: list[list[dict[str, float]]
 
 
 def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
-    """Refuse what can never run before any engine starts (DESIGN.md, Reliability)."""
+    """Refuse what can never run before any engine starts."""
     errors = []
     for p in plans:
         if p.mode not in MODES:
@@ -265,6 +275,7 @@ class Driver:
         if plan.provenance:
             meta["provenance"] = plan.provenance
         t0 = time.monotonic()
+        load = HostLoadProbe()
         try:
             preflight(self.cfg, [plan])  # later rounds were not checked before the run began
             result = await MODES[plan.mode].run(self.context(plan, progress))
@@ -276,6 +287,7 @@ class Driver:
             meta.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
         meta["ended_at"] = _now()
         meta["wall_s"] = time.monotonic() - t0
+        meta["host_load"] = dataclasses.asdict(load.stop())
         write_json(cell_dir / "cell.json", meta)
         self.dest.publish_cell(self.run_dir, plan.cell_id)
         return meta
@@ -329,13 +341,17 @@ class Driver:
         round_plans = list(self.plans)
         self.plans = []
 
+        running: set[str] = set()
+
         async def one(plan: CellPlan) -> dict[str, Any]:
             meta = self._finished(plan)
             if meta is not None:
                 counts["resumed_requests"] += plan.num_requests
             else:
                 async with sem:
-                    meta = await self._run_cell(plan, progress)
+                    running.add(plan.cell_id)
+                    meta = await self._run_cell(plan, CellCounter(progress, plan.cell_id))
+                    running.discard(plan.cell_id)
             metas[plan.cell_id] = meta
             counts["cells"] += 1
             write_json(self.run_dir / "manifest.json", self._manifest(metas, "running"))
@@ -348,12 +364,23 @@ class Driver:
                 await asyncio.wait(tasks, timeout=0.5)
                 if on_progress is not None:
                     sent, _failed = await progress.read.remote()
+                    per_cell = await progress.read_cells.remote()
+                    states = tuple(
+                        CellState(
+                            p.cell_id,
+                            metas[p.cell_id].get("status", "failed") if p.cell_id in metas else ("running" if p.cell_id in running else "waiting"),
+                            p.num_requests if p.cell_id in metas and p.cell_id not in per_cell else per_cell.get(p.cell_id, 0),
+                            p.num_requests,
+                        )
+                        for p in self.plans
+                    )
                     on_progress(
                         RunProgress(
                             counts["cells"],
                             len(self.plans),
                             sent + counts["resumed_requests"],
                             sum(p.num_requests for p in self.plans),
+                            states,
                         )
                     )
             for p in round_plans:

@@ -54,6 +54,14 @@ def versions() -> dict[str, Any]:
     return v
 
 
+def pdbench_version() -> str:
+    """The package version, and the commit where the code is a git checkout."""
+    v = metadata.version("pdbench") if _installed("pdbench") else "unknown"
+    sha = _git("rev-parse", "--short=12", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return v + (f" (git {sha}{', modified' if dirty else ''})" if sha else "")
+
+
 def _installed(name: str) -> bool:
     try:
         metadata.version(name)

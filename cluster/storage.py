@@ -10,8 +10,10 @@ upload fails the run still has every byte in staging, whose path is printed.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -116,3 +118,42 @@ def list_runs(src: str) -> list[str]:
         for i in infos
         if i.type == pafs.FileType.Directory and fs.get_file_info(f"{i.path}/manifest.json").type == pafs.FileType.File
     )
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """One line of `pdbench runs list`: what a reader picks a run by."""
+
+    run_id: str
+    track: str
+    status: str
+    verdict: str | None
+    mode: str
+    engine: str
+    started_at: str
+
+
+def describe_runs(src: str) -> list[RunEntry]:
+    """The runs under src with their manifest's facts and summary's verdict, oldest first."""
+    fs, path = _fs(src) if is_uri(src) else (pafs.LocalFileSystem(), str(Path(src).expanduser().resolve()))
+    out = []
+    for name in list_runs(src):
+        root = f"{path.rstrip('/')}/{name}"
+        with fs.open_input_stream(f"{root}/manifest.json") as f:
+            m = json.loads(f.read())
+        verdict = None
+        if fs.get_file_info(f"{root}/summary.json").type == pafs.FileType.File:
+            with fs.open_input_stream(f"{root}/summary.json") as f:
+                verdict = (json.loads(f.read()).get("verdicts") or {}).get("verdict")
+        out.append(
+            RunEntry(
+                run_id=name,
+                track=str(m.get("track")),
+                status=str(m.get("status")),
+                verdict=verdict,
+                mode=str(m.get("mode")),
+                engine=str(m.get("engine")),
+                started_at=str(m.get("started_at") or ""),
+            )
+        )
+    return sorted(out, key=lambda r: (r.started_at, r.run_id))

@@ -1,6 +1,7 @@
 """pdbench compare: side by side from packets alone; simulated and real never mixed silently."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -46,7 +47,19 @@ def test_scaling_study_side_by_side(tmp_path):
     assert data["config_differences"] == [], "same config on bigger clusters"
     md = (out / "compare.md").read_text()
     assert "only-r1" in md and "SIMULATED" not in md
-    assert "Plotly.newPlot" in (out / "compare.html").read_text()
+    assert [r["run"] for r in data["runs"]] == ["A: 1 node, 8 GPUs", "B: 2 nodes, 16 GPUs", "C: 4 nodes, 32 GPUs"]
+    assert not re.search(r"\bnan\b|\bNone\b", md), "a value a run lacks is written –"
+    assert "| – |" in md
+    ttft = next(r for r in data["cells"] if r["cell"] == "closed-c8" and r["metric"] == "TTFT p99 (ms)")
+    assert ttft["A: 1 node, 8 GPUs"] == pytest.approx(300.0)
+    html = (out / "compare.html").read_text()
+    assert "Plotly.newPlot" in html and html.count("plotly-graph-div") >= 3
+
+
+def test_runs_alike_in_every_fact_are_told_apart_by_run_id(tmp_path):
+    runs = [fake_run(tmp_path, f"r{i}", "real", 1, 1000.0) for i in range(2)]
+    data = json.loads((compare(runs, tmp_path / "cmp") / "compare.json").read_text())
+    assert [r["run"] for r in data["runs"]] == ["A: r0", "B: r1"]
 
 
 def test_mixing_simulated_and_real_is_refused_unless_asked(tmp_path):
@@ -59,7 +72,7 @@ def test_mixing_simulated_and_real_is_refused_unless_asked(tmp_path):
     assert res.exit_code == 2 and "refusing" in res.output
     out = compare([real, sim], tmp_path / "cmp", allow_simulated=True)
     md = (out / "compare.md").read_text()
-    assert "INCLUDES SIMULATED RUNS" in md and "B: 1 node SIMULATED" in md
+    assert "INCLUDES SIMULATED RUNS" in md and "B: SIMULATED" in md and "A: vllm" in md
     assert "SIMULATED" in (out / "compare.html").read_text()
     diffs = json.loads((out / "compare.json").read_text())["config_differences"]
     assert {d["field"] for d in diffs} == {"seed", "engine.kind"}

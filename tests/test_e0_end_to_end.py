@@ -72,7 +72,9 @@ def test_e0_verdict_reproducible(e0_run):
     v = s["verdicts"]
     tokens = next(c for c in v["checks"] if c["check"].startswith("greedy"))
     assert tokens["ok"] and tokens["detail"]["requests_compared"] == 12
-    assert v["verdict"] == "reproducible", v
+    # Identical tokens are reproducible whatever a busy host did to the timing.
+    assert v["correctness"] == "pass" and v["verdict"].startswith("reproducible"), v
+    assert s["cells"]["rep0"]["host_load"]["cores"] >= 1
     assert s["cells"]["rep0"]["metrics"]["ttft_s"]["p99"] > 0
 
 

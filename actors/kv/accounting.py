@@ -33,7 +33,7 @@ class SendStats:
 
 @dataclass
 class TransferRecord:
-    """One request's KV transfer: a transfers.parquet row (DESIGN.md's columns plus a few).
+    """One request's KV transfer: a transfers.parquet row (docs/metrics.md).
 
     `status`: "ok", "failed", "cancelled" (the request ended while its KV was on the way) or "none"
     (a prompt shorter than one block + 1: nothing to move, so not a transfer at all).

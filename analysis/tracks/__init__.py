@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from analysis.tracks.base import Section, TrackAnalysis, get_analysis
+from analysis.tracks.base import Headline, Section, TrackAnalysis, get_analysis
 
-__all__ = ["Section", "TrackAnalysis", "get_analysis"]
+__all__ = ["Headline", "Section", "TrackAnalysis", "get_analysis"]

@@ -21,6 +21,14 @@ class Section:
     figures: list[Any] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Headline:
+    """One of a track's headline numbers, already written for a reader (units included)."""
+
+    label: str
+    value: str
+
+
 class TrackAnalysis:
     """Default: no verdicts, no extra sections.
 
@@ -32,6 +40,10 @@ class TrackAnalysis:
         return {}
 
     def sections(self, requests: pd.DataFrame, summary: dict[str, Any]) -> list[Section]:
+        return []
+
+    def headline(self, summary: dict[str, Any]) -> list[Headline]:
+        """The few numbers a reader looks for first (terminal summary, top of the report)."""
         return []
 
     def verdicts_with_transfers(

@@ -1,22 +1,51 @@
-"""E0 verdict: reproducible only if the config hash, every greedy token and the medians agree."""
+"""E0 verdict: correctness (config, weights, tokens) decides reproducibility; timing is judged apart.
+
+Identical greedy tokens from the same config and weights are what "reproducible" means. Timing on
+a shared host moves for reasons outside the run (other processes, a noisy neighbour), so the
+medians are compared against the larger of the configured tolerance and the noise the run itself
+measured: each repeat's requests are split into blocks (in send order), and the spread of the
+block values gives the standard error of that repeat's median. A timing difference beyond both
+is reported as unstable timing, beside the host load recorded for each repeat, never as a
+correctness failure.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from itertools import combinations
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from analysis.metrics import cell_metrics, SLO
+from analysis.formatting import num
 from analysis.records import measured
-from analysis.tracks.base import Section, TrackAnalysis
+from analysis.tracks.base import Headline, Section, TrackAnalysis
 
-# Medians compared between repeats (name in summary.json → how to read it).
-_MEDIANS = {
-    "output_token_throughput_tps": lambda m: m["output_token_throughput_tps"],
-    "ttft_s.p50": lambda m: m["ttft_s"]["p50"],
-    "tpot_s.p50": lambda m: m["tpot_s"]["p50"],
-    "e2e_s.p50": lambda m: m["e2e_s"]["p50"],
+NOISE_BLOCKS = 4  # blocks each repeat is split into to measure its own noise
+NOISE_SIGMAS = 3.0  # a difference within this many standard errors is noise
+
+
+def _throughput(g: pd.DataFrame) -> float | None:
+    dur = float(g["t_last_token"].max() - g["t_sent"].min()) if not g.empty else 0.0
+    return float(g["output_tokens"].sum()) / dur if dur > 0 else None
+
+
+def _median(col: str) -> Callable[[pd.DataFrame], float | None]:
+    def get(g: pd.DataFrame) -> float | None:
+        x = g[col].dropna()
+        return float(x.median()) if not x.empty else None
+
+    return get
+
+
+# Timing compared between repeats (name in the checks → how to compute it from requests).
+_MEDIANS: dict[str, Callable[[pd.DataFrame], float | None]] = {
+    "output token throughput": _throughput,
+    "TTFT median": _median("ttft_s"),
+    "TPOT median": _median("tpot_s"),
+    "E2E median": _median("e2e_s"),
 }
 
 
@@ -27,6 +56,18 @@ def _rel_diff(a: float | None, b: float | None) -> float | None:
     return 0.0 if hi == 0 else abs(a - b) / hi
 
 
+def relative_noise(g: pd.DataFrame, get: Callable[[pd.DataFrame], float | None]) -> float:
+    """Relative standard error of `get` over one repeat, from its values on blocks of requests."""
+    g = g.sort_values("t_sent")
+    k = min(NOISE_BLOCKS, len(g) // 4)
+    if k < 2:
+        return 0.0
+    vals = [v for b in np.array_split(np.arange(len(g)), k) if (v := get(g.iloc[b])) is not None]
+    if len(vals) < 2 or not np.mean(vals):
+        return 0.0
+    return float(np.std(vals, ddof=1) / abs(np.mean(vals)) / math.sqrt(len(vals)))
+
+
 class E0Analysis(TrackAnalysis):
     def verdicts(self, requests: pd.DataFrame, cells: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         tol = float(params.get("tolerance", 0.25))
@@ -34,22 +75,23 @@ class E0Analysis(TrackAnalysis):
         repeats = int(params.get("repeats", 2))
         if len(ids) < repeats:  # a crashed repeat is no evidence of reproducibility
             return {"verdict": "incomplete", "tolerance": tol, "checks": [
-                {"check": "every repeat finished", "ok": False, "detail": {"finished": ids, "repeats": repeats}}]}
+                {"check": "every repeat finished", "kind": "correctness", "ok": False,
+                 "detail": {"finished": ids, "repeats": repeats}}]}
         checks: list[dict[str, Any]] = []
         hashes = {c: cells[c].get("config_hash") for c in ids}
         checks.append(
-            {"check": "config hash identical", "ok": len(set(hashes.values())) == 1, "detail": hashes}
+            {"check": "config hash identical", "kind": "correctness", "ok": len(set(hashes.values())) == 1, "detail": hashes}
         )
         # The same config must also have built the same model: engines report a weight checksum.
         weights = {c: ((cells[c].get("engine_info") or {}).get("extra") or {}).get("weight_checksum") for c in ids}
         if any(weights.values()):
             checks.append(
-                {"check": "engine weights identical", "ok": len(set(weights.values())) == 1, "detail": weights}
+                {"check": "engine weights identical", "kind": "correctness", "ok": len(set(weights.values())) == 1, "detail": weights}
             )
         df = measured(requests)
         tokens = {c: df[df["cell_id"] == c].set_index("request_id")["output_token_ids"] for c in ids}
         failed = int((~df["ok"].astype(bool)).sum())
-        checks.append({"check": "every request completed", "ok": failed == 0, "detail": {"failed": failed}})
+        checks.append({"check": "every request completed", "kind": "correctness", "ok": failed == 0, "detail": {"failed": failed}})
         mismatched: list[str] = []
         for a, b in combinations(ids, 2):
             if set(tokens[a].index) != set(tokens[b].index):
@@ -61,51 +103,135 @@ class E0Analysis(TrackAnalysis):
         checks.append(
             {
                 "check": "greedy token ids identical request by request",
+                "kind": "correctness",
                 "ok": not mismatched,
-                "detail": {"requests_compared": int(len(tokens[ids[0]])) if ids else 0, "mismatches": mismatched[:20]},
+                "detail": {"requests_compared": len(tokens[ids[0]]) if ids else 0, "mismatches": mismatched[:20]},
             }
         )
-        metrics = {c: cell_metrics(df[df["cell_id"] == c], SLO()) for c in ids}
+        done = {c: df[(df["cell_id"] == c) & df["ok"].astype(bool)] for c in ids}
         for name, get in _MEDIANS.items():
-            worst = max((_rel_diff(get(metrics[a]), get(metrics[b])) or 0.0 for a, b in combinations(ids, 2)), default=0.0)
+            values = {c: get(done[c]) for c in ids}
+            noise = {c: relative_noise(done[c], get) for c in ids}
+            worst, band = 0.0, tol
+            for a, b in combinations(ids, 2):
+                worst = max(worst, _rel_diff(values[a], values[b]) or 0.0)
+                band = max(band, NOISE_SIGMAS * math.hypot(noise[a], noise[b]))
             checks.append(
                 {
-                    "check": f"{name} within {tol:.0%}",
-                    "ok": worst <= tol,
-                    "detail": {"values": {c: get(metrics[c]) for c in ids}, "max_relative_difference": worst},
+                    "check": f"{name} within max({tol:.0%}, measured noise)",
+                    "kind": "timing",
+                    "ok": worst <= band,
+                    "detail": {"metric": name, "values": values, "max_relative_difference": worst, "noise_relative_se": noise,
+                               "allowed": band},
                 }
             )
-        verdict = "reproducible" if all(c["ok"] for c in checks) else "not reproducible"
-        return {"verdict": verdict, "tolerance": tol, "checks": checks}
+        correct = all(c["ok"] for c in checks if c["kind"] == "correctness")
+        stable = all(c["ok"] for c in checks if c["kind"] == "timing")
+        verdict = "not reproducible" if not correct else ("reproducible" if stable else "reproducible, timing unstable")
+        return {
+            "verdict": verdict,
+            "correctness": "pass" if correct else "fail",
+            "timing": "stable" if stable else "unstable",
+            "tolerance": tol,
+            "checks": checks,
+        }
+
+    def headline(self, summary: dict[str, Any]) -> list[Headline]:
+        v = summary.get("verdicts") or {}
+        if not v.get("checks"):
+            return []
+        out = []
+        bad = [c["check"] for c in v["checks"] if c.get("kind", "correctness") == "correctness" and not c["ok"]]
+        tokens = next((c["detail"] for c in v["checks"] if c["check"].startswith("greedy")), None)
+        if bad:
+            out.append(Headline("correctness", "FAIL: " + "; ".join(bad)))
+        elif tokens:
+            out.append(Headline("correctness", f"pass: config, weights and greedy tokens of {tokens['requests_compared']} requests identical"))
+        timing = [c for c in v["checks"] if c.get("kind") == "timing"]
+        if timing:
+            # The check nearest its allowance (or furthest past it) says how close timing came to unstable.
+            worst = max(timing, key=lambda c: c["detail"]["max_relative_difference"] - c["detail"]["allowed"])
+            d = worst["detail"]
+            out.append(
+                Headline(
+                    "timing",
+                    f"{v.get('timing')}: nearest its limit, {d.get('metric', worst['check'])} differs by "
+                    f"{d['max_relative_difference']:.1%} between repeats (allowed {d['allowed']:.1%})",
+                )
+            )
+        loads = [c["host_load"] for c in summary.get("cells", {}).values() if c.get("host_load")]
+        if loads:
+            out.append(
+                Headline(
+                    "host load",
+                    f"load average up to {num(max(h['load_avg_1m'] for h in loads))} on {loads[0]['cores']} cores; "
+                    f"other processes up to {max(h['other_processes_cpu_percent'] for h in loads):.0f}% CPU, "
+                    f"steal up to {max(h['cpu_steal_percent'] for h in loads):.1f}%",
+                )
+            )
+        return out
 
     def sections(self, requests: pd.DataFrame, summary: dict[str, Any]) -> list[Section]:
         v = summary.get("verdicts", {})
         if not v:
             return []
+        cells = summary.get("cells", {})
+        kind = {c["check"]: c.get("kind", "correctness") for c in v["checks"]}
         rows = [
-            {"check": c["check"], "result": "pass" if c["ok"] else "FAIL", "evidence": _short(c["detail"])}
+            {"check": c["check"], "result": "pass" if c["ok"] else "FAIL", "evidence": _short(c["check"], c["detail"])}
             for c in v["checks"]
         ]
-        return [
+        correctness = pd.DataFrame([r for r in rows if kind[r["check"]] == "correctness"])
+        timing = pd.DataFrame([r for r in rows if kind[r["check"]] == "timing"])
+        out = [
             Section(
                 title=f"E0 verdict: {v['verdict']}",
                 text=[
-                    f"The same workload ran {len(summary.get('cells', {}))} times with the same seed. "
-                    f"Reproducible means: identical config hash, identical greedy token ids for every "
-                    f"request, and throughput/latency medians within {v['tolerance']:.0%} of each other."
+                    f"The same workload ran {len(cells)} times with the same seed. Reproducible means: identical "
+                    "config hash and engine weights, every request completed, and identical greedy token ids for "
+                    "every request. Timing is judged apart (below): it can only make the verdict say the timing "
+                    "was unstable, never that identical tokens did not reproduce."
                 ],
-                table=pd.DataFrame(rows),
+                table=correctness,
             )
         ]
+        if not timing.empty:
+            out.append(
+                Section(
+                    title=f"E0 timing: {v.get('timing', 'stable')}",
+                    text=[
+                        f"Medians between repeats may differ by the larger of {v['tolerance']:.0%} and the noise each "
+                        f"repeat measured itself ({NOISE_SIGMAS:g} standard errors of the difference, from "
+                        f"{NOISE_BLOCKS} blocks of requests per repeat). The host load table (with the cells) says whether other "
+                        "work on the machine moved the timing."
+                    ],
+                    table=timing,
+                )
+            )
+        return out
 
 
-def _short(detail: dict[str, Any]) -> str:
+def _value(name: str, x: Any) -> str:
+    if not isinstance(x, (int, float)):
+        return "–"
+    return f"{x:.1f} tok/s" if name.startswith("output token") else f"{x * 1e3:.1f} ms"
+
+
+def _short(name: str, detail: dict[str, Any]) -> str:
+    """One readable line of evidence per check (no raw dicts)."""
     if "values" in detail:
-        vals = ", ".join(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}" for k, x in detail["values"].items())
-        return f"{vals}; max rel. diff {detail['max_relative_difference']:.1%}"
+        vals = ", ".join(f"{k} {_value(name, x)}" for k, x in detail["values"].items())
+        noise = ", ".join(f"{k} ±{x:.1%}" for k, x in (detail.get("noise_relative_se") or {}).items())
+        allowed = detail.get("allowed")
+        extra = f"; allowed {allowed:.1%} (noise s.e.: {noise})" if allowed is not None else ""
+        return f"{vals}; max difference {detail['max_relative_difference']:.1%}{extra}"
     if "mismatches" in detail:
-        return f"{detail['requests_compared']} requests compared; mismatches: {detail['mismatches'] or 'none'}"
-    return ", ".join(f"{k}={str(x)[:16]}" for k, x in detail.items())
+        return f"{detail['requests_compared']} requests compared; mismatches: {', '.join(detail['mismatches']) or 'none'}"
+    if "failed" in detail:
+        return f"{detail['failed']} failed"
+    if "finished" in detail:
+        return f"finished {', '.join(detail['finished']) or 'none'} of {detail['repeats']} repeats"
+    return ", ".join(f"{k} {str(x)[:12]}" for k, x in detail.items())
 
 
 ANALYSIS = E0Analysis()

@@ -13,7 +13,10 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.tracks.base import Section, TrackAnalysis
+from analysis.formatting import ms, num, pct
+from analysis.plots import colours
+from analysis.records import measured
+from analysis.tracks.base import Headline, Section, TrackAnalysis
 from workloads.search import bracket
 
 
@@ -109,6 +112,22 @@ class E2Analysis(TrackAnalysis):
             "pareto_tpot_p50": pareto(df, "out_tok_s", "tpot_p50_s"),
         }
 
+    def headline(self, summary: dict[str, Any]) -> list[Headline]:
+        v = summary.get("verdicts") or {}
+        out = []
+        if v.get("capacity_rps"):
+            out.append(Headline("closed-loop capacity", f"{num(v['capacity_rps'])} req/s"))
+        g = v.get("max_rate_goodput")
+        if g:
+            rate = {"bracketed": g["rate_rps"], "above_range": g["rate_rps"]}.get(g["status"])
+            what = f"{num(rate)} req/s" if rate is not None else f"below {num(g['first_failing_rps'])} req/s"
+            cond = f"{g['arrival']}, {pct(g['target_attainment'])} of requests inside every SLO"
+            out.append(Headline("max-rate goodput", f"{what} ({cond}; {g['status'].replace('_', ' ')})"))
+        b = v.get("best_per_request_goodput")
+        if b:
+            out.append(Headline("best per-request goodput", f"{num(b['goodput_rps'])} req/s (cell {b['cell']})"))
+        return out
+
     def sections(self, requests: pd.DataFrame, summary: dict[str, Any]) -> list[Section]:
         v = summary.get("verdicts", {})
         df = points(summary.get("cells", {}))
@@ -122,6 +141,23 @@ class E2Analysis(TrackAnalysis):
                 figures=[self._attainment(df)],
             )
         )
+        load = offered_vs_achieved(df, requests)
+        if not load.empty:
+            out.append(
+                Section(
+                    title="E2: offered vs achieved load",
+                    text=[
+                        "Offered: the rate the arrival process was asked for. Sent: measured requests over the span of "
+                        "their send times (below the offered rate when the load generator fell behind, or by chance "
+                        "for few requests). Completed: finished requests per second of the measured window. A cell "
+                        "whose completions fall short of its offered rate was overloaded."
+                    ],
+                    table=load.drop(columns=["series"]).assign(
+                        **{c: load[c].map(num) for c in ("offered (req/s)", "sent (req/s)", "completed (req/s)")}
+                    ),
+                    figures=[offered_figure(load, series_colours(df))],
+                )
+            )
         return out
 
     @staticmethod
@@ -129,7 +165,7 @@ class E2Analysis(TrackAnalysis):
         g = v.get("max_rate_goodput")
         text = [
             "Two goodputs, named apart (docs/metrics.md): per-request goodput = requests meeting every SLO per "
-            "second of one cell (vLLM's; column goodput_rps); max-rate goodput = the highest request rate whose "
+            "second of one cell (vLLM's; column per-request goodput); max-rate goodput = the highest request rate whose "
             "SLO attainment reaches the target (DistServe's), bracketed by a bounded rate search."
         ]
         if v.get("capacity_rps"):
@@ -154,8 +190,22 @@ class E2Analysis(TrackAnalysis):
         if v.get("best_per_request_goodput"):
             b = v["best_per_request_goodput"]
             text.append(f"Highest per-request goodput: {b['goodput_rps']:.3g} req/s in cell {b['cell']}.")
-        probes = df[df["phase"].isin(["sweep", "search"])][["cell", "phase", "series", "rate", "status", "slo_attainment", "goodput_rps", "req_s"]]
-        return Section(title="E2: goodput", text=text, table=probes.sort_values(["series", "rate"]))
+        probes = df[df["phase"].isin(["sweep", "search"])].sort_values(["series", "rate"])
+        table = pd.DataFrame(
+            {
+                "cell": probes["cell"],
+                "phase": probes["phase"],
+                "arrival": probes["series"],
+                "offered rate (req/s)": probes["rate"].map(num),
+                "status": probes["status"],
+                "SLO attainment": probes["slo_attainment"].map(pct),
+                "per-request goodput (req/s)": probes["goodput_rps"].map(num),
+                "completed (req/s)": probes["req_s"].map(num),
+                "TTFT p99 (ms)": probes["ttft_p99_s"].map(ms),
+                "TPOT p50 (ms)": probes["tpot_p50_s"].map(ms),
+            }
+        )
+        return Section(title="E2: goodput", text=text, table=table)
 
     @staticmethod
     def _curve_text(v: dict[str, Any]) -> list[str]:
@@ -169,14 +219,16 @@ class E2Analysis(TrackAnalysis):
     @staticmethod
     def _curves(df: pd.DataFrame, v: dict[str, Any]) -> go.Figure:
         fig = make_subplots(rows=1, cols=2, subplot_titles=("TTFT p99 (ms)", "TPOT p50 (ms)"))
+        colour = series_colours(df)
         for col, (key, front) in enumerate((("ttft_p99_s", v.get("pareto_ttft_p99", [])), ("tpot_p50_s", v.get("pareto_tpot_p50", []))), 1):
             for name, g in df.dropna(subset=["out_tok_s"]).groupby("series", sort=True):
                 g = g.sort_values("out_tok_s")
                 fig.add_trace(
                     go.Scatter(
                         x=g["out_tok_s"], y=g[key] * 1e3, mode="lines+markers", name=str(name), legendgroup=str(name),
-                        showlegend=col == 1, text=g["cell"],
-                        marker={"size": [14 if c in front else 7 for c in g["cell"]], "line": {"width": [2 if c in front else 0 for c in g["cell"]]}},
+                        showlegend=col == 1, text=g["cell"], line={"color": colour[str(name)]},
+                        marker={"color": colour[str(name)], "size": [14 if c in front else 7 for c in g["cell"]],
+                                "line": {"width": [2 if c in front else 0 for c in g["cell"]], "color": "black"}},
                     ),
                     1, col,
                 )
@@ -186,18 +238,65 @@ class E2Analysis(TrackAnalysis):
 
     @staticmethod
     def _attainment(df: pd.DataFrame) -> go.Figure:
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("SLO attainment", "per-request goodput (req/s)"))
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("SLO attainment (%)", "per-request goodput (req/s)"))
         open_ = df[df["rate"].notna()]
+        colour = series_colours(df)
         for name, g in open_.groupby("series", sort=True):
             g = g.sort_values("rate")
-            fig.add_trace(go.Scatter(x=g["rate"], y=g["slo_attainment"], mode="lines+markers", name=str(name), legendgroup=str(name), text=g["cell"]), 1, 1)
-            fig.add_trace(go.Scatter(x=g["rate"], y=g["goodput_rps"], mode="lines+markers", name=str(name), legendgroup=str(name), showlegend=False), 1, 2)
+            style = {"line": {"color": colour[str(name)]}, "marker": {"color": colour[str(name)]}}
+            fig.add_trace(go.Scatter(x=g["rate"], y=g["slo_attainment"] * 100, mode="lines+markers", name=str(name), legendgroup=str(name),
+                                     text=g["cell"], **style), 1, 1)
+            fig.add_trace(go.Scatter(x=g["rate"], y=g["goodput_rps"], mode="lines+markers", name=str(name), legendgroup=str(name),
+                                     showlegend=False, text=g["cell"], **style), 1, 2)
         target = df["target"].dropna()
         if not target.empty:
-            fig.add_hline(y=float(target.iloc[0]), line_dash="dash", annotation_text="target", row=1, col=1)
+            fig.add_hline(y=float(target.iloc[0]) * 100, line_dash="dash", annotation_text="target", row=1, col=1)
         fig.update_xaxes(title_text="request rate (req/s)")
         fig.update_layout(title="Open loop: attainment and goodput vs offered rate", height=420)
         return fig
+
+
+def offered_vs_achieved(df: pd.DataFrame, requests: pd.DataFrame) -> pd.DataFrame:
+    """Open-loop cells: the rate asked for, the rate requests were sent at, the rate they completed at."""
+    open_ = df[df["rate"].notna() & (df["status"] == "ok")]
+    if open_.empty or requests.empty:
+        return pd.DataFrame()
+    m = measured(requests)
+    rows = []
+    for r in open_.sort_values(["series", "rate"]).itertuples():
+        sent = m.loc[m["cell_id"] == r.cell, "t_sent"]
+        span = float(sent.max() - sent.min()) if len(sent) > 1 else 0.0
+        rows.append(
+            {
+                "cell": r.cell,
+                "series": r.series,
+                "offered (req/s)": float(r.rate),
+                "sent (req/s)": (len(sent) - 1) / span if span > 0 else None,
+                "completed (req/s)": r.req_s,
+                "requests": int(len(sent)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def series_colours(df: pd.DataFrame) -> dict[str, str]:
+    """One colour per series (closed loop, each arrival process) across every E2 figure."""
+    return colours(list(df["series"].dropna().astype(str)))
+
+
+def offered_figure(load: pd.DataFrame, colour: dict[str, str]) -> go.Figure:
+    fig = go.Figure()
+    for name, g in load.groupby("series", sort=True):
+        c = colour[str(name)]
+        fig.add_trace(go.Scatter(x=g["offered (req/s)"], y=g["completed (req/s)"], mode="lines+markers", name=f"{name} completed",
+                                 text=g["cell"], line={"color": c}, marker={"color": c}))
+        fig.add_trace(go.Scatter(x=g["offered (req/s)"], y=g["sent (req/s)"], mode="markers", name=f"{name} sent", text=g["cell"],
+                                 marker={"color": c, "symbol": "x", "size": 9}))
+    hi = float(load[["offered (req/s)", "completed (req/s)"]].max().max() or 1.0)
+    fig.add_trace(go.Scatter(x=[0, hi], y=[0, hi], mode="lines", name="achieved = offered", line={"color": "grey", "dash": "dot"}))
+    fig.update_layout(title="Offered vs achieved request rate (open loop)", xaxis_title="offered (req/s)",
+                      yaxis_title="achieved (req/s)", height=420)
+    return fig
 
 
 ANALYSIS = E2Analysis()

@@ -16,7 +16,8 @@ import plotly.graph_objects as go
 
 from analysis.packet import Packet
 from analysis.records import measured
-from analysis.tracks.base import Section, TrackAnalysis
+from analysis.formatting import DASH, bytes_rate, ms, num, pct
+from analysis.tracks.base import Headline, Section, TrackAnalysis
 from analysis.transfers import ASYNC_TIMES, bytes_vs_analytic, measured_transfers, moving_transfers, with_stall_ratio
 
 MODES = ("aggregated", "disaggregated")
@@ -27,16 +28,18 @@ BREAKDOWN = (
     ("first_decode_s", "first decode", "#2ca02c"),
 )
 _SIDE_BY_SIDE = (
-    ("TTFT p50 (ms)", ("ttft_s", "p50"), 1e3),
-    ("TTFT p99 (ms)", ("ttft_s", "p99"), 1e3),
-    ("TPOT p50 (ms)", ("tpot_s", "p50"), 1e3),
-    ("TPOT p99 (ms)", ("tpot_s", "p99"), 1e3),
-    ("E2E p50 (ms)", ("e2e_s", "p50"), 1e3),
-    ("E2E p99 (ms)", ("e2e_s", "p99"), 1e3),
-    ("request throughput (req/s)", ("request_throughput_rps",), 1.0),
-    ("output token throughput (tok/s)", ("output_token_throughput_tps",), 1.0),
-    ("goodput (req/s meeting every SLO)", ("goodput_rps",), 1.0),
-    ("SLO attainment", ("slo_attainment",), 1.0),
+    ("TTFT p50 (ms)", ("ttft_s", "p50"), ms),
+    ("TTFT p99 (ms)", ("ttft_s", "p99"), ms),
+    ("TPOT p50 (ms)", ("tpot_s", "p50"), ms),
+    ("TPOT p99 (ms)", ("tpot_s", "p99"), ms),
+    ("ITL p50 (ms)", ("itl_s", "p50"), ms),
+    ("ITL p99 (ms)", ("itl_s", "p99"), ms),
+    ("E2E p50 (ms)", ("e2e_s", "p50"), ms),
+    ("E2E p99 (ms)", ("e2e_s", "p99"), ms),
+    ("request throughput (req/s)", ("request_throughput_rps",), num),
+    ("output token throughput (tok/s)", ("output_token_throughput_tps",), num),
+    ("goodput (req/s meeting every SLO)", ("goodput_rps",), num),
+    ("SLO attainment", ("slo_attainment",), pct),
 )
 
 
@@ -97,12 +100,38 @@ class E3Analysis(TrackAnalysis):
             verdict = "identical" if not mismatches else "different"
         return {"verdict": verdict, "checks": checks}
 
+    def headline(self, summary: dict[str, Any]) -> list[Headline]:
+        cells = summary.get("cells", {})
+        metrics = {m: next((c.get("metrics") for c in cells.values() if c.get("serving_mode") == m and c.get("metrics")), None) for m in MODES}
+        out = []
+        if all(metrics.values()):
+            for label, path, fmt, unit in (
+                ("TTFT p50", ("ttft_s", "p50"), ms, " ms"),
+                ("TPOT p50", ("tpot_s", "p50"), ms, " ms"),
+                ("output throughput", ("output_token_throughput_tps",), num, " tok/s"),
+            ):
+                a, d = (_get(metrics[m], path) for m in MODES)
+                ratio = f" (×{d / a:.2f})" if a and d is not None else ""
+                out.append(Headline(f"{label} aggregated → disaggregated", f"{fmt(a)}{unit} → {fmt(d)}{unit}{ratio}"))
+        for c in cells.values():
+            t = c.get("transfers")
+            if t:
+                out.append(
+                    Headline(
+                        "KV transfers",
+                        f"{t['ok']}/{t['transfers']} ok; {num(t['bytes_total'] / 1e6)} MB moved for "
+                        f"{num((t['analytic_bytes_total'] or 0) / 1e6)} MB of analytic KV",
+                    )
+                )
+        return out
+
     def packet_sections(self, packet: Packet) -> list[Section]:
         summary = packet.summary
         v = summary.get("verdicts", {})
         out: list[Section] = []
         if v:
-            rows = [{"check": c["check"], "result": "pass" if c["ok"] else "FAIL", "evidence": str(c["detail"])[:200]} for c in v["checks"]]
+            n = request_counts(packet.requests)
+            rows = [{"check": c["check"], "result": "pass" if c["ok"] else "FAIL", "evidence": evidence(c["detail"], n)} for c in v["checks"]]
             out.append(
                 Section(
                     title=f"E3 oracle verdict: {v['verdict']}",
@@ -111,7 +140,11 @@ class E3Analysis(TrackAnalysis):
                         "disaggregated (a prefill engine and a decode engine, the KV moved through the Ray object "
                         "store). Greedy decoding is deterministic: identical means every request's token ids match."
                     ]
-                    + ([v["reason"]] if v.get("reason") else []),
+                    + [
+                        "The checks cover every request sent, warm-up included (a warm-up request's tokens must match "
+                        f"too): {counts_text(packet.requests)}. The tables and figures below cover the measured requests only."
+                    ]
+                    + ([reason_text(v["reason"])] if v.get("reason") else []),
                     table=pd.DataFrame(rows) if rows else None,
                 )
             )
@@ -152,6 +185,46 @@ class E3Analysis(TrackAnalysis):
         return out
 
 
+def request_counts(requests: pd.DataFrame) -> dict[str, int]:
+    """Requests per serving mode, warm-up included: what the checks count."""
+    if requests.empty:
+        return {}
+    return {str(k): int(v) for k, v in requests.groupby("mode").size().items()}
+
+
+def counts_text(requests: pd.DataFrame) -> str:
+    if requests.empty:
+        return "no requests"
+    parts = []
+    for mode, g in requests.groupby("mode", sort=True):
+        w = int(g["warmup"].astype(bool).sum())
+        parts.append(f"{mode} {len(g)} ({w} warm-up + {len(g) - w} measured)")
+    return ", ".join(parts)
+
+
+def reason_text(reason: str) -> str:
+    return reason.replace("{", "").replace("}", "").replace("'", "")
+
+
+def evidence(detail: dict[str, Any], counts: dict[str, int]) -> str:
+    """One readable line per check, in place of the raw detail dict."""
+    if "requests_compared" in detail:
+        out = f"{detail['requests_compared']} requests compared (warm-up included)"
+        if detail.get("mismatches"):
+            out += f"; token ids differ: {', '.join(map(str, detail['mismatches']))}"
+        if detail.get("missing"):
+            out += f"; ran in one mode only: {', '.join(map(str, detail['missing']))}"
+        return out if (detail.get("mismatches") or detail.get("missing")) else out + "; all identical"
+    if "transfers" in detail:
+        out = f"{detail['ok']}/{detail['requests']} requests' KV transferred ({detail['transfers']} transfers attempted)"
+        return out + (f"; failures: {'; '.join(detail['reasons'])}" if detail.get("reasons") else "")
+    if set(detail) >= {"exact", "within_padding", "outside"}:
+        return f"{detail['exact']} exact, {detail['within_padding']} within block padding, {detail['outside']} outside"
+    if set(detail) <= set(MODES):  # failed requests per mode
+        return ", ".join(f"{m}: {detail[m]} failed of {counts.get(m, 0)}" for m in MODES if m in detail)
+    return ", ".join(f"{k} {x}" for k, x in detail.items())
+
+
 def _get(m: dict[str, Any] | None, path: tuple[str, ...]) -> float | None:
     cur: Any = m
     for p in path:
@@ -165,14 +238,14 @@ def side_by_side(summary: dict[str, Any]) -> pd.DataFrame:
     cells = summary.get("cells", {})
     metrics = {m: next((c.get("metrics") for c in cells.values() if c.get("serving_mode") == m and c.get("metrics")), None) for m in MODES}
     rows = []
-    for name, path, scale in _SIDE_BY_SIDE:
+    for name, path, fmt in _SIDE_BY_SIDE:
         a, d = (_get(metrics[m], path) for m in MODES)
         rows.append(
             {
                 "metric": name,
-                "aggregated": None if a is None else a * scale,
-                "disaggregated": None if d is None else d * scale,
-                "disaggregated / aggregated": d / a if a and d is not None else None,
+                "aggregated": fmt(a),
+                "disaggregated": fmt(d),
+                "disaggregated / aggregated": f"×{d / a:.2f}" if a and d is not None else DASH,
             }
         )
     return pd.DataFrame(rows)
@@ -209,11 +282,11 @@ def transfer_table(summary: dict[str, Any]) -> pd.DataFrame:
             rows.append(
                 {
                     "cell": cid,
-                    "stage": stage[:-2],
-                    "p50 ms": None if d.get("p50") is None else d["p50"] * 1e3,
-                    "p99 ms": None if d.get("p99") is None else d["p99"] * 1e3,
-                    "sum s": t["stage_totals_s"].get(stage),
-                    "throughput p50 MB/s": None if tp is None else tp / 1e6,
+                    "stage": stage[:-2].replace("_", " "),
+                    "p50 (ms)": ms(d.get("p50")),
+                    "p99 (ms)": ms(d.get("p99")),
+                    "sum (ms)": ms(t["stage_totals_s"].get(stage)),
+                    "throughput p50": bytes_rate(tp),
                 }
             )
     return pd.DataFrame(rows)
@@ -228,9 +301,9 @@ def transfer_totals(summary: dict[str, Any]) -> list[str]:
         ratio = (t.get("stall_ratio") or {}).get("p50")
         reasons = "; ".join(f"{n}× {r}" for r, n in t["failure_reasons"].items()) or "none"
         out.append(
-            f"{cid}: {t['ok']}/{t['transfers']} transfers ok (failures: {reasons}); {t['bytes_total']:,} B moved for "
-            f"{t['analytic_bytes_total'] or 0:,} B of analytic KV (overhead {t['overhead_ratio'] or 0:.2%}); "
-            f"stall ratio p50 {'n/a' if ratio is None else f'{ratio:.3f}'}."
+            f"{cid}: {t['ok']}/{t['transfers']} transfers of measured requests ok (failures: {reasons}); "
+            f"{num(t['bytes_total'] / 1e6)} MB moved for {num((t['analytic_bytes_total'] or 0) / 1e6)} MB of analytic KV "
+            f"(overhead {pct(t['overhead_ratio'] or 0)}); stall ratio p50 {num(ratio)}."
         )
         for engine, c in sorted((cell.get("kv_connector") or {}).items()):
             out.append(
