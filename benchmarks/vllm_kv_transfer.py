@@ -52,6 +52,9 @@ def main() -> int:
     ap.add_argument("--max-group-mib", type=int, default=64)
     ap.add_argument("--copy-threads", type=int, default=4, help="kv_transfer.host_copy_threads on the decode side")
     ap.add_argument("--h2d", choices=("registered", "staged"), default="registered", help="kv_transfer.host_to_device")
+    ap.add_argument("--decode-submit", choices=("after_prefill", "with_prefill"), default="after_prefill", help="kv_transfer.decode_submit")
+    ap.add_argument("--share-gpu", action="store_true",
+                    help="both engines on one GPU (0.4 of its memory each, started one after the other): a one-GPU machine")
     ap.add_argument("--json")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
@@ -66,13 +69,19 @@ def main() -> int:
     from workloads.requests import WorkloadSpec, synthetic_requests
 
     ray.init(address="local", namespace="pdbench", include_dashboard=False, log_to_driver=False, **object_store_options())
+    share = 0.5 if args.share_gpu else 1
     cfg = EngineConfig(kind="vllm", model=args.model, dtype="bfloat16", max_model_len=args.tokens + 64,
-                       max_batch_size=8, vllm={"gpu_memory_utilization": 0.8}).model_dump()
-    kv = KVTransferConfig(max_group_bytes=args.max_group_mib << 20, host_copy_threads=args.copy_threads, host_to_device=args.h2d).model_dump()
+                       max_batch_size=8, vllm={"gpu_memory_utilization": 0.4 if args.share_gpu else 0.8}).model_dump()
+    kv = KVTransferConfig(max_group_bytes=args.max_group_mib << 20, host_copy_threads=args.copy_threads, host_to_device=args.h2d,
+                          decode_submit=args.decode_submit).model_dump()
     directory = directory_actor("bench-kvdir")  # held: an unreferenced actor is collected
-    prefill = VllmPrefillActor.options(num_gpus=1).remote(cfg, kv, "bench-kvdir", "bench", "kv")
-    decode = VllmDecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, "bench-kvdir", "bench", "kv")
-    _, info = ray.get([prefill.start.remote(), decode.start.remote()])
+    prefill = VllmPrefillActor.options(num_gpus=share).remote(cfg, kv, "bench-kvdir", "bench", "kv")
+    decode = VllmDecodeActor.options(num_gpus=share).remote(cfg, kv, prefill, "bench-kvdir", "bench", "kv")
+    if args.share_gpu:  # vLLM profiles free memory at start: one engine at a time on a shared GPU
+        ray.get(prefill.start.remote())
+        info = ray.get(decode.start.remote())
+    else:
+        _, info = ray.get([prefill.start.remote(), decode.start.remote()])
     spec = WorkloadSpec(num_requests=args.requests, warmup_requests=1, input_len=Fixed(value=args.tokens), output_len=Fixed(value=2))
     reqs = [{"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
             for r in synthetic_requests(spec, info["vocab_size"], seed=0)]
@@ -111,6 +120,9 @@ def main() -> int:
         "analytic_bytes": rows[0]["analytic_bytes"],
         "copy_threads": args.copy_threads,
         "host_to_device": args.h2d,
+        "decode_submit": args.decode_submit,
+        "shared_gpu": args.share_gpu,
+        "direct_groups_median": statistics.median(r.get("direct_groups") or 0 for r in rows),
         "checksum": True,
         "stage_medians_s": med,
         "send_s_median": send_s,
@@ -123,7 +135,7 @@ def main() -> int:
         "ready_to_injected_s_median": ready_s,
         "kv_wait_s_median": statistics.median(r["kv_wait_s"] for r in rows) if all(r.get("kv_wait_s") is not None for r in rows) else None,
         "ratio_ready_to_injected_over_pinned_copy": (base_s / ready_s) if ready_s else None,
-        "per_request": [{k: r.get(k) for k in ("send_s", "total_s", "ready_to_injected_s", "kv_wait_s", "queued_s", *STAGES)} for r in rows],
+        "per_request": [{k: r.get(k) for k in ("send_s", "total_s", "ready_to_injected_s", "kv_wait_s", "queued_s", "direct_groups", *STAGES)} for r in rows],
     }
     print(json.dumps(res, indent=2))
     print(f"send+receive wall: connector {res['connector_gb_s']:.2f} GB/s vs pinned D2H+H2D {res['pinned_gb_s']:.2f} GB/s: "
