@@ -170,8 +170,7 @@ class ConnectorWorker:
 
     def _load(self, t: Transfer, ev: Any, t_enq: float, flag: threading.Event) -> None:
         bad = set(t.block_ids)
-        ident = {"run_id": self.run_id, "cell_id": self.cell_id, "request_id": t.key.split("/")[0], "key": t.key}
-        rec = TransferRecord(**ident)
+        rec = TransferRecord(self.run_id, self.cell_id, t.key.split("/")[0], t.key)
         try:
             queued = time.monotonic() - t_enq
             # Inference mode is per thread, and vLLM's cache tensors are inference tensors.
@@ -180,8 +179,15 @@ class ConnectorWorker:
                     self.caches, t.block_ids, self.dim, self.cfg.host_copy_threads, after=ev, registration=self.registration()
                 )
                 rec = receive(
-                    self.directory, t.key, inj, self.cfg, **{k: ident[k] for k in ("run_id", "cell_id", "request_id")},
-                    kv_bytes_per_token=self.kv_bytes_per_token, cancelled=flag.is_set,
+                    self.directory,
+                    t.key,
+                    inj,
+                    self.cfg,
+                    run_id=self.run_id,
+                    cell_id=self.cell_id,
+                    request_id=rec.request_id,
+                    kv_bytes_per_token=self.kv_bytes_per_token,
+                    cancelled=flag.is_set,
                 )
             rec.queued_s = queued
             rec.kv_wait_s = time.monotonic() - t_enq
