@@ -10,11 +10,14 @@ id -1, which is how such servers stream.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, AsyncIterator
 
 import httpx
 from httpx_sse import aconnect_sse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from actors.backends import Exchange
 
 
 class TargetSpec(BaseModel):
@@ -56,8 +59,17 @@ def completion_body(target: TargetSpec, request: dict[str, Any]) -> dict[str, An
     }
 
 
-def _delta(token_ids: list[int] | None = None, finished: bool = False, error: str | None = None, server: Any = None) -> dict:
-    return {"token_ids": token_ids or [], "token_s": [], "finished": finished, "error": error, "server": server}
+def _delta(
+    token_ids: list[int] | None = None, finished: bool = False, error: str | None = None, server: Any = None, t_recv: float | None = None
+) -> dict:
+    return {
+        "token_ids": token_ids or [],
+        "token_s": [],
+        "finished": finished,
+        "error": error,
+        "server": server,
+        "t_recv": time.monotonic() if t_recv is None else t_recv,
+    }
 
 
 class OpenAIBackend:
@@ -74,9 +86,11 @@ class OpenAIBackend:
             transport=transport,
         )
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: dict[str, Any], exchange: Exchange | None = None) -> AsyncIterator[dict[str, Any]]:
         body = completion_body(self.target, request)
         server: dict[str, Any] | None = None
+        if exchange is not None:
+            exchange.t_sent = time.monotonic()
         async with aconnect_sse(self.client, "POST", "/v1/completions", json=body) as source:
             resp = source.response
             if resp.status_code != 200:
@@ -96,8 +110,12 @@ class OpenAIBackend:
                     if ids is None:
                         ids = [-1] if choice.get("text") else []
                     if ids:
-                        yield _delta(list(ids))
+                        yield _delta(list(ids), t_recv=time.monotonic())
         yield _delta(finished=True, server=server)
+
+    async def hop_s(self, calls: int) -> float | None:
+        """None: an external server has no no-op endpoint to time the client's hop against."""
+        return None
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -11,9 +11,10 @@ class ProgressCounter:
         self.done = 0
         self.failed = 0
 
-    def tick(self, ok: bool) -> None:
-        self.done += 1
-        self.failed += 0 if ok else 1
+    def add(self, done: int, failed: int) -> None:
+        """A batch of finished requests (load generators report every ~100 ms, not per request)."""
+        self.done += done
+        self.failed += failed
 
     def read(self) -> tuple[int, int]:
         return self.done, self.failed

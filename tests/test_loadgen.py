@@ -33,6 +33,10 @@ def test_open_loop_sends_on_schedule_and_records_both_times(ray_local):
         assert rec["t_scheduled"] == spec_r.t_scheduled
         assert rec["t_sent"] >= rec["t_scheduled"]  # never early; lateness is queue delay
         assert rec["ok"] and len(rec["output_token_ids"]) == 4
+        assert rec["chunk_tokens"] == [1, 1, 1, 1] and rec["t_sent"] < rec["t_chunks"][0]
+        assert rec["loadgen_node_id"] == ray.get_runtime_context().get_node_id()
+        assert rec["server"]["engine_node_id"] == rec["loadgen_node_id"]
+        assert 0 < rec["harness_hop_s"] < 1.0  # the bare actor hop, timed before the measured phase
     sent = [by_id[r.request_id]["t_sent"] for r in reqs[2:]]
     assert sent == sorted(sent)
 
@@ -40,7 +44,7 @@ def test_open_loop_sends_on_schedule_and_records_both_times(ray_local):
 def test_closed_loop_never_exceeds_its_users(ray_local):
     spec = WorkloadSpec(num_requests=12, warmup_requests=0, output_len=Fixed(value=6), arrival=ClosedLoop(concurrency=3))
     _, recs = _run(spec, 3)
-    events = sorted([(r["t_sent"], 1) for r in recs] + [(r["t_tokens"][-1], -1) for r in recs])
+    events = sorted([(r["t_sent"], 1) for r in recs] + [(r["t_chunks"][-1], -1) for r in recs])
     live = peak = 0
     for _, d in events:
         live += d

@@ -10,6 +10,7 @@ from analysis.records import derive, to_frame
 
 
 def raw(rid, t_sched, t_sent, tokens, ok=True, warm=False, n_in=10, server=None):
+    """`tokens`: one arrival time per message of one token each."""
     return {
         "request_id": rid,
         "warmup": warm,
@@ -17,7 +18,8 @@ def raw(rid, t_sched, t_sent, tokens, ok=True, warm=False, n_in=10, server=None)
         "max_tokens": len(tokens),
         "t_scheduled": t_sched,
         "t_sent": t_sent,
-        "t_tokens": tokens,
+        "t_chunks": tokens,
+        "chunk_tokens": [1] * len(tokens),
         "output_token_ids": list(range(len(tokens))),
         "ok": ok,
         "error": None if ok else "boom",
@@ -34,6 +36,16 @@ def test_derive_per_request():
     assert r["itl_s"] == pytest.approx([0.1, 0.2, 0.1])
     assert r["output_tokens"] == 4
     assert r["prefill_s"] == 0.1 and r["transfer_s"] is None
+
+
+def test_itl_is_one_gap_per_message_and_tpot_spreads_over_tokens():
+    # 5 tokens in 3 messages: [1 token at 1.2] [3 tokens at 1.5] [1 token at 1.6]
+    r = {**raw("a", 0.0, 1.0, [1.2, 1.5, 1.6]), "chunk_tokens": [1, 3, 1], "output_token_ids": [7] * 5}
+    d = derive(r)
+    assert d["itl_s"] == pytest.approx([0.3, 0.1])  # no zero gaps for tokens that came together
+    assert d["tpot_s"] == pytest.approx(0.4 / 4)
+    assert d["output_tokens"] == 5 and d["ttft_s"] == pytest.approx(0.2) and d["e2e_s"] == pytest.approx(0.6)
+    assert "t_chunks" not in d and "chunk_tokens" not in d
 
 
 def test_single_token_has_no_tpot():
