@@ -86,10 +86,10 @@ class RequestMeter:
         s["pdbench_requests_in_flight"].set(_in_flight(self.tags, +1), tags=self.tags)
         s["pdbench_prompt_tokens"].inc(self.prompt_tokens, tags=self.tags)
 
-    def tokens_seen(self, n: int) -> None:
+    def tokens_seen(self, n: int, now: float | None = None) -> None:
         if n <= 0:
             return
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         s = _series()
         if self.t_first is None:
             self.t_first = now
@@ -180,13 +180,22 @@ def _in_flight(tags: dict[str, str], step: int) -> int:
 
 
 async def metered(stream: AsyncIterator[dict[str, Any]], role: str, prompt_tokens: int) -> AsyncIterator[dict[str, Any]]:
-    """Pass an entry actor's TokenDelta dicts through, recording them (role from the actor name)."""
-    meter = RequestMeter(current_actor_tags(role), prompt_tokens)
+    """Pass an entry actor's TokenDelta dicts through, recording them (role from the actor name).
+
+    Each delta is handed on first and recorded after, with the time it was ready: a Ray metric
+    call never sits between the engine and the client (it was part of the harness's share of TTFT).
+    """
+    t_start = time.monotonic()
+    tags = current_actor_tags(role)
+    meter: RequestMeter | None = None
     ok = False
     try:
         async for delta in stream:
-            meter.tokens_seen(len(delta["token_ids"]))
+            t = time.monotonic()
             ok = delta["finished"] and delta["error"] is None
             yield delta
+            if meter is None:
+                meter = RequestMeter(tags, prompt_tokens, t_start=t_start)
+            meter.tokens_seen(len(delta["token_ids"]), t)
     finally:
-        meter.finish(ok)
+        (meter or RequestMeter(tags, prompt_tokens, t_start=t_start)).finish(ok)

@@ -37,6 +37,27 @@ def _ms(d: dict | None, key: str) -> float | None:
     return None if not d or d.get(key) is None else d[key] * 1e3
 
 
+def _yes_no(x: bool | None) -> str:
+    return "" if x is None else ("yes" if x else "NO")
+
+
+def _schedule_columns(m: dict[str, Any]) -> dict[str, Any]:
+    """Offered vs achieved rate, send lag, and the two flags (docs/metrics.md, `schedule_kept`, `steady`)."""
+    sch = m.get("schedule") or {}
+    st = m.get("steady_state") or {}
+    q = st.get("ttft_p50_by_quartile_s") or []
+    return {
+        "offered req/s": sch.get("target_rate_rps"),
+        "sent req/s": sch.get("achieved_rate_rps"),
+        "send lag p99 ms": _ms(sch.get("send_lag_s"), "p99"),
+        "schedule kept": _yes_no(sch.get("schedule_kept")),
+        "steady TTFT p50 ms": _ms(st.get("ttft_s"), "p50"),
+        "TTFT p50 Q1→Q4 ms": " → ".join(f"{v * 1e3:.3g}" for v in q if v is not None),
+        "steady": _yes_no(st.get("steady")),
+        "harness hop ms": _ms(m.get("harness"), "hop_s"),
+    }
+
+
 def cell_table(summary: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for cid, cell in sorted(summary.get("cells", {}).items()):
@@ -56,6 +77,7 @@ def cell_table(summary: dict[str, Any]) -> pd.DataFrame:
                 "E2E p50 ms": _ms(m.get("e2e_s"), "p50"),
                 "SLO att.": m.get("slo_attainment"),
                 "goodput req/s": m.get("goodput_rps"),
+                **_schedule_columns(m),
             }
         )
     return pd.DataFrame(rows)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.metrics import SLO, cell_metrics
+from analysis.metrics import SLO, cell_metrics, workload_of
 from analysis.records import measured
 from analysis.tracks import get_analysis
 from analysis.transfers import measured_transfers, transfer_metrics, with_stall_ratio
@@ -36,7 +36,7 @@ def build_summary(
             "error": meta.get("error"),
             "labels": meta.get("labels", {}),
             "serving_mode": meta.get("serving_mode"),
-            "metrics": cell_metrics(rows, s) if not rows.empty else None,
+            "metrics": cell_metrics(rows, s, *workload_of(meta)) if not rows.empty else None,
         }
         cell_moved = moved[moved["cell_id"] == cid] if moved is not None else None
         if cell_moved is not None and not cell_moved.empty:
