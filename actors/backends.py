@@ -22,9 +22,11 @@ import numpy as np
 
 @dataclass
 class Exchange:
-    """One request's send time (time.monotonic()), stamped by the backend just before it leaves."""
+    """One request's send time (time.monotonic()), stamped by the backend where it leaves, and the
+    client's own time from being asked to that moment (None where the two are one call)."""
 
     t_sent: float | None = None
+    client_send_s: float | None = None
 
 
 class Backend(Protocol):

@@ -71,6 +71,7 @@ async def _send(backend: Backend, feed: BatchedFeed, spec: RequestSpec, t0: floa
         rec["error"] = f"{type(e).__name__}: {e}"
     # A request that failed before it left was never sent: it counts as sent when it was due.
     rec["t_sent"] = (ex.t_sent - t0) if ex.t_sent is not None else t_scheduled
+    rec["client_send_s"] = ex.client_send_s
     t = rec["t_chunks"]
     n = len(rec["output_token_ids"])
     feed.finished(

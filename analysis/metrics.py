@@ -133,12 +133,16 @@ def harness_metrics(done: pd.DataFrame) -> dict[str, Any] | None:
     the engine's own for the same request (`harness_*_s`, analysis/records.py), and what is left
     (`*_net`: the engine's part). `hop_s` is the bare actor hop the load generator timed before
     the measured phase (streaming no-ops): a floor, since a real request's hop also carries the
-    engine thread's hand-over and a stream that has been idle."""
+    engine thread's hand-over and a stream that has been idle. `client_send_s` (HTTP targets) is
+    the client's own time from being asked to the request's headers on the socket."""
     hop = done["harness_hop_s"].dropna() if "harness_hop_s" in done else pd.Series(dtype="float64")
     has_shares = "harness_ttft_s" in done and done["harness_ttft_s"].notna().any()
-    if hop.empty and not has_shares:
+    has_client = "client_send_s" in done and done["client_send_s"].notna().any()
+    if hop.empty and not has_shares and not has_client:
         return None
     out: dict[str, Any] = {"hop_s": float(hop.median()) if not hop.empty else None}
+    if has_client:  # HTTP targets: the client's own time before the request left (not inside TTFT)
+        out["client_send_s"] = distribution(done["client_send_s"])
     if has_shares:
         ttft_p50 = distribution(done["ttft_s"])["p50"]
         for m in ("ttft_s", "tpot_s", "e2e_s"):
