@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol
 
 import numpy as np
+from ray.exceptions import RayError
 
 
 @dataclass
@@ -73,7 +74,7 @@ class ActorBackend:
                 async for ref in call.remote():
                     await ref
                     rtts.append(time.monotonic() - t)
-        except Exception:
+        except RayError:
             return None
         return float(np.median(rtts)) if rtts else None
 

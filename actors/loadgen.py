@@ -16,6 +16,7 @@ server, through one streaming interface, and publishes what it sees as live metr
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ HOP_PROBE_CALLS = 20
 # An open loop sleeps until this long before a send is due, then yields to the event loop until
 # it is (asyncio's timer alone wakes up to a millisecond late under load).
 SPIN_S = 0.002
+GIL_SWITCH_S = 0.0002
 
 
 async def _send(backend: Backend, feed: BatchedFeed, spec: RequestSpec, t0: float, t_scheduled: float, timeout_s: float | None) -> dict:
@@ -101,6 +103,9 @@ class LoadGenerator:
         `concurrency` is the number of closed-loop users; requests with `t_scheduled` set are
         sent open loop at t0 + t_scheduled whatever the server is doing.
         """
+        # This process is the load generator's alone: a thread holding the GIL (Ray's own) must not
+        # hold a stamp back for the default 5 ms switch interval.
+        sys.setswitchinterval(GIL_SWITCH_S)
         backend = open_backend(entry, api_key)
         warm = [r for r in requests if r.warmup]
         measured = [r for r in requests if not r.warmup]

@@ -9,11 +9,15 @@ id -1, which is how such servers stream.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-import aiohttp
+import h11
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -72,10 +76,6 @@ def _delta(
     }
 
 
-async def _headers_sent(session: Any, ctx: Any, params: Any) -> None:
-    ctx.trace_request_ctx.t_sent = time.monotonic()
-
-
 def sse_events(buf: bytes) -> tuple[list[str], bytes]:
     """Complete SSE events' `data` in `buf`, and the incomplete rest (kept for the next read).
     One split per read, never per byte; `data:` lines of one event are joined with newlines."""
@@ -90,71 +90,155 @@ def sse_events(buf: bytes) -> tuple[list[str], bytes]:
     return out, rest
 
 
+class _StampedReads(asyncio.Protocol):
+    """A connection whose every read is stamped in `data_received`, while the event loop is still
+    dispatching I/O and before any task runs: a stream whose bytes arrive while the client parses
+    another one's are stamped when they came, not when the client got round to them."""
+
+    def __init__(self) -> None:
+        self.reads: deque[tuple[float, bytes]] = deque()
+        self.closed: BaseException | None = None
+        self._waiter: asyncio.Future | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reads.append((time.monotonic(), data))
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.connection_lost(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = exc or ConnectionResetError("server closed the connection")
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self) -> tuple[float, bytes]:
+        while not self.reads:
+            if self.closed is not None:
+                return time.monotonic(), b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self.reads.popleft()
+
+
+@dataclass
+class _Conn:
+    proto: _StampedReads
+    http: h11.Connection
+
+
 class OpenAIBackend:
-    """aiohttp, one keep-alive connection per concurrent stream: of the clients measured side by
-    side (benchmarks/http_client.py) the one whose own overhead stays under 1 ms per request at 64
-    streams; httpx with httpx-sse added several ms (encode/httpx#3215). Each delta's `t_recv` is
-    the moment the read that completed it returned, before any parsing."""
+    """HTTP/1.1 over keep-alive connections, one per concurrent stream: h11 (httpx's own protocol
+    engine) speaks HTTP, an asyncio Protocol stamps the reads. Measured side by side
+    (benchmarks/http_client.py) against aiohttp, httpx + httpx-sse (pdbench's client before, which
+    added several ms at 4 streams and hundreds at 64: encode/httpx#3215) and plain asyncio streams:
+    stamping in the protocol is what keeps bursts of chunks from many streams from being stamped
+    late. `t_sent` is the moment the request is handed to the socket, after the client built it;
+    that build time is reported as the client's own (`client_send_s`)."""
 
     def __init__(self, target: TargetSpec, api_key: str | None = None):
         self.target = target
-        self.url = f"{target.base_url}/v1/completions"
-        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-        self._session: aiohttp.ClientSession | None = None
+        url = httpx.URL(target.base_url)
+        self.host, self.tls = url.host, url.scheme == "https"
+        self.port = url.port or (443 if self.tls else 80)
+        self.path = f"{url.path.rstrip('/')}/v1/completions"
+        self.headers = [("Host", url.netloc.decode()), ("Content-Type", "application/json"), ("Accept", "text/event-stream")]
+        if api_key:
+            self.headers.append(("Authorization", f"Bearer {api_key}"))
+        self._idle: list[_Conn] = []
 
-    def _client(self) -> aiohttp.ClientSession:
-        """Made on first use, inside the event loop that will drive it."""
-        if self._session is None:
-            sent = aiohttp.TraceConfig()
-            sent.on_request_headers_sent.append(_headers_sent)
-            self._session = aiohttp.ClientSession(
-                trace_configs=[sent],
-                # A closed-loop sweep may hold hundreds of streams open at once: no pool limit. The
-                # load generator owns the request timeout.
-                connector=aiohttp.TCPConnector(limit=0),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.target.connect_timeout_s),
-                auto_decompress=False,
-            )
-        return self._session
+    async def _connect(self) -> _Conn:
+        while self._idle:
+            c = self._idle.pop()
+            if c.proto.closed is None:
+                return c
+        loop = asyncio.get_running_loop()
+        ssl_ctx = ssl.create_default_context() if self.tls else None
+        _, proto = await asyncio.wait_for(
+            loop.create_connection(_StampedReads, self.host, self.port, ssl=ssl_ctx), self.target.connect_timeout_s
+        )
+        return _Conn(proto, h11.Connection(h11.CLIENT))
+
+    async def _events(self, c: _Conn) -> AsyncIterator[tuple[float, Any]]:
+        """h11 events with the stamp of the read that completed each."""
+        t = time.monotonic()
+        while True:
+            event = c.http.next_event()
+            if event is h11.NEED_DATA:
+                t, data = await c.proto.read()
+                c.http.receive_data(data)
+                continue
+            yield t, event
+            if isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return
 
     async def stream(self, request: dict[str, Any], exchange: Exchange | None = None) -> AsyncIterator[dict[str, Any]]:
-        body = json.dumps(completion_body(self.target, request)).encode()
-        session = self._client()
-        server: dict[str, Any] | None = None
-        ex = exchange if exchange is not None else Exchange()
         t_call = time.monotonic()
-        async with session.post(self.url, data=body, headers=self.headers, trace_request_ctx=ex) as resp:
-            if ex.t_sent is not None:
-                ex.client_send_s = ex.t_sent - t_call
-            if resp.status != 200:
-                text = (await resp.read()).decode(errors="replace")
-                yield _delta(finished=True, error=f"HTTP {resp.status}: {text[:500]}")
-                return
-            buf = b""
-            async for data in resp.content.iter_any():
-                t = time.monotonic()
-                events, buf = sse_events(buf + data)
-                for event in events:
-                    if event.strip() == "[DONE]":
-                        yield _delta(finished=True, server=server)
-                        return
-                    chunk = json.loads(event)
-                    if chunk.get("error"):
-                        yield _delta(finished=True, error=f"server error: {json.dumps(chunk['error'])[:500]}")
-                        return
-                    server = chunk.get("server_timing") or server
-                    for choice in chunk.get("choices") or []:
-                        ids = choice.get("token_ids")
-                        if ids is None:
-                            ids = [-1] if choice.get("text") else []
-                        if ids:
-                            yield _delta(list(ids), t_recv=t)
+        body = json.dumps(completion_body(self.target, request)).encode()
+        c = await self._connect()
+        wire = c.http.send(h11.Request(method="POST", target=self.path, headers=[*self.headers, ("Content-Length", str(len(body)))]))
+        wire += c.http.send(h11.Data(data=body)) + c.http.send(h11.EndOfMessage())
+        ex = exchange if exchange is not None else Exchange()
+        ex.t_sent = time.monotonic()
+        ex.client_send_s = ex.t_sent - t_call
+        c.proto.transport.write(wire)
+        status, error, buf, server, finished = 0, b"", b"", None, False
+        try:
+            async for t, event in self._events(c):
+                if isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data) and status != 200:
+                    error += bytes(event.data)
+                elif isinstance(event, h11.Data) and not finished:
+                    events, buf = sse_events(buf + bytes(event.data))
+                    for data in events:
+                        if data.strip() == "[DONE]":
+                            finished = True
+                            break
+                        chunk = json.loads(data)
+                        if chunk.get("error"):
+                            yield _delta(finished=True, error=f"server error: {json.dumps(chunk['error'])[:500]}")
+                            c.proto.transport.close()
+                            return
+                        server = chunk.get("server_timing") or server
+                        for choice in chunk.get("choices") or []:
+                            ids = choice.get("token_ids")
+                            if ids is None:
+                                ids = [-1] if choice.get("text") else []
+                            if ids:
+                                yield _delta(list(ids), t_recv=t)
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise ConnectionResetError("server closed the connection mid-response")
+        except BaseException:  # cancelled (timeout) or broken mid-response: the connection cannot be reused
+            c.proto.transport.close()
+            raise
+        self._release(c)
+        if status != 200:
+            yield _delta(finished=True, error=f"HTTP {status}: {error.decode(errors='replace')[:500]}")
+            return
         yield _delta(finished=True, server=server)
+
+    def _release(self, c: _Conn) -> None:
+        """Back to the pool when the server keeps the connection open for another request."""
+        if c.http.our_state is h11.DONE and c.http.their_state is h11.DONE and c.proto.closed is None:
+            c.http.start_next_cycle()
+            self._idle.append(c)
+        else:
+            c.proto.transport.close()
 
     async def hop_s(self, calls: int) -> float | None:
         """None: an external server has no no-op endpoint to time the client's hop against."""
         return None
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for c in self._idle:
+            c.proto.transport.close()
+        self._idle.clear()

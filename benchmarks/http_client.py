@@ -6,7 +6,9 @@ server's (request in → first chunk written) and likewise for E2E: what the cli
 loopback, the server's read and its own parsing. Candidates, alternating round by round so noise
 hits each alike:
 
-- `pdbench`: actors/openai_client.py as shipped (aiohttp, stamped at the read that delivered the bytes)
+- `pdbench`: actors/openai_client.py as shipped (h11 over an asyncio Protocol that stamps each
+  read in `data_received`)
+- `aiohttp`: aiohttp, stamped when its `iter_any` read returns
 - `httpx-sse`: httpx + httpx-sse, pdbench's client before (stamped per parsed event)
 - `raw`: asyncio streams with a minimal HTTP/1.1 + chunked + SSE reader (stamped per read)
 
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+import aiohttp
 import httpx
 import numpy as np
 from httpx_sse import aconnect_sse
@@ -74,6 +77,45 @@ class HttpxSse:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+class Aiohttp:
+    """aiohttp, stamped per `iter_any` read, the send stamped when its tracing says the headers went out."""
+
+    def __init__(self, target: TargetSpec):
+        self.target = target
+        self.session: aiohttp.ClientSession | None = None
+
+    async def stream(self, request: dict[str, Any], ex: Exchange) -> AsyncIterator[dict[str, Any]]:
+        if self.session is None:
+            sent = aiohttp.TraceConfig()
+            sent.on_request_headers_sent.append(_headers_sent)
+            self.session = aiohttp.ClientSession(trace_configs=[sent], connector=aiohttp.TCPConnector(limit=0))
+        body = json.dumps(completion_body(self.target, request)).encode()
+        server = None
+        headers = {"Content-Type": "application/json"}
+        async with self.session.post(f"{self.target.base_url}/v1/completions", data=body, headers=headers, trace_request_ctx=ex) as resp:
+            buf = b""
+            async for data in resp.content.iter_any():
+                t = time.monotonic()
+                events, buf = sse_events(buf + data)
+                for event in events:
+                    if event == "[DONE]":
+                        continue
+                    chunk = json.loads(event)
+                    server = chunk.get("server_timing") or server
+                    for choice in chunk.get("choices") or []:
+                        if choice.get("token_ids"):
+                            yield {"token_ids": choice["token_ids"], "t_recv": t, "finished": False}
+        yield {"token_ids": [], "t_recv": time.monotonic(), "finished": True, "server": server}
+
+    async def aclose(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+async def _headers_sent(session: Any, ctx: Any, params: Any) -> None:
+    ctx.trace_request_ctx.t_sent = time.monotonic()
 
 
 class RawStreams:
@@ -126,7 +168,7 @@ class RawStreams:
             w.close()
 
 
-CLIENTS: dict[str, Callable[[TargetSpec], Any]] = {"pdbench": OpenAIBackend, "httpx-sse": HttpxSse, "raw": RawStreams}
+CLIENTS: dict[str, Callable[[TargetSpec], Any]] = {"pdbench": OpenAIBackend, "aiohttp": Aiohttp, "httpx-sse": HttpxSse, "raw": RawStreams}
 
 
 async def measure(make: Callable[[TargetSpec], Any], target: TargetSpec, streams: int, per_stream: int) -> dict[str, list[float]]:
@@ -189,7 +231,7 @@ def main() -> None:
             row["cpu_ms_per_request"] = float(np.mean(o["cpu"])) * 1e3
             row["ttft_p50_ratio_to_pdbench"] = float(np.percentile(o["ttft"], 50)) / base if base > 0 else None
             out.append(row)
-    pd_64 = [r for r in out if r["client"] == "pdbench" and r["streams"] == max(args.streams)][0]
+    pd_64 = next(r for r in out if r["client"] == "pdbench" and r["streams"] == max(args.streams))
     verdict = f"goal pdbench TTFT overhead p50 < 1 ms at {pd_64['streams']} streams: {'met' if pd_64['ttft_overhead_p50_ms'] < 1 else 'NOT met'}"
     if args.json:
         print(json.dumps({"rows": out, "verdict": verdict}, indent=1))

@@ -13,7 +13,15 @@ from transformers import PreTrainedTokenizerFast
 
 from actors.backends import Exchange
 from actors.metrics import tags_from_actor_name
-from actors.openai_api import ApiError, ChunkWriter, CompletionRequest, check_supported, prompt_ids, render_text, sse
+from actors.openai_api import (
+    ApiError,
+    ChunkWriter,
+    CompletionRequest,
+    check_supported,
+    prompt_ids,
+    render_text,
+    sse,
+)
 from actors.openai_client import OpenAIBackend, TargetSpec, completion_body, sse_events
 
 TARGET = TargetSpec(base_url="http://127.0.0.1:9/", model="m", vocab_size=100)
