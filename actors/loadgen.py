@@ -27,13 +27,15 @@ from actors.metrics import BatchedFeed, current_actor_tags
 from workloads.requests import RequestSpec
 
 HOP_PROBE_CALLS = 20
-# An open loop sleeps until this long before a send is due, then yields to the event loop until
-# it is (asyncio's timer alone wakes up to a millisecond late under load).
-SPIN_S = 0.002
+# An open-loop request is prepared this long before it is due; the backend sends it on time.
+LEAD_S = 0.002
 GIL_SWITCH_S = 0.0002
 
 
-async def _send(backend: Backend, feed: BatchedFeed, spec: RequestSpec, t0: float, t_scheduled: float, timeout_s: float | None) -> dict:
+async def _send(
+    backend: Backend, feed: BatchedFeed, spec: RequestSpec, t0: float, t_scheduled: float, timeout_s: float | None, due: float | None = None
+) -> dict:
+    """One request; `due` (monotonic) is an open-loop request's send time, None to send now."""
     rec: dict[str, Any] = {
         "request_id": spec.request_id,
         "warmup": spec.warmup,
@@ -49,7 +51,7 @@ async def _send(backend: Backend, feed: BatchedFeed, spec: RequestSpec, t0: floa
         "server": None,
     }
     req = {"request_id": spec.request_id, "prompt_token_ids": list(spec.prompt_token_ids), "max_tokens": spec.max_tokens}
-    ex = Exchange()
+    ex = Exchange(not_before=due)
     feed.started(len(spec.prompt_token_ids))
 
     async def consume() -> None:
@@ -66,8 +68,9 @@ async def _send(backend: Backend, feed: BatchedFeed, spec: RequestSpec, t0: floa
                 rec["server"] = delta["server"]
 
     try:
-        await asyncio.wait_for(consume(), timeout_s)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout_s):  # no extra task (wait_for's) between schedule and send
+            await consume()
+    except TimeoutError:
         rec["error"] = f"timeout after {timeout_s} s"
     except Exception as e:  # actor died, engine raised: the request fails, the cell goes on
         rec["error"] = f"{type(e).__name__}: {e}"
@@ -141,14 +144,13 @@ class LoadGenerator:
 
     async def _open(self, backend, feed, reqs, timeout_s) -> list[dict]:
         """One dispatcher walks the schedule in order, so the event loop holds one timer, not one
-        per request; each send runs as its own task from the moment it is due."""
-        t0 = time.monotonic()
+        per request. It starts each request LEAD_S early; the request is prepared, then the
+        backend sends it when due (actors/backends.py, Exchange.ready)."""
+        t0 = time.monotonic() + LEAD_S
         tasks = []
         for spec in sorted(reqs, key=lambda r: r.t_scheduled):
             due = t0 + spec.t_scheduled
-            if (coarse := due - SPIN_S - time.monotonic()) > 0:
-                await asyncio.sleep(coarse)
-            while time.monotonic() < due:  # never send before the schedule
-                await asyncio.sleep(0)
-            tasks.append(asyncio.create_task(_send(backend, feed, spec, t0, spec.t_scheduled, timeout_s)))
+            if (wait := due - LEAD_S - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(_send(backend, feed, spec, t0, spec.t_scheduled, timeout_s, due)))
         return list(await asyncio.gather(*tasks))

@@ -187,8 +187,10 @@ class OpenAIBackend:
         wire = c.http.send(h11.Request(method="POST", target=self.path, headers=[*self.headers, ("Content-Length", str(len(body)))]))
         wire += c.http.send(h11.Data(data=body)) + c.http.send(h11.EndOfMessage())
         ex = exchange if exchange is not None else Exchange()
+        t_built = time.monotonic()
+        await ex.ready()
         ex.t_sent = time.monotonic()
-        ex.client_send_s = ex.t_sent - t_call
+        ex.client_send_s = t_built - t_call
         c.proto.transport.write(wire)
         status, error, buf, server, finished = 0, b"", b"", None, False
         try:

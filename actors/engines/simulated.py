@@ -22,9 +22,10 @@ class SimState:
     n: int
 
 
-# A pass that starts within this long of the previous one's end continues it: the law's clock
-# runs on from that end, so sleep overshoot and the batcher's own work are not added per step.
-_CONTINUES_S = 0.002
+# A pass that starts within this long of the previous one's actual end (the batcher went straight
+# on) continues it: the law's clock runs on from the previous pass's due end, so sleep overshoot
+# and the batcher's own work are paid back instead of added per step.
+_CONTINUES_S = 0.001
 
 
 class SimulatedModel:
@@ -32,6 +33,7 @@ class SimulatedModel:
         self.cfg = cfg
         self.law = cfg.simulated
         self._end: float | None = None  # when the last pass was due to end, by the law
+        self._ended: float | None = None  # when it did end
         raw, _ = resolve_model(cfg.model)
         self.arch = architecture({**(raw or {}), **cfg.hf_overrides})
         self.vocab_size = int(self.arch.get("vocab_size", 32000))
@@ -60,10 +62,11 @@ class SimulatedModel:
         this one follows straight on: pass k of a busy engine ends at start + the law's sum, exactly
         on average, as a real engine's steps do, instead of drifting by each sleep's overshoot."""
         now = time.monotonic()
-        start = self._end if self._end is not None and 0 <= now - self._end < _CONTINUES_S else now
-        self._end = start + seconds
+        straight_on = self._end is not None and self._ended is not None and now - self._ended < _CONTINUES_S
+        self._end = (self._end if straight_on else now) + seconds
         if self._end > now:
             time.sleep(self._end - now)
+        self._ended = time.monotonic()
 
     def _token(self, state: SimState) -> int:
         h = hashlib.blake2b(f"{state.seed}:{state.n}".encode(), digest_size=4).digest()
