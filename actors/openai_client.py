@@ -99,10 +99,6 @@ class _StampedReads(asyncio.Protocol):
         self.reads: deque[tuple[float, bytes]] = deque()
         self.closed: BaseException | None = None
         self._waiter: asyncio.Future | None = None
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         self.reads.append((time.monotonic(), data))
@@ -131,6 +127,7 @@ class _StampedReads(asyncio.Protocol):
 
 @dataclass
 class _Conn:
+    transport: asyncio.Transport
     proto: _StampedReads
     http: h11.Connection
 
@@ -162,10 +159,10 @@ class OpenAIBackend:
                 return c
         loop = asyncio.get_running_loop()
         ssl_ctx = ssl.create_default_context() if self.tls else None
-        _, proto = await asyncio.wait_for(
+        transport, proto = await asyncio.wait_for(
             loop.create_connection(_StampedReads, self.host, self.port, ssl=ssl_ctx), self.target.connect_timeout_s
         )
-        return _Conn(proto, h11.Connection(h11.CLIENT))
+        return _Conn(transport, proto, h11.Connection(h11.CLIENT))
 
     async def _events(self, c: _Conn) -> AsyncIterator[tuple[float, Any]]:
         """h11 events with the stamp of the read that completed each."""
@@ -191,7 +188,7 @@ class OpenAIBackend:
         await ex.ready()
         ex.t_sent = time.monotonic()
         ex.client_send_s = t_built - t_call
-        c.proto.transport.write(wire)
+        c.transport.write(wire)
         status, error, buf, server, finished = 0, b"", b"", None, False
         try:
             async for t, event in self._events(c):
@@ -208,7 +205,7 @@ class OpenAIBackend:
                         chunk = json.loads(data)
                         if chunk.get("error"):
                             yield _delta(finished=True, error=f"server error: {json.dumps(chunk['error'])[:500]}")
-                            c.proto.transport.close()
+                            c.transport.close()
                             return
                         server = chunk.get("server_timing") or server
                         for choice in chunk.get("choices") or []:
@@ -220,7 +217,7 @@ class OpenAIBackend:
                 elif isinstance(event, h11.ConnectionClosed):
                     raise ConnectionResetError("server closed the connection mid-response")
         except BaseException:  # cancelled (timeout) or broken mid-response: the connection cannot be reused
-            c.proto.transport.close()
+            c.transport.close()
             raise
         self._release(c)
         if status != 200:
@@ -234,7 +231,7 @@ class OpenAIBackend:
             c.http.start_next_cycle()
             self._idle.append(c)
         else:
-            c.proto.transport.close()
+            c.transport.close()
 
     async def hop_s(self, calls: int) -> float | None:
         """None: an external server has no no-op endpoint to time the client's hop against."""
@@ -242,5 +239,5 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         for c in self._idle:
-            c.proto.transport.close()
+            c.transport.close()
         self._idle.clear()

@@ -112,8 +112,9 @@ def steady_metrics(df: pd.DataFrame, steady: SteadyState) -> dict[str, Any]:
     parts = [done["ttft_s"].iloc[i] for i in np.array_split(np.arange(len(done)), 4)]
     quartiles = [float(q.median()) if q.notna().any() else None for q in parts]
     steady_flag = None
-    if len(done) >= 8 and None not in quartiles:
-        steady_flag = bool(quartiles[3] <= UNSTEADY_FACTOR * quartiles[0] + UNSTEADY_MARGIN_S)
+    q1, q4 = quartiles[0], quartiles[3]
+    if len(done) >= 8 and q1 is not None and q4 is not None:
+        steady_flag = bool(q4 <= UNSTEADY_FACTOR * q1 + UNSTEADY_MARGIN_S)
     return {
         "ramp_up": steady.ramp_up,
         "cool_down": steady.cool_down,
