@@ -54,7 +54,8 @@ def _schedule_columns(m: dict[str, Any]) -> dict[str, Any]:
         "steady TTFT p50 ms": _ms(st.get("ttft_s"), "p50"),
         "TTFT p50 Q1→Q4 ms": " → ".join(f"{v * 1e3:.3g}" for v in q if v is not None),
         "steady": _yes_no(st.get("steady")),
-        "harness hop ms": _ms(m.get("harness"), "hop_s"),
+        # The harness's share of TTFT (client minus engine, per request; docs/metrics.md `harness`).
+        "harness TTFT p50 ms": _ms((m.get("harness") or {}).get("ttft_s"), "p50"),
     }
 
 
