@@ -2,19 +2,65 @@
 
 A backend turns a request (`request_id`, `prompt_token_ids`, `max_tokens`) into a stream of
 TokenDelta dicts (`token_ids`, `token_s`, `finished`, `error`, `server`). The load generator
-timestamps each delta as it arrives and knows nothing else about the server, so the same tracks
-measure a pdbench entry actor (Ray streaming generator) or any OpenAI-compatible HTTP server.
+knows nothing else about the server, so the same tracks measure a pdbench entry actor (Ray
+streaming generator) or any OpenAI-compatible HTTP server.
+
+The backend, not the load generator, reads the clock: it stamps `Exchange.t_sent` at the call
+that hands the request to the transport, and each delta's `t_recv` right where the message came
+in (the streamed item's arrival, the socket read that delivered the bytes), so neither the load
+generator's own scheduling nor parsing is counted as the server's latency.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol
+
+import numpy as np
+from ray.exceptions import RayError
+
+
+# An open-loop send sleeps until this long before it is due, then yields to the event loop until
+# it is: asyncio's timer alone wakes up late by up to a millisecond under load.
+SPIN_S = 0.0005
+
+
+@dataclass
+class Exchange:
+    """One request's send time (time.monotonic()), stamped by the backend where it leaves, and the
+    client's own time from being asked to that moment (None where the two are one call).
+    `not_before`: an open-loop request's due time; the backend prepares the request first and
+    sends it at that moment (`ready`), so preparing it is never late."""
+
+    t_sent: float | None = None
+    client_send_s: float | None = None
+    not_before: float | None = None
+
+    async def ready(self) -> None:
+        if self.not_before is None:
+            return
+        if (coarse := self.not_before - SPIN_S - time.monotonic()) > 0:
+            await asyncio.sleep(coarse)
+        while time.monotonic() < self.not_before:  # never before the schedule
+            await asyncio.sleep(0)
 
 
 class Backend(Protocol):
-    def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+    def stream(self, request: dict[str, Any], exchange: Exchange | None = None) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def hop_s(self, calls: int) -> float | None: ...
 
     async def aclose(self) -> None: ...
+
+
+class HopProbe:
+    """Mixed into entry actors: a streaming no-op, so a load generator can time the bare actor hop
+    (call out, first streamed item back) that every request's TTFT carries."""
+
+    async def ping(self) -> AsyncIterator[dict[str, Any]]:
+        yield {}
 
 
 class ActorBackend:
@@ -23,9 +69,32 @@ class ActorBackend:
     def __init__(self, handle: Any):
         self.handle = handle
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for ref in self.handle.generate.options(num_returns="streaming").remote(request):
-            yield await ref
+    async def stream(self, request: dict[str, Any], exchange: Exchange | None = None) -> AsyncIterator[dict[str, Any]]:
+        call = self.handle.generate.options(num_returns="streaming")
+        if exchange is not None:
+            await exchange.ready()
+            exchange.t_sent = time.monotonic()
+        async for ref in call.remote(request):
+            delta = await ref
+            delta["t_recv"] = time.monotonic()
+            yield delta
+
+    async def hop_s(self, calls: int) -> float | None:
+        """Median round trip of `calls` streaming no-ops to the entry (None: it has no `ping`, or is
+        dead, in which case the requests themselves will fail with the reason)."""
+        if not hasattr(self.handle, "ping"):
+            return None
+        rtts = []
+        try:
+            for _ in range(calls):
+                call = self.handle.ping.options(num_returns="streaming")
+                t = time.monotonic()
+                async for ref in call.remote():
+                    await ref
+                    rtts.append(time.monotonic() - t)
+        except RayError:
+            return None
+        return float(np.median(rtts)) if rtts else None
 
     async def aclose(self) -> None:
         return None

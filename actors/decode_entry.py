@@ -11,11 +11,12 @@ import secrets
 import time
 from typing import Any, AsyncIterator
 
+from actors.backends import HopProbe
 from actors.kv.transport import reason_of
 from actors.metrics import metered
 
 
-class DecodeEntry:
+class DecodeEntry(HopProbe):
     prefill: Any  # the pair's prefill actor handle
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

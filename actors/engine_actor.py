@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 
 import ray
 
+from actors.backends import HopProbe
 from actors.engines import EngineConfig, EngineRequest, build_engine
 from actors.metrics import metered
 
@@ -29,13 +30,14 @@ def node_facts() -> dict[str, Any]:
 
 
 @ray.remote
-class EngineActor:
+class EngineActor(HopProbe):
     """Async actor: many `generate` streams share one engine, which batches them itself."""
 
     def __init__(self, engine_cfg: dict[str, Any], role: str = "engine"):
         self.cfg = EngineConfig.model_validate(engine_cfg)
         self.role = role
         self.engine = build_engine(self.cfg)
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     async def start(self) -> dict[str, Any]:
         info = await self.engine.start()
@@ -47,7 +49,10 @@ class EngineActor:
 
     async def _generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         async for delta in self.engine.generate(EngineRequest(**request)):
-            yield dataclasses.asdict(delta)
+            d = dataclasses.asdict(delta)
+            if d["finished"]:  # which node served it: requests.parquet's `engine_node_id`, per request (replicas differ)
+                d["server"] = {**(d["server"] or {}), "engine_node_id": self.node_id}
+            yield d
 
     async def memory(self) -> dict[str, Any]:
         """The engine's memory decomposition (keys documented on actors.engines.base.MemoryReport)."""

@@ -2,48 +2,65 @@
 
 Runs beside its cell's entry actor (0 CPUs: it waits on I/O; LLMPerf's one-CPU-per-client actors
 could not even be scheduled on small clusters). Every request carries its intended send time and
-its actual send time, so a late client shows up as queue delay instead of as a faster server.
-It talks to a backend (actors/backends.py): a pdbench entry actor or an OpenAI-compatible HTTP
+its actual send time, stamped by the backend where the request leaves, so a late client shows up
+as send lag (`queue_delay_s`) instead of as a slower server. Every message that carried tokens
+keeps its own arrival time (one ITL gap per message, as vLLM's bench does).
+
+Before the measured phase it times the bare actor hop to the entry (`harness_hop_s`, streaming
+no-ops), so the packet says how much of each TTFT is the harness rather than the engine. It
+talks to a backend (actors/backends.py): a pdbench entry actor or an OpenAI-compatible HTTP
 server, through one streaming interface, and publishes what it sees as live metrics (role
-`loadgen`).
+`loadgen`) in batches, off the send path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import Any
 
 import ray
 
-from actors.backends import Backend, open_backend
-from actors.metrics import RequestMeter, current_actor_tags
+from actors.backends import Backend, Exchange, open_backend
+from actors.metrics import BatchedFeed, current_actor_tags
 from workloads.requests import RequestSpec
 
+HOP_PROBE_CALLS = 20
+# An open-loop request is prepared this long before it is due; the backend sends it on time.
+LEAD_S = 0.002
+GIL_SWITCH_S = 0.0002
 
-async def _send(backend: Backend, tags: dict[str, str], spec: RequestSpec, t0: float, t_scheduled: float, timeout_s: float | None) -> dict:
+
+async def _send(
+    backend: Backend, feed: BatchedFeed, spec: RequestSpec, t0: float, t_scheduled: float, timeout_s: float | None, due: float | None = None
+) -> dict:
+    """One request; `due` (monotonic) is an open-loop request's send time, None to send now."""
     rec: dict[str, Any] = {
         "request_id": spec.request_id,
         "warmup": spec.warmup,
         "input_tokens": len(spec.prompt_token_ids),
         "max_tokens": spec.max_tokens,
         "t_scheduled": t_scheduled,
-        "t_sent": time.monotonic() - t0,
-        "t_tokens": [],
+        "t_sent": None,
+        "t_chunks": [],  # arrival of each message that carried tokens
+        "chunk_tokens": [],  # tokens in that message
         "output_token_ids": [],
         "ok": False,
         "error": None,
         "server": None,
     }
     req = {"request_id": spec.request_id, "prompt_token_ids": list(spec.prompt_token_ids), "max_tokens": spec.max_tokens}
-    meter = RequestMeter(tags, len(spec.prompt_token_ids))
+    ex = Exchange(not_before=due)
+    feed.started(len(spec.prompt_token_ids))
 
     async def consume() -> None:
-        async for delta in backend.stream(req):
-            now = time.monotonic() - t0
-            meter.tokens_seen(len(delta["token_ids"]))
-            rec["output_token_ids"].extend(delta["token_ids"])
-            rec["t_tokens"].extend([now] * len(delta["token_ids"]))
+        async for delta in backend.stream(req, ex):
+            ids = delta["token_ids"]
+            if ids:
+                rec["t_chunks"].append(delta["t_recv"] - t0)
+                rec["chunk_tokens"].append(len(ids))
+                rec["output_token_ids"].extend(ids)
             rec.setdefault("server_token_s", []).extend(delta["token_s"])
             if delta["finished"]:
                 rec["error"] = delta["error"]
@@ -51,12 +68,24 @@ async def _send(backend: Backend, tags: dict[str, str], spec: RequestSpec, t0: f
                 rec["server"] = delta["server"]
 
     try:
-        await asyncio.wait_for(consume(), timeout_s)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout_s):  # no extra task (wait_for's) between schedule and send
+            await consume()
+    except TimeoutError:
         rec["error"] = f"timeout after {timeout_s} s"
     except Exception as e:  # actor died, engine raised: the request fails, the cell goes on
         rec["error"] = f"{type(e).__name__}: {e}"
-    meter.finish(rec["ok"])
+    # A request that failed before it left was never sent: it counts as sent when it was due.
+    rec["t_sent"] = (ex.t_sent - t0) if ex.t_sent is not None else t_scheduled
+    rec["client_send_s"] = ex.client_send_s
+    t = rec["t_chunks"]
+    n = len(rec["output_token_ids"])
+    feed.finished(
+        rec["ok"],
+        n,
+        t[0] - rec["t_sent"] if t else None,
+        (t[-1] - t[0]) / (n - 1) if n >= 2 else None,
+        t[-1] - rec["t_sent"] if t else None,
+    )
     return rec
 
 
@@ -71,27 +100,35 @@ class LoadGenerator:
         progress: Any = None,
         api_key: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Warm-up requests first (closed loop, excluded later), then the measured phase.
+        """Warm-up requests first (closed loop, excluded later), the hop probe, then the measured phase.
 
         `entry` is an entry actor handle or a TargetSpec (HTTP server; `api_key` authenticates).
         `concurrency` is the number of closed-loop users; requests with `t_scheduled` set are
         sent open loop at t0 + t_scheduled whatever the server is doing.
         """
+        # This process is the load generator's alone: a thread holding the GIL (Ray's own) must not
+        # hold a stamp back for the default 5 ms switch interval.
+        sys.setswitchinterval(GIL_SWITCH_S)
         backend = open_backend(entry, api_key)
-        self._tags = current_actor_tags("loadgen")
         warm = [r for r in requests if r.warmup]
         measured = [r for r in requests if not r.warmup]
         try:
-            records = await self._closed(backend, warm, concurrency, timeout_s, progress)
-            if measured and measured[0].t_scheduled is not None:
-                records += await self._open(backend, measured, timeout_s, progress)
-            else:
-                records += await self._closed(backend, measured, concurrency, timeout_s, progress)
+            async with BatchedFeed(current_actor_tags("loadgen"), progress) as feed:
+                records = await self._closed(backend, feed, warm, concurrency, timeout_s)
+                hop = await backend.hop_s(HOP_PROBE_CALLS)
+                if measured and measured[0].t_scheduled is not None:
+                    records += await self._open(backend, feed, measured, timeout_s)
+                else:
+                    records += await self._closed(backend, feed, measured, concurrency, timeout_s)
         finally:
             await backend.aclose()
+        node = ray.get_runtime_context().get_node_id()
+        for r in records:
+            r["loadgen_node_id"] = node
+            r["harness_hop_s"] = hop
         return records
 
-    async def _closed(self, backend, reqs, concurrency, timeout_s, progress) -> list[dict]:
+    async def _closed(self, backend, feed, reqs, concurrency, timeout_s) -> list[dict]:
         t0 = time.monotonic()
         todo = list(reversed(reqs))
         out: list[dict] = []
@@ -100,25 +137,20 @@ class LoadGenerator:
             while todo:
                 spec = todo.pop()
                 # A closed-loop user is ready the moment it picks the request up.
-                rec = await _send(backend, self._tags, spec, t0, time.monotonic() - t0, timeout_s)
-                out.append(rec)
-                if progress is not None:
-                    progress.tick.remote(rec["ok"])
+                out.append(await _send(backend, feed, spec, t0, time.monotonic() - t0, timeout_s))
 
         await asyncio.gather(*(user() for _ in range(max(1, min(concurrency, len(reqs) or 1)))))
         return out
 
-    async def _open(self, backend, reqs, timeout_s, progress) -> list[dict]:
-        t0 = time.monotonic()
-
-        async def at(spec: RequestSpec) -> dict:
-            # asyncio may wake a little early (clock resolution): never send before the schedule.
-            while (delay := t0 + spec.t_scheduled - time.monotonic()) > 0:
-                await asyncio.sleep(delay)
-            rec = await _send(backend, self._tags, spec, t0, spec.t_scheduled, timeout_s)
-            if progress is not None:
-                progress.tick.remote(rec["ok"])
-            return rec
-
-        return list(await asyncio.gather(*(at(s) for s in reqs)))
-
+    async def _open(self, backend, feed, reqs, timeout_s) -> list[dict]:
+        """One dispatcher walks the schedule in order, so the event loop holds one timer, not one
+        per request. It starts each request LEAD_S early; the request is prepared, then the
+        backend sends it when due (actors/backends.py, Exchange.ready)."""
+        t0 = time.monotonic() + LEAD_S
+        tasks = []
+        for spec in sorted(reqs, key=lambda r: r.t_scheduled):
+            due = t0 + spec.t_scheduled
+            if (wait := due - LEAD_S - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(_send(backend, feed, spec, t0, spec.t_scheduled, timeout_s, due)))
+        return list(await asyncio.gather(*tasks))

@@ -1,4 +1,4 @@
-"""A counter that load generators tick and the driver polls, for the progress display."""
+"""A counter that load generators add to and the driver polls, for the progress display."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ class ProgressCounter:
         self.failed = 0
         self.by_cell: dict[str, int] = {}
 
-    def tick(self, ok: bool, cell_id: str | None = None) -> None:
-        self.done += 1
-        self.failed += 0 if ok else 1
+    def add(self, done: int, failed: int, cell_id: str | None = None) -> None:
+        """A batch of finished requests (load generators report every ~100 ms, not per request)."""
+        self.done += done
+        self.failed += failed
         if cell_id is not None:
-            self.by_cell[cell_id] = self.by_cell.get(cell_id, 0) + 1
+            self.by_cell[cell_id] = self.by_cell.get(cell_id, 0) + done
 
     def read(self) -> tuple[int, int]:
         return self.done, self.failed
@@ -29,23 +30,23 @@ class ProgressCounter:
 
 
 @dataclass(frozen=True)
-class _CellTick:
+class _CellAdd:
     counter: Any
     cell_id: str
 
-    def remote(self, ok: bool) -> Any:
-        return self.counter.tick.remote(ok, self.cell_id)
+    def remote(self, done: int, failed: int) -> Any:
+        return self.counter.add.remote(done, failed, self.cell_id)
 
 
 @dataclass(frozen=True)
 class CellCounter:
     """One cell's handle on the run's single counter actor (one actor, not one process per cell):
-    a load generator ticks it as it would the counter (`tick.remote(ok)`), and the count is also
-    kept under the cell's id, so the display can say how far each cell is."""
+    a load generator adds to it as it would to the counter (`add.remote(done, failed)`), and the
+    count is also kept under the cell's id, so the display can say how far each cell is."""
 
     counter: Any
     cell_id: str
 
     @property
-    def tick(self) -> _CellTick:
-        return _CellTick(self.counter, self.cell_id)
+    def add(self) -> _CellAdd:
+        return _CellAdd(self.counter, self.cell_id)

@@ -11,9 +11,11 @@ from typing import Any, AsyncIterator
 
 import ray
 
+from actors.backends import HopProbe
+
 
 @ray.remote(num_cpus=0)
-class ReplicaRouter:
+class ReplicaRouter(HopProbe):
     """Sends each request to the replica with the fewest requests in flight; ties go round robin,
     so a closed loop spreads evenly and a replica that falls behind gets less."""
 

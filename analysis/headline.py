@@ -39,8 +39,36 @@ def cell_rows(summary: dict[str, Any], latencies: tuple[str, ...] = ("ttft_s", "
             for q in ("p50", "p99"):
                 row[f"{names[key]} {q} (ms)"] = ms(_q(m, key, q))
         row["SLO attainment"] = pct(m.get("slo_attainment"))
+        row.update(_schedule_columns(m))
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    # Columns no cell has anything for (a closed loop has no offered rate) are left out.
+    return df[[c for c in df.columns if c not in _SCHEDULE_COLUMNS or (df[c] != DASH).any()]] if not df.empty else df
+
+
+def _yes_no(x: Any) -> str:
+    return DASH if x is None else ("yes" if x else "NO")
+
+
+_SCHEDULE_COLUMNS = ("offered req/s", "sent req/s", "send lag p99 (ms)", "schedule kept", "steady TTFT p50 (ms)", "TTFT p50 Q1→Q4 (ms)", "steady", "harness TTFT p50 (ms)")
+
+
+def _schedule_columns(m: dict[str, Any]) -> dict[str, str]:
+    """Offered vs achieved rate, send lag, the steady-state window and the harness's share of TTFT,
+    with the two flags (docs/metrics.md: `schedule_kept`, `steady`, `harness`)."""
+    sch = m.get("schedule") or {}
+    st = m.get("steady_state") or {}
+    q = [v for v in (st.get("ttft_p50_by_quartile_s") or []) if v is not None]
+    return {
+        "offered req/s": num(sch.get("target_rate_rps")),
+        "sent req/s": num(sch.get("achieved_rate_rps")),
+        "send lag p99 (ms)": ms(_q(sch, "send_lag_s", "p99")),
+        "schedule kept": _yes_no(sch.get("schedule_kept")),
+        "steady TTFT p50 (ms)": ms(_q(st, "ttft_s", "p50")),
+        "TTFT p50 Q1→Q4 (ms)": " → ".join(ms(v) for v in q) or DASH,
+        "steady": _yes_no(st.get("steady")),
+        "harness TTFT p50 (ms)": ms(_q(m.get("harness") or {}, "ttft_s", "p50")),
+    }
 
 
 def headlines(summary: dict[str, Any], manifest: dict[str, Any]) -> list[Headline]:

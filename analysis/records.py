@@ -12,13 +12,19 @@ import numpy as np
 import pandas as pd
 
 SERVER_COLUMNS = ("server_queue_s", "prefill_s", "transfer_s", "first_decode_s")
+HARNESS_COLUMNS = ("harness_ttft_s", "harness_tpot_s", "harness_e2e_s")
 
 
 def derive(raw: dict[str, Any]) -> dict[str, Any]:
-    """One request's row: TTFT, TPOT, E2E, ITL and queue delay from its client timestamps."""
-    t = list(raw.get("t_tokens") or [])
+    """One request's row: TTFT, TPOT, E2E, ITL and send lag from its client timestamps.
+
+    `t_chunks` holds the arrival of each message that carried tokens: ITL is one gap per message
+    (vLLM bench's `itl`), never a 0 for tokens that came together; TPOT spreads the time after
+    the first message over every token after the first.
+    """
+    t = list(raw.get("t_chunks") or [])
     n = len(raw.get("output_token_ids") or [])
-    row = {k: v for k, v in raw.items() if k not in ("t_tokens", "server", "server_token_s")}
+    row = {k: v for k, v in raw.items() if k not in ("t_chunks", "chunk_tokens", "server", "server_token_s")}
     # The engine's own per-token times: seconds since it received the request (its clock only).
     row["server_token_s"] = list(raw.get("server_token_s") or [])
     row["output_tokens"] = n
@@ -28,7 +34,8 @@ def derive(raw: dict[str, Any]) -> dict[str, Any]:
     row["tpot_s"] = (t[-1] - t[0]) / (n - 1) if n >= 2 else None
     row["e2e_s"] = t[-1] - raw["t_sent"] if t else None
     row["queue_delay_s"] = raw["t_sent"] - raw["t_scheduled"]
-    row["itl_s"] = list(np.diff(t)) if len(t) >= 2 else []
+    row["itl_s"] = [float(g) for g in np.diff(t)] if len(t) >= 2 else []
+    row.update(harness_shares(row, row["server_token_s"]))
     server = raw.get("server") or {}
     for col in SERVER_COLUMNS:
         row[col] = server.get(col)
@@ -38,11 +45,25 @@ def derive(raw: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def harness_shares(row: dict[str, Any], st: list[float]) -> dict[str, float | None]:
+    """What the harness (actor hops, streaming, the load generator) adds to TTFT, TPOT and E2E:
+    the client's duration minus the engine's own for the same request (each a duration on one
+    process's clock). None where the engine reports no token times (an external server)."""
+    if not st or len(st) != row["output_tokens"] or row["ttft_s"] is None:
+        return {"harness_ttft_s": None, "harness_tpot_s": None, "harness_e2e_s": None}
+    n = len(st)
+    return {
+        "harness_ttft_s": row["ttft_s"] - st[0],
+        "harness_tpot_s": row["tpot_s"] - (st[-1] - st[0]) / (n - 1) if n >= 2 else None,
+        "harness_e2e_s": row["e2e_s"] - st[-1],
+    }
+
+
 def to_frame(raws: Iterable[dict[str, Any]], **identity: Any) -> pd.DataFrame:
     """Rows for one cell; `identity` (run_id, cell_id, mode, engine, ...) is stamped on each."""
     rows = [{**derive(r), **identity} for r in raws]
     df = pd.DataFrame(rows)
-    for col in ("ttft_s", "tpot_s", "e2e_s", "t_first_token", "t_last_token", *SERVER_COLUMNS):
+    for col in ("ttft_s", "tpot_s", "e2e_s", "t_first_token", "t_last_token", "harness_hop_s", "client_send_s", *HARNESS_COLUMNS, *SERVER_COLUMNS):
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     return df

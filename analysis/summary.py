@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.metrics import SLO, cell_metrics
+from analysis.metrics import SLO, cell_metrics, workload_of
 from analysis.records import measured
 from analysis.tracks import get_analysis
 from analysis.transfers import measured_transfers, transfer_metrics, with_stall_ratio
@@ -37,7 +37,7 @@ def build_summary(
             "labels": meta.get("labels", {}),
             "serving_mode": meta.get("serving_mode"),
             "host_load": meta.get("host_load"),
-            "metrics": cell_metrics(rows, s) if not rows.empty else None,
+            "metrics": cell_metrics(rows, s, *workload_of(meta)) if not rows.empty else None,
         }
         if meta.get("kv_connector"):
             out_cells[cid]["kv_connector"] = meta["kv_connector"]

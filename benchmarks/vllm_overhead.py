@@ -65,7 +65,7 @@ def actor_path(cfg: EngineConfig, reqs, warm) -> tuple[float, float, list[list[i
     assert all(r["ok"] for r in recs), [r["error"] for r in recs if not r["ok"]][:3]
     by_id = {r["request_id"]: r["output_token_ids"] for r in recs}
     tokens = sum(len(t) for t in by_id.values())
-    window = max(r["t_tokens"][-1] for r in recs) - min(r["t_sent"] for r in recs)
+    window = max(r["t_chunks"][-1] for r in recs) - min(r["t_sent"] for r in recs)
     return tokens / dt, tokens / window, [by_id[r.request_id] for r in reqs]
 
 

@@ -30,7 +30,7 @@ import ray
 from actors.engines import EngineConfig
 from actors.progress import CellCounter, ProgressCounter
 from actors.telemetry import TelemetrySampler
-from analysis.metrics import cell_metrics
+from analysis.metrics import cell_metrics, workload_of
 from analysis.packet import load_packet, read_json, write_json, write_parquet, write_yaml
 from analysis.records import measured
 from analysis.redact import treat_env_as_secret
@@ -114,6 +114,17 @@ def for_target(cfg: ExperimentConfig, plans: list[CellPlan]) -> list[CellPlan]:
     return [dataclasses.replace(p, mode="external") for p in plans]
 
 
+def cell_node_ids(meta: dict[str, Any], df: pd.DataFrame) -> dict[str, list[str]]:
+    """Ray node ids a cell ran on, by role (the manifest's per-cell `nodes`)."""
+    out: dict[str, list[str]] = {}
+    for col in df.columns if not df.empty else []:
+        if col.endswith("_node_id"):
+            out[col.removesuffix("_node_id")] = sorted(df[col].dropna().astype(str).unique())
+    if not out.get("engine") and (meta.get("engine_info") or {}).get("node"):
+        out["engine"] = [meta["engine_info"]["node"]["node_id"]]
+    return out
+
+
 def cell_engine(cfg: ExperimentConfig, plan: CellPlan) -> EngineConfig:
     return EngineConfig.model_validate({**cfg.engine.model_dump(), **plan.engine_overrides})
 
@@ -123,7 +134,8 @@ def cell_hash(cfg: ExperimentConfig, plan: CellPlan) -> str:
     mode and engine count, KV transfer, SLO, placement; not its name."""
     what: dict[str, Any] = {
         "engine": cell_engine(cfg, plan).model_dump(mode="json"),
-        "workload": plan.workload.model_dump(mode="json"),
+        # The steady-state window only changes the analysis; old cells' hashes stand without it.
+        "workload": plan.workload.model_dump(mode="json", exclude={"steady_state"}),
         "seed": cfg.seed + plan.seed_offset,
         "mode": plan.mode,
         "replicas": plan.replicas,
@@ -271,6 +283,9 @@ class Driver:
             "config_hash": cell_hash(self.cfg, plan),
             "seed": self.cfg.seed + plan.seed_offset,
             "started_at": _now(),
+            # What analysis needs of the workload: the offered rate and the steady-state window.
+            "arrival": plan.workload.arrival.model_dump(mode="json"),
+            "steady_state": plan.workload.steady_state.model_dump(mode="json"),
         }
         if plan.provenance:
             meta["provenance"] = plan.provenance
@@ -279,10 +294,10 @@ class Driver:
         try:
             preflight(self.cfg, [plan])  # later rounds were not checked before the run began
             result = await MODES[plan.mode].run(self.context(plan, progress))
-            write_parquet(cell_dir / "requests.parquet", self._annotate(plan, result.requests))
+            write_parquet(cell_dir / "requests.parquet", self._annotate(plan, result.requests, result.meta))
             if result.transfers is not None:
                 write_parquet(cell_dir / "transfers.parquet", result.transfers)
-            meta.update(result.meta, status="ok", error=None)
+            meta.update(result.meta, status="ok", error=None, node_ids=cell_node_ids(result.meta, result.requests))
         except Exception as e:  # the cell fails with its reason; the sweep goes on
             meta.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
         meta["ended_at"] = _now()
@@ -293,9 +308,12 @@ class Driver:
         return meta
 
     @staticmethod
-    def _annotate(plan: CellPlan, df: pd.DataFrame) -> pd.DataFrame:
-        """Track-built prompts: each row gets its request's meta (answer, depth) and, where a
-        tokenizer made the prompt, the decoded output, so scoring needs the files alone."""
+    def _annotate(plan: CellPlan, df: pd.DataFrame, meta: dict[str, Any]) -> pd.DataFrame:
+        """Disaggregated rows get the pair's node ids. Track-built prompts: each row gets its
+        request's meta (answer, depth) and, where a tokenizer made the prompt, the decoded output,
+        so scoring needs the files alone."""
+        if isinstance(meta.get("nodes"), dict) and not df.empty:
+            df = df.assign(**{f"{role}_node_id": node for role, node in meta["nodes"].items()})
         if plan.requests is None or df.empty:
             return df
         metas = {r.request_id: json.dumps(r.meta, sort_keys=True) if r.meta else None for r in plan.requests}
@@ -309,7 +327,7 @@ class Driver:
         metrics = None
         if meta.get("status") == "ok":
             rows = measured(pd.read_parquet(self._cell_dir(plan) / "requests.parquet"))
-            metrics = cell_metrics(rows, self.cfg.slo) if not rows.empty else None
+            metrics = cell_metrics(rows, self.cfg.slo, *workload_of(meta)) if not rows.empty else None
         return CellOutcome(plan.cell_id, dict(plan.labels), meta.get("status") == "ok", meta.get("error"), metrics)
 
     async def _run_all(self, on_progress: Callable[[RunProgress], None] | None) -> list[dict[str, Any]]:
@@ -433,7 +451,7 @@ class Driver:
             "ended_at": _now() if status != "running" else None,
             "status": status,
             "cells": {
-                c: {"status": m.get("status"), "error": m.get("error"), "config_hash": m.get("config_hash")}
+                c: {"status": m.get("status"), "error": m.get("error"), "config_hash": m.get("config_hash"), "nodes": m.get("node_ids")}
                 for c, m in cells.items()
             },
             # Where track-built prompts came from: a dataset subset's ids and their hash (E4).

@@ -1,10 +1,13 @@
 """The load generator on a real local Ray: open-loop schedules, closed-loop users, failures."""
 
+import pytest
 import ray
 
 from actors.engine_actor import EngineActor
 from actors.engines.spec import EngineConfig
 from actors.loadgen import LoadGenerator
+from analysis.metrics import SLO, cell_metrics
+from analysis.records import measured, to_frame
 from workloads.arrivals import ClosedLoop, Poisson
 from workloads.lengths import Fixed
 from workloads.requests import WorkloadSpec, synthetic_requests
@@ -33,6 +36,10 @@ def test_open_loop_sends_on_schedule_and_records_both_times(ray_local):
         assert rec["t_scheduled"] == spec_r.t_scheduled
         assert rec["t_sent"] >= rec["t_scheduled"]  # never early; lateness is queue delay
         assert rec["ok"] and len(rec["output_token_ids"]) == 4
+        assert rec["chunk_tokens"] == [1, 1, 1, 1] and rec["t_sent"] < rec["t_chunks"][0]
+        assert rec["loadgen_node_id"] == ray.get_runtime_context().get_node_id()
+        assert rec["server"]["engine_node_id"] == rec["loadgen_node_id"]
+        assert 0 < rec["harness_hop_s"] < 1.0  # the bare actor hop, timed before the measured phase
     sent = [by_id[r.request_id]["t_sent"] for r in reqs[2:]]
     assert sent == sorted(sent)
 
@@ -40,7 +47,7 @@ def test_open_loop_sends_on_schedule_and_records_both_times(ray_local):
 def test_closed_loop_never_exceeds_its_users(ray_local):
     spec = WorkloadSpec(num_requests=12, warmup_requests=0, output_len=Fixed(value=6), arrival=ClosedLoop(concurrency=3))
     _, recs = _run(spec, 3)
-    events = sorted([(r["t_sent"], 1) for r in recs] + [(r["t_tokens"][-1], -1) for r in recs])
+    events = sorted([(r["t_sent"], 1) for r in recs] + [(r["t_chunks"][-1], -1) for r in recs])
     live = peak = 0
     for _, d in events:
         live += d
@@ -56,3 +63,26 @@ def test_dead_engine_fails_requests_with_reason(ray_local):
     reqs = synthetic_requests(spec, 100, seed=0)
     recs = ray.get(LoadGenerator.remote().run.remote(engine, reqs, 1))
     assert all(not r["ok"] and "Actor" in r["error"] for r in recs)
+
+
+def test_one_user_matches_the_simulated_law_once_the_harness_share_is_out(ray_local):
+    """The simulated engine's exact law is the ground truth: with the harness's share (client minus
+    engine, per request) taken out, TTFT, TPOT and E2E p50 must be the law within 1% (or 0.5 ms)."""
+    law = {"prefill_fixed_s": 0.02, "prefill_s_per_token": 0.0001, "decode_fixed_s": 0.02, "decode_s_per_seq": 0.0}
+    engine = EngineActor.options(num_cpus=0).remote(EngineConfig(kind="simulated", simulated=law).model_dump())
+    info = ray.get(engine.start.remote())
+    spec = WorkloadSpec(num_requests=16, warmup_requests=2, input_len=Fixed(value=100), output_len=Fixed(value=8))
+    recs = ray.get(LoadGenerator.remote().run.remote(engine, synthetic_requests(spec, info["vocab_size"], seed=3), 1))
+    ray.kill(engine)
+    m = cell_metrics(measured(to_frame(recs, cell_id="c")), SLO())
+    ttft, tpot = 0.02 + 0.0001 * 100, 0.02
+    e2e = ttft + 7 * tpot
+    h = m["harness"]
+    print(
+        f"harness share p50: TTFT {h['ttft_s']['p50'] * 1e3:.2f} ms ({h['share_of_ttft_p50']:.1%}), "
+        f"TPOT {h['tpot_s']['p50'] * 1e3:.3f} ms, E2E {h['e2e_s']['p50'] * 1e3:.2f} ms; bare hop {h['hop_s'] * 1e3:.2f} ms"
+    )
+    assert 0 < h["hop_s"] and 0 < h["ttft_s"]["p50"]
+    assert h["ttft_s_net"]["p50"] == pytest.approx(ttft, abs=max(0.01 * ttft, 0.0005))
+    assert h["tpot_s_net"]["p50"] == pytest.approx(tpot, abs=max(0.01 * tpot, 0.0005))
+    assert h["e2e_s_net"]["p50"] == pytest.approx(e2e, abs=max(0.01 * e2e, 0.0005))

@@ -4,12 +4,16 @@ import math
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from analysis.metrics import SLO, cell_metrics, distribution, meets_slo
 from analysis.records import derive, to_frame
+from workloads.arrivals import SteadyState
+from workloads.requests import WorkloadSpec
 
 
 def raw(rid, t_sched, t_sent, tokens, ok=True, warm=False, n_in=10, server=None):
+    """`tokens`: one arrival time per message of one token each."""
     return {
         "request_id": rid,
         "warmup": warm,
@@ -17,7 +21,8 @@ def raw(rid, t_sched, t_sent, tokens, ok=True, warm=False, n_in=10, server=None)
         "max_tokens": len(tokens),
         "t_scheduled": t_sched,
         "t_sent": t_sent,
-        "t_tokens": tokens,
+        "t_chunks": tokens,
+        "chunk_tokens": [1] * len(tokens),
         "output_token_ids": list(range(len(tokens))),
         "ok": ok,
         "error": None if ok else "boom",
@@ -34,6 +39,16 @@ def test_derive_per_request():
     assert r["itl_s"] == pytest.approx([0.1, 0.2, 0.1])
     assert r["output_tokens"] == 4
     assert r["prefill_s"] == 0.1 and r["transfer_s"] is None
+
+
+def test_itl_is_one_gap_per_message_and_tpot_spreads_over_tokens():
+    # 5 tokens in 3 messages: [1 token at 1.2] [3 tokens at 1.5] [1 token at 1.6]
+    r = {**raw("a", 0.0, 1.0, [1.2, 1.5, 1.6]), "chunk_tokens": [1, 3, 1], "output_token_ids": [7] * 5}
+    d = derive(r)
+    assert d["itl_s"] == pytest.approx([0.3, 0.1])  # no zero gaps for tokens that came together
+    assert d["tpot_s"] == pytest.approx(0.4 / 4)
+    assert d["output_tokens"] == 5 and d["ttft_s"] == pytest.approx(0.2) and d["e2e_s"] == pytest.approx(0.6)
+    assert "t_chunks" not in d and "chunk_tokens" not in d
 
 
 def test_single_token_has_no_tpot():
@@ -91,3 +106,70 @@ def test_server_reports_never_replace_client_measurements():
 def test_engine_token_times_are_kept():
     r = {**raw("a", 0.0, 0.0, [1.0, 1.5]), "server_token_s": [0.2, 0.7]}
     assert derive(r)["server_token_s"] == [0.2, 0.7]
+
+
+def _open_loop(n, rate, lag=0.0, ttft=lambda i: 0.05):
+    """n requests scheduled every 1/rate s, each sent `lag(i)` late, 3 one-token messages 10 ms apart."""
+    lag_of = lag if callable(lag) else (lambda i: lag)
+    rows = []
+    for i in range(n):
+        sched = i / rate
+        sent = sched + lag_of(i)
+        first = sent + ttft(i)
+        rows.append(raw(f"r{i}", sched, sent, [first, first + 0.01, first + 0.02]))
+    return to_frame(rows, cell_id="c")
+
+
+def test_schedule_kept_when_lag_small_and_rate_reached():
+    out = cell_metrics(_open_loop(100, 50.0, lag=0.0002), SLO(), target_rate_rps=50.0)["schedule"]
+    assert out["target_rate_rps"] == 50.0
+    assert out["scheduled_rate_rps"] == pytest.approx(50.0) and out["achieved_rate_rps"] == pytest.approx(50.0)
+    assert out["send_lag_s"]["p99"] == pytest.approx(0.0002) and out["send_lag_s"]["max"] == pytest.approx(0.0002)
+    assert out["schedule_kept"] is True
+
+
+def test_schedule_not_kept_when_sends_fall_behind():
+    # Each send 1 ms later than the one before: the generator only reached a lower rate.
+    out = cell_metrics(_open_loop(100, 200.0, lag=lambda i: 0.001 * i), SLO(), target_rate_rps=200.0)["schedule"]
+    assert out["achieved_rate_rps"] == pytest.approx(1 / (1 / 200 + 0.001))
+    assert out["send_lag_s"]["max"] == pytest.approx(0.099)
+    assert out["schedule_kept"] is False
+    # A closed loop has no schedule to keep.
+    assert cell_metrics(_open_loop(20, 10.0), SLO())["schedule"]["schedule_kept"] is None
+
+
+def test_steady_window_and_unsteady_signal():
+    flat = cell_metrics(_open_loop(100, 50.0), SLO())["steady_state"]
+    assert flat["steady"] is True and flat["requests"] == 80  # sends 0.20 … 1.78 s, inside [0.198, 1.782]
+    assert flat["window_s"] == pytest.approx([0.198, 1.782])
+    assert flat["ttft_p50_by_quartile_s"] == pytest.approx([0.05] * 4)
+    growing = cell_metrics(_open_loop(100, 50.0, ttft=lambda i: 0.05 + 0.01 * i), SLO())["steady_state"]
+    assert growing["steady"] is False
+    q = growing["ttft_p50_by_quartile_s"]
+    assert q == sorted(q) and q[3] > 1.5 * q[0]
+    # The window is configurable; the headline numbers stay over every measured request.
+    whole = cell_metrics(_open_loop(100, 50.0), SLO(), SteadyState(ramp_up=0.0, cool_down=0.0))
+    assert whole["steady_state"]["requests"] == 100 and whole["requests"] == 100
+
+
+def test_steady_state_config_is_validated():
+    with pytest.raises(ValidationError, match="ramp_up \\+ cool_down must be below 1"):
+        SteadyState(ramp_up=0.6, cool_down=0.5)
+    with pytest.raises(ValidationError):
+        WorkloadSpec.model_validate({"steady_state": {"ramp_up": -0.1}})
+    assert WorkloadSpec.model_validate({"steady_state": {"ramp_up": 0.2}}).steady_state.ramp_up == 0.2
+
+
+def test_harness_share_is_client_minus_engine_per_request():
+    # Engine: first token 40 ms after it got the request, then 10 ms per token; the client saw 50 ms and ~10.5 ms.
+    rows = [{**raw(f"r{i}", 0.0, 1.0, [1.05, 1.0605, 1.071]), "server_token_s": [0.04, 0.05, 0.06]} for i in range(4)]
+    df = to_frame(rows, cell_id="c").assign(harness_hop_s=0.002)
+    assert df["harness_ttft_s"].iloc[0] == pytest.approx(0.01)
+    h = cell_metrics(df, SLO())["harness"]
+    assert h["hop_s"] == 0.002
+    assert h["ttft_s"]["p50"] == pytest.approx(0.01) and h["ttft_s_net"]["p50"] == pytest.approx(0.04)
+    assert h["tpot_s"]["p50"] == pytest.approx(0.0005) and h["tpot_s_net"]["p50"] == pytest.approx(0.01)
+    assert h["e2e_s"]["p50"] == pytest.approx(0.011) and h["e2e_s_net"]["p50"] == pytest.approx(0.06)
+    assert h["share_of_ttft_p50"] == pytest.approx(0.2)
+    # An external server reports no token times and has no hop probe: nothing to split.
+    assert "harness" not in cell_metrics(_open_loop(10, 10.0), SLO())

@@ -6,14 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import pytest
+from aiohttp import web
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from actors.backends import Exchange
 from actors.metrics import tags_from_actor_name
-from actors.openai_api import ApiError, ChunkWriter, CompletionRequest, check_supported, prompt_ids, render_text, sse
-from actors.openai_client import OpenAIBackend, TargetSpec, completion_body
+from actors.openai_api import (
+    ApiError,
+    ChunkWriter,
+    CompletionRequest,
+    check_supported,
+    prompt_ids,
+    render_text,
+    sse,
+)
+from actors.openai_client import OpenAIBackend, TargetSpec, completion_body, sse_events
 
 TARGET = TargetSpec(base_url="http://127.0.0.1:9/", model="m", vocab_size=100)
 
@@ -83,28 +92,42 @@ def test_chunks_count_usage():
     assert json.loads(sse(first)[6:]) == first
 
 
-def _stream(handler, api_key=None) -> list[dict]:
+def _stream(handler, api_key=None, ex: Exchange | None = None) -> list[dict]:
+    """Stream one request from a loopback server whose reply is `handler(body, headers)` →
+    (status, bytes)."""
+
     async def go():
-        b = OpenAIBackend(TARGET, api_key, transport=httpx.MockTransport(handler))
+        async def reply(request: web.Request) -> web.Response:
+            status, content = handler(await request.json(), request.headers)
+            return web.Response(status=status, body=content, content_type="text/event-stream" if status == 200 else "application/json")
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", reply)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        b = OpenAIBackend(TARGET.model_copy(update={"base_url": f"http://127.0.0.1:{port}"}), api_key)
         try:
-            return [d async for d in b.stream({"request_id": "r", "prompt_token_ids": [1, 2], "max_tokens": 3})]
+            return [d async for d in b.stream({"request_id": "r", "prompt_token_ids": [1, 2], "max_tokens": 3}, ex)]
         finally:
             await b.aclose()
+            await runner.cleanup()
 
     return asyncio.run(go())
 
 
-def _sse_response(*objs) -> httpx.Response:
-    body = "".join(sse(o) for o in objs)
-    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+def _sse_response(*objs) -> tuple[int, bytes]:
+    return 200, "".join(sse(o) for o in objs).encode()
 
 
 def test_backend_sends_token_ids_greedy_and_parses_ids():
     seen = {}
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen["body"] = json.loads(request.content)
-        seen["auth"] = request.headers.get("authorization")
+    def handler(body, headers):
+        seen["body"] = body
+        seen["auth"] = headers.get("authorization")
         return _sse_response(
             {"choices": [{"index": 0, "text": "a", "token_ids": [5]}]},
             {"choices": [{"index": 0, "text": "bc", "token_ids": [6, 7], "finish_reason": "length"}], "server_timing": {"prefill_s": 0.2}},
@@ -112,17 +135,20 @@ def test_backend_sends_token_ids_greedy_and_parses_ids():
             "[DONE]",
         )
 
-    deltas = _stream(handler, api_key="k-123")
+    ex = Exchange()
+    deltas = _stream(handler, api_key="k-123", ex=ex)
     assert seen["body"] == completion_body(TARGET, {"prompt_token_ids": [1, 2], "max_tokens": 3})
     assert seen["body"]["prompt"] == [1, 2] and seen["body"]["temperature"] == 0.0 and seen["body"]["stream"] is True
     assert seen["auth"] == "Bearer k-123"
     assert [d["token_ids"] for d in deltas] == [[5], [6, 7], []]
     assert deltas[-1]["finished"] and deltas[-1]["error"] is None and deltas[-1]["server"] == {"prefill_s": 0.2}
+    # Sent when the headers reached the socket, after the client's own work, before any reply.
+    assert 0 < ex.client_send_s < 1 and ex.t_sent < deltas[0]["t_recv"] <= deltas[1]["t_recv"]
 
 
 def test_backend_counts_text_only_chunks_as_one_token_each():
     deltas = _stream(
-        lambda r: _sse_response(
+        lambda body, headers: _sse_response(
             {"choices": [{"index": 0, "text": "He"}]}, {"choices": [{"index": 0, "text": ""}]}, {"choices": [{"index": 0, "text": "llo"}]}, "[DONE]"
         )
     )
@@ -130,10 +156,18 @@ def test_backend_counts_text_only_chunks_as_one_token_each():
 
 
 def test_backend_reports_http_and_stream_errors():
-    d = _stream(lambda r: httpx.Response(400, json={"error": {"message": "bad prompt"}}))
+    d = _stream(lambda body, headers: (400, json.dumps({"error": {"message": "bad prompt"}}).encode()))
     assert len(d) == 1 and d[0]["finished"] and d[0]["error"].startswith("HTTP 400") and "bad prompt" in d[0]["error"]
-    d = _stream(lambda r: _sse_response({"choices": [{"index": 0, "token_ids": [1]}]}, {"error": {"message": "engine died"}}))
+    d = _stream(lambda body, headers: _sse_response({"choices": [{"index": 0, "token_ids": [1]}]}, {"error": {"message": "engine died"}}))
     assert d[-1]["finished"] and "engine died" in d[-1]["error"]
+
+
+def test_sse_events_split_per_read_across_boundaries_and_line_endings():
+    events, rest = sse_events(b'data: {"a": 1}\n\ndata: {"b"')
+    assert events == ['{"a": 1}'] and rest == b'data: {"b"'
+    events, rest = sse_events(rest + b': 2}\r\n\r\n: comment\n\ndata:[DONE]\n\n')
+    assert events == ['{"b": 2}', "[DONE]"] and rest == b""
+    assert sse_events(b"data: x\ndata: y\n\n") == (["x\ny"], b"")
 
 
 def test_target_refuses_credentials_in_url():

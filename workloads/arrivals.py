@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ClosedLoop(BaseModel):
@@ -39,6 +39,22 @@ class Gamma(BaseModel):
     kind: Literal["gamma"] = "gamma"
     rate: float = Field(gt=0, description="requests per second")
     burstiness: float = Field(default=1.0, gt=0)
+
+
+class SteadyState(BaseModel):
+    """Which part of a cell's measured phase counts as steady state: the requests sent after the
+    first `ramp_up` and before the last `cool_down` share of the send span (the queue fills at
+    the start of an open loop and drains at its end). Analysis only: it never changes what runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ramp_up: float = Field(default=0.1, ge=0, lt=1, description="share of the send span left out at the start")
+    cool_down: float = Field(default=0.1, ge=0, lt=1, description="share of the send span left out at the end")
+
+    @model_validator(mode="after")
+    def _leaves_a_window(self) -> SteadyState:
+        if self.ramp_up + self.cool_down >= 1:
+            raise ValueError(f"ramp_up + cool_down must be below 1 (got {self.ramp_up} + {self.cool_down}): nothing would be left")
+        return self
 
 
 Arrival = Annotated[Union[ClosedLoop, Poisson, Gamma], Field(discriminator="kind")]

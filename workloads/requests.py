@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from workloads.arrivals import Arrival, ClosedLoop, schedule
+from workloads.arrivals import Arrival, ClosedLoop, SteadyState, schedule
 from workloads.lengths import Fixed, LengthDist
 
 # Separate numpy streams per purpose: changing the arrival process must not change the prompts.
@@ -23,6 +23,7 @@ class WorkloadSpec(BaseModel):
     input_len: LengthDist = Fixed(value=32)
     output_len: LengthDist = Fixed(value=16)
     arrival: Arrival = ClosedLoop(concurrency=4)
+    steady_state: SteadyState = SteadyState()
 
 
 @dataclass(frozen=True)

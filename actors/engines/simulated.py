@@ -22,10 +22,18 @@ class SimState:
     n: int
 
 
+# A pass that starts within this long of the previous one's actual end (the batcher went straight
+# on) continues it: the law's clock runs on from the previous pass's due end, so sleep overshoot
+# and the batcher's own work are paid back instead of added per step.
+_CONTINUES_S = 0.001
+
+
 class SimulatedModel:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.law = cfg.simulated
+        self._end: float | None = None  # when the last pass was due to end, by the law
+        self._ended: float | None = None  # when it did end
         raw, _ = resolve_model(cfg.model)
         self.arch = architecture({**(raw or {}), **cfg.hf_overrides})
         self.vocab_size = int(self.arch.get("vocab_size", 32000))
@@ -49,18 +57,29 @@ class SimulatedModel:
         the analytic model for this architecture, but never as a measurement."""
         return MemoryReport(source="simulated: nothing measured", measured=False, device="none")
 
+    def _take(self, seconds: float) -> None:
+        """Hold the engine for `seconds` of the law, counted from the end of the previous pass when
+        this one follows straight on: pass k of a busy engine ends at start + the law's sum, exactly
+        on average, as a real engine's steps do, instead of drifting by each sleep's overshoot."""
+        now = time.monotonic()
+        straight_on = self._end is not None and self._ended is not None and now - self._ended < _CONTINUES_S
+        self._end = (self._end if straight_on else now) + seconds
+        if self._end > now:
+            time.sleep(self._end - now)
+        self._ended = time.monotonic()
+
     def _token(self, state: SimState) -> int:
         h = hashlib.blake2b(f"{state.seed}:{state.n}".encode(), digest_size=4).digest()
         return int.from_bytes(h, "little") % self.vocab_size
 
     def prefill(self, prompt_token_ids: list[int], capacity: int) -> tuple[int, SimState]:
-        time.sleep(self.law.prefill_fixed_s + self.law.prefill_s_per_token * len(prompt_token_ids))
+        self._take(self.law.prefill_fixed_s + self.law.prefill_s_per_token * len(prompt_token_ids))
         seed = int.from_bytes(hashlib.blake2b(repr(prompt_token_ids).encode(), digest_size=8).digest(), "little")
         state = SimState(seed=seed, n=len(prompt_token_ids))
         return self._token(state), state
 
     def decode(self, states: list[SimState], last_tokens: list[int]) -> list[int]:
-        time.sleep(self.law.decode_fixed_s + self.law.decode_s_per_seq * len(states))
+        self._take(self.law.decode_fixed_s + self.law.decode_s_per_seq * len(states))
         out = []
         for s in states:
             s.n += 1

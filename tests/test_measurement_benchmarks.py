@@ -1,0 +1,37 @@
+"""benchmarks/http_client.py and benchmarks/loadgen.py run end to end on tiny settings and report
+what they promise (no timing is judged here: the benchmarks print ratios and verdicts)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{") :])
+
+
+def test_http_client_benchmark_compares_every_client():
+    out = _run("http_client.py", "--streams", "2", "--requests-per-stream", "1", "--rounds", "1")
+    rows = {r["client"]: r for r in out["rows"]}
+    assert set(rows) == {"pdbench", "aiohttp", "httpx-sse", "raw"}
+    assert all(r["requests"] == 2 and r["cpu_ms_per_request"] > 0 for r in rows.values())
+    assert rows["pdbench"]["ttft_p50_ratio_to_pdbench"] == 1.0
+    assert out["verdict"].startswith("goal pdbench TTFT overhead p50 < 1 ms at 2 streams: ")
+
+
+@pytest.mark.slow  # starts its own Ray
+def test_loadgen_benchmark_reports_send_lag_per_rate():
+    out = _run("loadgen.py", "--targets", "null", "groundtruth", "--rates", "20", "40", "--seconds", "1")
+    for target in ("null", "groundtruth"):
+        rows = out["results"][target]
+        assert [r["rate_rps"] for r in rows] == [20, 40] and all(r["failed"] == 0 for r in rows)
+        assert all(0 <= r["send_lag_p50_ms"] <= r["send_lag_p99_ms"] <= r["send_lag_max_ms"] for r in rows)
+        assert out["highest_rate_kept_rps"][target] in (None, 20, 40)
+    assert out["goal"] == "goal null engine 1,000 req/s send lag p99 < 1 ms: not run"
