@@ -36,7 +36,9 @@ def test_open_loop_sends_on_schedule_and_records_both_times(ray_local):
         assert rec["t_scheduled"] == spec_r.t_scheduled
         assert rec["t_sent"] >= rec["t_scheduled"]  # never early; lateness is queue delay
         assert rec["ok"] and len(rec["output_token_ids"]) == 4
-        assert rec["chunk_tokens"] == [1, 1, 1, 1] and rec["t_sent"] < rec["t_chunks"][0]
+        # one entry per message: on a busy host two tokens may share one message
+        assert sum(rec["chunk_tokens"]) == 4 and min(rec["chunk_tokens"]) >= 1 and rec["t_sent"] < rec["t_chunks"][0]
+        assert len(rec["t_chunks"]) == len(rec["chunk_tokens"])
         assert rec["loadgen_node_id"] == ray.get_runtime_context().get_node_id()
         assert rec["server"]["engine_node_id"] == rec["loadgen_node_id"]
         assert 0 < rec["harness_hop_s"] < 1.0  # the bare actor hop, timed before the measured phase
