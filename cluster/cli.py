@@ -273,6 +273,32 @@ def compare(
     typer.echo(str(done / "compare.html"))
 
 
+tokenizer_app = typer.Typer(help="Tokenizers made offline, for text clients of dummy-weight models.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("build")
+def tokenizer_build(
+    out: Path = typer.Option(..., "--out", help="folder to write (created if missing)"),
+    vocab_size: Optional[int] = typer.Option(None, help="vocabulary size: the words t0 … t<N-1>"),
+    model: Optional[str] = typer.Option(
+        None, help="take the vocabulary size from this model (tiny-qwen3, a configs/models/ name, a config path) and write its config.json too"
+    ),
+) -> None:
+    """A WordLevel tokenizer (one word `t<i>` = token id i) saved with save_pretrained: exact lengths, nothing to download.
+
+    With --model the folder is also a dummy-weight model folder that `vllm serve DIR --load-format dummy` and
+    `pdbench serve --model DIR --tokenizer DIR` share.
+    """
+    from workloads.word_tokenizer import save_word_tokenizer
+
+    try:
+        done = save_word_tokenizer(out, vocab_size=vocab_size, model=model)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(str(done))
+
+
 @app.command()
 def tracks() -> None:
     """List the experiment tracks and the question each answers."""
