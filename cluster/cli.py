@@ -146,9 +146,9 @@ def serve(
     address: Optional[str] = typer.Option(None, help="Ray address to join ('auto' on a cluster node); default: embedded local Ray"),
     detach: bool = typer.Option(False, help="with --address: leave the app running on the cluster and return"),
 ) -> None:
-    """Serve pdbench's engine actors behind an OpenAI-compatible /v1/completions (streaming SSE).
+    """Serve pdbench's engine actors behind OpenAI-compatible /v1/completions and /v1/chat/completions (streaming SSE).
 
-    Prompts are token-id lists unless --tokenizer is given. Stop with Ctrl-C (the app is deleted);
+    Prompts are token-id lists unless --tokenizer is given (chat needs one; `pdbench tokenizer build` makes one offline). Stop with Ctrl-C (the app is deleted);
     with --address and --detach it keeps running until `serve shutdown` or `ray down`.
     """
     import signal
@@ -187,7 +187,7 @@ def serve(
             url = deploy(spec, host, port)
         except RuntimeError as e:
             _fail(str(e))
-        console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {url}/v1/completions")
+        console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {url}/v1/completions and /v1/chat/completions")
         typer.echo(url)
         if detach:
             return
