@@ -119,7 +119,7 @@ def served_tok(served, tmp_path_factory):
     from cluster.serve import deploy, serve_spec
     from workloads.word_tokenizer import save_word_tokenizer
 
-    url, port = served
+    _, port = served
     tok = save_word_tokenizer(tmp_path_factory.mktemp("words"), vocab_size=2048)
     spec = serve_spec({}, {"app_name": "pdbench-test-tok", "route_prefix": "/tok", "tokenizer": str(tok), "engine": {"max_model_len": 256}})
     yield deploy(spec, "127.0.0.1", port)
