@@ -39,13 +39,15 @@ def test_pinned_wheels_cover_ray_serve_and_the_vllm_cli():
 def test_gaps_follow_extras_markers_and_versions():
     kit = {"a": Version("1.0"), "b": Version("2.0")}
     img = {"c": Version("0.9")}
-    reqs = {"a": ['b>=2; extra == "x"', "c>=1", 'd; python_version < "3.10"', 'e; extra == "y"'], "b": []}
+    reqs = {"a": (Version("1.0"), ['b>=2; extra == "x"', "c>=1", 'd; python_version < "3.10"', 'e; extra == "y"']), "b": (Version("2.0"), [])}
     found = {g.requirement: g.problem for g in closure.gaps(("a[x]",), kit, img, reqs, {})}
     assert found == {"c>=1": "the image has 0.9"}  # d: not for 3.12; e: extra not asked
     found = {g.requirement: g.problem for g in closure.gaps(("a[x,y]",), kit, img, reqs, {"c": "why"})}
     assert found == {'e; extra == "y"': "in neither the image nor the kit"}
     found = closure.gaps(("b", "f"), kit, img, {}, {})
-    assert {g.requirement for g in found} == {"b", "f"} and "requires.txt" in str(found[0])
+    assert {g.requirement for g in found} == {"b", "f"} and "not recorded in requires.txt" in str(found[0])
+    stale = closure.gaps(("b",), kit, img, {"b": (Version("1.5"), [])}, {})
+    assert [g.problem for g in stale] == ["carried as 2.0, but its requirements are recorded for 1.5 in requires.txt (run `requires`)"]
 
 
 def test_batches_fit_and_big_wheels_are_cut():

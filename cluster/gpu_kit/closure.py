@@ -85,15 +85,16 @@ def left_out(path: Path = KIT_DIR / "left-out.txt") -> dict[str, str]:
     return out
 
 
-def requires(path: Path = KIT_DIR / "requires.txt") -> dict[str, list[str]]:
-    """name → its Requires-Dist lines, as recorded from the carried wheels."""
-    out: dict[str, list[str]] = {}
+def requires(path: Path = KIT_DIR / "requires.txt") -> dict[str, tuple[Version, list[str]]]:
+    """name → (the version they were read from, its Requires-Dist lines), as recorded from the carried wheels."""
+    out: dict[str, tuple[Version, list[str]]] = {}
     for line in path.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
-            name, _, req = line.partition("\t")
-            out.setdefault(canonicalize_name(name.split("==")[0]), [])
+            pin, _, req = line.partition("\t")
+            name, _, version = pin.partition("==")
+            entry = out.setdefault(canonicalize_name(name), (Version(version), []))
             if req.strip():
-                out[canonicalize_name(name.split("==")[0])].append(req.strip())
+                entry[1].append(req.strip())
     return out
 
 
@@ -136,7 +137,7 @@ def gaps(
     roots: tuple[str, ...] = ROOTS,
     kit: dict[str, Version] | None = None,
     img: dict[str, Version] | None = None,
-    reqs: dict[str, list[str]] | None = None,
+    reqs: dict[str, tuple[Version, list[str]]] | None = None,
     skip: dict[str, str] | None = None,
 ) -> list[Gap]:
     """Every requirement reachable from `roots` that is not met (carried wheels win over the image)."""
@@ -163,10 +164,11 @@ def gaps(
         if name not in kit or key in seen:
             continue
         seen.add(key)
-        if name not in reqs:
-            found.append(Gap(str(req), parent, "carried, but its requirements are not in requires.txt (run `requires`)"))
+        if name not in reqs or reqs[name][0] != have:
+            seen_as = f"recorded for {reqs[name][0]}" if name in reqs else "not recorded"
+            found.append(Gap(str(req), parent, f"carried as {have}, but its requirements are {seen_as} in requires.txt (run `requires`)"))
             continue
-        for line in reqs[name]:
+        for line in reqs[name][1]:
             r = Requirement(line)
             if _applies(r, frozenset(req.extras)):
                 todo.append((r, f"{name}=={have}"))
