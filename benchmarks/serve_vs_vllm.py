@@ -16,7 +16,8 @@ What it does, in order:
                   (actors/engines/vllm_engine.py:engine_args), so both run the same engine
      pdbench      `pdbench serve` aggregated, on GPU 0
      pdbench-pd   `pdbench serve --mode disaggregated`: prefill and decode on GPUs 0 and 1
-   A server that is not being driven is idle: it holds memory, not compute.
+   A server that is not being driven is idle: it holds memory, not compute. Then each answers
+   the same three token-id prompts greedily: equal tokens show the same (seeded dummy) weights.
 3. `vllm bench serve` with its defaults and only base URL, model and tokenizer, against
    `pdbench serve` (the peer-client check: default endpoint /v1/completions).
 4. For each repeat and each concurrency, one identical `vllm bench serve` run per server, the
@@ -260,6 +261,29 @@ def goal_checks(table: dict[str, dict[str, float]], concurrency: int) -> list[Ch
     ]
 
 
+# --- same engine, same weights: greedy tokens agree ------------------------------------------
+def probe_prompts(vocab_size: int, n: int = 3, length: int = 64, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(length)] for _ in range(n)]
+
+
+def greedy_tokens(client: httpx.Client, url: str, model: str, prompt: list[int], n: int = 16) -> list[int]:
+    """Token ids a server returns for a token-id prompt, greedy, exactly n (both servers speak this)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    r = client.post(f"{url}/v1/completions", json=body, timeout=120)
+    r.raise_for_status()
+    return list(r.json()["choices"][0]["token_ids"])
+
+
+def same_tokens(outputs: dict[str, list[list[int]]], baseline: str = BASELINE) -> dict[str, bool]:
+    """Per server: do its greedy tokens equal the baseline's, prompt by prompt? (Dummy weights are
+    seeded: equal tokens show both servers run the same weights and the same engine.)"""
+    base = outputs.get(baseline)
+    return {name: out == base for name, out in outputs.items() if name != baseline and base is not None}
+
+
 # --- pdbench's own load generator against each server ---------------------------------------
 def target_config(url: str, model: str, vocab_size: int, wl: Workload, concurrency: int) -> dict[str, Any]:
     """An E0 config whose `target:` is the server: token-id prompts of exactly the same lengths."""
@@ -417,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
             took = wait_ready(s.url, procs[s.name], log, a.start_timeout_s)
             print(f"{s.name}: ready at {s.url} after {took:.0f} s", flush=True)
             report.setdefault("start_s", {})[s.name] = took
+        with httpx.Client() as client:
+            outputs = {s.name: [greedy_tokens(client, s.url, name, p) for p in probe_prompts(vocab)] for s in chosen}
+        ref = BASELINE if BASELINE in outputs else chosen[0].name
+        report["greedy_tokens_equal"] = {"reference": ref, "servers": same_tokens(outputs, ref)}
+        for n, ok in report["greedy_tokens_equal"]["servers"].items():
+            print(f"{'PASS' if ok else 'FAIL'}  {n}: greedy tokens equal {ref}'s (3 prompts x 16 tokens)", flush=True)
         pd_agg = next((s for s in chosen if s.kind == "pdbench" and s.mode == "aggregated"), None)
         if pd_agg is not None:
             res = out / "peer-check.json"

@@ -116,3 +116,23 @@ def test_dry_run_prints_the_commands(tmp_path, capsys):
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "tokenizer.json").is_file()
     with pytest.raises(SystemExit):
         svv.main(["--dry-run", "--engine", "reference", "--out", str(tmp_path)])
+
+
+def test_greedy_token_probe_over_http():
+    import httpx
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        return httpx.Response(200, json={"choices": [{"index": 0, "text": "", "token_ids": [p % 7 for p in body["prompt"][:body["max_tokens"]]]}]})
+
+    prompts = svv.probe_prompts(100)
+    assert len(prompts) == 3 and all(len(p) == 64 and max(p) < 100 for p in prompts) and prompts == svv.probe_prompts(100)
+    with httpx.Client(transport=httpx.MockTransport(handler)) as c:
+        out = svv.greedy_tokens(c, "http://s", "m", prompts[0])
+    assert out == [p % 7 for p in prompts[0][:16]]
+    assert seen[0]["temperature"] == 0 and seen[0]["ignore_eos"] is True and seen[0]["return_token_ids"] is True
+    assert svv.same_tokens({"vllm": [[1, 2]], "pdbench": [[1, 2]], "pdbench-pd": [[1, 3]]}) == {"pdbench": True, "pdbench-pd": False}
+    assert svv.same_tokens({"pdbench": [[1]]}) == {}
