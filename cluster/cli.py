@@ -160,9 +160,9 @@ def serve(
     address: Optional[str] = typer.Option(None, help="Ray address to join ('auto' on a cluster node); default: embedded local Ray"),
     detach: bool = typer.Option(False, help="with --address: leave the app running on the cluster and return"),
 ) -> None:
-    """Serve pdbench's engine actors behind an OpenAI-compatible /v1/completions (streaming SSE).
+    """Serve pdbench's engine actors behind OpenAI-compatible /v1/completions and /v1/chat/completions (streaming SSE).
 
-    Prompts are token-id lists unless --tokenizer is given. Stop with Ctrl-C (the app is deleted);
+    Prompts are token-id lists unless --tokenizer is given (chat needs one; `pdbench tokenizer build` makes one offline). Stop with Ctrl-C (the app is deleted);
     with --address and --detach it keeps running until `serve shutdown` or `ray down`.
     """
     import signal
@@ -204,7 +204,7 @@ def serve(
             url = deploy(spec, host, port)
         except RuntimeError as e:
             _fail(str(e))
-        console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {url}/v1/completions")
+        console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {url}/v1/completions and /v1/chat/completions")
         typer.echo(url)
         if detach:
             return
@@ -298,6 +298,32 @@ def compare(
     except (FileNotFoundError, MixedModes, ValueError) as e:
         _fail(str(e))
     typer.echo(str(done / "compare.html"))
+
+
+tokenizer_app = typer.Typer(help="Tokenizers made offline, for text clients of dummy-weight models.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("build")
+def tokenizer_build(
+    out: Path = typer.Option(..., "--out", help="folder to write (created if missing)"),
+    vocab_size: Optional[int] = typer.Option(None, help="vocabulary size: the words t0 … t<N-1>"),
+    model: Optional[str] = typer.Option(
+        None, help="take the vocabulary size from this model (tiny-qwen3, a configs/models/ name, a config path) and write its config.json too"
+    ),
+) -> None:
+    """A WordLevel tokenizer (one word `t<i>` = token id i) saved with save_pretrained: exact lengths, nothing to download.
+
+    With --model the folder is also a dummy-weight model folder that `vllm serve DIR --load-format dummy` and
+    `pdbench serve --model DIR --tokenizer DIR` share.
+    """
+    from workloads.word_tokenizer import save_word_tokenizer
+
+    try:
+        done = save_word_tokenizer(out, vocab_size=vocab_size, model=model)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(str(done))
 
 
 @app.command()

@@ -1,6 +1,7 @@
-"""`pdbench serve`: pdbench's engine actors behind an OpenAI-compatible `/v1/completions` (Ray Serve).
+"""`pdbench serve`: pdbench's engine actors behind OpenAI-compatible `/v1/completions` and
+`/v1/chat/completions` (Ray Serve).
 
-External clients (`vllm bench serve`, GuideLLM, curl) then drive the very actors pdbench
+External clients (`vllm bench serve`, aiperf, GuideLLM, curl) then drive the very actors pdbench
 benchmarks. Each Serve replica starts its own entry actor for the chosen serving mode (the actor
 fate-shares with its replica) and streams that actor's `generate(request)` deltas as SSE chunks.
 The HTTP proxy listens on 127.0.0.1 unless told otherwise: the endpoint has no authentication.
@@ -9,6 +10,7 @@ The HTTP proxy listens on 127.0.0.1 unless told otherwise: the endpoint has no a
 
 import asyncio
 import ipaddress
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal
@@ -25,7 +27,16 @@ from actors.engine_actor import EngineActor, actor_name
 from actors.engines.spec import EngineConfig
 from actors.kv.directory import directory_actor
 from actors.kv.spec import KVTransferConfig
-from actors.openai_api import ApiError, ChunkWriter, CompletionRequest, check_supported, prompt_ids, sse
+from actors.openai_api import (
+    ApiError,
+    ChatCompletionRequest,
+    ChunkWriter,
+    CompletionRequest,
+    check_supported,
+    max_new_tokens,
+    prompt_ids,
+    sse,
+)
 from cluster.config import ConfigError, PlacementSpec, _format, _merge
 
 ENGINE_START_TIMEOUT_S = 900.0
@@ -165,6 +176,7 @@ class Completions:
         self.entry = await SERVE_ENTRIES[self.spec.mode](self.spec, f"serve-{self.spec.app_name}", replica)
         self.vocab_size = int(self.entry.info["vocab_size"])
         self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep()) if self.entry.housekeeping else None
+        self.created = int(time.time())
         self.tokenizer = None
         if self.spec.tokenizer:
             from transformers import AutoTokenizer
@@ -190,6 +202,7 @@ class Completions:
         card = {
             "id": self.spec.model_name,
             "object": "model",
+            "created": self.created,
             "owned_by": "pdbench",
             "max_model_len": self.spec.engine.max_model_len,
             "vocab_size": self.vocab_size,
@@ -200,16 +213,25 @@ class Completions:
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Any:
+        return await self._generate(body)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        return await self._generate(body)
+
+    async def _generate(self, body: CompletionRequest | ChatCompletionRequest) -> Any:
         try:
             if body.model != self.spec.model_name:
                 raise ApiError(404, f"model {body.model!r} is not served here; this server serves {self.spec.model_name!r}", "model", "model_not_found")
             check_supported(body)
-            ids = prompt_ids(body, self.tokenizer, self.vocab_size, self.spec.engine.max_model_len, self.spec.model_name)
+            max_len = self.spec.engine.max_model_len
+            ids = prompt_ids(body, self.tokenizer, self.vocab_size, max_len, self.spec.model_name)
+            n_out = max_new_tokens(body, len(ids), max_len)
         except ApiError as e:
             return JSONResponse(e.body(), status_code=e.status)
         rid = uuid.uuid4().hex
-        writer = ChunkWriter(rid, self.spec.model_name, len(ids), self.tokenizer)
-        deltas = ActorBackend(self.entry.handle).stream({"request_id": rid, "prompt_token_ids": ids, "max_tokens": body.max_tokens})
+        writer = ChunkWriter(rid, self.spec.model_name, len(ids), self.tokenizer, chat=isinstance(body, ChatCompletionRequest))
+        deltas = ActorBackend(self.entry.handle).stream({"request_id": rid, "prompt_token_ids": ids, "max_tokens": n_out})
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_events(deltas, writer, usage), media_type="text/event-stream")

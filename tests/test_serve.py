@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -99,7 +100,6 @@ def test_stream_and_whole_agree(served):
     ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
-    import json
 
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e[6:]) for e in events[:-1]]
@@ -109,6 +109,86 @@ def test_stream_and_whole_agree(served):
     assert streamed == ids
     assert chunks[-1]["usage"]["completion_tokens"] == 6
     assert [ch["finish_reason"] for c in chunks for ch in c["choices"]][-1] == "length"
+
+
+@pytest.fixture(scope="module")
+def served_tok(served, tmp_path_factory):
+    """A second app on the same port with the offline word tokenizer: text prompts and chat work."""
+    from ray import serve
+
+    from cluster.serve import deploy, serve_spec
+    from workloads.word_tokenizer import save_word_tokenizer
+
+    _, port = served
+    tok = save_word_tokenizer(tmp_path_factory.mktemp("words"), vocab_size=2048)
+    spec = serve_spec({}, {"app_name": "pdbench-test-tok", "route_prefix": "/tok", "tokenizer": str(tok), "engine": {"max_model_len": 256}})
+    yield deploy(spec, "127.0.0.1", port)
+    serve.delete(spec.app_name)
+
+
+def _sse(url: str, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_max_completion_tokens_is_honoured_over_http(served):
+    url, _ = served
+    r = _post(url, prompt=[1, 2, 3], max_completion_tokens=3)
+    assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 3
+    r = _post(url, prompt=[1, 2, 3], max_tokens=3, max_completion_tokens=4)
+    assert r.status_code == 400
+    assert "max_tokens (3)" in r.json()["error"]["message"] and "max_completion_tokens (4)" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_vllm_bench_default_request_with_text(served_tok):
+    """`vllm bench serve`'s default (--backend openai → /v1/completions), body as vLLM 0.26 builds it."""
+    body = {
+        "model": MODEL, "prompt": "t10 t20 t30 t40", "repetition_penalty": 1.0, "max_tokens": 5, "logprobs": None,
+        "stream": True, "stream_options": {"include_usage": True},
+    }
+    chunks = _sse(served_tok, "/v1/completions", body)
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    ids = [i for c in chunks for ch in c["choices"] for i in ch["token_ids"]]
+    assert len(ids) == 5 and "".join(texts) == " ".join(f"t{i}" for i in ids)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    # The same prompt as token ids gives the same greedy tokens: the tokenizer is exact.
+    as_ids = _post(served_tok, prompt=[10, 20, 30, 40], max_tokens=5).json()["choices"][0]
+    assert as_ids["token_ids"] == ids and as_ids["text"] == "".join(texts)
+
+
+def test_chat_streaming_and_whole_agree(served_tok):
+    msgs = [{"role": "user", "content": "t10 t20 t30 t40"}]
+    # vllm bench serve --backend openai-chat, and aiperf --streaming (chat is aiperf's default endpoint)
+    chunks = _sse(served_tok, "/v1/chat/completions",
+                  {"model": MODEL, "messages": msgs, "max_completion_tokens": 5, "stream": True, "stream_options": {"include_usage": True}})
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert chunks[0]["object"] == "chat.completion.chunk" and deltas[0]["role"] == "assistant" and deltas[0]["content"]
+    streamed = "".join(d["content"] for d in deltas)
+    assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    # aiperf's default request: not streamed
+    r = httpx.post(f"{served_tok}/v1/chat/completions", json={"messages": msgs, "model": MODEL, "stream": False, "max_completion_tokens": 5}, timeout=60)
+    whole = r.json()
+    assert r.status_code == 200 and whole["object"] == "chat.completion"
+    assert whole["choices"][0]["message"] == {"role": "assistant", "content": streamed} and whole["choices"][0]["finish_reason"] == "length"
+    assert len(streamed.split()) == 5 and whole["usage"]["completion_tokens"] == 5
+    # Refusals name the field over HTTP too.
+    r = httpx.post(f"{served_tok}/v1/chat/completions", json={"messages": msgs, "model": MODEL, "n": 2}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.post(f"{served_tok}/v1/chat/completions", json={"model": MODEL}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_models_listing_as_clients_read_it(served_tok):
+    """`vllm bench serve` without --model takes data[0].id; the OpenAI client's Model needs id, object, created, owned_by."""
+    listing = httpx.get(f"{served_tok}/v1/models", timeout=30).json()
+    assert listing["object"] == "list"
+    card = listing["data"][0]
+    assert card["id"] == MODEL and card["object"] == "model" and isinstance(card["created"], int) and card["owned_by"] == "pdbench"
 
 
 def test_http_backend_drives_the_endpoint_with_greedy_tokens_and_timestamps(served, tmp_path):

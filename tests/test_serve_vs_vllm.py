@@ -1,0 +1,138 @@
+"""benchmarks/serve_vs_vllm.py without a GPU: the commands it runs, the results it reads, the table it prints."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("serve_vs_vllm", ROOT / "benchmarks" / "serve_vs_vllm.py")
+svv = importlib.util.module_from_spec(_spec)
+sys.modules["serve_vs_vllm"] = svv
+_spec.loader.exec_module(svv)
+
+# A real `vllm bench serve` 0.26.0 --save-result file (pdbench serve on CPU, 8 prompts of 32 tokens).
+FIXTURE = ROOT / "tests" / "data" / "vllm_bench_serve_0.26.json"
+
+
+def _cfg(**kw):
+    a = Namespace(engine="vllm", max_model_len=4096, max_batch_size=64, gpu_memory_utilization=0.28, eager=False)
+    return svv.engine_config(Path("/m"), Namespace(**{**vars(a), **kw}))
+
+
+def test_vllm_serve_gets_pdbenchs_engine_arguments_flag_for_flag():
+    cmd = svv.vllm_serve_command(_cfg(), Path("/m"), "qwen3-8b", 8100)
+    assert cmd[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "/m"]
+    flags = " ".join(cmd[5:])
+    for f in ("--dtype bfloat16", "--max-model-len 4096", "--max-num-seqs 64", "--seed 0", "--no-enable-prefix-caching",
+              "--load-format dummy", "--gpu-memory-utilization 0.28", "--served-model-name qwen3-8b", "--tokenizer /m", "--port 8100"):
+        assert f in flags, f
+    # store_true-only flags have no --no- form in vLLM; pdbench-only arguments stay out.
+    assert "disable-log-stats" not in flags and "worker-extension" not in flags and "skip-tokenizer" not in flags
+    assert "--enforce-eager" in svv.vllm_serve_command(_cfg(eager=True), Path("/m"), "m", 1)
+    yarn = _cfg().model_copy(update={"hf_overrides": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}})
+    cmd = svv.vllm_serve_command(yarn, Path("/m"), "m", 1)
+    assert json.loads(cmd[cmd.index("--hf-overrides") + 1]) == {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+
+
+def test_one_bench_command_for_every_server_with_the_default_endpoint(tmp_path):
+    wl = svv.Workload()
+    a = svv.bench_command("http://127.0.0.1:8100", "qwen3-8b", tmp_path, wl, 8, tmp_path / "r.json")
+    b = svv.bench_command("http://127.0.0.1:8101", "qwen3-8b", tmp_path, wl, 8, tmp_path / "r.json")
+    assert [x for x in a if "8100" not in x] == [x for x in b if "8101" not in x]
+    assert "--backend" not in a and "--endpoint" not in a
+    s = " ".join(a)
+    for f in ("--dataset-name random", "--random-input-len 1024", "--random-output-len 64", "--num-prompts 64",
+              "--max-concurrency 8", "--temperature 0", "--ignore-eos", "--metric-percentiles 50,90,99"):
+        assert f in s, f
+    peer = svv.peer_check_command("http://h:1", "m", tmp_path, tmp_path / "p.json")
+    assert [x for x in peer if x.startswith("--") and x not in ("--save-result", "--result-dir", "--result-filename")] == [
+        "--base-url", "--model", "--tokenizer", "--num-prompts"]
+
+
+def test_servers_and_placement():
+    s = {x.name: x for x in svv.servers(["vllm", "pdbench", "pdbench-pd"], 8100)}
+    assert (s["vllm"].gpus, s["pdbench"].gpus, s["pdbench-pd"].gpus) == ("0", "0", "0,1")
+    assert s["pdbench-pd"].mode == "disaggregated" and len({x.port for x in s.values()}) == 3
+    with pytest.raises(ValueError, match="--servers"):
+        svv.servers(["sglang"], 8100)
+    cmd = svv.pdbench_serve_command(Path("c.yaml"), s["pdbench-pd"])
+    assert cmd[cmd.index("--mode") + 1] == "disaggregated"
+
+
+def test_pdbench_serve_config_is_valid_and_matches_the_engine():
+    from cluster.serve import serve_spec
+
+    cfg = _cfg()
+    spec = serve_spec(svv.pdbench_serve_config(cfg, "qwen3-8b", Path("/m")), {})
+    assert spec.engine == cfg and spec.model_name == "qwen3-8b" and spec.tokenizer == "/m" and spec.gpus_per_engine() == 1
+
+
+def test_parse_real_bench_output_and_medians():
+    r = svv.parse_bench(FIXTURE)
+    assert (r.completed, r.failed, r.total_input_tokens, r.total_output_tokens) == (8, 0, 256, 64)
+    assert r.latency_ms["ttft_p50"] == pytest.approx(86.7165, rel=1e-4) and r.latency_ms["e2el_p99"] == pytest.approx(309.844, rel=1e-4)
+    assert set(svv.ROWS) - {"output_throughput"} <= set(r.latency_ms)
+    other = svv.BenchResult(**{**r.__dict__, "output_throughput": 100.0, "latency_ms": {**r.latency_ms, "ttft_p50": 10.0}})
+    third = svv.BenchResult(**{**r.__dict__, "output_throughput": 50.0, "latency_ms": {**r.latency_ms, "ttft_p50": 20.0}})
+    med = svv.summarise([r, other, third])
+    assert med["output_throughput"] == pytest.approx(r.output_throughput) and med["ttft_p50"] == 20.0
+
+
+def test_side_by_side_ratios_and_goal_checks():
+    table = {
+        "vllm": {"output_throughput": 1000.0, "ttft_p50": 50.0},
+        "pdbench": {"output_throughput": 980.0, "ttft_p50": 53.0},
+        "pdbench-pd": {"output_throughput": 900.0, "ttft_p50": 80.0},
+    }
+    text = svv.side_by_side(table)
+    assert "980.0 (0.980x)" in text and "53.00 ms (1.060x, +3.00)" in text and "80.00 ms (1.600x, +30.00)" in text
+    assert [c.ok for c in svv.goal_checks(table, 8)] == [True, True]
+    table["pdbench"] = {"output_throughput": 960.0, "ttft_p50": 56.0}
+    checks = svv.goal_checks(table, 1)
+    assert [c.ok for c in checks] == [False, False] and checks[0].value == "0.960x" and checks[1].value == "+6.00 ms"
+    assert svv.goal_checks({"pdbench": table["pdbench"]}, 1) == []
+
+
+def test_loadgen_target_config_is_a_valid_e0_config():
+    from cluster.config import resolve
+
+    data = svv.target_config("http://127.0.0.1:8100", "qwen3-8b", 151936, svv.Workload(), 8)
+    cfg = resolve("e0", data)
+    assert cfg.target.base_url == "http://127.0.0.1:8100" and cfg.workload.num_requests == 64
+    assert cfg.workload.input_len.value == 1024 and cfg.workload.output_len.value == 64 and cfg.workload.arrival.concurrency == 8
+
+
+def test_dry_run_prints_the_commands(tmp_path, capsys):
+    assert svv.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("CUDA_VISIBLE_DEVICES=0 ") and " serve " in out[0]
+    assert out[2].startswith("CUDA_VISIBLE_DEVICES=0,1 ") and "--mode disaggregated" in out[2]
+    assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "tokenizer.json").is_file()
+    with pytest.raises(SystemExit):
+        svv.main(["--dry-run", "--engine", "reference", "--out", str(tmp_path)])
+
+
+def test_greedy_token_probe_over_http():
+    import httpx
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        return httpx.Response(200, json={"choices": [{"index": 0, "text": "", "token_ids": [p % 7 for p in body["prompt"][:body["max_tokens"]]]}]})
+
+    prompts = svv.probe_prompts(100)
+    assert len(prompts) == 3 and all(len(p) == 64 and max(p) < 100 for p in prompts) and prompts == svv.probe_prompts(100)
+    with httpx.Client(transport=httpx.MockTransport(handler)) as c:
+        out = svv.greedy_tokens(c, "http://s", "m", prompts[0])
+    assert out == [p % 7 for p in prompts[0][:16]]
+    assert seen[0]["temperature"] == 0 and seen[0]["ignore_eos"] is True and seen[0]["return_token_ids"] is True
+    assert svv.same_tokens({"vllm": [[1, 2]], "pdbench": [[1, 2]], "pdbench-pd": [[1, 3]]}) == {"pdbench": True, "pdbench-pd": False}
+    assert svv.same_tokens({"pdbench": [[1]]}) == {}
