@@ -131,11 +131,11 @@ class _StampedReads(asyncio.Protocol):
         return self.reads.popleft()
 
 
-@dataclass
 class ServerSilent(Exception):
     """The server sent nothing for target.read_timeout_s within one request."""
 
 
+@dataclass
 class _Conn:
     transport: asyncio.Transport
     proto: _StampedReads

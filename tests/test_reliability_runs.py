@@ -64,7 +64,7 @@ def test_an_unreachable_target_fails_the_run_and_reports_still_build(ray_local, 
     run_dir = Driver(cfg, RunOptions(out_dir=tmp_path, progress=False)).run()
     packet = load_packet(run_dir)
     assert packet.manifest["status"] == "failed" and packet.requests.empty
-    assert "ConnectError" in next(iter(packet.manifest["cells"].values()))["error"]
+    assert "Connect" in next(iter(packet.manifest["cells"].values()))["error"]  # httpx ConnectError or ConnectionRefusedError
     assert "No measurements" in (run_dir / "report.md").read_text()
     assert CliRunner().invoke(app, ["report", str(run_dir)], env=COLS).exit_code == 0
 
