@@ -136,7 +136,7 @@ def _format(err: ValidationError, model: type[BaseModel], prefix: str = "") -> s
             msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
         elif e["type"] == "value_error" and (sub := re.match(r"^Value error, ([a-z_][a-z0-9_.]*): (.*)$", msg, re.S)):
             # A check across fields names the field it is about: `workload` + `arrival.rate`.
-            name, msg = f"{name}.{sub.group(1)}", sub.group(2)
+            name, msg = f"{name}.{sub.group(1)}" if name else sub.group(1), sub.group(2)
         elif not name:  # a rule across fields: its message names them
             lines.append(f"  {msg.removeprefix('Value error, ')}")
             continue
