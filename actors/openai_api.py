@@ -19,7 +19,7 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_COMPLETION_TOKENS = 16  # the OpenAI completions default when neither length field is sent
 
@@ -61,17 +61,6 @@ class CompletionRequest(_Request):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
-    # The newer OpenAI name for max_tokens: honoured, not ignored (ignored, a client asking for 256
-    # tokens would get the default 16 and measure a different workload).
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-    @model_validator(mode="after")
-    def _one_length(self) -> "CompletionRequest":
-        if self.max_completion_tokens is not None:
-            if "max_tokens" in self.model_fields_set and self.max_tokens != self.max_completion_tokens:
-                raise ValueError("max_completion_tokens differs from max_tokens; send one of them")
-            self.max_tokens = self.max_completion_tokens
-        return self
 
 
 class TextPart(BaseModel):

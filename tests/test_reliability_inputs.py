@@ -292,14 +292,3 @@ def test_serve_refuses_engine_options_of_another_engine():
 
     with pytest.raises(ConfigError, match="engine.vllm: means nothing"):
         serve_spec({"engine": {"kind": "reference", "vllm": {"enforce_eager": True}}}, {})
-
-
-def test_max_completion_tokens_is_honoured_not_ignored():
-    from pydantic import ValidationError
-
-    from actors.openai_api import CompletionRequest
-
-    assert CompletionRequest(model="m", prompt=[1], max_completion_tokens=50).max_tokens == 50
-    assert CompletionRequest(model="m", prompt=[1], max_tokens=50, max_completion_tokens=50).max_tokens == 50
-    with pytest.raises(ValidationError, match="max_completion_tokens differs from max_tokens"):
-        CompletionRequest(model="m", prompt=[1], max_tokens=3, max_completion_tokens=50)
