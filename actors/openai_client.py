@@ -36,6 +36,12 @@ class TargetSpec(BaseModel):
         description="name of the environment variable holding the API key (the key itself never goes in a config)",
     )
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="longest silence of the server within one request (no byte) before the request fails; "
+        "bounds a server that accepts and never replies even with request_timeout_s null",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -125,6 +131,10 @@ class _StampedReads(asyncio.Protocol):
         return self.reads.popleft()
 
 
+class ServerSilent(Exception):
+    """The server sent nothing for target.read_timeout_s within one request."""
+
+
 @dataclass
 class _Conn:
     transport: asyncio.Transport
@@ -170,7 +180,12 @@ class OpenAIBackend:
         while True:
             event = c.http.next_event()
             if event is h11.NEED_DATA:
-                t, data = await c.proto.read()
+                try:
+                    t, data = await asyncio.wait_for(c.proto.read(), self.target.read_timeout_s)
+                except asyncio.TimeoutError:
+                    raise ServerSilent(
+                        f"no reply from {self.target.base_url} for {self.target.read_timeout_s:g} s (target.read_timeout_s)"
+                    ) from None
                 c.http.receive_data(data)
                 continue
             yield t, event
@@ -216,6 +231,10 @@ class OpenAIBackend:
                                 yield _delta(list(ids), t_recv=t)
                 elif isinstance(event, h11.ConnectionClosed):
                     raise ConnectionResetError("server closed the connection mid-response")
+        except ServerSilent as e:  # the request fails, named; the run goes on
+            c.transport.close()
+            yield _delta(finished=True, error=str(e))
+            return
         except BaseException:  # cancelled (timeout) or broken mid-response: the connection cannot be reused
             c.transport.close()
             raise

@@ -17,7 +17,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from analysis.redact import redact_obj, redact_text, secret_env_values
+from analysis.errortext import one_line, strip_ansi
+from analysis.redact import redact_obj, redact_shapes, redact_text, redact_value, secret_env_values
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -36,25 +37,65 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    clean = redact_text(text)
+    """A document built from the packet's own (already redacted) files: a report."""
+    clean = redact_shapes(text)
+    _atomic_write(Path(path), lambda f: f.write(clean.encode()))
+
+
+def write_log(path: Path, text: str) -> None:
+    """Free text from outside pdbench (a remote traceback): every net applies."""
+    clean = redact_text(strip_ansi(text))
     _atomic_write(Path(path), lambda f: f.write(clean.encode()))
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(redact_obj(json.loads(json.dumps(obj, default=str))), indent=2, sort_keys=True) + "\n")
+    clean = redact_obj(json.loads(json.dumps(obj, default=str)))
+    _atomic_write(Path(path), lambda f: f.write((json.dumps(clean, indent=2, sort_keys=True) + "\n").encode()))
 
 
 def write_yaml(path: Path, obj: Any) -> None:
-    write_text(path, yaml.safe_dump(redact_obj(obj), sort_keys=True))
+    clean = redact_obj(obj)
+    _atomic_write(Path(path), lambda f: f.write(yaml.safe_dump(clean, sort_keys=True).encode()))
+
+
+def _redact_column(s: pd.Series, secrets: list[str]) -> pd.Series | None:
+    """The column with its secrets removed, in its own dtype; None where nothing changed.
+
+    Strings hide in object columns, pandas' `str`/`string` dtypes (pandas 3's default),
+    categoricals, and nested lists or structs (read back as arrays and dicts)."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        cats = s.cat.categories
+        new = [redact_value(c, secrets) for c in cats]
+        if all(a is b or a == b for a, b in zip(new, cats)):
+            return None
+        return pd.Series(pd.Categorical([None if pd.isna(v) else redact_value(v, secrets) for v in s]), index=s.index, name=s.name)
+    if pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype) or pd.api.types.is_datetime64_any_dtype(s.dtype):
+        return None
+    changed = False
+
+    def clean(v: Any) -> Any:
+        nonlocal changed
+        out = redact_value(v, secrets)
+        changed = changed or out is not v and not (isinstance(v, str) and out == v)
+        return out
+
+    new = s.map(clean)
+    if not changed:
+        return None
+    return new.astype(s.dtype) if isinstance(s.dtype, pd.StringDtype) else new
 
 
 def _redact_strings(df: pd.DataFrame) -> pd.DataFrame:
     secrets = secret_env_values()
     out = df
     for col in df.columns:
-        if df[col].dtype == object and df[col].map(lambda v: isinstance(v, str)).any():
+        new = _redact_column(df[col], secrets)
+        if new is not None:
             out = out.copy() if out is df else out
-            out[col] = df[col].map(lambda v: redact_text(v, secrets) if isinstance(v, str) else v)
+            out[col] = new
+    names = [redact_value(c, secrets) if isinstance(c, str) else c for c in out.columns]
+    if names != list(out.columns):
+        out = out.set_axis(names, axis=1)
     return out
 
 
@@ -63,8 +104,28 @@ def write_parquet(path: Path, df: pd.DataFrame) -> None:
     _atomic_write(Path(path), lambda f: clean.to_parquet(f, index=False))
 
 
+class PacketError(ValueError):
+    """A packet file that cannot be read (truncated, not JSON, not parquet); the message names it."""
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_packet_json(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PacketError(f"{path} is truncated or not JSON ({e}); rebuild the run with `pdbench run --resume` on its folder") from None
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise PacketError(f"{path} is not a readable parquet file ({one_line(e)}); run the cell again (`--resume`)") from None
 
 
 @dataclass
@@ -90,11 +151,14 @@ def load_packet(root: Path) -> Packet:
     transfers = root / "transfers.parquet"
     req = root / "requests.parquet"
     tel = root / "telemetry.parquet"
+    manifest = read_packet_json(root / "manifest.json")
+    if not isinstance(manifest, dict):
+        raise PacketError(f"{root / 'manifest.json'} is not a pdbench manifest (a JSON object)")
     return Packet(
         root=root,
-        manifest=read_json(root / "manifest.json"),
-        summary=read_json(root / "summary.json") if (root / "summary.json").is_file() else {},
-        requests=pd.read_parquet(req) if req.is_file() else pd.DataFrame(),
-        transfers=pd.read_parquet(transfers) if transfers.is_file() else None,
-        telemetry=pd.read_parquet(tel) if tel.is_file() else None,
+        manifest=manifest,
+        summary=read_packet_json(root / "summary.json") if (root / "summary.json").is_file() else {},
+        requests=read_parquet(req) if req.is_file() else pd.DataFrame(),
+        transfers=read_parquet(transfers) if transfers.is_file() else None,
+        telemetry=read_parquet(tel) if tel.is_file() else None,
     )

@@ -125,7 +125,10 @@ def lead_sections(packet: Packet) -> list[Section]:
 
 def sections(packet: Packet) -> list[Section]:
     df = packet.requests
-    out = get_analysis(packet.manifest.get("track", "")).packet_sections(packet)
+    # A track's sections read measured rows; a run where no cell measured anything has none.
+    out = get_analysis(packet.manifest.get("track", "")).packet_sections(packet) if not df.empty else [
+        Section(title="No measurements", text=["No cell measured a successful request: the reasons are under Failed cells."])
+    ]
     failed = {c: v.get("error") for c, v in packet.summary.get("cells", {}).items() if v.get("status") != "ok"}
     if failed:
         out.append(Section(title="Failed cells", table=pd.DataFrame([{"cell": c, "reason": r} for c, r in failed.items()])))

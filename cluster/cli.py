@@ -83,6 +83,7 @@ def run(
     ),
 ) -> None:
     """Run one track and write its evidence packet (manifest, records, summary, reports)."""
+    from analysis.packet import PacketError
     from cluster.config import ConfigError, load_yaml, resolve
     from cluster.console import RunDisplay, print_summary, ray_logs_on
     from cluster.driver import Driver, RunOptions
@@ -92,6 +93,8 @@ def run(
     overrides: dict = {}
     if engine is not None and simulate:
         _fail("--engine and --simulate exclude each other: --simulate replaces the engine")
+    if out is not None and resume is not None:
+        _fail(f"--out and --resume exclude each other: a resumed run stays in its own folder ({resume}); leave out --out")
     if engine is not None:
         overrides.setdefault("engine", {})["kind"] = engine.value
     if simulate:
@@ -119,7 +122,7 @@ def run(
                     run_dir = driver.run(display.update)
             else:
                 run_dir = driver.run()
-    except ConfigError as e:
+    except (ConfigError, PacketError) as e:
         _fail(str(e))
     except ConnectionError:  # --address with no reachable cluster
         _fail(_NO_CLUSTER.format(address=address))
@@ -169,8 +172,8 @@ def serve(
     import time
 
     from cluster import ray_env
-    from cluster.config import ConfigError, load_yaml
-    from cluster.serve import deploy, is_loopback, serve_spec, undeploy
+    from cluster.config import load_yaml
+    from cluster.serve import check_listen, deploy, is_loopback, serve_spec, undeploy
 
     if detach and not address:
         _fail("--detach needs --address: an embedded Ray ends with this command")
@@ -183,7 +186,8 @@ def serve(
         overrides["tokenizer"] = tokenizer
     try:
         spec = serve_spec(load_yaml(config) if config else {}, overrides)
-    except ConfigError as e:
+        check_listen(host, port, here=address is None)
+    except ValueError as e:  # ConfigError, or a --host/--port nothing could listen on
         _fail(str(e))
     if not is_loopback(host):
         console.print(f"[bold yellow]warning:[/] listening on {host}: anyone who reaches it can use the engines (no authentication)")
@@ -230,9 +234,12 @@ def report(
 
     try:
         packet = load_packet(run_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:  # ValueError: PacketError, a damaged file
         _fail(str(e))
-    write_reports(packet, plotly_js)
+    try:
+        write_reports(packet, plotly_js)
+    except OSError as e:
+        _fail(f"report: cannot write report.md/report.html into {run_dir} ({e.strerror or e}); copy the run somewhere writable")
     typer.echo(str(run_dir / "report.html"))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,12 @@ class PlacementSpec(BaseModel):
     cpus_per_engine: float = Field(default=1.0, gt=0)
     gpus_per_engine: int | None = Field(
         default=None, ge=0, description="None: 1 for vllm or device cuda, else 0"
+    )
+    wait_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="longest a cell waits for its resources (CPUs, GPUs held by other jobs or cells) before it fails "
+        "naming them; not part of the config hash (it changes no result)",
     )
 
 
@@ -127,6 +134,9 @@ def _format(err: ValidationError, model: type[BaseModel], prefix: str = "") -> s
         if e["type"] == "extra_forbidden":
             allowed = _allowed_fields(model, loc[:-1])
             msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif e["type"] == "value_error" and (sub := re.match(r"^Value error, ([a-z_][a-z0-9_.]*): (.*)$", msg, re.S)):
+            # A check across fields names the field it is about: `workload` + `arrival.rate`.
+            name, msg = f"{name}.{sub.group(1)}" if name else sub.group(1), sub.group(2)
         elif not name:  # a rule across fields: its message names them
             lines.append(f"  {msg.removeprefix('Value error, ')}")
             continue
@@ -149,8 +159,14 @@ def load_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"--config: no such file {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config: {path} is a folder; give the experiment YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {path} is not a text file; give the experiment YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path} ({e.strerror or e})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"--config: {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping at top level, got {type(data).__name__}")
     return data
@@ -178,8 +194,12 @@ def resolve(track: str, file_data: dict[str, Any] | None = None, overrides: dict
     return cfg.model_copy(update={"params": params.model_dump(mode="json")})
 
 
+# Fields that say how long to wait, not what to measure: a resume may change them.
+UNHASHED = {"placement": {"wait_timeout_s"}}
+
+
 def config_hash(cfg: ExperimentConfig) -> str:
-    return sha256_of(cfg.model_dump(mode="json"))
+    return sha256_of(cfg.model_dump(mode="json", exclude=UNHASHED))
 
 
 def to_yaml(cfg: ExperimentConfig) -> dict[str, Any]:

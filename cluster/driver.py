@@ -26,12 +26,15 @@ from typing import Any, Callable
 
 import pandas as pd
 import ray
+from filelock import FileLock, Timeout
 
 from actors.engines import EngineConfig
+from actors.engines.models import model_path_problem
 from actors.progress import CellCounter, ProgressCounter
 from actors.telemetry import TelemetrySampler
+from analysis.errortext import MAX_LINE, first_line, one_line
 from analysis.metrics import cell_metrics, workload_of
-from analysis.packet import load_packet, read_json, write_json, write_parquet, write_yaml
+from analysis.packet import PacketError, load_packet, read_json, read_parquet, write_json, write_log, write_parquet, write_yaml
 from analysis.records import measured
 from analysis.redact import treat_env_as_secret
 from analysis.report import write_reports
@@ -39,14 +42,42 @@ from analysis.summary import build_summary
 from cluster import manifest as mf
 from cluster import ray_env
 from cluster.cells import MODES, CellContext
-from cluster.config import ConfigError, ExperimentConfig, config_hash, sha256_of, to_yaml
+from cluster.config import UNHASHED, ConfigError, ExperimentConfig, config_hash, sha256_of, to_yaml
 from cluster.hostload import HostLoadProbe
 from cluster.storage import Destination
+from workloads.arrivals import schedule_problem
 from workloads.text import get_codec
 from workloads.tracks import CellOutcome, CellPlan, get_track
 
 
 TELEMETRY_INTERVAL_S = 1.0
+LOCK_FILE = ".pdbench.lock"  # a dot file: never published, never part of the packet
+# Cell statuses whose records count: `partial` is a fault after the requests ran (records kept).
+MEASURED = ("ok", "partial")
+
+
+def one_line_errors(df: pd.DataFrame | None) -> tuple[pd.DataFrame | None, list[str]]:
+    """Records whose `error` is more than one line (a remote traceback, colour codes) keep its
+    first line; the whole texts come back for errors.log."""
+    if df is None or "error" not in df.columns:
+        return df, []
+    long = [e for e in df["error"].dropna().unique() if isinstance(e, str) and ("\n" in e.strip() or "\x1b" in e or len(e) > MAX_LINE)]
+    if not long:
+        return df, []
+    short = {e: first_line(e) for e in long}
+    return df.assign(error=df["error"].map(lambda e: short.get(e, e) if isinstance(e, str) else e)), [str(e) for e in long]
+
+
+def no_success(df: pd.DataFrame) -> str | None:
+    """Why a cell measured nothing (no measured request succeeded), or None."""
+    rows = measured(df) if not df.empty else df
+    if not rows.empty and rows["ok"].astype(bool).any():
+        return None
+    if rows.empty:
+        return "no request was measured"
+    errors = rows["error"].dropna()
+    first = f"; first error: {str(errors.iloc[0]).splitlines()[0][:200]}" if not errors.empty else ""
+    return f"no request succeeded ({len(rows)} of {len(rows)} failed){first}"
 
 
 @dataclass
@@ -140,7 +171,7 @@ def cell_hash(cfg: ExperimentConfig, plan: CellPlan) -> str:
         "mode": plan.mode,
         "replicas": plan.replicas,
         "kv_transfer": cfg.kv_transfer.model_dump(mode="json"),
-        "placement": cfg.placement.model_dump(mode="json"),
+        "placement": cfg.placement.model_dump(mode="json", exclude=UNHASHED["placement"]),
         "slo": cfg.slo.model_dump(mode="json"),
     }
     if plan.requests is not None:
@@ -184,12 +215,19 @@ def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
             errors.append(f"  mode: cell {p.cell_id} asks for serving mode {p.mode!r}; allowed: {', '.join(MODES)}")
             continue
         eng = cell_engine(cfg, p)
+        problem = schedule_problem(p.workload.arrival, p.workload.num_requests)
+        if problem:  # a track's own rates (params.rates, a rate search) skip WorkloadSpec's check
+            errors.append(f"  workload.arrival.rate (or the track's params rates): cell {p.cell_id}: {problem}")
         need = p.workload.input_len.upper + p.workload.output_len.upper
         if need > eng.max_model_len and cfg.target is None:
             errors.append(
                 f"  workload.input_len/output_len (or the track's params lengths): cell {p.cell_id} can ask for {need} tokens "
                 f"but engine.max_model_len is {eng.max_model_len}"
             )
+    for model in sorted({cell_engine(cfg, p).model for p in plans if p.mode in MODES}) if cfg.target is None else []:
+        problem = model_path_problem(model)
+        if problem:
+            errors.append(f"  engine.model: {problem}")
     if cfg.engine.kind == "vllm":
         try:
             import vllm  # noqa: F401
@@ -206,6 +244,7 @@ class Driver:
         self.track = get_track(cfg.track)
         self.params = self.track.params_model.model_validate(cfg.params)
         self.plans = plan_cells(cfg)
+        preflight(cfg, self.plans)  # before anything is made or shown: what can never run is refused
         self.hash = config_hash(cfg)
         self.ray_info: dict[str, Any] = {}
         self.resumed_at: list[str] = []
@@ -213,6 +252,7 @@ class Driver:
         self._nodes: list[dict[str, Any]] | None = None
         self.dest = Destination(opts.out_dir)
         if opts.resume is None:
+            self.dest.check_writable()
             self.run_id = f"{cfg.track}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{self.hash[:8]}-{secrets.token_hex(2)}"
             self.run_dir = self.dest.local_dir(self.run_id)
             self.started_at = _now()
@@ -223,10 +263,14 @@ class Driver:
 
     def _adopt(self, run_dir: Path) -> None:
         """Resume: take over an earlier run's folder, id and start time; refuse another config."""
+        if not run_dir.is_dir():
+            raise ConfigError(f"--resume: {run_dir} is not a folder; give the runs/<run-id>/ folder of the run to continue")
         try:
             prior = read_json(run_dir / "manifest.json")
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             raise ConfigError(f"--resume: {run_dir} is not a pdbench run folder (no readable manifest.json)") from None
+        if not isinstance(prior, dict):
+            raise ConfigError(f"--resume: {run_dir}/manifest.json is not a pdbench manifest")
         if prior.get("track") != self.cfg.track:
             raise ConfigError(f"--resume: {run_dir} is a run of track {prior.get('track')!r}, not {self.cfg.track!r}")
         if prior.get("config_hash") != self.hash:
@@ -261,9 +305,15 @@ class Driver:
             meta = read_json(d / "cell.json")
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        if meta.get("status") == "ok" and meta.get("config_hash") == cell_hash(self.cfg, plan) and (d / "requests.parquet").is_file():
-            return meta
-        return None
+        if meta.get("status") != "ok" or meta.get("config_hash") != cell_hash(self.cfg, plan) or not (d / "requests.parquet").is_file():
+            return None
+        try:  # a damaged record file (a disk filled, a bad copy) means the cell runs again
+            read_parquet(d / "requests.parquet")
+            if (d / "transfers.parquet").is_file():
+                read_parquet(d / "transfers.parquet")
+        except PacketError:
+            return None
+        return meta
 
     def _clear(self, plan: CellPlan) -> None:
         """Before a (re)run: drop what an earlier, unfinished or failed attempt left behind."""
@@ -294,12 +344,25 @@ class Driver:
         try:
             preflight(self.cfg, [plan])  # later rounds were not checked before the run began
             result = await MODES[plan.mode].run(self.context(plan, progress))
-            write_parquet(cell_dir / "requests.parquet", self._annotate(plan, result.requests, result.meta))
-            if result.transfers is not None:
-                write_parquet(cell_dir / "transfers.parquet", result.transfers)
-            meta.update(result.meta, status="ok", error=None, node_ids=cell_node_ids(result.meta, result.requests))
-        except Exception as e:  # the cell fails with its reason; the sweep goes on
-            meta.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+            df, long_errors = one_line_errors(self._annotate(plan, result.requests, result.meta))
+            transfers, more = one_line_errors(result.transfers)
+            if long_errors + more:  # remote tracebacks: the whole text in the log, one line in the tables
+                meta["log"] = f"cells/{plan.cell_id}/errors.log"
+                write_log(cell_dir / "errors.log", "\n\n".join(long_errors + more))
+            write_parquet(cell_dir / "requests.parquet", df)
+            if transfers is not None:
+                write_parquet(cell_dir / "transfers.parquet", transfers)
+            meta.update(result.meta, node_ids=cell_node_ids(result.meta, result.requests))
+            nothing = no_success(df)
+            if nothing:  # every request failed: the records stay as evidence, the cell did not measure
+                meta.update(status="failed", error=nothing)
+            elif result.fault:
+                meta.update(status="partial", error=f"fault after the requests ran, records kept: {result.fault}")
+            else:
+                meta.update(status="ok", error=None)
+        except Exception as e:  # the cell fails with its reason (one line); the traceback goes to errors.log
+            meta.update(status="failed", error=one_line(e), log=f"cells/{plan.cell_id}/errors.log")
+            write_log(cell_dir / "errors.log", traceback.format_exc())
         meta["ended_at"] = _now()
         meta["wall_s"] = time.monotonic() - t0
         meta["host_load"] = dataclasses.asdict(load.stop())
@@ -326,7 +389,7 @@ class Driver:
     def _outcome(self, plan: CellPlan, meta: dict[str, Any]) -> CellOutcome:
         metrics = None
         if meta.get("status") == "ok":
-            rows = measured(pd.read_parquet(self._cell_dir(plan) / "requests.parquet"))
+            rows = measured(read_parquet(self._cell_dir(plan) / "requests.parquet"))
             metrics = cell_metrics(rows, self.cfg.slo, *workload_of(meta)) if not rows.empty else None
         return CellOutcome(plan.cell_id, dict(plan.labels), meta.get("status") == "ok", meta.get("error"), metrics)
 
@@ -346,7 +409,10 @@ class Driver:
         path = self.run_dir / "telemetry.parquet"
         df = pd.DataFrame(rows)
         if path.is_file():
-            df = pd.concat([pd.read_parquet(path), df], ignore_index=True)
+            try:
+                df = pd.concat([read_parquet(path), df], ignore_index=True)
+            except PacketError:  # an earlier attempt's samples were damaged: this attempt's stand alone
+                pass
         if not df.empty:
             write_parquet(path, df)
 
@@ -365,14 +431,17 @@ class Driver:
             meta = self._finished(plan)
             if meta is not None:
                 counts["resumed_requests"] += plan.num_requests
+                metas[plan.cell_id] = meta
             else:
                 async with sem:
                     running.add(plan.cell_id)
                     meta = await self._run_cell(plan, CellCounter(progress, plan.cell_id))
                     running.discard(plan.cell_id)
-            metas[plan.cell_id] = meta
+                metas[plan.cell_id] = meta
+                # Only a cell that ran marks the run running: a resume with nothing to redo leaves a
+                # complete manifest complete until finalize rewrites it.
+                write_json(self.run_dir / "manifest.json", self._manifest(metas, "running"))
             counts["cells"] += 1
-            write_json(self.run_dir / "manifest.json", self._manifest(metas, "running"))
             return meta
 
         while True:  # a round; the first may be empty when a track is adaptive only
@@ -452,6 +521,7 @@ class Driver:
             "status": status,
             "cells": {
                 c: {"status": m.get("status"), "error": m.get("error"), "config_hash": m.get("config_hash"), "nodes": m.get("node_ids")}
+                | ({"log": m["log"]} if m.get("log") else {})
                 for c, m in cells.items()
             },
             # Where track-built prompts came from: a dataset subset's ids and their hash (E4).
@@ -460,22 +530,22 @@ class Driver:
 
     def finalize(self, metas: list[dict[str, Any]]) -> Path:
         cells = {m["cell_id"]: m for m in metas}
-        frames = [
-            pd.read_parquet(self.run_dir / "cells" / c / "requests.parquet") for c, m in cells.items() if m["status"] == "ok"
-        ]
+        kept = [c for c, m in cells.items() if m["status"] in MEASURED]
+        frames = [read_parquet(self.run_dir / "cells" / c / "requests.parquet") for c in kept]
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         write_parquet(self.run_dir / "requests.parquet", df)
-        transfers = [
-            pd.read_parquet(p) for c, m in cells.items() if m["status"] == "ok" and (p := self.run_dir / "cells" / c / "transfers.parquet").is_file()
-        ]
+        transfers = [read_parquet(p) for c in kept if (p := self.run_dir / "cells" / c / "transfers.parquet").is_file()]
         tdf = pd.concat(transfers, ignore_index=True) if transfers else None
         if tdf is not None:
             write_parquet(self.run_dir / "transfers.parquet", tdf)
         memory = {c: m["memory"] for c, m in cells.items() if m.get("memory")}
         if memory:
             write_json(self.run_dir / "memory.json", memory)
+        logs = [f"== cell {c}\n{(self.run_dir / m['log']).read_text()}" for c, m in cells.items() if m.get("log")]
+        if logs:
+            write_log(self.run_dir / "errors.log", "\n".join(logs))
         n_ok = sum(m["status"] == "ok" for m in metas)
-        status = "complete" if n_ok == len(metas) else ("partial" if n_ok else "failed")
+        status = "complete" if n_ok == len(metas) else ("partial" if kept else "failed")
         mode = "simulated" if self.cfg.simulated else "real"
         write_json(
             self.run_dir / "summary.json",
@@ -486,8 +556,28 @@ class Driver:
         self.dest.publish_run(self.run_dir)
         return self.run_dir
 
+    def _lock(self) -> FileLock:
+        """One pdbench process per run folder: a second `--resume` of a run in progress would run
+        the same cells (same placement group names) and race it for the same files."""
+        lock = FileLock(self.run_dir / LOCK_FILE)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ConfigError(
+                f"--resume: {self.run_dir} is being run by another pdbench process right now; wait for it to end "
+                f"(or end it), then resume"
+            ) from None
+        return lock
+
     def run(self, on_progress: Callable[[RunProgress], None] | None = None) -> Path:
-        preflight(self.cfg, self.plans)
+        lock = self._lock() if self.opts.resume is not None else None
+        try:
+            return self._run(on_progress, lock)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, on_progress: Callable[[RunProgress], None] | None, lock: FileLock | None) -> Path:
         self.ray_info = ray_env.connect(self.opts.address)
         bundles = []
         for p in self.plans:
@@ -498,10 +588,14 @@ class Driver:
                 raise ConfigError(f"invalid config:\n  placement.gpus_per_engine/cpus_per_engine: {e}") from None
             bundles.append(b)
         self.concurrency = cell_concurrency(self.cfg, bundles, self.track.measures_latency)
-        if self.opts.resume is None:
+        if lock is None:  # a new run: its folder is made here and held from the start
             self.run_dir.mkdir(parents=True, exist_ok=False)
-            write_yaml(self.run_dir / "config.yaml", to_yaml(self.cfg))
-        write_json(self.run_dir / "manifest.json", self._manifest({}, "running"))
-        self.dest.publish_run(self.run_dir)
-        metas = asyncio.run(self._run_all(on_progress))
-        return self.finalize(metas)
+            lock = self._lock()
+            try:
+                write_yaml(self.run_dir / "config.yaml", to_yaml(self.cfg))
+                write_json(self.run_dir / "manifest.json", self._manifest({}, "running"))
+                self.dest.publish_run(self.run_dir)
+                return self.finalize(asyncio.run(self._run_all(on_progress)))
+            finally:
+                lock.release()
+        return self.finalize(asyncio.run(self._run_all(on_progress)))

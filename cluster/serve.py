@@ -10,6 +10,7 @@ The HTTP proxy listens on 127.0.0.1 unless told otherwise: the endpoint has no a
 
 import asyncio
 import ipaddress
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from ray import serve
 
 from actors.backends import ActorBackend
 from actors.engine_actor import EngineActor, actor_name
+from actors.engines.models import model_path_problem
 from actors.engines.spec import EngineConfig
 from actors.kv.directory import directory_actor
 from actors.kv.spec import KVTransferConfig
@@ -81,6 +83,9 @@ def serve_spec(file_data: dict[str, Any], overrides: dict[str, Any]) -> ServeSpe
     if spec.engine.kind == "simulated":
         # A client benchmarking this endpoint cannot see a stamp: it would measure a simulation as real.
         raise ConfigError("invalid config:\n  engine.kind: pdbench serve runs real engines only (reference or vllm), not 'simulated'")
+    problem = model_path_problem(spec.engine.model)
+    if problem:
+        raise ConfigError(f"invalid config:\n  engine.model: {problem}")
     if spec.mode == "disaggregated" and spec.engine.kind not in ("reference", "vllm"):
         raise ConfigError(f"invalid config:\n  engine.kind: the disaggregated mode runs reference or vllm engines, not {spec.engine.kind!r}")
     return spec
@@ -248,6 +253,28 @@ class Completions:
 
 
 # --- deploying -----------------------------------------------------------------------------
+def check_listen(host: str, port: int, here: bool) -> None:
+    """Refuse, in one line naming the flag, an address the HTTP proxy could never listen on.
+    `here`: the proxy runs on this machine (embedded Ray), so the port can be tried too."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port: {port} is not a TCP port; give one from 1 to 65535 (default 8000)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host: {host!r} is not an address or a host name that resolves here ({e}); e.g. 127.0.0.1") from None
+    if not here:
+        return
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ValueError(
+                f"--host/--port: cannot listen on {host}:{port} ({e.strerror or e}); pick a free port or an address of this machine"
+            ) from None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,19 @@ class Destination:
         else:
             self.local_root = Path(self.out).expanduser()
 
+    def check_writable(self) -> None:
+        """Refuse, naming --out, a runs folder that is a file or cannot be written, before anything runs."""
+        root = self.local_root
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"--out: {root} is a file, not a folder; give a folder for the runs (it is created if missing)")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=root):
+                pass
+        except OSError as e:
+            what = "--out" if not self.remote else "PDBENCH_STAGING (the staging copy of a URI --out)"
+            raise ValueError(f"{what}: cannot write to {root} ({e.strerror or e}); choose a folder you can write to") from None
+
     def local_dir(self, run_id: str) -> Path:
         return self.local_root / run_id
 
@@ -95,14 +109,28 @@ class Destination:
 
 
 def pull(src: str, dest: Path) -> Path:
-    """Copy one run folder (a URI or a local path ending in the run id) into dest/<run-id>/."""
+    """Copy one run folder (a URI or a local path ending in the run id) into dest/<run-id>/.
+
+    The last segment of SRC names the folder made under dest, so a `.`/`..` segment anywhere in
+    SRC is refused (`.../run/..` would name dest's parent), and the target must lie inside dest."""
+    segments = src.split("://", 1)[-1].replace("\\", "/").split("/")
+    if any(seg in (".", "..") for seg in segments):
+        raise ValueError(f"runs pull: {src} has a '.' or '..' segment; name the run folder itself (…/<run-id>)")
     fs, path = _fs(src) if is_uri(src) else (pafs.LocalFileSystem(), str(Path(src).expanduser().resolve()))
     path = path.rstrip("/")
     info = fs.get_file_info(f"{path}/manifest.json")
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{src} is not a pdbench run folder (no manifest.json)")
-    target = Path(dest).expanduser() / path.rsplit("/", 1)[-1]
-    target.mkdir(parents=True, exist_ok=True)
+    root = Path(dest).expanduser().resolve()
+    target = root / path.rsplit("/", 1)[-1]
+    if target.resolve().parent != root:
+        raise ValueError(f"runs pull: {src} would be written outside --to {dest}; name the run folder itself")
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--to: {dest} is a file, not a folder; give a folder that receives <run-id>/")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--to: cannot write to {dest} ({e.strerror or e}); choose a folder you can write to") from None
     pafs.copy_files(path, str(target.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     for tmp in target.rglob(".*.tmp"):  # a file caught mid-upload; its finished twin is there or will be
         tmp.unlink()

@@ -73,9 +73,11 @@ def test_failing_cells_do_not_stop_the_sweep(ray_local, tmp_path):
     cells = m["cells"]
     assert cells["good0"]["status"] == cells["good1"]["status"] == "ok"
     assert cells["vocab"]["status"] == "failed" and "outside the model's vocabulary" in cells["vocab"]["error"]
-    assert cells["killed"]["status"] == "failed" and "Actor" in cells["killed"]["error"], cells["killed"]["error"]
+    # Killed after its first requests: the rows measured before stay (partial), the death is named.
+    assert cells["killed"]["status"] in ("partial", "failed") and "Actor" in cells["killed"]["error"], cells["killed"]["error"]
     df = pd.read_parquet(run_dir / "requests.parquet")
-    assert set(df["cell_id"]) == {"good0", "good1"} and len(df) == 2 * 7
+    good = df[df["cell_id"] != "killed"]
+    assert set(good["cell_id"]) == {"good0", "good1"} and len(good) == 2 * 7
     md = (run_dir / "report.md").read_text()
     assert "## Failed cells" in md and "outside the model's vocabulary" in md
 

@@ -74,3 +74,21 @@ def schedule(arrival: Arrival, n: int, rng: np.random.Generator) -> np.ndarray |
         gaps = rng.gamma(shape, 1.0 / (arrival.rate * shape), size=n)
     gaps[0] = 0.0
     return np.cumsum(gaps)
+
+
+# Longest an open-loop schedule may span: a rate so low that the requests go out over days is a
+# typo (a rate per minute given per second), and would leave a run waiting with no message.
+MAX_SCHEDULE_S = 6 * 3600.0
+
+
+def schedule_problem(arrival: Arrival, n: int) -> str | None:
+    """Why n requests at this arrival rate cannot be scheduled in a run, or None."""
+    if isinstance(arrival, ClosedLoop):
+        return None
+    span = n / arrival.rate
+    if span <= MAX_SCHEDULE_S:
+        return None
+    return (
+        f"{n} requests at {arrival.rate:g} req/s would be sent over about {span / 3600:.1f} h, more than the "
+        f"{MAX_SCHEDULE_S / 3600:g} h a run may schedule; raise the rate or send fewer requests"
+    )

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workloads.arrivals import Arrival, ClosedLoop, SteadyState, schedule
+from workloads.arrivals import Arrival, ClosedLoop, SteadyState, schedule, schedule_problem
 from workloads.lengths import Fixed, LengthDist
 
 # Separate numpy streams per purpose: changing the arrival process must not change the prompts.
@@ -24,6 +24,13 @@ class WorkloadSpec(BaseModel):
     output_len: LengthDist = Fixed(value=16)
     arrival: Arrival = ClosedLoop(concurrency=4)
     steady_state: SteadyState = SteadyState()
+
+    @model_validator(mode="after")
+    def _bounded_schedule(self) -> "WorkloadSpec":
+        problem = schedule_problem(self.arrival, self.num_requests)
+        if problem:
+            raise ValueError(f"arrival.rate: {problem}")
+        return self
 
 
 @dataclass(frozen=True)

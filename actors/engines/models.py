@@ -70,6 +70,24 @@ def resolve_model(name: str) -> tuple[dict[str, Any] | None, str | None]:
     return None, name
 
 
+def model_path_problem(name: str) -> str | None:
+    """Why `name`, written as a path, names no model here; None for a built-in, a configs/models/
+    name, an existing path, or a hub name (`org/model`, checked where the engine loads it).
+
+    Checked where pdbench starts, so a typo fails in one line instead of in the engine actor."""
+    path = Path(name).expanduser()
+    if name in BUILTIN or (not path.is_absolute() and ((MODELS_DIR / name).exists() or (MODELS_DIR / f"{name}.json").is_file())):
+        return None
+    looks_like_path = name.startswith(("/", "./", "../", "~")) or name.endswith(".json") or path.suffix in (".safetensors", ".bin")
+    if not looks_like_path:
+        return None
+    if not path.exists():
+        return f"no such file or folder {name}; give a model folder, a config.json, a configs/models/ name or tiny-qwen3"
+    if path.is_dir() and not (path / "config.json").is_file():
+        return f"{name} is a folder without a config.json; give a Hugging Face model folder or its config.json"
+    return None
+
+
 def architecture(cfg: dict[str, Any]) -> dict[str, Any]:
     """The fields that decide compute and memory; anything else (paths, versions) is left out."""
     arch = {k: cfg[k] for k in _ARCH_KEYS if cfg.get(k) is not None}

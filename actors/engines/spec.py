@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class SimulatedLaw(BaseModel):
@@ -47,3 +47,26 @@ class EngineConfig(BaseModel):
         description="top-level fields replacing those of the model's HF config (e.g. rope_parameters for "
         "YaRN); the reference engine applies them to the transformers config, vLLM gets them as hf_overrides",
     )
+
+    @model_validator(mode="after")
+    def _meaningful_for_kind(self) -> "EngineConfig":
+        """An option the chosen engine never reads is refused by name: silently ignored, it would
+        make a config (and its hash) claim a setting the run never had."""
+        for name, kinds in _ONLY_FOR.items():
+            if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
+                if self.kind not in kinds:
+                    raise ValueError(
+                        f"{name}: means nothing to engine.kind {self.kind!r} (only to {' or '.join(kinds)}); "
+                        f"remove it, or choose an engine that reads it"
+                    )
+        return self
+
+
+# Options each engine reads; the rest (model, dtype, lengths, batch size, hf_overrides) apply to all.
+_ONLY_FOR: dict[str, tuple[str, ...]] = {
+    "vllm": ("vllm",),
+    "simulated": ("simulated",),
+    "cpu_threads": ("reference",),
+    "device": ("reference",),
+    "weight_seed": ("reference", "vllm"),
+}

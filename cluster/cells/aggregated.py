@@ -16,7 +16,7 @@ from actors.loadgen import LoadGenerator
 from actors.router import ReplicaRouter
 from analysis.records import to_frame
 from cluster import ray_env
-from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult
+from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, bounded, settle, wait_for_placement
 
 
 def bundles(ctx: CellContext) -> list[dict[str, float]]:
@@ -29,8 +29,9 @@ async def run_aggregated(ctx: CellContext) -> CellResult:
     pg = ray_env.make_placement_group(bundles(ctx), ctx.strategy(n), ctx.name("pg"))
     actors = []
     meta = {}
+    faults: list[str] = []
     try:
-        await asyncio.wait_for(pg.ready(), ENGINE_START_TIMEOUT_S)
+        await wait_for_placement(ctx, pg, bundles(ctx))
         engines = [
             EngineActor.options(
                 name=ctx.name("engine" if n == 1 else f"engine{i}"),
@@ -47,21 +48,23 @@ async def run_aggregated(ctx: CellContext) -> CellResult:
             actors.append(entry)
         loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, 0)).remote()
         actors.append(loadgen)
-        infos = await asyncio.wait_for(asyncio.gather(*(e.start.remote() for e in engines)), ENGINE_START_TIMEOUT_S)
+        infos = await bounded(asyncio.gather(*(e.start.remote() for e in engines)), ENGINE_START_TIMEOUT_S, "engine start")
         info = infos[0]
         reqs = ctx.plan.build_requests(info["vocab_size"], ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
         raws = await loadgen.run.remote(entry, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress)
-        memory = await asyncio.gather(*(e.memory.remote() for e in engines))
+        memory = [await settle(f"engine{i} memory", e.memory.remote(), faults) for i, e in enumerate(engines)]
         if n > 1:
-            meta = {"replicas": n, "requests_per_replica": await entry.counts.remote(), "nodes": [i["node"] for i in infos]}
+            counts = await settle("router counts", entry.counts.remote(), faults)
+            meta = {"replicas": n, "requests_per_replica": counts, "nodes": [i["node"] for i in infos]}
             meta["memory_per_replica"] = list(memory)
-        else:
+        elif memory[0] is not None:
             meta = {"memory": memory[0]}  # memory.json and E5 hold single-engine cells
-        await asyncio.gather(*(e.shutdown.remote() for e in engines))
+        for i, e in enumerate(engines):
+            await settle(f"engine{i} shutdown", e.shutdown.remote(), faults)
     finally:
         for a in actors:
             ray.kill(a)
         ray_env.release(pg)
     df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, mode="aggregated", engine=ctx.engine.kind)
-    return CellResult(requests=df, meta={"engine_info": info, **meta})
+    return CellResult(requests=df, meta={"engine_info": info, **meta}, fault="; ".join(faults) or None)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable
 
 import pandas as pd
 
@@ -12,6 +14,38 @@ from cluster.config import ExperimentConfig
 from workloads.tracks import CellPlan
 
 ENGINE_START_TIMEOUT_S = 900.0
+WAIT_NOTICE_S = 10.0  # a cell still waiting for resources after this says so
+log = logging.getLogger("pdbench")
+
+
+async def bounded(pending: Awaitable[Any], timeout_s: float, what: str) -> Any:
+    """Await with a bound; running out says what was awaited instead of a bare TimeoutError."""
+    try:
+        return await asyncio.wait_for(pending, timeout_s)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"{what}: not done after {timeout_s:g} s") from None
+
+
+async def wait_for_placement(ctx: "CellContext", pg: Any, bundles: list[dict[str, float]]) -> None:
+    """A placement group whose resources exist but are held (another job, another cell) waits:
+    it says what for after WAIT_NOTICE_S, and gives up after `placement.wait_timeout_s`."""
+
+    async def ready() -> Any:
+        return await pg.ready()
+
+    limit = ctx.cfg.placement.wait_timeout_s
+    task = asyncio.ensure_future(ready())
+    done, _ = await asyncio.wait([task], timeout=min(WAIT_NOTICE_S, limit))
+    if not done:
+        log.warning("cell %s waits for resources %s (placement group); gives up after %g s", ctx.plan.cell_id, bundles, limit)
+        done, _ = await asyncio.wait([task], timeout=max(0.0, limit - WAIT_NOTICE_S))
+    if not done:
+        task.cancel()
+        raise RuntimeError(
+            f"placement.wait_timeout_s: the cell waited {limit:g} s for {bundles} and the cluster never had them free "
+            "(held by other jobs or cells); free them, or raise placement.wait_timeout_s"
+        )
+    task.result()
 
 
 @dataclass
@@ -56,3 +90,18 @@ class CellResult:
     requests: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
     transfers: pd.DataFrame | None = None
+    # A fault after the requests ran (an actor died, a final stats or shutdown call failed): the
+    # records measured so far are kept, and the cell says what went wrong.
+    fault: str | None = None
+
+
+async def settle(what: str, pending: Awaitable[Any], faults: list[str], default: Any = None) -> Any:
+    """Await a call made after the requests ran; a failure is noted in `faults`, not raised, so
+    it cannot cost the cell the records already measured."""
+    from analysis.errortext import one_line
+
+    try:
+        return await pending
+    except Exception as e:
+        faults.append(f"{what}: {one_line(e)}")
+        return default

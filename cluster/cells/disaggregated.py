@@ -20,7 +20,7 @@ from actors.loadgen import LoadGenerator
 from analysis.records import to_frame
 from analysis.transfers import transfers_frame
 from cluster import ray_env
-from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult
+from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, bounded, settle, wait_for_placement
 
 PREFILL, DECODE = 0, 1
 
@@ -57,8 +57,9 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
     b = ctx.engine_bundle()
     pg = ray_env.make_placement_group(bundles(ctx), ctx.strategy(2), ctx.name("pg"))
     actors: list = []
+    faults: list[str] = []
     try:
-        await asyncio.wait_for(pg.ready(), ENGINE_START_TIMEOUT_S)
+        await wait_for_placement(ctx, pg, bundles(ctx))
         dir_name = ctx.name("kvdir")
         directory = directory_actor(dir_name, scheduling_strategy=ray_env.in_bundle(pg, DECODE))
         actors.append(directory)
@@ -76,8 +77,8 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
         actors.append(decode)
         loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, DECODE)).remote()
         actors.append(loadgen)
-        p_info, d_info = await asyncio.wait_for(
-            asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S
+        p_info, d_info = await bounded(
+            asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S, "prefill and decode engine start"
         )
         check_pair(p_info, d_info)
         reqs = ctx.plan.build_requests(d_info["vocab_size"], ctx.seed)
@@ -85,10 +86,13 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
         t_load = time.monotonic()
         raws = await loadgen.run.remote(decode, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress)
         load_wall_s = time.monotonic() - t_load
-        rows = await decode.transfers.remote()
-        directory_left = await directory.stats.remote()
-        connector = await directory.engines.remote()
-        await asyncio.gather(decode.shutdown.remote(), prefill.shutdown.remote())
+        # What was measured is kept whatever dies now (a prefill or decode actor or the KV
+        # directory mid-cell): each call is settled on its own and a failure is named in the cell status.
+        rows = await settle("decode transfers", decode.transfers.remote(), faults, default=[])
+        directory_left = await settle("KV directory stats", directory.stats.remote(), faults)
+        connector = await settle("KV directory engines", directory.engines.remote(), faults, default={})
+        await settle("decode shutdown", decode.shutdown.remote(), faults)
+        await settle("prefill shutdown", prefill.shutdown.remote(), faults)
     finally:
         for a in actors:
             ray.kill(a)
@@ -112,4 +116,4 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
         "weights_identical": p_info["extra"].get("weight_checksum") == d_info["extra"].get("weight_checksum"),
         "weight_checksum": d_info["extra"].get("weight_checksum"),
     }
-    return CellResult(requests=df, transfers=transfers, meta=meta)
+    return CellResult(requests=df, transfers=transfers, meta=meta, fault="; ".join(faults) or None)
