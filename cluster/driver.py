@@ -179,6 +179,8 @@ def cell_hash(cfg: ExperimentConfig, plan: CellPlan) -> str:
             [[r.request_id, list(r.prompt_token_ids), r.max_tokens, r.warmup, r.meta] for r in plan.requests]
         )
         what["tokenizer"] = plan.tokenizer
+    if plan.measured_slice is not None:  # one stretch of the requests (E0's rounds); unsliced cells' hashes stand
+        what["measured_slice"] = list(plan.measured_slice)
     if cfg.target is not None:  # another server is another result (only then: old hashes stand)
         what["target"] = cfg.target.model_dump(mode="json")
     return sha256_of(what)

@@ -4,7 +4,12 @@ Identical greedy tokens from the same config and weights are what "reproducible"
 a shared host moves for reasons outside the run (other processes, a noisy neighbour), so the
 medians are compared against the larger of the configured tolerance and the noise the run itself
 measured: each repeat's requests are split into blocks (in send order), and the spread of the
-block values gives the standard error of that repeat's median. A timing difference beyond both
+block values gives the standard error of that repeat's median.
+
+Repeats run interleaved in rounds (cells rep0.round0, rep1.round0, rep0.round1, ...), each cell one
+stretch of the same requests, so every repeat samples the same stretches of time. A repeat is all
+its rounds merged back: its tokens are compared request by request, its timing computed over every
+round (throughput: tokens over the rounds' summed durations, never the gaps between them). A timing difference beyond both
 is reported as unstable timing, beside the host load recorded for each repeat, never as a
 correctness failure.
 """
@@ -28,7 +33,8 @@ NOISE_SIGMAS = 3.0  # a difference within this many standard errors is noise
 
 
 def _throughput(g: pd.DataFrame) -> float | None:
-    dur = float(g["t_last_token"].max() - g["t_sent"].min()) if not g.empty else 0.0
+    # Send times are per cell: each round's duration is its own, summed over the repeat's rounds.
+    dur = sum(float(r["t_last_token"].max() - r["t_sent"].min()) for _, r in g.groupby("cell_id")) if not g.empty else 0.0
     return float(g["output_tokens"].sum()) / dur if dur > 0 else None
 
 
@@ -58,7 +64,7 @@ def _rel_diff(a: float | None, b: float | None) -> float | None:
 
 def relative_noise(g: pd.DataFrame, get: Callable[[pd.DataFrame], float | None]) -> float:
     """Relative standard error of `get` over one repeat, from its values on blocks of requests."""
-    g = g.sort_values("t_sent")
+    g = g.sort_values(["round", "t_sent"] if "round" in g else "t_sent")
     k = min(NOISE_BLOCKS, len(g) // 4)
     if k < 2:
         return 0.0
@@ -68,28 +74,38 @@ def relative_noise(g: pd.DataFrame, get: Callable[[pd.DataFrame], float | None])
     return float(np.std(vals, ddof=1) / abs(np.mean(vals)) / math.sqrt(len(vals)))
 
 
+def _repeat_of(cell_id: str, meta: dict[str, Any]) -> tuple[str, int]:
+    """(repeat, round) of a cell from its labels; a cell without them is a whole repeat."""
+    labels = meta.get("labels") or {}
+    return (f"rep{labels['repeat']}" if "repeat" in labels else cell_id), int(labels.get("round", 0))
+
+
 class E0Analysis(TrackAnalysis):
     def verdicts(self, requests: pd.DataFrame, cells: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         tol = float(params.get("tolerance", 0.25))
-        ids = sorted(cells)
-        repeats = int(params.get("repeats", 2))
-        if len(ids) < repeats:  # a crashed repeat is no evidence of reproducibility
-            return {"verdict": "incomplete", "tolerance": tol, "checks": [
+        repeats, rounds = int(params.get("repeats", 2)), int(params.get("rounds", 1))
+        where = {c: _repeat_of(c, m) for c, m in cells.items()}
+        finished = {r: sorted(c for c, (rr, _) in where.items() if rr == r) for r, _ in where.values()}
+        ids = sorted(r for r, cs in finished.items() if len(cs) >= rounds)
+        if len(ids) < repeats:  # a crashed repeat (or round) is no evidence of reproducibility
+            return {"verdict": "incomplete", "tolerance": tol, "rounds": rounds, "checks": [
                 {"check": "every repeat finished", "kind": "correctness", "ok": False,
                  "detail": {"finished": ids, "repeats": repeats}}]}
         checks: list[dict[str, Any]] = []
-        hashes = {c: cells[c].get("config_hash") for c in ids}
-        checks.append(
-            {"check": "config hash identical", "kind": "correctness", "ok": len(set(hashes.values())) == 1, "detail": hashes}
-        )
+        # A round's cells must be the same cell config (the same stretch of requests) in every repeat.
+        hashes = {c: cells[c].get("config_hash") for c in sorted(cells)}
+        same = all(len({h for c, h in hashes.items() if where[c][1] == r}) == 1 for r in {rd for _, rd in where.values()})
+        checks.append({"check": "config hash identical", "kind": "correctness", "ok": same, "detail": hashes})
         # The same config must also have built the same model: engines report a weight checksum.
-        weights = {c: ((cells[c].get("engine_info") or {}).get("extra") or {}).get("weight_checksum") for c in ids}
+        weights = {c: ((cells[c].get("engine_info") or {}).get("extra") or {}).get("weight_checksum") for c in sorted(cells)}
         if any(weights.values()):
             checks.append(
                 {"check": "engine weights identical", "kind": "correctness", "ok": len(set(weights.values())) == 1, "detail": weights}
             )
         df = measured(requests)
-        tokens = {c: df[df["cell_id"] == c].set_index("request_id")["output_token_ids"] for c in ids}
+        df = df[df["cell_id"].isin(list(where))]
+        df = df.assign(repeat=df["cell_id"].map(lambda c: where[c][0]), round=df["cell_id"].map(lambda c: where[c][1]))
+        tokens = {c: df[df["repeat"] == c].set_index("request_id")["output_token_ids"] for c in ids}
         failed = int((~df["ok"].astype(bool)).sum())
         checks.append({"check": "every request completed", "kind": "correctness", "ok": failed == 0, "detail": {"failed": failed}})
         mismatched: list[str] = []
@@ -108,7 +124,7 @@ class E0Analysis(TrackAnalysis):
                 "detail": {"requests_compared": len(tokens[ids[0]]) if ids else 0, "mismatches": mismatched[:20]},
             }
         )
-        done = {c: df[(df["cell_id"] == c) & df["ok"].astype(bool)] for c in ids}
+        done = {c: df[(df["repeat"] == c) & df["ok"].astype(bool)] for c in ids}
         for name, get in _MEDIANS.items():
             values = {c: get(done[c]) for c in ids}
             noise = {c: relative_noise(done[c], get) for c in ids}
@@ -133,6 +149,7 @@ class E0Analysis(TrackAnalysis):
             "correctness": "pass" if correct else "fail",
             "timing": "stable" if stable else "unstable",
             "tolerance": tol,
+            "rounds": rounds,
             "checks": checks,
         }
 
@@ -182,12 +199,20 @@ class E0Analysis(TrackAnalysis):
             for c in v["checks"]
         ]
         correctness = pd.DataFrame([r for r in rows if kind[r["check"]] == "correctness"])
+        repeats = len({_repeat_of(c, m)[0] for c, m in cells.items()})
+        rounds = int(v.get("rounds", 1))
+        interleaved = (
+            f", the repeats interleaved in {rounds} rounds (each round one stretch of the requests, run by every "
+            "repeat in turn, so all repeats sample the same stretches of time; a repeat's checks merge its rounds)"
+            if rounds > 1
+            else ""
+        )
         timing = pd.DataFrame([r for r in rows if kind[r["check"]] == "timing"])
         out = [
             Section(
                 title=f"E0 verdict: {v['verdict']}",
                 text=[
-                    f"The same workload ran {len(cells)} times with the same seed. Reproducible means: identical "
+                    f"The same workload ran {repeats} times with the same seed{interleaved}. Reproducible means: identical "
                     "config hash and engine weights, every request completed, and identical greedy token ids for "
                     "every request. Timing is judged apart (below): it can only make the verdict say the timing "
                     "was unstable, never that identical tokens did not reproduce."

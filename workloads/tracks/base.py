@@ -6,6 +6,7 @@ engine overrides), not of how to run it; cluster/ turns plans into actors.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -34,6 +35,9 @@ class CellPlan:
     arrival). `tokenizer` names what turned their text into ids, so outputs can be decoded back
     for scoring. `provenance` is what the manifest records about where the prompts came from
     (a dataset subset's ids and their hash).
+    `measured_slice` = (start, stop) sends only measured requests start..stop-1 (after the same
+    warm-up), under their own ids and prompts: repeats interleaved in rounds (E0) each send one
+    stretch of the same request list, so request ids stay comparable across cells.
     """
 
     cell_id: str
@@ -46,9 +50,24 @@ class CellPlan:
     requests: tuple[RequestSpec, ...] | None = None
     tokenizer: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    measured_slice: tuple[int, int] | None = None
 
     def build_requests(self, vocab_size: int, seed: int) -> list[RequestSpec]:
         """The requests to send, once the engine has said how large its vocabulary is."""
+        return self._sliced(self._all_requests(vocab_size, seed))
+
+    def _sliced(self, reqs: list[RequestSpec]) -> list[RequestSpec]:
+        """Warm-up plus this cell's stretch of measured requests; open-loop send times start at
+        the stretch's first request, so a later stretch does not wait for the earlier ones."""
+        if self.measured_slice is None:
+            return reqs
+        start, stop = self.measured_slice
+        part = [r for r in reqs if not r.warmup][start:stop]
+        t0 = next((r.t_scheduled for r in part if r.t_scheduled is not None), 0.0)
+        part = [r if r.t_scheduled is None else dataclasses.replace(r, t_scheduled=r.t_scheduled - t0) for r in part]
+        return [r for r in reqs if r.warmup] + part
+
+    def _all_requests(self, vocab_size: int, seed: int) -> list[RequestSpec]:
         if self.requests is None:
             return synthetic_requests(self.workload, vocab_size, seed)
         top = max((max(r.prompt_token_ids) for r in self.requests if r.prompt_token_ids), default=-1)
@@ -63,8 +82,13 @@ class CellPlan:
     def num_requests(self) -> int:
         """Requests the cell sends, warm-up included (for progress displays)."""
         if self.requests is not None:
-            return len(self.requests)
-        return self.workload.num_requests + self.workload.warmup_requests
+            warm, meas = sum(r.warmup for r in self.requests), sum(not r.warmup for r in self.requests)
+        else:
+            warm, meas = self.workload.warmup_requests, self.workload.num_requests
+        if self.measured_slice is not None:
+            start, stop = self.measured_slice
+            meas = len(range(meas)[start:stop])
+        return warm + meas
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,23 @@ from workloads.tracks.base import CellPlan, Track, TrackParams, register
 
 class E0Params(TrackParams):
     repeats: int = Field(default=2, ge=2, description="identical runs of the workload to compare")
+    rounds: int = Field(
+        default=2,
+        ge=1,
+        description="slices of each repeat's measured requests; cells run rep0.round0, rep1.round0, rep0.round1, ...",
+    )
     tolerance: float = Field(
         default=0.25,
         gt=0,
         lt=1,
         description="largest relative difference of throughput and latency medians between repeats",
     )
+
+
+def round_slices(num_requests: int, rounds: int) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) stretches of the measured requests, as even as they divide."""
+    edges = [r * num_requests // rounds for r in range(rounds + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 @register
@@ -37,7 +48,26 @@ class E0(Track):
 
     def cells(self, workload: WorkloadSpec, params: E0Params) -> list[CellPlan]:
         # Same seed for every repeat: reproducibility means the same requests and the same tokens.
+        # Rounds interleave the repeats (rep0.round0, rep1.round0, rep0.round1, ...): a host that
+        # gets busier halfway slows every repeat alike instead of the later one.
+        if params.rounds == 1:
+            return [
+                CellPlan(cell_id=f"rep{i}", mode="aggregated", workload=workload, labels={"repeat": i})
+                for i in range(params.repeats)
+            ]
+        if params.rounds > workload.num_requests:
+            raise ValueError(
+                f"params.rounds: {params.rounds} rounds need at least as many measured requests "
+                f"(workload.num_requests is {workload.num_requests}); lower rounds or raise num_requests"
+            )
         return [
-            CellPlan(cell_id=f"rep{i}", mode="aggregated", workload=workload, labels={"repeat": i})
+            CellPlan(
+                cell_id=f"rep{i}.round{r}",
+                mode="aggregated",
+                workload=workload,
+                labels={"repeat": i, "round": r},
+                measured_slice=part,
+            )
+            for r, part in enumerate(round_slices(workload.num_requests, params.rounds))
             for i in range(params.repeats)
         ]
