@@ -1,4 +1,4 @@
-"""How tracks E1, E2, E4, E5, E6 expand a config into cells (no Ray, no engine)."""
+"""How tracks E0, E1, E2, E4, E5, E6 expand a config into cells (no Ray, no engine)."""
 
 import pytest
 
@@ -6,6 +6,51 @@ from cluster.config import ConfigError, resolve
 from cluster.driver import cell_hash, plan_cells
 from workloads.arrivals import ClosedLoop, Gamma, Poisson
 from workloads.tracks import CellOutcome, get_track
+
+
+def test_e0_rounds_interleave_the_repeats():
+    cfg = resolve("e0", {"workload": {"num_requests": 10}, "params": {"repeats": 3, "rounds": 2}})
+    cells = plan_cells(cfg)
+    assert [c.cell_id for c in cells] == ["rep0.round0", "rep1.round0", "rep2.round0", "rep0.round1", "rep1.round1", "rep2.round1"]
+    assert [(c.labels["repeat"], c.labels["round"]) for c in cells] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    assert {c.workload for c in cells} == {cfg.workload} and {c.seed_offset for c in cells} == {0}
+    # Each round is its own cell config (resume tells them apart); the same round is one config in every repeat.
+    hashes = {c.cell_id: cell_hash(cfg, c) for c in cells}
+    assert len({hashes[f"rep{i}.round0"] for i in range(3)}) == 1 and hashes["rep0.round0"] != hashes["rep0.round1"]
+    one = plan_cells(resolve("e0", {"params": {"rounds": 1}}))
+    assert [c.cell_id for c in one] == ["rep0", "rep1"] and {c.measured_slice for c in one} == {None}
+    assert resolve("e0", {}).params["rounds"] == 2
+
+
+def test_e0_rounds_must_fit_the_requests():
+    with pytest.raises(ConfigError, match=r"params.rounds: 5 rounds need at least as many measured requests"):
+        plan_cells(resolve("e0", {"workload": {"num_requests": 4}, "params": {"rounds": 5}}))
+    with pytest.raises(ConfigError, match=r"params.rounds: Input should be greater than or equal to 1"):
+        resolve("e0", {"params": {"rounds": 0}})
+
+
+@pytest.mark.parametrize("arrival", [{"kind": "closed", "concurrency": 2}, {"kind": "poisson", "rate": 5.0}])
+def test_e0_round_slices_send_every_request_once_per_repeat(arrival):
+    from workloads.requests import synthetic_requests
+
+    cfg = resolve("e0", {"workload": {"num_requests": 11, "warmup_requests": 2, "arrival": arrival}, "params": {"rounds": 3}})
+    cells = plan_cells(cfg)
+    full = synthetic_requests(cfg.workload, 97, cfg.seed)
+    whole = {r.request_id: r for r in full if not r.warmup}
+    sent: dict[int, list[str]] = {0: [], 1: []}
+    for c in cells:
+        reqs = c.build_requests(97, cfg.seed)
+        assert len(reqs) == c.num_requests
+        assert reqs[:2] == full[:2], "every round warms up the same way"
+        part = [r for r in reqs if not r.warmup]
+        assert [r.prompt_token_ids for r in part] == [whole[r.request_id].prompt_token_ids for r in part]
+        if part[0].t_scheduled is not None:  # open loop: a round's schedule starts with its first request
+            assert part[0].t_scheduled == 0.0
+            assert part[-1].t_scheduled == pytest.approx(whole[part[-1].request_id].t_scheduled - whole[part[0].request_id].t_scheduled)
+        sent[c.labels["repeat"]] += [r.request_id for r in part]
+    # Every measured request in exactly one round of each repeat, under the same ids in both repeats.
+    assert sent[0] == sent[1] == list(whole)
+    assert [len([r for r in c.build_requests(97, cfg.seed) if not r.warmup]) for c in cells] == [3, 3, 4, 4, 4, 4]
 
 
 def test_e1_grid_at_concurrency_one():
