@@ -2,6 +2,7 @@
 timing alone never makes identical tokens "not reproducible"."""
 
 import pandas as pd
+import pytest
 
 from analysis.tracks.e0 import ANALYSIS
 
@@ -95,3 +96,80 @@ def test_different_engine_weights_fail():
     assert [c["check"] for c in v["checks"] if not c["ok"]] == ["engine weights identical"]
     same = {c: {"config_hash": "h", "engine_info": {"extra": {"weight_checksum": "a"}}} for c in ("rep0", "rep1")}
     assert ANALYSIS.verdicts(frame(), same, {"tolerance": 0.5})["verdict"] == "reproducible"
+
+
+def rounds_frame(n=8, rounds=2, slow_round1_b=1.0, bad_token=None):
+    """Two repeats interleaved in `rounds` cells each; send times restart at 0 in every cell, as they do in a run."""
+    rows, cells = [], {}
+    for r in range(rounds):
+        ids = range(r * n // rounds, (r + 1) * n // rounds)
+        for rep in (0, 1):
+            cell = f"rep{rep}.round{r}"
+            cells[cell] = {"config_hash": f"h{r}", "labels": {"repeat": rep, "round": r}}
+            slow = slow_round1_b if (rep == 1 and r == 1) else 1.0
+            for k, i in enumerate(ids):
+                toks = bad_token if (bad_token and rep == 1 and i == n - 1) else [i, i + 1]
+                t0 = k * 1.0
+                rows.append(
+                    {
+                        "cell_id": cell, "request_id": f"r{i}", "warmup": False, "ok": True, "output_tokens": 2,
+                        "t_sent": t0, "t_last_token": t0 + 0.5 * slow, "ttft_s": 0.1 * slow, "tpot_s": 0.4 * slow,
+                        "e2e_s": 0.5 * slow, "output_token_ids": toks,
+                    }
+                )
+            rows.append({**rows[-1], "request_id": "w0000", "warmup": True})  # warm-up rows never count
+    return pd.DataFrame(rows), cells
+
+
+def test_rounds_merge_into_their_repeat():
+    df, cells = rounds_frame()
+    v = ANALYSIS.verdicts(df, cells, {"tolerance": 0.1, "repeats": 2, "rounds": 2})
+    assert v["verdict"] == "reproducible" and v["rounds"] == 2, v
+    tokens = next(c for c in v["checks"] if c["check"].startswith("greedy"))
+    assert tokens["detail"]["requests_compared"] == 8, "a repeat's rounds together hold every request"
+    thr = next(c for c in v["checks"] if c["check"].startswith("output token throughput"))
+    # 8 requests × 2 tokens over two rounds of 3.5 s each: the time between a repeat's rounds is not its time.
+    assert thr["detail"]["values"] == {"rep0": pytest.approx(16 / 7), "rep1": pytest.approx(16 / 7)}
+    # Each round is its own cell config: hashes differ between rounds, agree within one.
+    assert next(c for c in v["checks"] if c["check"] == "config hash identical")["ok"]
+
+
+def test_a_mismatch_in_a_later_round_names_the_repeats_and_request():
+    df, cells = rounds_frame(bad_token=[0, 0])
+    v = ANALYSIS.verdicts(df, cells, {"tolerance": 0.1, "repeats": 2, "rounds": 2})
+    assert v["verdict"] == "not reproducible"
+    assert next(c for c in v["checks"] if c["check"].startswith("greedy"))["detail"]["mismatches"] == ["rep0/rep1:r7"]
+
+
+def test_one_slow_round_is_that_repeats_own_measured_noise():
+    """rep1's second round ran twice as slow: its medians move past the tolerance, but its blocks (one per
+    round here) measured that spread themselves, so the run calls it noise, not a timing difference."""
+    df, cells = rounds_frame(slow_round1_b=2.0)
+    v = ANALYSIS.verdicts(df, cells, {"tolerance": 0.1, "repeats": 2, "rounds": 2})
+    e2e = next(c for c in v["checks"] if c["check"].startswith("E2E median"))
+    assert e2e["detail"]["values"]["rep0"] == pytest.approx(0.5) and e2e["detail"]["max_relative_difference"] > 0.1
+    assert e2e["detail"]["noise_relative_se"]["rep0"] == 0 < e2e["detail"]["noise_relative_se"]["rep1"]
+    assert e2e["ok"] and v["verdict"] == "reproducible"
+
+
+def test_a_round_config_that_differs_between_repeats_fails():
+    df, cells = rounds_frame()
+    cells["rep1.round1"] = {**cells["rep1.round1"], "config_hash": "other"}
+    v = ANALYSIS.verdicts(df, cells, {"tolerance": 0.1, "repeats": 2, "rounds": 2})
+    assert [c["check"] for c in v["checks"] if not c["ok"]] == ["config hash identical"]
+
+
+def test_a_missing_round_makes_the_verdict_incomplete():
+    df, cells = rounds_frame()
+    del cells["rep1.round1"]
+    v = ANALYSIS.verdicts(df[df["cell_id"] != "rep1.round1"], cells, {"tolerance": 0.1, "repeats": 2, "rounds": 2})
+    assert v["verdict"] == "incomplete" and v["checks"][0]["detail"]["finished"] == ["rep0"]
+
+
+def test_report_says_the_repeats_were_interleaved():
+    df, cells = rounds_frame()
+    v = ANALYSIS.verdicts(df, cells, {"tolerance": 0.1, "repeats": 2, "rounds": 2})
+    text = ANALYSIS.sections(df, {"verdicts": v, "cells": cells})[0].text[0]
+    assert "ran 2 times with the same seed, the repeats interleaved in 2 rounds" in text
+    one = ANALYSIS.sections(frame(), {"verdicts": ANALYSIS.verdicts(frame(), CELLS, {"tolerance": 0.1}), "cells": CELLS})
+    assert "ran 2 times with the same seed. Reproducible" in one[0].text[0]
