@@ -15,6 +15,7 @@ from cluster.driver import Driver, RunOptions
 def e0_run(ray_local, tmp_path_factory):
     # Timing tolerance wide open: this machine is shared and noisy; the timing rule itself is
     # tested on hand-made records in test_e0_verdict.py. Tokens and hashes are checked exactly.
+    # Default rounds (2): four cells, rep0.round0, rep1.round0, rep0.round1, rep1.round1, 6 measured requests each.
     cfg = resolve("e0", {"workload": {"num_requests": 12, "warmup_requests": 2}, "params": {"tolerance": 0.95}})
     out = tmp_path_factory.mktemp("runs")
     run_dir = Driver(cfg, RunOptions(out_dir=out)).run()
@@ -38,7 +39,7 @@ def test_manifest_facts(e0_run):
     assert m["versions"]["ray"] and m["versions"]["torch"] and "pdbench_git_dirty" in m["versions"]
     assert m["hardware"]["nodes"][0]["cpu"]["logical_cores"] >= 1
     assert m["ray"]["cluster_resources"]["CPU"] >= 1
-    assert m["seeds"]["config"] == 0 and set(m["cells"]) == {"rep0", "rep1"}
+    assert m["seeds"]["config"] == 0 and set(m["cells"]) == {"rep0.round0", "rep1.round0", "rep0.round1", "rep1.round1"}
     assert all(c["status"] == "ok" for c in m["cells"].values())
 
 
@@ -58,7 +59,15 @@ def test_requests_schema_and_warmup(e0_run):
         "output_token_ids",
     }
     assert needed <= set(df.columns)
-    assert len(df) == 2 * 14 and df["warmup"].sum() == 4
+    # Every round warms up the same way, then sends its half of the measured requests.
+    assert len(df) == 4 * (2 + 6) and df["warmup"].sum() == 4 * 2
+    halves = df[~df["warmup"]].groupby("cell_id")["request_id"].apply(sorted)
+    assert halves["rep0.round0"] == halves["rep1.round0"] == [f"r{i:05d}" for i in range(6)]
+    assert halves["rep0.round1"] == halves["rep1.round1"] == [f"r{i:05d}" for i in range(6, 12)]
+    # Interleaved: each round's cells ran before the next round's started.
+    meta = {c: json.loads((run_dir / "cells" / c / "cell.json").read_text()) for c in halves.index}
+    order = sorted(meta, key=lambda c: meta[c]["started_at"])
+    assert order == ["rep0.round0", "rep1.round0", "rep0.round1", "rep1.round1"]
     assert df["ok"].all() and (df["mode"] == "aggregated").all()
     assert (df["ttft_s"] > 0).all() and (df["e2e_s"] >= df["ttft_s"]).all()
     assert df["transfer_s"].isna().all()
@@ -74,14 +83,16 @@ def test_e0_verdict_reproducible(e0_run):
     assert tokens["ok"] and tokens["detail"]["requests_compared"] == 12
     # Identical tokens are reproducible whatever a busy host did to the timing.
     assert v["correctness"] == "pass" and v["verdict"].startswith("reproducible"), v
-    assert s["cells"]["rep0"]["host_load"]["cores"] >= 1
-    assert s["cells"]["rep0"]["metrics"]["ttft_s"]["p99"] > 0
+    assert v["rounds"] == 2
+    assert s["cells"]["rep0.round0"]["host_load"]["cores"] >= 1
+    assert s["cells"]["rep0.round0"]["metrics"]["ttft_s"]["p99"] > 0
 
 
 def test_reports_parse_and_carry_the_verdict(e0_run):
     _, run_dir = e0_run
     md = (run_dir / "report.md").read_text()
     assert "E0 verdict: reproducible" in md and "| mode | real |" in md
+    assert "ran 2 times with the same seed, the repeats interleaved in 2 rounds" in md
     html = (run_dir / "report.html").read_text()
 
     class P(HTMLParser):
@@ -174,6 +185,22 @@ def test_timeline_shows_measured_requests_only(e0_run):
 
     _, run_dir = e0_run
     df = pd.read_parquet(run_dir / "requests.parquet")
-    ids = {y for tr in timeline(df, "rep0").data for y in tr.y}
+    ids = {y for tr in timeline(df, "rep0.round0").data for y in tr.y}
     assert ids and not any(i.startswith("w") for i in ids)
-    assert ids == set(df[(df["cell_id"] == "rep0") & ~df["warmup"]]["request_id"])
+    assert ids == set(df[(df["cell_id"] == "rep0.round0") & ~df["warmup"]]["request_id"])
+
+
+def test_resume_reruns_only_the_missing_round_and_reproduces_its_tokens(e0_run, tmp_path):
+    import shutil
+
+    cfg, run_dir = e0_run
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "cells" / "rep1.round1")
+    kept = {c: (copy / "cells" / c / "cell.json").read_text() for c in ("rep0.round0", "rep1.round0", "rep0.round1")}
+    Driver(cfg, RunOptions(out_dir=tmp_path, resume=copy)).run()
+    assert {c: (copy / "cells" / c / "cell.json").read_text() for c in kept} == kept, "finished rounds are not run again"
+    old, new = (pd.read_parquet(d / "cells" / "rep1.round1" / "requests.parquet").set_index("request_id") for d in (run_dir, copy))
+    assert new["output_token_ids"].map(list).to_dict() == old["output_token_ids"].map(list).to_dict()
+    v = json.loads((copy / "summary.json").read_text())["verdicts"]
+    assert v["correctness"] == "pass" and v["verdict"].startswith("reproducible"), v
