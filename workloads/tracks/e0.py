@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from pydantic import Field
 
 from workloads.requests import WorkloadSpec
@@ -26,7 +28,7 @@ class E0Params(TrackParams):
 def round_slices(num_requests: int, rounds: int) -> list[tuple[int, int]]:
     """Consecutive (start, stop) stretches of the measured requests, as even as they divide."""
     edges = [r * num_requests // rounds for r in range(rounds + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(pairwise(edges))
 
 
 @register
