@@ -298,7 +298,8 @@ def target_config(url: str, model: str, vocab_size: int, wl: Workload, concurren
             "arrival": {"kind": "closed", "concurrency": concurrency},
         },
         "target": {"base_url": url, "model": model, "vocab_size": vocab_size},
-        "params": {"repeats": 2},
+        # One cell per repeat: throughput is per cell, over the same request count as vllm bench's.
+        "params": {"repeats": 2, "rounds": 1},
     }
 
 

@@ -8,7 +8,7 @@ from cluster.gpu_suite import main
 
 def test_runs_items_packs_packets_and_skips_past_deadline(ray_local, tmp_path):
     cfg = tmp_path / "e0.yaml"
-    cfg.write_text("workload: {num_requests: 4, warmup_requests: 0}\nparams: {tolerance: 0.95}\n")
+    cfg.write_text("workload: {num_requests: 4, warmup_requests: 0}\nparams: {tolerance: 0.95, rounds: 1}\n")
     dest = tmp_path / "packets.tgz"
     rc = main([f"e0:{cfg}", "e0:", "--out", str(tmp_path / "runs"), "--pack", str(dest), "--deadline-s", "1", "--min-left-s", "0"])
     with tarfile.open(dest) as tar:

@@ -34,7 +34,8 @@ SMALL_E0 = {
         "input_len": {"kind": "uniform", "low": 8, "high": 32},
         "output_len": {"kind": "fixed", "value": 8},
         "arrival": {"kind": "closed", "concurrency": 2},
-    }
+    },
+    "params": {"rounds": 1},  # one cell per repeat: this is about Ray Jobs, not E0's rounds (fewer engine starts)
 }
 
 

@@ -39,6 +39,7 @@ def test_no_secret_in_any_file_of_a_packet(ray_local, tmp_path, monkeypatch):
         "e0",
         {
             "workload": {"num_requests": 3, "warmup_requests": 0, "output_len": {"kind": "fixed", "value": 4}},
+            "params": {"rounds": 1},  # one cell per repeat: fewer engine starts, same files
             # A user pastes secrets where they do not belong: into engine arguments (the reference
             # engine reads hf_overrides; engine.vllm would be refused as meaningless to it).
             "engine": {"hf_overrides": {**CONFIG_SECRETS, "note": f"token is {ENV_SECRETS['MY_SERVICE_KEY']}"}},
