@@ -39,7 +39,8 @@ class E0(Track):
     quick_defaults = {
         "workload": {
             # Enough requests that medians settle on a busy 2-core box (32 left E0 at the 25%
-            # tolerance's edge under load); still ~10 s a repeat.
+            # tolerance's edge under load); 24 a round in the default 2 rounds. A cell is ~13 s, ~9 s
+            # of it the engine start, so fewer requests a round would save little.
             "num_requests": 48,
             "warmup_requests": 8,
             "input_len": {"kind": "uniform", "low": 16, "high": 128},
