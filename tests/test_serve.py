@@ -247,9 +247,10 @@ def test_http_backend_drives_the_endpoint_with_greedy_tokens_and_timestamps(serv
         ray.kill(engine)
     for row in df.itertuples():
         assert list(row.output_token_ids) == expected[row.request_id], row.request_id
-        # Client timestamps, one process's clock: sent ≤ first ≤ last, one ITL per token gap.
+        # Client timestamps, one process's clock: sent ≤ first ≤ last, one ITL per gap between
+        # messages (tokens that arrive in one message share it: docs/metrics.md).
         assert row.t_sent <= row.t_first_token <= row.t_last_token
-        assert row.ttft_s > 0 and row.output_tokens == 8 and len(row.itl_s) == 7
+        assert row.ttft_s > 0 and row.output_tokens == 8 and 1 <= len(row.itl_s) <= 7
         assert row.ttft_s <= row.e2e_s
         # The endpoint's server_timing extension carries the engine-side breakdown.
         assert row.prefill_s > 0 and row.server_queue_s >= 0
