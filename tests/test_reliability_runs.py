@@ -185,6 +185,25 @@ def test_a_second_resume_while_one_runs_is_refused_in_one_line(finished_e1):
     assert _resume(finished_e1).exit_code == 0  # the lock went with its holder
 
 
+def test_a_resume_while_another_process_holds_the_run_is_refused(finished_e1):
+    """The same refusal when the holder is another process (what two `--resume`s at once are)."""
+    import subprocess
+    import sys
+
+    from cluster.driver import LOCK_FILE
+
+    hold = "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(finished_e1 / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        res = _resume(finished_e1)
+        assert res.exit_code == 2 and "being run by another pdbench process" in res.output, res.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _resume(finished_e1).exit_code == 0  # the lock died with its holder
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_a_corrupt_cell_parquet_is_run_again_on_resume(finished_e1, damage):
     cells = sorted((finished_e1 / "cells").iterdir())
