@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from actors.backends import HopProbe
 from actors.kv.transport import reason_of

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator
+from typing import Any
 
 import ray
 
@@ -137,7 +138,9 @@ class DecodeActor(DecodeEntry):
         except Exception as e:
             self.directory.drop.remote(key)
             return TransferRecord(**ident, key=key, error=f"import: {reason_of(e)}"), None
-        rec = receive(self.directory, key, CopyInto(dsts, self.kv.host_copy_threads), self.kv, **ident, kv_bytes_per_token=self.kv_bytes_per_token)
+        rec = receive(
+            self.directory, key, CopyInto(dsts, self.kv.host_copy_threads), self.kv, **ident, kv_bytes_per_token=self.kv_bytes_per_token
+        )
         return rec, state
 
     async def _decode(

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, AsyncIterator
+from typing import Any
 
 # The same keys as the KV transfer series (actors/kv/accounting.py), so one dashboard filter fits all.
 TAG_KEYS = ("run", "cell", "role")
@@ -44,7 +45,7 @@ def _series() -> dict[str, Any]:
         if kind == "histogram":
             out[name] = Histogram(name, desc, boundaries=LATENCY_BOUNDARIES_S, tag_keys=TAG_KEYS)
         elif kind == "counter":
-            keys = TAG_KEYS + ("status",) if name == "pdbench_requests" else TAG_KEYS
+            keys = (*TAG_KEYS, "status") if name == "pdbench_requests" else TAG_KEYS
             out[name] = Counter(name, desc, tag_keys=keys)
         else:
             out[name] = Gauge(name, desc, tag_keys=TAG_KEYS)

@@ -7,7 +7,8 @@ entry the load generator already talks to (the decode actor is that hop on the o
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import ray
 

@@ -19,6 +19,7 @@ from analysis.plots import PALETTE
 from analysis.report import html_document, markdown_document
 from analysis.tracks.base import Section
 
+
 def _ms(key: str, q: str) -> Any:
     return lambda m: None if (v := (m.get(key) or {}).get(q)) is None else v * 1e3
 
@@ -85,7 +86,7 @@ def labels(packets: list[Packet]) -> list[str]:
     facts = [_distinguishing(p) for p in packets]
     differ = [k for k in facts[0] if len({f[k] for f in facts}) > 1] if facts else []
     out = []
-    for i, (p, f) in enumerate(zip(packets, facts)):
+    for i, (p, f) in enumerate(zip(packets, facts, strict=True)):
         what = ", ".join(f[k] for k in differ)
         run_id = str(p.manifest.get("run_id"))
         lab = f"{chr(ord('A') + i) if i < 26 else i}: {what or run_id}"
@@ -93,13 +94,13 @@ def labels(packets: list[Packet]) -> list[str]:
             lab += " SIMULATED"
         out.append(lab)
     if len(set(out)) < len(out):  # same facts, e.g. two repeats of one config: the run ids tell them apart
-        out = [f"{lab} ({p.manifest.get('run_id')})" for lab, p in zip(out, packets)]
+        out = [f"{lab} ({p.manifest.get('run_id')})" for lab, p in zip(out, packets, strict=True)]
     return out
 
 
 def runs_table(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
     rows = []
-    for lab, p in zip(labs, packets):
+    for lab, p in zip(labs, packets, strict=True):
         m = p.manifest
         rows.append(
             {
@@ -136,7 +137,8 @@ def config_differences(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
         f = p.root / "config.yaml"
         flat.append(_flatten(yaml.safe_load(f.read_text()) or {}) if f.is_file() else {})
     keys = sorted({k for f in flat for k in f})
-    rows = [{"field": k, **{lab: str(f.get(k)) for lab, f in zip(labs, flat)}} for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    differ = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    rows = [{"field": k, **{lab: str(f.get(k)) for lab, f in zip(labs, flat, strict=True)}} for k in differ]
     return pd.DataFrame(rows)
 
 
@@ -145,7 +147,7 @@ def side_by_side(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
     cells = sorted({c for p in packets for c in p.summary.get("cells", {})})
     rows = []
     for cid in cells:
-        for name, (title, get) in METRICS.items():
+        for title, get in METRICS.values():
             vals = []
             for p in packets:
                 m = ((p.summary.get("cells") or {}).get(cid) or {}).get("metrics")
@@ -153,8 +155,8 @@ def side_by_side(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
             if all(v is None for v in vals):
                 continue
             row: dict[str, Any] = {"cell": cid, "metric": title}
-            row.update(dict(zip(labs, vals)))
-            for lab, v in zip(labs[1:], vals[1:]):
+            row.update(dict(zip(labs, vals, strict=True)))
+            for lab, v in zip(labs[1:], vals[1:], strict=True):
                 row[f"{lab.split(':')[0]}/A"] = v / vals[0] if (v is not None and vals[0]) else None
             rows.append(row)
     return pd.DataFrame(rows)
@@ -163,9 +165,10 @@ def side_by_side(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
 def verdicts_table(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
     """Run-level results the tracks publish (E0 verdict, E2 capacity and max-rate goodput)."""
     rows = []
-    for lab, p in zip(labs, packets):
+    for lab, p in zip(labs, packets, strict=True):
         v = p.summary.get("verdicts") or {}
         g = v.get("max_rate_goodput") or {}
+        cells = p.summary.get("cells", {})
         rows.append(
             {
                 "run": lab,
@@ -173,7 +176,7 @@ def verdicts_table(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
                 "closed-loop capacity req/s": v.get("capacity_rps"),
                 "max-rate goodput req/s": g.get("rate_rps"),
                 "max-rate goodput status": g.get("status"),
-                "cells ok/all": f"{sum(c.get('status') == 'ok' for c in p.summary.get('cells', {}).values())}/{len(p.summary.get('cells', {}))}",
+                "cells ok/all": f"{sum(c.get('status') == 'ok' for c in cells.values())}/{len(cells)}",
             }
         )
     df = pd.DataFrame(rows)
@@ -183,7 +186,7 @@ def verdicts_table(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
 def _figure(table: pd.DataFrame, labs: list[str], metric: str) -> go.Figure:
     fig = go.Figure()
     t = table[table["metric"] == metric]
-    colour = dict(zip(labs, colours_in_order(len(labs))))
+    colour = dict(zip(labs, colours_in_order(len(labs)), strict=True))
     for lab in labs:
         fig.add_trace(go.Bar(x=t["cell"], y=t[lab], name=lab, marker_color=colour[lab]))
     fig.update_layout(barmode="group", title=f"{metric} per cell", height=400)

@@ -113,13 +113,15 @@ def telemetry(df: pd.DataFrame) -> go.Figure:
         for (node, idx), g in gpu.groupby(["node_id", "gpu"], sort=True):
             name = f"{str(node)[:8]} gpu{int(idx)}"
             fig.add_trace(go.Scatter(x=g["t_wall"] - t0, y=g["gpu_util_percent"], name=f"{name} util %"), secondary_y=False)
-            fig.add_trace(go.Scatter(x=g["t_wall"] - t0, y=g["gpu_mem_used_bytes"] / 2**30, name=f"{name} GiB", line={"dash": "dot"}), secondary_y=True)
+            mem = go.Scatter(x=g["t_wall"] - t0, y=g["gpu_mem_used_bytes"] / 2**30, name=f"{name} GiB", line={"dash": "dot"})
+            fig.add_trace(mem, secondary_y=True)
         fig.update_yaxes(title_text="GPU utilisation %", secondary_y=False)
         fig.update_yaxes(title_text="GPU memory GiB", secondary_y=True)
     else:
         for node, g in df.groupby("node_id", sort=True):
             fig.add_trace(go.Scatter(x=g["t_wall"] - t0, y=g["cpu_percent"], name=f"{str(node)[:8]} CPU %"), secondary_y=False)
-            fig.add_trace(go.Scatter(x=g["t_wall"] - t0, y=g["host_mem_used_bytes"] / 2**30, name=f"{str(node)[:8]} host GiB", line={"dash": "dot"}), secondary_y=True)
+            mem = go.Scatter(x=g["t_wall"] - t0, y=g["host_mem_used_bytes"] / 2**30, name=f"{str(node)[:8]} host GiB", line={"dash": "dot"})
+            fig.add_trace(mem, secondary_y=True)
         fig.update_yaxes(title_text="CPU %", secondary_y=False)
         fig.update_yaxes(title_text="host memory GiB", secondary_y=True)
     fig.update_layout(title="Telemetry (NVML / psutil, one sampler per node)", xaxis_title="s since the run began", height=380)

@@ -6,7 +6,8 @@ from the load generator, server durations from the engine's own process.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd

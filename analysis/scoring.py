@@ -70,6 +70,6 @@ def scored(df: pd.DataFrame) -> pd.DataFrame:
     rows["depth"] = [m.get("depth") for m in metas]
     rows["item_id"] = [m.get("item_id") for m in metas]
     rows["correct"] = [
-        bool(ok) and bool(score(m, t)) for m, t, ok in zip(metas, texts, rows["ok"].astype(bool))
+        bool(ok) and bool(score(m, t)) for m, t, ok in zip(metas, texts, rows["ok"].astype(bool), strict=True)
     ]
     return rows

@@ -9,7 +9,8 @@ durations, never a difference of two clocks).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pandas as pd
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -57,24 +56,24 @@ def _fail(msg: str, code: int = 2) -> None:
 @app.command(epilog="Exit codes: 0 ok; 1 failed; 2 bad input; 3 partial; 4 failing verdict (see `pdbench --help`).")
 def run(
     track: str = typer.Argument(..., help="track to run: e0 … e6 (see `pdbench tracks`)"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="experiment YAML; overrides the track's quick profile"),
-    engine: Optional[EngineKind] = typer.Option(None, help="engine to use; overrides engine.kind of the config"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="experiment YAML; overrides the track's quick profile"),
+    engine: EngineKind | None = typer.Option(None, help="engine to use; overrides engine.kind of the config"),
     simulate: bool = typer.Option(
         False, "--simulate", help="use the analytic simulated engine instead of a real one; every artifact is stamped simulated"
     ),
-    address: Optional[str] = typer.Option(
+    address: str | None = typer.Option(
         None, help="Ray address to join ('auto' inside `ray job submit`); default: start an embedded local Ray"
     ),
-    out: Optional[str] = typer.Option(
+    out: str | None = typer.Option(
         None,
         "--out",
         "-o",
         help="folder or pyarrow.fs URI (s3://, gs://, file://...) that receives <run-id>/; default $PDBENCH_OUT, "
         "else ~/pdbench-runs inside `ray job submit`, else ./runs",
     ),
-    seed: Optional[int] = typer.Option(None, help="seed of prompts, lengths and arrivals; overrides the config's seed"),
+    seed: int | None = typer.Option(None, help="seed of prompts, lengths and arrivals; overrides the config's seed"),
     progress: bool = typer.Option(True, help="show a progress display"),
-    resume: Optional[Path] = typer.Option(
+    resume: Path | None = typer.Option(
         None,
         "--resume",
         help="continue the run in this runs/<run-id>/ folder: cells already finished with the same cell config "
@@ -145,12 +144,12 @@ def serve(
     mode: str = typer.Option(
         "aggregated", help="aggregated (one engine) or disaggregated (prefill and decode engines, KV through the object store)"
     ),
-    config: Optional[Path] = typer.Option(
+    config: Path | None = typer.Option(
         None, "--config", "-c", help="YAML with engine:, placement: (an experiment config works), served_model_name:, tokenizer:"
     ),
-    engine: Optional[EngineKind] = typer.Option(None, help="engine to use; overrides engine.kind of the config"),
-    model: Optional[str] = typer.Option(None, help="engine.model (tiny-qwen3, a configs/models/ name, a path, a hub name)"),
-    tokenizer: Optional[str] = typer.Option(
+    engine: EngineKind | None = typer.Option(None, help="engine to use; overrides engine.kind of the config"),
+    model: str | None = typer.Option(None, help="engine.model (tiny-qwen3, a configs/models/ name, a path, a hub name)"),
+    tokenizer: str | None = typer.Option(
         None, help="Hugging Face tokenizer (folder or hub name) so text prompts work; without it prompts are token ids"
     ),
     host: str = typer.Option(
@@ -160,7 +159,7 @@ def serve(
     replicas: int = typer.Option(1, min=1, help="data-parallel replicas, each with its own engine"),
     name: str = typer.Option("pdbench", help="Serve application name"),
     route_prefix: str = typer.Option("/", help="URL path the app is served under (several apps can share one port)"),
-    address: Optional[str] = typer.Option(None, help="Ray address to join ('auto' on a cluster node); default: embedded local Ray"),
+    address: str | None = typer.Option(None, help="Ray address to join ('auto' on a cluster node); default: embedded local Ray"),
     detach: bool = typer.Option(False, help="with --address: leave the app running on the cluster and return"),
 ) -> None:
     """Serve pdbench's engine actors behind OpenAI-compatible /v1/completions and /v1/chat/completions (streaming SSE).
@@ -249,7 +248,7 @@ app.add_typer(runs_app, name="runs")
 
 @runs_app.command("list")
 def runs_list(
-    src: Optional[str] = typer.Argument(
+    src: str | None = typer.Argument(
         None, help="a runs folder or pyarrow.fs URI (s3://bucket/pdbench-runs, ...); default $PDBENCH_OUT, else ./runs"
     ),
 ) -> None:
@@ -266,7 +265,8 @@ def runs_list(
         return
     t = Table("run id", "track", "status", "verdict", "mode", "engine", "started (UTC)", title=escape(src), title_justify="left")
     for r in entries:
-        t.add_row(*(escape(x) for x in (r.run_id, r.track, r.status, r.verdict or "–", r.mode, r.engine, r.started_at.replace("T", " ")[:19])))
+        started = r.started_at.replace("T", " ")[:19]
+        t.add_row(*(escape(x) for x in (r.run_id, r.track, r.status, r.verdict or "–", r.mode, r.engine, started)))
     Console(width=max(Console().width, 160)).print(t)
 
 
@@ -288,7 +288,7 @@ def runs_pull(
 @app.command()
 def compare(
     run_dirs: list[Path] = typer.Argument(..., help="two or more runs/<run-id>/ folders; the first is the baseline (A)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for compare.md/.html/.json; default runs/compare-<time>"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="folder for compare.md/.html/.json; default runs/compare-<time>"),
     allow_simulated: bool = typer.Option(
         False, "--allow-simulated", help="compare simulated runs with real ones anyway (each is labelled SIMULATED)"
     ),

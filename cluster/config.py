@@ -77,7 +77,7 @@ class ExperimentConfig(BaseModel):
         return v.lower()
 
     @model_validator(mode="after")
-    def _decode_submit_fits_the_engine(self) -> "ExperimentConfig":
+    def _decode_submit_fits_the_engine(self) -> ExperimentConfig:
         if self.kv_transfer.decode_submit == "with_prefill" and self.engine.kind != "vllm":
             raise ValueError(
                 f"kv_transfer.decode_submit: 'with_prefill' needs engine.kind vllm (the {self.engine.kind} pair moves "

@@ -42,7 +42,11 @@ def connect(address: str | None) -> dict[str, Any]:
         "address": address or "embedded",
         "cluster_resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},
         "nodes": [
-            {"node_id": n["NodeID"], "alive": n["Alive"], "resources": {k: v for k, v in n["Resources"].items() if not k.startswith("node:")}}
+            {
+                "node_id": n["NodeID"],
+                "alive": n["Alive"],
+                "resources": {k: v for k, v in n["Resources"].items() if not k.startswith("node:")},
+            }
             for n in ray.nodes()
         ],
     }

@@ -6,7 +6,7 @@ lengths on any machine (numpy's PCG64 stream is platform independent).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -36,7 +36,7 @@ class Uniform(_Dist):
     high: int = Field(ge=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Uniform":
+    def _ordered(self) -> Uniform:
         if self.high < self.low:
             raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
         return self
@@ -59,7 +59,7 @@ class NormalClipped(_Dist):
     max: int = Field(ge=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "NormalClipped":
+    def _ordered(self) -> NormalClipped:
         if self.max < self.min:
             raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
         return self
@@ -73,4 +73,4 @@ class NormalClipped(_Dist):
         return self.max
 
 
-LengthDist = Annotated[Union[Fixed, Uniform, NormalClipped], Field(discriminator="kind")]
+LengthDist = Annotated[Fixed | Uniform | NormalClipped, Field(discriminator="kind")]

@@ -10,8 +10,9 @@ computes the same bracket from the artifacts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 
 def round_rate(rate: float) -> float:

@@ -9,9 +9,10 @@ local folder): use the model's own tokenizer when its weights are real.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable
+from typing import Any
 
 from workloads.arrivals import Arrival
 from workloads.lengths import Fixed, Uniform

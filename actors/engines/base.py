@@ -7,8 +7,9 @@ another process's clock): token times are seconds since the engine received the 
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 
 @dataclass
@@ -29,7 +30,7 @@ class TokenDelta:
     server: dict[str, Any] | None = None
     finish_reason: str | None = None  # the engine's own word, where it gives one (vLLM: "length", "error", ...)
 
-    def merge(self, later: "TokenDelta") -> "TokenDelta":
+    def merge(self, later: TokenDelta) -> TokenDelta:
         return TokenDelta(
             token_ids=self.token_ids + later.token_ids,
             token_s=self.token_s + later.token_s,

@@ -20,8 +20,9 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, Protocol
 
 from actors.engines.base import EngineAdapter, EngineInfo, EngineRequest, MemoryReport, TokenDelta
 
@@ -146,7 +147,7 @@ class ContinuousBatcher:
             return []
         self.steps += 1
         now = time.monotonic()
-        return [s for s, t in zip(active, toks) if self._push(s, t, now)]
+        return [s for s, t in zip(active, toks, strict=True) if self._push(s, t, now)]
 
     def _push(self, seq: _Seq, tok: int, now: float) -> bool:
         """Emit one token; return whether the sequence stays active."""

@@ -7,7 +7,7 @@ interchangeable; with seeded random weights that is a claim to check, not to ass
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -116,7 +116,7 @@ class ReferenceModel:
             self._rss_after_load = mem.rss_bytes()[0]
             self._peak_reset = mem.reset_peak_rss()
 
-    def _kv_alloc(self, state: "SeqKV") -> None:
+    def _kv_alloc(self, state: SeqKV) -> None:
         """Count a sequence's KV buffer until the buffer itself is freed: views of it handed to
         the KV transport keep it alive after the sequence is gone, and keep it counted."""
         nbytes = state.kv.numel() * state.kv.element_size()

@@ -17,8 +17,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from actors.engines.base import EngineAdapter, EngineInfo, EngineRequest, MemoryReport, TokenDelta
 from actors.engines.models import arch_kv_bytes_per_token, architecture, architecture_hash, resolve_model

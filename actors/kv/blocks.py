@@ -9,8 +9,9 @@ finds which from the cache's shape.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -137,9 +138,7 @@ class TransferBook:
         self._producers.pop(request_id, None)
         self._blocks.pop(request_id, None)
         key = self._consumers.pop(request_id, None)
-        if request_id in self._pending_loads:  # planned this step, not yet handed to the worker
-            self._cancels.append(request_id)
-        elif request_id in self._loading:
+        if request_id in self._pending_loads or request_id in self._loading:  # planned this step, not yet handed to the worker
             self._cancels.append(request_id)
         elif key is not None and request_id not in self._loaded:
             self._drops.append(key)  # never loaded: free what the producer published
@@ -235,11 +234,12 @@ class BlockInjector(Injector):
             return
         from actors.kv.transport import unpack
 
-        dsts = [self._check(meta.first_layer + j, shape, getattr(torch, dt)) for j, (shape, dt) in enumerate(zip(meta.shapes, meta.dtypes))]
+        layers = enumerate(zip(meta.shapes, meta.dtypes, strict=True))
+        dsts = [self._check(meta.first_layer + j, shape, getattr(torch, dt)) for j, (shape, dt) in layers]
         with torch.cuda.stream(self.stream):
             dev = torch.empty(flat.numel(), dtype=torch.uint8, device=self.idx.device)
             dev.copy_(flat, non_blocking=True)  # a DMA: the store's pages are registered
-            for dst, layer in zip(dsts, unpack(dev, meta)):
+            for dst, layer in zip(dsts, unpack(dev, meta), strict=True):
                 dst.index_copy_(self.dim, self.idx, layer)
             done = torch.cuda.Event()
             done.record(self.stream)

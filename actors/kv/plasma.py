@@ -77,7 +77,8 @@ class Registration:
         if code != 0:
             raise RuntimeError(f"cudaHostRegister of the object store's mapping failed (code {code})")
         self.seconds = time.perf_counter() - t0
-        log.info("pdbench: registered plasma %s (%.1f GiB) with CUDA in %.2f s", mapping.path, (mapping.end - mapping.start) / 2**30, self.seconds)
+        gib = (mapping.end - mapping.start) / 2**30
+        log.info("pdbench: registered plasma %s (%.1f GiB) with CUDA in %.2f s", mapping.path, gib, self.seconds)
 
     def covers(self, ptr: int, nbytes: int) -> bool:
         return self.mapping.covers(ptr, nbytes)
@@ -99,7 +100,10 @@ def registered() -> Registration | None:
                 if m is None:
                     raise RuntimeError("no shared mapping holds a plasma object")
                 if m.end - m.start > MAX_PREPARED_BYTES:
-                    raise RuntimeError(f"the object store is {(m.end - m.start) / 2**30:.0f} GiB; size it (PDBENCH_OBJECT_STORE_GB) to at most {MAX_PREPARED_BYTES >> 30} GiB")
+                    raise RuntimeError(
+                        f"the object store is {(m.end - m.start) / 2**30:.0f} GiB; "
+                        f"size it (PDBENCH_OBJECT_STORE_GB) to at most {MAX_PREPARED_BYTES >> 30} GiB"
+                    )
                 _REG = Registration(m)
             except Exception as e:  # staged copies still work, only slower: say so once
                 _REG_ERROR = f"{type(e).__name__}: {e}"

@@ -19,11 +19,13 @@ put of 36 arrays of 1.8 MiB took ten times as long as one put of a 64 MiB array)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import ray
@@ -212,7 +214,7 @@ def _pack_start(layers: Sequence[torch.Tensor], out: torch.Tensor) -> tuple[torc
     offsets, total = layout(layers)
     buf = out[:total]
     streams = _copy_streams(t.device for t in layers)
-    for t, off in zip(layers, offsets):
+    for t, off in zip(layers, offsets, strict=True):
         dst = buf[off : off + _nbytes(t)].view(t.dtype).view(t.shape)
         if t.is_cuda:
             with torch.cuda.stream(streams[t.device]):
@@ -243,7 +245,7 @@ def as_bytes(buf: np.ndarray) -> torch.Tensor:
 def unpack(flat: torch.Tensor, meta: GroupMeta) -> list[torch.Tensor]:
     """The group's layers as views of `flat` (object-store memory is read-only: copy, never write)."""
     out = []
-    for shape, dtype, off in zip(meta.shapes, meta.dtypes, meta.offsets):
+    for shape, dtype, off in zip(meta.shapes, meta.dtypes, meta.offsets, strict=True):
         dt = getattr(torch, dtype)
         n = math.prod(shape) * dt.itemsize
         out.append(flat[off : off + n].view(dt).view(shape))
@@ -466,14 +468,10 @@ def receive(
     except Exception as e:  # every failure becomes a recorded reason and a recompute
         rec.error = reason_of(e)
         rec.status = "cancelled" if isinstance(e, Cancelled) else "failed"
-        try:
+        with contextlib.suppress(Exception):  # the device itself failed: nothing more to wait for
             inject.settle()
-        except Exception:  # the device itself failed: nothing more to wait for
-            pass
-        try:
+        with contextlib.suppress(Exception):  # a dead directory has nothing left to drop
             ray.get(directory.drop.remote(key), timeout=30)
-        except Exception:  # a dead directory has nothing left to drop
-            pass
     rec.total_s = time.perf_counter() - t_start
     rec.direct_groups = inject.direct
     for stage, v in spent.items():

@@ -51,7 +51,7 @@ class TrackAnalysis:
     ) -> dict[str, Any]:
         return self.verdicts(requests, cells, params)
 
-    def packet_sections(self, packet: "Packet") -> list[Section]:
+    def packet_sections(self, packet: Packet) -> list[Section]:
         return self.sections(packet.requests, packet.summary)
 
 

@@ -163,7 +163,8 @@ class E0Analysis(TrackAnalysis):
         if bad:
             out.append(Headline("correctness", "FAIL: " + "; ".join(bad)))
         elif tokens:
-            out.append(Headline("correctness", f"pass: config, weights and greedy tokens of {tokens['requests_compared']} requests identical"))
+            n = tokens["requests_compared"]
+            out.append(Headline("correctness", f"pass: config, weights and greedy tokens of {n} requests identical"))
         timing = [c for c in v["checks"] if c.get("kind") == "timing"]
         if timing:
             # The check nearest its allowance (or furthest past it) says how close timing came to unstable.

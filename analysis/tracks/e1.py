@@ -83,9 +83,15 @@ class E1Analysis(TrackAnalysis):
         fig.update_layout(title="E1: latency over the length grid (concurrency 1)", height=440)
         text = ["One request at a time: TTFT is the engine's prefill plus the actor round trip; TPOT its decode step."]
         if v.get("ttft_s_per_input_token") is not None:
-            text.append(f"Prefill cost (least-squares slope of TTFT p50 over input length): {v['ttft_s_per_input_token'] * 1e6:.3g} µs per prompt token.")
+            text.append(
+                "Prefill cost (least-squares slope of TTFT p50 over input length): "
+                f"{v['ttft_s_per_input_token'] * 1e6:.3g} µs per prompt token."
+            )
         if v.get("tpot_s_per_context_token") is not None:
-            text.append(f"Decode cost growth (slope of TPOT p50 over context length): {v['tpot_s_per_context_token'] * 1e9:.3g} ns per context token.")
+            text.append(
+                "Decode cost growth (slope of TPOT p50 over context length): "
+                f"{v['tpot_s_per_context_token'] * 1e9:.3g} ns per context token."
+            )
         table = g.assign(**{k.replace("_s", "_ms"): g[k] * 1e3 for k in ("ttft_p50_s", "tpot_p50_s", "e2e_p50_s")}).drop(
             columns=["ttft_p50_s", "tpot_p50_s", "e2e_p50_s"]
         )

@@ -184,7 +184,10 @@ class E2Analysis(TrackAnalysis):
             elif g["status"] == "above_range":
                 text.append(f"Max-rate goodput above the search range: {g['rate_rps']:.4g} req/s still meets the target.")
             if g["non_monotone_rates"]:
-                text.append(f"Attainment is not monotone in rate: {g['non_monotone_rates']} met the target above a failing rate (ignored; noise or overload effects).")
+                text.append(
+                    f"Attainment is not monotone in rate: {g['non_monotone_rates']} met the target above a failing rate "
+                    "(ignored; noise or overload effects)."
+                )
         else:
             text.append("No max-rate goodput: the search did not run (disabled, or no capacity measured).")
         if v.get("best_per_request_goodput"):

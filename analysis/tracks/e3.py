@@ -14,9 +14,9 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from analysis.formatting import DASH, bytes_rate, ms, num, pct
 from analysis.packet import Packet
 from analysis.records import measured
-from analysis.formatting import DASH, bytes_rate, ms, num, pct
 from analysis.tracks.base import Headline, Section, TrackAnalysis
 from analysis.transfers import ASYNC_TIMES, bytes_vs_analytic, measured_transfers, moving_transfers, with_stall_ratio
 
@@ -102,7 +102,9 @@ class E3Analysis(TrackAnalysis):
 
     def headline(self, summary: dict[str, Any]) -> list[Headline]:
         cells = summary.get("cells", {})
-        metrics = {m: next((c.get("metrics") for c in cells.values() if c.get("serving_mode") == m and c.get("metrics")), None) for m in MODES}
+        metrics = {
+            m: next((c.get("metrics") for c in cells.values() if c.get("serving_mode") == m and c.get("metrics")), None) for m in MODES
+        }
         out = []
         if all(metrics.values()):
             for label, path, fmt, unit in (
@@ -131,7 +133,9 @@ class E3Analysis(TrackAnalysis):
         out: list[Section] = []
         if v:
             n = request_counts(packet.requests)
-            rows = [{"check": c["check"], "result": "pass" if c["ok"] else "FAIL", "evidence": evidence(c["detail"], n)} for c in v["checks"]]
+            rows = [
+                {"check": c["check"], "result": "pass" if c["ok"] else "FAIL", "evidence": evidence(c["detail"], n)} for c in v["checks"]
+            ]
             out.append(
                 Section(
                     title=f"E3 oracle verdict: {v['verdict']}",
@@ -175,9 +179,9 @@ class E3Analysis(TrackAnalysis):
                         "wait_ref + fetch; stall ratio = stall / request E2E. Asynchronous loads (vLLM): queued = "
                         "the step that started the load → a worker took it; kv_wait = that step → KV injected (the "
                         "request could not run meanwhile); ready_to_injected = the sender's KV complete → the "
-                        "receiver's KV injected (one host's monotonic clock)."
-                    ]
-                    + transfer_totals(summary),
+                        "receiver's KV injected (one host's monotonic clock).",
+                        *transfer_totals(summary),
+                    ],
                     table=transfer_table(summary),
                     figures=[throughput_figure(moved), stall_figure(moved)],
                 )
@@ -264,7 +268,8 @@ def breakdown_figure(table: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for _, label, color in (*BREAKDOWN, ("", "other", "#ffbb78")):
         fig.add_trace(go.Bar(x=table["mode"], y=table[label], name=label, marker_color=color))
-    fig.update_layout(barmode="stack", title="TTFT breakdown: queue → prefill → transfer → first decode (mean)", yaxis_title="ms", height=420)
+    title = "TTFT breakdown: queue → prefill → transfer → first decode (mean)"
+    fig.update_layout(barmode="stack", title=title, yaxis_title="ms", height=420)
     return fig
 
 
@@ -336,7 +341,8 @@ def throughput_figure(t: pd.DataFrame) -> go.Figure:
 def stall_figure(t: pd.DataFrame) -> go.Figure:
     ok = t[t["ok"] & t["stall_ratio"].notna()]
     fig = go.Figure(go.Histogram(x=ok["stall_ratio"], nbinsx=30, name="stall ratio"))
-    fig.update_layout(title="Stall ratio (decode-side wait for KV ÷ request E2E)", xaxis_title="stall ratio", yaxis_title="requests", height=380)
+    title = "Stall ratio (decode-side wait for KV ÷ request E2E)"
+    fig.update_layout(title=title, xaxis_title="stall ratio", yaxis_title="requests", height=380)
     return fig
 
 

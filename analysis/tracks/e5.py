@@ -80,11 +80,14 @@ class E5Analysis(TrackAnalysis):
         text = [
             "Analytic model: weights = parameters × dtype bytes; KV = concurrency × context × KV bytes per token "
             "(2 × layers × KV heads × head_dim × dtype bytes). It has no activation or runtime term: those are measured only.",
-            "Measured: " + ("; ".join(v["sources"]) if v.get("measured") else "nothing (simulated engine): only the analytic bars are shown."),
+            "Measured: "
+            + ("; ".join(v["sources"]) if v.get("measured") else "nothing (simulated engine): only the analytic bars are shown."),
         ]
         kv = v.get("kv_measured_over_analytic") or {}
         if kv.get("min") is not None:
-            text.append(f"Measured KV / analytic KV: {kv['min']:.3f} … {kv['max']:.3f} (1.0 when every request of the wave was resident at once).")
+            text.append(
+                f"Measured KV / analytic KV: {kv['min']:.3f} … {kv['max']:.3f} (1.0 when every request of the wave was resident at once)."
+            )
         if v.get("kv_bytes_per_token_measured") is not None:
             text.append(
                 f"KV bytes per token: measured {v['kv_bytes_per_token_measured']:,.0f} B (the engine's KV pool bytes ÷ the "
@@ -136,7 +139,8 @@ class E5Analysis(TrackAnalysis):
                     )
                 )
                 base = base + mib
-        fig.update_layout(barmode="group", title="Memory per cell: measured (solid) vs analytic (hatched), MiB", height=460, yaxis_title="MiB")
+        title = "Memory per cell: measured (solid) vs analytic (hatched), MiB"
+        fig.update_layout(barmode="group", title=title, height=460, yaxis_title="MiB")
         return fig
 
 

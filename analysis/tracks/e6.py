@@ -76,7 +76,7 @@ class E6Analysis(TrackAnalysis):
                 "memory MiB": r["memory_total_bytes"].astype("float64") / MIB,
                 "KV MiB": r["kv_cache_bytes"].astype("float64") / MIB,
                 "activation MiB": r["activation_peak_bytes"].astype("float64") / MIB,
-                "retrieved": [f"{k}/{n}" for k, n in zip(r["retrieved"], r["passkeys"])],
+                "retrieved": [f"{k}/{n}" for k, n in zip(r["retrieved"], r["passkeys"], strict=True)],
                 "accuracy": r["accuracy"],
                 "by depth": [", ".join(f"{d}: {a:.2f}" for d, a in sorted(bd.items())) for bd in r["accuracy_by_depth"]],
             }
@@ -89,7 +89,8 @@ class E6Analysis(TrackAnalysis):
             text.insert(0, RANDOM_WEIGHTS_NOTE)
         fig = make_subplots(rows=1, cols=3, subplot_titles=("TTFT p50 (ms)", "memory peak (MiB)", "passkey accuracy"))
         fig.add_trace(go.Scatter(x=r["context"], y=r["ttft_p50_s"] * 1e3, mode="lines+markers", name="TTFT p50"), 1, 1)
-        fig.add_trace(go.Scatter(x=r["context"], y=r["memory_total_bytes"].astype("float64") / MIB, mode="lines+markers", name="memory"), 1, 2)
+        memory = go.Scatter(x=r["context"], y=r["memory_total_bytes"].astype("float64") / MIB, mode="lines+markers", name="memory")
+        fig.add_trace(memory, 1, 2)
         fig.add_trace(go.Scatter(x=r["context"], y=r["accuracy"], mode="lines+markers", name="accuracy"), 1, 3)
         fig.update_xaxes(title_text="context tokens", type="log")
         fig.update_layout(title="E6: the context ladder", height=400, showlegend=False)

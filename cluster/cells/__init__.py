@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from cluster.cells import aggregated, disaggregated, external
 from cluster.cells.base import CellContext, CellResult
@@ -22,4 +22,4 @@ MODES: dict[str, ServingMode] = {
     "external": ServingMode(external.run_external, external.bundles),
 }
 
-__all__ = ["CellContext", "CellResult", "MODES", "ServingMode"]
+__all__ = ["MODES", "CellContext", "CellResult", "ServingMode"]

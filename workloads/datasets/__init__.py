@@ -66,4 +66,4 @@ def load_subset(spec: DatasetSpec, where: str = "params.datasets") -> Subset:
     )
 
 
-__all__ = ["DatasetSpec", "FAMILIES", "Item", "Subset", "load_subset"]
+__all__ = ["FAMILIES", "DatasetSpec", "Item", "Subset", "load_subset"]

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -47,7 +48,7 @@ class DatasetSpec(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, description="output tokens per request; None: the family's default")
 
     @model_validator(mode="after")
-    def _one_rule(self) -> "DatasetSpec":
+    def _one_rule(self) -> DatasetSpec:
         if (self.n is None) == (self.fraction is None):
             raise ValueError("give exactly one of n (subset size) or fraction")
         return self

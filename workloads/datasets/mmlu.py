@@ -18,7 +18,7 @@ def _fields(row: dict) -> dict:
     return {
         "question": row["question"],
         "subject": str(row.get("subject", "")).replace("_", " "),
-        **dict(zip(LETTERS, choices)),
+        **dict(zip(LETTERS, choices, strict=True)),
     }
 
 

@@ -7,8 +7,9 @@ engine overrides), not of how to run it; cluster/ turns plans into actors.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 

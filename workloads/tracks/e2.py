@@ -13,7 +13,7 @@ Rounds (each a deterministic function of the finished cells, so `--resume` repla
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
@@ -40,7 +40,7 @@ class RateSearch(BaseModel):
     max_probes: PositiveInt = Field(default=8, description="most search cells (sweep cells not counted)")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "RateSearch":
+    def _ordered(self) -> RateSearch:
         if self.low is not None and self.high is not None and self.low >= self.high:
             raise ValueError(f"low ({self.low}) must be < high ({self.high})")
         if self.low_fraction >= self.high_fraction:
@@ -62,7 +62,7 @@ class E2Params(TrackParams):
     search: RateSearch = RateSearch()
 
     @model_validator(mode="after")
-    def _capacity_known(self) -> "E2Params":
+    def _capacity_known(self) -> E2Params:
         relative = self.rates is None or (self.search.enabled and not self.search.absolute)
         if relative and not self.concurrencies:
             raise ValueError(

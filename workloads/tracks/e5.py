@@ -27,7 +27,7 @@ class E5Params(TrackParams):
     )
 
     @model_validator(mode="after")
-    def _room_for_prompt(self) -> "E5Params":
+    def _room_for_prompt(self) -> E5Params:
         short = [c for c in self.contexts if c <= self.output_len]
         if short:
             raise ValueError(f"contexts {short} leave no prompt: each must exceed output_len ({self.output_len})")

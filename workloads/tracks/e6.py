@@ -21,9 +21,13 @@ from workloads.tracks.base import CellPlan, Track, TrackParams, register
 
 
 class E6Params(TrackParams):
-    native_context: PositiveInt = Field(default=32768, description="the model's pre-trained context (YaRN's original_max_position_embeddings)")
+    native_context: PositiveInt = Field(
+        default=32768, description="the model's pre-trained context (YaRN's original_max_position_embeddings)"
+    )
     multipliers: list[PositiveInt] = Field(default=[1, 2, 4], min_length=1, description="rungs, as multiples of native_context")
-    depths: list[Annotated[float, Field(ge=0, le=1)]] = Field(default=[0.1, 0.5, 0.9], min_length=1, description="where the key sits in the filler (0 start, 1 end)")
+    depths: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default=[0.1, 0.5, 0.9], min_length=1, description="where the key sits in the filler (0 start, 1 end)"
+    )
     samples_per_depth: PositiveInt = 3
     max_tokens: PositiveInt = Field(default=8, description="output tokens per request (part of each rung's context)")
     rope_theta: PositiveFloat = Field(default=1000000.0, description="the model's rope_theta (Qwen3: 1e6); YaRN needs it explicitly")
