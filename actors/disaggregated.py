@@ -132,7 +132,7 @@ class DecodeActor(DecodeEntry):
 
     # ------------------------------------------------------------------------------------------
     def _receive(self, req: EngineRequest, key: str, reply: dict[str, Any]) -> tuple[TransferRecord, Any]:
-        ident = {"run_id": self.run_id, "cell_id": self.cell_id, "request_id": req.request_id}
+        ident: dict[str, Any] = {"run_id": self.run_id, "cell_id": self.cell_id, "request_id": req.request_id}
         try:
             state, dsts = self.engine.import_kv(reply["num_tokens"], reply["num_tokens"] + req.max_tokens)
         except Exception as e:

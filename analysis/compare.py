@@ -232,7 +232,7 @@ def compare(run_dirs: list[Path], out_dir: Path, allow_simulated: bool = False) 
     warning = "**INCLUDES SIMULATED RUNS** — labelled SIMULATED; not measurements." if sim else None
     out_dir = Path(out_dir)
     write_text(out_dir / "compare.md", markdown_document(title, warning, facts, secs))
-    banner = "INCLUDES SIMULATED RUNS" if sim else "modes: " + facts["modes"]
+    banner = "INCLUDES SIMULATED RUNS" if sim else f"modes: {facts['modes']}"
     write_text(out_dir / "compare.html", html_document(title, banner, sim, facts, secs))
     write_json(
         out_dir / "compare.json",

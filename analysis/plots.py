@@ -111,7 +111,7 @@ def telemetry(df: pd.DataFrame) -> go.Figure:
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     if not gpu.empty:
         for (node, idx), g in gpu.groupby(["node_id", "gpu"], sort=True):
-            name = f"{str(node)[:8]} gpu{int(idx)}"
+            name = f"{str(node)[:8]} gpu{idx:.0f}"
             fig.add_trace(go.Scatter(x=g["t_wall"] - t0, y=g["gpu_util_percent"], name=f"{name} util %"), secondary_y=False)
             mem = go.Scatter(x=g["t_wall"] - t0, y=g["gpu_mem_used_bytes"] / 2**30, name=f"{name} GiB", line={"dash": "dot"})
             fig.add_trace(mem, secondary_y=True)

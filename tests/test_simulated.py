@@ -34,3 +34,24 @@ def test_simulated_engine_refused_without_flag(tmp_path):
 def test_engine_and_simulate_exclude_each_other(tmp_path):
     res = CliRunner().invoke(app, ["run", "e0", "--simulate", "--engine", "reference", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "exclude" in res.output
+
+
+def test_simulated_engine_has_no_kv_to_move():
+    """Disaggregation moves KV: the simulated model has none, and says so instead of an AttributeError."""
+    import asyncio
+
+    import pytest
+
+    from actors.engines import EngineConfig, build_engine
+
+    engine = build_engine(EngineConfig(kind="simulated"))
+
+    async def check() -> None:
+        await engine.start()
+        try:
+            with pytest.raises(TypeError, match="no KV to move"):
+                engine.import_kv(4, 8)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(check())

@@ -48,6 +48,7 @@ def bracket(points: Mapping[float, bool]) -> Bracket:
     failing = min((r for r, ok in points.items() if not ok), default=None)
     passing = max((r for r, ok in points.items() if ok and (failing is None or r < failing)), default=None)
     above = tuple(sorted(r for r, ok in points.items() if ok and failing is not None and r > failing))
+    status: Literal["bracketed", "below_range", "above_range"]
     if passing is None:
         status = "below_range"
     elif failing is None:
@@ -75,7 +76,7 @@ def next_rates(points: Mapping[float, bool], low: float, high: float, resolution
         return [] if low in points or (b.failing is not None and b.failing <= low) else [low]
     if b.status == "above_range":
         return [] if high in points or (b.passing is not None and b.passing >= high) else [high]
-    if b.width is None or b.width <= resolution:
+    if b.passing is None or b.failing is None or b.failing - b.passing <= resolution:
         return []
     mid = round_rate((b.passing + b.failing) / 2)
     return [] if mid in points else [mid]

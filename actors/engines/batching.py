@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from actors.engines.base import EngineAdapter, EngineInfo, EngineRequest, MemoryReport, TokenDelta
 
@@ -38,21 +38,25 @@ class StepModel(Protocol):
     def decode(self, states: list[Any], last_tokens: list[int]) -> list[int]:
         """One decode step for a batch; extends each state by one position in place."""
 
-    # Disaggregation only; models without real KV (the simulated one) do not provide them.
+    def memory(self) -> MemoryReport:
+        """Memory decomposition (safe to call from another thread while the engine runs)."""
+
+
+@runtime_checkable
+class KVStepModel(StepModel, Protocol):
+    """A model with real KV, which disaggregation moves; the simulated one has none."""
+
     def export_kv(self, state: Any) -> list[Any]:
         """The state's filled KV, one tensor per layer."""
 
     def import_kv(self, num_tokens: int, capacity: int) -> tuple[Any, list[Any]]:
         """A fresh state for `num_tokens` positions and the per-layer tensors to fill it through."""
 
-    def memory(self) -> MemoryReport:
-        """Memory decomposition (safe to call from another thread while the engine runs)."""
-
 
 @dataclass
 class _Seq:
     req: EngineRequest
-    emit: Callable[[TokenDelta], None]
+    emit: Callable[[TokenDelta], object]
     t_queued: float
     state: Any = None
     last_token: int = -1
@@ -87,7 +91,7 @@ class ContinuousBatcher:
     def submit(
         self,
         req: EngineRequest,
-        emit: Callable[[TokenDelta], None],
+        emit: Callable[[TokenDelta], object],
         *,
         export: Callable[[Any], None] | None = None,
         injected: tuple[int, Any] | None = None,
@@ -205,10 +209,10 @@ class BatchingEngine(EngineAdapter):
 
     async def prefill_export(self, request: EngineRequest) -> Prefilled:
         """Prefill only, queued like any request; return the first token and the KV to send."""
-        assert self._batcher is not None and self._model is not None, "engine not started"
+        assert self._batcher is not None, "engine not started"
         loop = asyncio.get_running_loop()
         layers: asyncio.Future[list[Any]] = loop.create_future()
-        model = self._model
+        model = self._kv_model()
 
         def export(state: Any) -> None:  # engine thread
             views = model.export_kv(state)
@@ -228,8 +232,13 @@ class BatchingEngine(EngineAdapter):
 
     def import_kv(self, num_tokens: int, capacity: int) -> tuple[Any, list[Any]]:
         """A state to fill with KV from elsewhere (thread-safe: it only allocates)."""
+        return self._kv_model().import_kv(num_tokens, capacity)
+
+    def _kv_model(self) -> KVStepModel:
         assert self._model is not None, "engine not started"
-        return self._model.import_kv(num_tokens, capacity)
+        if not isinstance(self._model, KVStepModel):
+            raise TypeError(f"{type(self._model).__name__} has no KV to move: disaggregation needs engine.kind reference or vllm")
+        return self._model
 
     async def generate_injected(self, request: EngineRequest, first_token: int, state: Any) -> AsyncIterator[TokenDelta]:
         """Stream a request whose prompt KV is already in `state`; `first_token` comes out first."""

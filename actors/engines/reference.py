@@ -89,11 +89,11 @@ class ReferenceModel:
         self.name = name
         self.random_weights = resolve_model(cfg.model)[1] is None
         self.arch = architecture(raw_cfg)
-        c = self.model.config
-        self.layers = c.num_hidden_layers
-        self.kv_heads = c.num_key_value_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        self.vocab_size = c.vocab_size
+        c: Any = self.model.config  # a transformers config: its architecture fields are per-model attributes
+        self.layers: int = c.num_hidden_layers
+        self.kv_heads: int = c.num_key_value_heads
+        self.head_dim: int = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.vocab_size: int = c.vocab_size
         self.dtype = _DTYPES[cfg.dtype]
         # transformers 5.2x renamed `past_key_values` to `cache`; accept both releases.
         params = inspect.signature(self.model.forward).parameters

@@ -97,7 +97,11 @@ class VllmEngine(EngineAdapter):
             raise RuntimeError("engine.kind 'vllm' needs a CUDA GPU; this actor sees none")
         raw, weights = resolve_model(self.cfg.model)
         dummy = weights is None
-        model_dir = _materialise(raw) if dummy else weights
+        if weights is None:
+            assert raw is not None, "resolve_model gives an architecture wherever it gives no weights"
+            model_dir = _materialise(raw)
+        else:
+            model_dir = weights
         t0 = time.monotonic()
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(self.cfg, model_dir, dummy, self.kv_transfer_config)))
         init_s = time.monotonic() - t0

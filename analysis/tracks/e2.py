@@ -7,7 +7,7 @@ bracketed by the rate search (workloads/search.py) from the probes' attainment.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -56,10 +56,11 @@ def points(cells: dict[str, Any]) -> pd.DataFrame:
 def pareto(df: pd.DataFrame, x: str, y: str) -> list[str]:
     """Cells not dominated on (higher x, lower y): the best throughput for each latency."""
     d = df.dropna(subset=[x, y]).sort_values([x, y], ascending=[False, True])
-    front, best_y = [], float("inf")
+    front: list[str] = []
+    best_y = float("inf")
     for row in d.itertuples():
         if getattr(row, y) < best_y:
-            front.append(row.cell)
+            front.append(str(row.cell))
             best_y = getattr(row, y)
     return front
 
@@ -73,9 +74,10 @@ def max_rate_goodput(df: pd.DataFrame, params: dict[str, Any], gpus: int) -> dic
     probes = df[df["phase"].isin(["sweep", "search"]) & (df["burstiness"] == b_target) & (df["status"] == "ok")]
     if probes.empty:
         return None
-    target = probes["target"].dropna()
-    target = float(target.iloc[0]) if not target.empty else None
-    passes = {float(r.rate): bool(target is not None and r.slo_attainment >= target) for r in probes.itertuples()}
+    targets = probes["target"].dropna()
+    target = float(targets.to_numpy()[0]) if not targets.empty else None
+    rates, attained = probes["rate"].tolist(), probes["slo_attainment"].tolist()
+    passes = {float(r): bool(target is not None and a >= target) for r, a in zip(rates, attained, strict=True)}
     b = bracket(passes)
     return {
         "rate_rps": b.passing,
@@ -103,7 +105,7 @@ class E2Analysis(TrackAnalysis):
     def verdicts(self, requests: pd.DataFrame, cells: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         df = points(cells)
         closed = df[df["phase"] == "closed"]
-        best = df.loc[df["goodput_rps"].idxmax()] if df["goodput_rps"].notna().any() else None
+        best = df.iloc[int(df["goodput_rps"].argmax())] if df["goodput_rps"].notna().any() else None
         return {
             "capacity_rps": float(closed["req_s"].max()) if closed["req_s"].notna().any() else None,
             "max_rate_goodput": max_rate_goodput(df, params, _gpus(cells)),
@@ -273,7 +275,7 @@ def offered_vs_achieved(df: pd.DataFrame, requests: pd.DataFrame) -> pd.DataFram
             {
                 "cell": r.cell,
                 "series": r.series,
-                "offered (req/s)": float(r.rate),
+                "offered (req/s)": float(cast(float, r.rate)),
                 "sent (req/s)": (len(sent) - 1) / span if span > 0 else None,
                 "completed (req/s)": r.req_s,
                 "requests": int(len(sent)),

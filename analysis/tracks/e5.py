@@ -3,7 +3,7 @@ that fits each context length."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -39,6 +39,7 @@ class E5Analysis(TrackAnalysis):
             budget, budget_source = float(t["device_total_bytes"].dropna().median()), "device memory reported by the engine"
         fits = []
         for ctx, g in t.groupby("context", sort=True):
+            ctx = cast(int, ctx)  # a groupby key: pandas-stubs types it as any scalar
             row: dict[str, Any] = {"context": int(ctx), "concurrencies_run": sorted(int(c) for c in g["concurrency"])}
             gm = g[g["measured_total_bytes"].notna()]
             if budget is not None and not gm.empty:
@@ -47,7 +48,7 @@ class E5Analysis(TrackAnalysis):
             if budget is not None and arch is not None and "kv_bytes_per_token" in g:
                 overhead = float((gm["measured_activation_peak_bytes"] + gm["measured_other_bytes"]).median()) if not gm.empty else 0.0
                 row["analytic_max_concurrency"] = max_concurrency(
-                    budget, float(g["analytic_weights_bytes"].iloc[0]), overhead, int(ctx), int(g["kv_bytes_per_token"].iloc[0])
+                    budget, float(g["analytic_weights_bytes"].iloc[0]), overhead, int(ctx), int(g["kv_bytes_per_token"].to_numpy()[0])
                 )
                 row["overhead_assumed_bytes"] = overhead
             fits.append(row)
@@ -108,8 +109,8 @@ class E5Analysis(TrackAnalysis):
                 "concurrency": t["concurrency"],
                 **{f"{_NAMES[k]} MiB": t[f"measured_{k}"] / MIB for k in COMPONENTS},
                 "total MiB": t["measured_total_bytes"] / MIB,
-                "analytic weights MiB": t.get("analytic_weights_bytes") / MIB if "analytic_weights_bytes" in t else None,
-                "analytic KV MiB": t.get("analytic_kv_cache_bytes") / MIB if "analytic_kv_cache_bytes" in t else None,
+                "analytic weights MiB": t["analytic_weights_bytes"] / MIB if "analytic_weights_bytes" in t else None,
+                "analytic KV MiB": t["analytic_kv_cache_bytes"] / MIB if "analytic_kv_cache_bytes" in t else None,
             }
         )
         secs = [Section(title="E5: memory decomposition, measured vs analytic", text=text, table=table, figures=[self._bars(t)])]

@@ -33,7 +33,7 @@ async def run_aggregated(ctx: CellContext) -> CellResult:
     try:
         await wait_for_placement(ctx, pg, bundles(ctx))
         engines = [
-            EngineActor.options(
+            EngineActor.options(  # type: ignore[attr-defined]  # ray actor class
                 name=ctx.name("engine" if n == 1 else f"engine{i}"),
                 num_cpus=b["CPU"],
                 num_gpus=b.get("GPU", 0),
@@ -44,9 +44,9 @@ async def run_aggregated(ctx: CellContext) -> CellResult:
         actors += engines
         entry = engines[0]
         if n > 1:
-            entry = ReplicaRouter.options(name=ctx.name("router"), scheduling_strategy=ray_env.in_bundle(pg, 0)).remote(engines)
+            entry = ReplicaRouter.options(name=ctx.name("router"), scheduling_strategy=ray_env.in_bundle(pg, 0)).remote(engines)  # type: ignore[attr-defined]  # ray actor class
             actors.append(entry)
-        loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, 0)).remote()
+        loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, 0)).remote()  # type: ignore[attr-defined]  # ray actor class
         actors.append(loadgen)
         infos = await bounded(asyncio.gather(*(e.start.remote() for e in engines)), ENGINE_START_TIMEOUT_S, "engine start")
         info = infos[0]

@@ -34,12 +34,13 @@ def pair_classes(kind: str) -> tuple[Any, Any]:
     # torch (and vllm): imported only where a cell runs
     if kind == "reference":
         from actors.disaggregated import DecodeActor, PrefillActor
-    elif kind == "vllm":
-        from actors.vllm_disaggregated import VllmDecodeActor as DecodeActor
-        from actors.vllm_disaggregated import VllmPrefillActor as PrefillActor
-    else:
-        raise ValueError(f"engine.kind: disaggregated cells move real KV tensors (reference or vllm engines), not {kind!r}")
-    return PrefillActor, DecodeActor
+
+        return PrefillActor, DecodeActor
+    if kind == "vllm":
+        from actors.vllm_disaggregated import VllmDecodeActor, VllmPrefillActor
+
+        return VllmPrefillActor, VllmDecodeActor
+    raise ValueError(f"engine.kind: disaggregated cells move real KV tensors (reference or vllm engines), not {kind!r}")
 
 
 def check_pair(p_info: dict[str, Any], d_info: dict[str, Any]) -> None:
@@ -75,7 +76,7 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
             name=ctx.name("decode"), num_cpus=b["CPU"], num_gpus=gpus, scheduling_strategy=ray_env.in_bundle(pg, DECODE)
         ).remote(engine, kv, prefill, dir_name, *ident)
         actors.append(decode)
-        loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, DECODE)).remote()
+        loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, DECODE)).remote()  # type: ignore[attr-defined]  # ray actor class
         actors.append(loadgen)
         p_info, d_info = await bounded(
             asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S, "prefill and decode engine start"

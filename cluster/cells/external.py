@@ -8,6 +8,7 @@ it means there (a loopback URL reaches a server on that machine).
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -16,13 +17,16 @@ from actors.loadgen import LoadGenerator
 from analysis.records import to_frame
 from cluster.cells.base import CellContext, CellResult
 
+if TYPE_CHECKING:
+    from actors.openai_client import TargetSpec
+
 
 def bundles(ctx: CellContext) -> list[dict[str, float]]:
     return []  # the load generator takes no CPU and the server is not ours to place
 
 
-def _api_key(ctx: CellContext) -> str | None:
-    name = ctx.cfg.target.api_key_env
+def _api_key(target: TargetSpec) -> str | None:
+    name = target.api_key_env
     if name is None:
         return None
     key = os.environ.get(name)
@@ -33,9 +37,10 @@ def _api_key(ctx: CellContext) -> str | None:
 
 async def run_external(ctx: CellContext) -> CellResult:
     target = ctx.cfg.target
-    api_key = _api_key(ctx)
+    assert target is not None, "external cells are planned only for a config with a target"
+    api_key = _api_key(target)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=here).remote()
+    loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=here).remote()  # type: ignore[attr-defined]  # ray actor class
     try:
         reqs = ctx.plan.build_requests(target.vocab_size, ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)

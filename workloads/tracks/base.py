@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -104,7 +104,12 @@ class CellOutcome:
     metrics: dict[str, Any] | None
 
 
-class Track:
+P = TypeVar("P", bound=TrackParams)
+
+
+class Track(Generic[P]):
+    """A track, typed by its params model `P` (E2's cells take E2Params, not any TrackParams)."""
+
     name: ClassVar[str]
     question: ClassVar[str]
     params_model: ClassVar[type[TrackParams]] = TrackParams
@@ -114,11 +119,11 @@ class Track:
     # (max_concurrent_cells: auto); tracks that measure tokens or memory fill the CPUs.
     measures_latency: ClassVar[bool] = True
 
-    def cells(self, workload: WorkloadSpec, params: TrackParams) -> list[CellPlan]:
+    def cells(self, workload: WorkloadSpec, params: P) -> list[CellPlan]:
         raise NotImplementedError
 
     def next_cells(
-        self, workload: WorkloadSpec, params: TrackParams, done: Mapping[str, CellOutcome]
+        self, workload: WorkloadSpec, params: P, done: Mapping[str, CellOutcome]
     ) -> list[CellPlan]:
         """Adaptive tracks: the cells that should exist given the finished ones (`done`).
 
@@ -129,10 +134,11 @@ class Track:
         return []
 
 
-_REGISTRY: dict[str, Track] = {}
+_REGISTRY: dict[str, Track[Any]] = {}
+T = TypeVar("T", bound=type[Track[Any]])
 
 
-def register(cls: type[Track]) -> type[Track]:
+def register(cls: T) -> T:
     _REGISTRY[cls.name] = cls()
     return cls
 
@@ -150,7 +156,7 @@ def _load_all() -> None:
             importlib.import_module(f"workloads.tracks.{mod.name}")
 
 
-def get_track(name: str) -> Track:
+def get_track(name: str) -> Track[Any]:
     _load_all()
     try:
         return _REGISTRY[name.lower()]
@@ -158,6 +164,6 @@ def get_track(name: str) -> Track:
         raise KeyError(f"unknown track {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}") from None
 
 
-def list_tracks() -> list[Track]:
+def list_tracks() -> list[Track[Any]]:
     _load_all()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]

@@ -32,7 +32,7 @@ def round_slices(num_requests: int, rounds: int) -> list[tuple[int, int]]:
 
 
 @register
-class E0(Track):
+class E0(Track[E0Params]):
     name = "e0"
     question = "does it run, and does it reproduce?"
     params_model = E0Params

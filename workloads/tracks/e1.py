@@ -20,7 +20,7 @@ class E1Params(TrackParams):
 
 
 @register
-class E1(Track):
+class E1(Track[E1Params]):
     name = "e1"
     question = "latency vs lengths at low load"
     params_model = E1Params

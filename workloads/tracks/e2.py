@@ -108,7 +108,7 @@ def probe_points(done: Mapping[str, CellOutcome], burstiness: float) -> dict[flo
 
 
 @register
-class E2(Track):
+class E2(Track[E2Params]):
     name = "e2"
     question = "throughput–latency under load"
     params_model = E2Params
@@ -162,7 +162,7 @@ class E2(Track):
         if any(p.cell_id not in done for p in sweep) or not params.search.enabled:
             return sweep  # the search starts from a finished sweep
         s = params.search
-        if s.absolute:
+        if s.low is not None and s.high is not None and s.resolution is not None:  # s.absolute, spelled out for the type checker
             low, high, res = s.low, s.high, s.resolution
         elif cap:
             low, high = s.low or s.low_fraction * cap, s.high or s.high_fraction * cap

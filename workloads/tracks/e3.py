@@ -10,7 +10,7 @@ ENGINES = 2
 
 
 @register
-class E3(Track):
+class E3(Track[TrackParams]):
     name = "e3"
     question = "aggregated vs disaggregated on the same devices: what do latency, throughput and the KV transfer cost?"
     params_model = TrackParams

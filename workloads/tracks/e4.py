@@ -26,7 +26,7 @@ class E4Params(TrackParams):
 
 
 @register
-class E4(Track):
+class E4(Track[E4Params]):
     name = "e4"
     question = "capability on a deterministic subset"
     params_model = E4Params

@@ -35,7 +35,7 @@ class E5Params(TrackParams):
 
 
 @register
-class E5(Track):
+class E5(Track[E5Params]):
     name = "e5"
     question = "where the memory goes"
     params_model = E5Params

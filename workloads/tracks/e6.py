@@ -36,7 +36,7 @@ class E6Params(TrackParams):
 
 
 @register
-class E6(Track):
+class E6(Track[E6Params]):
     name = "e6"
     question = "long context beyond native (YaRN)"
     params_model = E6Params
