@@ -176,7 +176,9 @@ class KVDirectory:
 
 def directory_actor(name: str, ttl_s: float = 300.0, **options: Any) -> Any:
     """Create the named directory (or get it if it exists) in the pdbench namespace."""
-    return KVDirectory.options(name=name, namespace=NAMESPACE, get_if_exists=True, **options).remote(ttl_s)  # type: ignore[attr-defined]  # ray actor class
+    return KVDirectory.options(  # type: ignore[attr-defined]  # ray actor class
+        name=name, namespace=NAMESPACE, get_if_exists=True, **options
+    ).remote(ttl_s)
 
 
 def find_directory(name: str) -> Any:

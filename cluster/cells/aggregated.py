@@ -44,9 +44,13 @@ async def run_aggregated(ctx: CellContext) -> CellResult:
         actors += engines
         entry = engines[0]
         if n > 1:
-            entry = ReplicaRouter.options(name=ctx.name("router"), scheduling_strategy=ray_env.in_bundle(pg, 0)).remote(engines)  # type: ignore[attr-defined]  # ray actor class
+            entry = ReplicaRouter.options(  # type: ignore[attr-defined]  # ray actor class
+                name=ctx.name("router"), scheduling_strategy=ray_env.in_bundle(pg, 0)
+            ).remote(engines)
             actors.append(entry)
-        loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, 0)).remote()  # type: ignore[attr-defined]  # ray actor class
+        loadgen = LoadGenerator.options(  # type: ignore[attr-defined]  # ray actor class
+            name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, 0)
+        ).remote()
         actors.append(loadgen)
         infos = await bounded(asyncio.gather(*(e.start.remote() for e in engines)), ENGINE_START_TIMEOUT_S, "engine start")
         info = infos[0]

@@ -76,7 +76,9 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
             name=ctx.name("decode"), num_cpus=b["CPU"], num_gpus=gpus, scheduling_strategy=ray_env.in_bundle(pg, DECODE)
         ).remote(engine, kv, prefill, dir_name, *ident)
         actors.append(decode)
-        loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, DECODE)).remote()  # type: ignore[attr-defined]  # ray actor class
+        loadgen = LoadGenerator.options(  # type: ignore[attr-defined]  # ray actor class
+            name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, DECODE)
+        ).remote()
         actors.append(loadgen)
         p_info, d_info = await bounded(
             asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S, "prefill and decode engine start"

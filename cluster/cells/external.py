@@ -40,7 +40,9 @@ async def run_external(ctx: CellContext) -> CellResult:
     assert target is not None, "external cells are planned only for a config with a target"
     api_key = _api_key(target)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    loadgen = LoadGenerator.options(name=ctx.name("loadgen"), scheduling_strategy=here).remote()  # type: ignore[attr-defined]  # ray actor class
+    loadgen = LoadGenerator.options(  # type: ignore[attr-defined]  # ray actor class
+        name=ctx.name("loadgen"), scheduling_strategy=here
+    ).remote()
     try:
         reqs = ctx.plan.build_requests(target.vocab_size, ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
