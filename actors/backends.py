@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from ray.exceptions import RayError
-
 
 # An open-loop send sleeps until this long before it is due, then yields to the event loop until
 # it is: asyncio's timer alone wakes up late by up to a millisecond under load.

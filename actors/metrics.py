@@ -132,7 +132,7 @@ class BatchedFeed:
     def finished(self, ok: bool, tokens: int, ttft_s: float | None, tpot_s: float | None, e2e_s: float | None) -> None:
         self._finished.append((ok, tokens, ttft_s, tpot_s, e2e_s))
 
-    async def __aenter__(self) -> "BatchedFeed":
+    async def __aenter__(self) -> BatchedFeed:
         self._task = asyncio.create_task(self._every())
         return self
 

@@ -14,8 +14,9 @@ import json
 import ssl
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 import h11
 import httpx

@@ -50,7 +50,16 @@ def _yes_no(x: Any) -> str:
     return DASH if x is None else ("yes" if x else "NO")
 
 
-_SCHEDULE_COLUMNS = ("offered req/s", "sent req/s", "send lag p99 (ms)", "schedule kept", "steady TTFT p50 (ms)", "TTFT p50 Q1→Q4 (ms)", "steady", "harness TTFT p50 (ms)")
+_SCHEDULE_COLUMNS = (
+    "offered req/s",
+    "sent req/s",
+    "send lag p99 (ms)",
+    "schedule kept",
+    "steady TTFT p50 (ms)",
+    "TTFT p50 Q1→Q4 (ms)",
+    "steady",
+    "harness TTFT p50 (ms)",
+)
 
 
 def _schedule_columns(m: dict[str, Any]) -> dict[str, str]:

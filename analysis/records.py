@@ -64,7 +64,8 @@ def to_frame(raws: Iterable[dict[str, Any]], **identity: Any) -> pd.DataFrame:
     """Rows for one cell; `identity` (run_id, cell_id, mode, engine, ...) is stamped on each."""
     rows = [{**derive(r), **identity} for r in raws]
     df = pd.DataFrame(rows)
-    for col in ("ttft_s", "tpot_s", "e2e_s", "t_first_token", "t_last_token", "harness_hop_s", "client_send_s", *HARNESS_COLUMNS, *SERVER_COLUMNS):
+    times = ("ttft_s", "tpot_s", "e2e_s", "t_first_token", "t_last_token", "harness_hop_s", "client_send_s")
+    for col in (*times, *HARNESS_COLUMNS, *SERVER_COLUMNS):
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     return df

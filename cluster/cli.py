@@ -164,8 +164,8 @@ def serve(
 ) -> None:
     """Serve pdbench's engine actors behind OpenAI-compatible /v1/completions and /v1/chat/completions (streaming SSE).
 
-    Prompts are token-id lists unless --tokenizer is given (chat needs one; `pdbench tokenizer build` makes one offline). Stop with Ctrl-C (the app is deleted);
-    with --address and --detach it keeps running until `serve shutdown` or `ray down`.
+    Prompts are token-id lists unless --tokenizer is given (chat needs one; `pdbench tokenizer build` makes one offline).
+    Stop with Ctrl-C (the app is deleted); with --address and --detach it keeps running until `serve shutdown` or `ray down`.
     """
     import signal
     import time
@@ -207,7 +207,8 @@ def serve(
             url = deploy(spec, host, port)
         except RuntimeError as e:
             _fail(str(e))
-        console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {url}/v1/completions and /v1/chat/completions")
+        where = f"{url}/v1/completions and /v1/chat/completions"
+        console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {where}")
         typer.echo(url)
         if detach:
             return
@@ -314,9 +315,10 @@ app.add_typer(tokenizer_app, name="tokenizer")
 @tokenizer_app.command("build")
 def tokenizer_build(
     out: Path = typer.Option(..., "--out", help="folder to write (created if missing)"),
-    vocab_size: Optional[int] = typer.Option(None, help="vocabulary size: the words t0 … t<N-1>"),
-    model: Optional[str] = typer.Option(
-        None, help="take the vocabulary size from this model (tiny-qwen3, a configs/models/ name, a config path) and write its config.json too"
+    vocab_size: int | None = typer.Option(None, help="vocabulary size: the words t0 … t<N-1>"),
+    model: str | None = typer.Option(
+        None,
+        help="take the vocabulary size from this model (tiny-qwen3, a configs/models/ name, a config path) and write its config.json too",
     ),
 ) -> None:
     """A WordLevel tokenizer (one word `t<i>` = token id i) saved with save_pretrained: exact lengths, nothing to download.

@@ -7,7 +7,7 @@ guard: a slow server must not silently slow the arrival process down).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -57,7 +57,7 @@ class SteadyState(BaseModel):
         return self
 
 
-Arrival = Annotated[Union[ClosedLoop, Poisson, Gamma], Field(discriminator="kind")]
+Arrival = Annotated[ClosedLoop | Poisson | Gamma, Field(discriminator="kind")]
 
 
 def schedule(arrival: Arrival, n: int, rng: np.random.Generator) -> np.ndarray | None:

@@ -62,8 +62,8 @@ class SimulatedModel:
         this one follows straight on: pass k of a busy engine ends at start + the law's sum, exactly
         on average, as a real engine's steps do, instead of drifting by each sleep's overshoot."""
         now = time.monotonic()
-        straight_on = self._end is not None and self._ended is not None and now - self._ended < _CONTINUES_S
-        self._end = (self._end if straight_on else now) + seconds
+        start = self._end if self._end is not None and self._ended is not None and now - self._ended < _CONTINUES_S else now
+        self._end = start + seconds
         if self._end > now:
             time.sleep(self._end - now)
         self._ended = time.monotonic()

@@ -113,10 +113,14 @@ def cmd_check(a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m cluster.gpu_kit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m cluster.gpu_kit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download the pinned wheels and cut them into per-call batches")
-    f.add_argument("--pack", choices=["raw", "xz"], default="raw", help="raw: wheels as published (seconds); xz: ~25%% fewer bytes (minutes)")
+    f.add_argument(
+        "--pack", choices=["raw", "xz"], default="raw", help="raw: wheels as published (seconds); xz: ~25%% fewer bytes (minutes)"
+    )
     f.add_argument("--batch-mib", type=float, default=52.0, help="batch size; the tracked tree travels too and a call carries <= 64 MiB")
     f.set_defaults(fn=cmd_fetch)
     p = sub.add_parser("pin", help="download NAME[==VERSION] for the machine and pin it with its sha256")

@@ -89,5 +89,6 @@ def run_checks(modules: tuple[str, ...] = MODULES, cli: bool = True) -> list[Res
 def report(results: list[Result]) -> str:
     lines = [f"{'ok  ' if r.ok else 'FAIL'} {r.what:45s} {r.seconds:6.1f} s  {r.detail}".rstrip() for r in results]
     bad = [r for r in results if not r.ok]
-    lines.append(f"gpu-kit check: {len(results) - len(bad)}/{len(results)} ok" + (f"; missing or broken: {', '.join(r.what for r in bad)}" if bad else ""))
+    missing = f"; missing or broken: {', '.join(r.what for r in bad)}" if bad else ""
+    lines.append(f"gpu-kit check: {len(results) - len(bad)}/{len(results)} ok{missing}")
     return "\n".join(lines)

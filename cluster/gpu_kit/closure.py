@@ -59,7 +59,7 @@ ROOTS = (
 
 def _pins(path: Path) -> dict[str, Version]:
     """`name==version` lines (comments, hashes and blank lines ignored)."""
-    out = {}
+    out: dict[str, Version] = {}
     for line in path.read_text().splitlines():
         m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", line)
         if m:
@@ -77,7 +77,7 @@ def image(path: Path = KIT_DIR / "image-packages.txt") -> dict[str, Version]:
 
 def left_out(path: Path = KIT_DIR / "left-out.txt") -> dict[str, str]:
     """name → why it is not carried."""
-    out = {}
+    out: dict[str, str] = {}
     for line in path.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, _, why = line.partition(":")
