@@ -107,7 +107,7 @@ def runs_table(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
                 "run": lab,
                 "run_id": m.get("run_id"),
                 "track": m.get("track"),
-                "mode": m.get("mode"),
+                "evidence": m.get("evidence"),
                 "engine": m.get("engine"),
                 "model": (m.get("model") or {}).get("name"),
                 "config hash": str(m.get("config_hash"))[:12],
@@ -227,12 +227,13 @@ def compare(run_dirs: list[Path], out_dir: Path, allow_simulated: bool = False) 
             figures=[_figure(table, labs, m) for m in CHARTS if not table.empty and (table["metric"] == m).any()],
         ),
     ]
-    facts = {"runs": len(packets), "tracks": ", ".join(tracks), "modes": ", ".join(sorted({str(p.manifest.get('mode')) for p in packets}))}
+    evidence = ", ".join(sorted({str(p.manifest.get("evidence")) for p in packets}))
+    facts = {"runs": len(packets), "tracks": ", ".join(tracks), "evidence": evidence}
     title = "pdbench comparison — " + " vs ".join(str(p.manifest.get("run_id")) for p in packets)
     warning = "**INCLUDES SIMULATED RUNS** — labelled SIMULATED; not measurements." if sim else None
     out_dir = Path(out_dir)
     write_text(out_dir / "compare.md", markdown_document(title, warning, facts, secs))
-    banner = "INCLUDES SIMULATED RUNS" if sim else f"modes: {facts['modes']}"
+    banner = "INCLUDES SIMULATED RUNS" if sim else f"evidence: {evidence}"
     write_text(out_dir / "compare.html", html_document(title, banner, sim, facts, secs))
     write_json(
         out_dir / "compare.json",

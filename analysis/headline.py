@@ -84,7 +84,7 @@ def headlines(summary: dict[str, Any], manifest: dict[str, Any]) -> list[Headlin
     """Run status and verdict, then what the track says matters most."""
     cells = summary.get("cells", {})
     ok = sum(c.get("status") == "ok" for c in cells.values())
-    out = [Headline("status", f"{manifest.get('status', DASH)} ({ok}/{len(cells)} cells ok), mode {manifest.get('mode', DASH)}")]
+    out = [Headline("status", f"{manifest.get('status', DASH)} ({ok}/{len(cells)} cells ok), evidence {manifest.get('evidence', DASH)}")]
     verdict = (summary.get("verdicts") or {}).get("verdict")
     if verdict:
         out.append(Headline("verdict", str(verdict)))

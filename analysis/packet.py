@@ -12,11 +12,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 import yaml
+from pydantic import ValidationError
 
+from analysis import schemas
 from analysis.errortext import one_line, strip_ansi
 from analysis.redact import redact_obj, redact_shapes, redact_text, redact_value, secret_env_values
 
@@ -141,7 +144,18 @@ class Packet:
 
     @property
     def simulated(self) -> bool:
-        return self.manifest.get("mode") == "simulated"
+        return self.manifest.get("evidence") == "simulated"
+
+
+def read_validated(path: Path, read: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """A manifest or summary of any schema version (analysis/schemas.py), as the current one."""
+    data = read_packet_json(path)
+    try:
+        return read(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "top level"
+        raise PacketError(f"{path} is not a pdbench packet file ({where}: {first['msg']}); was it written by pdbench?") from None
 
 
 def load_packet(root: Path) -> Packet:
@@ -156,9 +170,9 @@ def load_packet(root: Path) -> Packet:
         raise PacketError(f"{root / 'manifest.json'} is not a pdbench manifest (a JSON object)")
     return Packet(
         root=root,
-        manifest=manifest,
-        summary=read_packet_json(root / "summary.json") if (root / "summary.json").is_file() else {},
-        requests=read_parquet(req) if req.is_file() else pd.DataFrame(),
+        manifest=read_validated(root / "manifest.json", schemas.read_manifest),
+        summary=read_validated(root / "summary.json", schemas.read_summary) if (root / "summary.json").is_file() else {},
+        requests=schemas.read_requests(read_parquet(req)) if req.is_file() else pd.DataFrame(),
         transfers=read_parquet(transfers) if transfers.is_file() else None,
         telemetry=read_parquet(tel) if tel.is_file() else None,
     )

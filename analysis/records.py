@@ -61,7 +61,7 @@ def harness_shares(row: dict[str, Any], st: list[float]) -> dict[str, float | No
 
 
 def to_frame(raws: Iterable[dict[str, Any]], **identity: Any) -> pd.DataFrame:
-    """Rows for one cell; `identity` (run_id, cell_id, mode, engine, ...) is stamped on each."""
+    """Rows for one cell; `identity` (run_id, cell_id, serving_mode, engine, ...) is stamped on each."""
     rows = [{**derive(r), **identity} for r in raws]
     df = pd.DataFrame(rows)
     times = ("ttft_s", "tpot_s", "e2e_s", "t_first_token", "t_last_token", "harness_hop_s", "client_send_s")

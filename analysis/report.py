@@ -62,7 +62,7 @@ def _facts(packet: Packet) -> dict[str, Any]:
     return {
         "run id": m.get("run_id"),
         "track": m.get("track"),
-        "mode": m.get("mode"),
+        "evidence": m.get("evidence"),
         "engine": m.get("engine"),
         "serving modes": ", ".join(m.get("serving_modes", [])),
         "model": _model(m.get("model") or {}),
@@ -227,8 +227,8 @@ def render_markdown(packet: Packet, secs: list[Section]) -> str:
 
 def render_html(packet: Packet, secs: list[Section], plotly_js: str = "inline") -> str:
     m = packet.manifest
-    mode = str(m.get("mode"))
-    banner = f"SIMULATED RUN — mode: {mode}" if packet.simulated else f"mode: {mode}"
+    evidence = str(m.get("evidence"))
+    banner = f"SIMULATED RUN — evidence: {evidence}" if packet.simulated else f"evidence: {evidence}"
     title = f"pdbench {m.get('track')} {m.get('run_id')}"
     return html_document(title, banner, packet.simulated, _facts(packet), secs, plotly_js, lead_sections(packet))
 

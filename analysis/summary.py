@@ -8,6 +8,7 @@ import pandas as pd
 
 from analysis.metrics import SLO, cell_metrics, workload_of
 from analysis.records import measured
+from analysis.schemas import SCHEMA_VERSION
 from analysis.tracks import get_analysis
 from analysis.transfers import measured_transfers, transfer_metrics, with_stall_ratio
 
@@ -15,7 +16,7 @@ from analysis.transfers import measured_transfers, transfer_metrics, with_stall_
 def build_summary(
     track: str,
     run_id: str,
-    mode: str,
+    evidence: str,
     requests: pd.DataFrame,
     cells: dict[str, Any],
     slo: dict[str, Any],
@@ -50,4 +51,11 @@ def build_summary(
     verdicts = (
         analysis.verdicts_with_transfers(requests, transfers, ok_cells, params) if ok_cells and not requests.empty else {}
     )
-    return {"run_id": run_id, "track": track, "mode": mode, "cells": out_cells, "verdicts": verdicts}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "track": track,
+        "evidence": evidence,
+        "cells": out_cells,
+        "verdicts": verdicts,
+    }

@@ -264,10 +264,10 @@ def runs_list(
     if not entries:
         console.print(f"no runs under {escape(src)}", highlight=False)
         return
-    t = Table("run id", "track", "status", "verdict", "mode", "engine", "started (UTC)", title=escape(src), title_justify="left")
+    t = Table("run id", "track", "status", "verdict", "evidence", "engine", "started (UTC)", title=escape(src), title_justify="left")
     for r in entries:
         started = r.started_at.replace("T", " ")[:19]
-        t.add_row(*(escape(x) for x in (r.run_id, r.track, r.status, r.verdict or "–", r.mode, r.engine, started)))
+        t.add_row(*(escape(x) for x in (r.run_id, r.track, r.status, r.verdict or "–", r.evidence, r.engine, started)))
     Console(width=max(Console().width, 160)).print(t)
 
 

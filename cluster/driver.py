@@ -38,6 +38,7 @@ from analysis.packet import PacketError, load_packet, read_json, read_parquet, w
 from analysis.records import measured
 from analysis.redact import treat_env_as_secret
 from analysis.report import write_reports
+from analysis.schemas import SCHEMA_VERSION, read_requests
 from analysis.summary import build_summary
 from cluster import manifest as mf
 from cluster import ray_env
@@ -136,13 +137,13 @@ def for_target(cfg: ExperimentConfig, plans: list[CellPlan]) -> list[CellPlan]:
             f"invalid config:\n  target: track {cfg.track} sets the engine per cell ({', '.join(tuned)}); "
             "an external server's engine is not pdbench's to set"
         )
-    modes = sorted({p.mode for p in plans})
+    modes = sorted({p.serving_mode for p in plans})
     if len(modes) > 1:
         raise ConfigError(
             f"invalid config:\n  target: track {cfg.track} compares serving modes {', '.join(modes)}; "
             "an external server is one deployment (run this track on pdbench's engines)"
         )
-    return [dataclasses.replace(p, mode="external") for p in plans]
+    return [dataclasses.replace(p, serving_mode="external") for p in plans]
 
 
 def cell_node_ids(meta: dict[str, Any], df: pd.DataFrame) -> dict[str, list[str]]:
@@ -168,7 +169,7 @@ def cell_hash(cfg: ExperimentConfig, plan: CellPlan) -> str:
         # The steady-state window only changes the analysis; old cells' hashes stand without it.
         "workload": plan.workload.model_dump(mode="json", exclude={"steady_state"}),
         "seed": cfg.seed + plan.seed_offset,
-        "mode": plan.mode,
+        "mode": plan.serving_mode,  # the serving mode, under its old key: renaming it would change every cell's hash
         "replicas": plan.replicas,
         "kv_transfer": cfg.kv_transfer.model_dump(mode="json"),
         "placement": cfg.placement.model_dump(mode="json", exclude=UNHASHED["placement"]),
@@ -213,8 +214,8 @@ def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
     """Refuse what can never run before any engine starts."""
     errors = []
     for p in plans:
-        if p.mode not in MODES:
-            errors.append(f"  mode: cell {p.cell_id} asks for serving mode {p.mode!r}; allowed: {', '.join(MODES)}")
+        if p.serving_mode not in MODES:
+            errors.append(f"  serving_mode: cell {p.cell_id} asks for serving mode {p.serving_mode!r}; allowed: {', '.join(MODES)}")
             continue
         eng = cell_engine(cfg, p)
         problem = schedule_problem(p.workload.arrival, p.workload.num_requests)
@@ -226,7 +227,7 @@ def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
                 f"  workload.input_len/output_len (or the track's params lengths): cell {p.cell_id} can ask for {need} tokens "
                 f"but engine.max_model_len is {eng.max_model_len}"
             )
-    for model in sorted({cell_engine(cfg, p).model for p in plans if p.mode in MODES}) if cfg.target is None else []:
+    for model in sorted({cell_engine(cfg, p).model for p in plans if p.serving_mode in MODES}) if cfg.target is None else []:
         problem = model_path_problem(model)
         if problem:
             errors.append(f"  engine.model: {problem}")
@@ -331,7 +332,7 @@ class Driver:
         meta: dict[str, Any] = {
             "cell_id": plan.cell_id,
             "labels": plan.labels,
-            "serving_mode": plan.mode,
+            "serving_mode": plan.serving_mode,
             "config_hash": cell_hash(self.cfg, plan),
             "seed": self.cfg.seed + plan.seed_offset,
             "started_at": _now(),
@@ -345,7 +346,7 @@ class Driver:
         load = HostLoadProbe()
         try:
             preflight(self.cfg, [plan])  # later rounds were not checked before the run began
-            result = await MODES[plan.mode].run(self.context(plan, progress))
+            result = await MODES[plan.serving_mode].run(self.context(plan, progress))
             df, long_errors = one_line_errors(self._annotate(plan, result.requests, result.meta))
             transfers, more = one_line_errors(result.transfers)
             if long_errors + more:  # remote tracebacks: the whole text in the log, one line in the tables
@@ -492,13 +493,14 @@ class Driver:
                 self._nodes = [mf.hardware()]
         nodes = self._nodes
         return {
+            "schema_version": SCHEMA_VERSION,
             "run_id": self.run_id,
             "track": self.cfg.track,
             "config_hash": self.hash,
-            "mode": "simulated" if self.cfg.simulated else "real",
+            "evidence": "simulated" if self.cfg.simulated else "real",
             "engine": "external" if self.cfg.target else self.cfg.engine.kind,
             "target": self.cfg.target.model_dump(mode="json") if self.cfg.target else None,
-            "serving_modes": sorted({p.mode for p in self.plans}),
+            "serving_modes": sorted({p.serving_mode for p in self.plans}),
             "model": {
                 "name": info.get("model", self.cfg.engine.model),
                 "architecture": info.get("architecture"),
@@ -533,7 +535,7 @@ class Driver:
     def finalize(self, metas: list[dict[str, Any]]) -> Path:
         cells = {m["cell_id"]: m for m in metas}
         kept = [c for c, m in cells.items() if m["status"] in MEASURED]
-        frames = [read_parquet(self.run_dir / "cells" / c / "requests.parquet") for c in kept]
+        frames = [read_requests(read_parquet(self.run_dir / "cells" / c / "requests.parquet")) for c in kept]
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         write_parquet(self.run_dir / "requests.parquet", df)
         transfers = [read_parquet(p) for c in kept if (p := self.run_dir / "cells" / c / "transfers.parquet").is_file()]
@@ -548,10 +550,10 @@ class Driver:
             write_log(self.run_dir / "errors.log", "\n".join(logs))
         n_ok = sum(m["status"] == "ok" for m in metas)
         status = "complete" if n_ok == len(metas) else ("partial" if kept else "failed")
-        mode = "simulated" if self.cfg.simulated else "real"
+        evidence = "simulated" if self.cfg.simulated else "real"
         write_json(
             self.run_dir / "summary.json",
-            build_summary(self.cfg.track, self.run_id, mode, df, cells, self.cfg.slo.model_dump(), self.cfg.params, tdf),
+            build_summary(self.cfg.track, self.run_id, evidence, df, cells, self.cfg.slo.model_dump(), self.cfg.params, tdf),
         )
         write_json(self.run_dir / "manifest.json", self._manifest(cells, status))
         write_reports(load_packet(self.run_dir))
@@ -584,7 +586,7 @@ class Driver:
         bundles = []
         for p in self.plans:
             try:
-                b = MODES[p.mode].bundles(self.context(p))
+                b = MODES[p.serving_mode].bundles(self.context(p))
                 ray_env.check_fits(b, "placement")
             except RuntimeError as e:
                 raise ConfigError(f"invalid config:\n  placement.gpus_per_engine/cpus_per_engine: {e}") from None

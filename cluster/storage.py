@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from analysis.schemas import evidence_of
+
 JOB_DEFAULT = "~/pdbench-runs"
 # Ray sets this for the driver of a submitted job (ray.dashboard.modules.job.common).
 _RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -156,7 +158,7 @@ class RunEntry:
     track: str
     status: str
     verdict: str | None
-    mode: str
+    evidence: str
     engine: str
     started_at: str
 
@@ -179,7 +181,7 @@ def describe_runs(src: str) -> list[RunEntry]:
                 track=str(m.get("track")),
                 status=str(m.get("status")),
                 verdict=verdict,
-                mode=str(m.get("mode")),
+                evidence=str(evidence_of(m)),
                 engine=str(m.get("engine")),
                 started_at=str(m.get("started_at") or ""),
             )

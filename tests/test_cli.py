@@ -72,7 +72,7 @@ def _packet(root, run_id, status="complete", verdict="reproducible", started="20
     d = root / run_id
     d.mkdir(parents=True)
     (d / "manifest.json").write_text(
-        json.dumps({"run_id": run_id, "track": "e0", "status": status, "mode": "real", "engine": "reference", "started_at": started})
+        json.dumps({"run_id": run_id, "track": "e0", "status": status, "evidence": "real", "engine": "reference", "started_at": started})
     )
     metrics = {"requests": 8, "completed": 8, "request_throughput_rps": 2.5, "output_token_throughput_tps": 80.0,
                "ttft_s": {"p50": 0.02, "p99": 0.05}, "tpot_s": {"p50": 0.01, "p99": 0.02}, "itl_s": {"p50": 0.01, "p99": 0.03},

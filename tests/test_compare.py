@@ -11,14 +11,14 @@ from analysis.compare import MixedModes, compare
 from cluster.cli import app
 
 
-def fake_run(root, run_id, mode, nodes, tps, seed=0):
+def fake_run(root, run_id, evidence, nodes, tps, seed=0):
     d = root / run_id
     d.mkdir(parents=True)
     manifest = {
         "run_id": run_id,
         "track": "e2",
-        "mode": mode,
-        "engine": "simulated" if mode == "simulated" else "vllm",
+        "evidence": evidence,
+        "engine": "simulated" if evidence == "simulated" else "vllm",
         "config_hash": run_id * 4,
         "status": "complete",
         "model": {"name": "qwen3-8b"},
@@ -27,6 +27,9 @@ def fake_run(root, run_id, mode, nodes, tps, seed=0):
     }
     metrics = {"output_token_throughput_tps": tps, "request_throughput_rps": tps / 100, "ttft_s": {"p50": 0.1, "p99": 0.3}}
     summary = {
+        "run_id": run_id,
+        "track": "e2",
+        "evidence": evidence,
         "cells": {"closed-c8": {"status": "ok", "metrics": metrics}, f"only-{run_id}": {"status": "ok", "metrics": metrics}},
         "verdicts": {"capacity_rps": tps / 100, "max_rate_goodput": {"rate_rps": tps / 200, "status": "bracketed"}},
     }

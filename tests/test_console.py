@@ -54,7 +54,7 @@ def test_closing_summary_has_headline_and_per_cell_numbers():
         "verdicts": {"verdict": "reproducible"},
     }
     con, buf = _console()
-    for t in summary_tables(summary, {"track": "e0", "run_id": "e0-x", "status": "complete", "mode": "real"}):
+    for t in summary_tables(summary, {"track": "e0", "run_id": "e0-x", "status": "complete", "evidence": "real"}):
         con.print(t)
     out = buf.getvalue()
     assert "verdict" in out and "reproducible" in out and "complete (1/1 cells ok)" in out

@@ -32,7 +32,7 @@ def test_packet_files_present(e0_run):
 def test_manifest_facts(e0_run):
     cfg, run_dir = e0_run
     m = json.loads((run_dir / "manifest.json").read_text())
-    assert m["mode"] == "real" and m["engine"] == "reference" and m["status"] == "complete"
+    assert m["evidence"] == "real" and m["schema_version"] == 2 and m["engine"] == "reference" and m["status"] == "complete"
     assert m["config_hash"] == config_hash(cfg)
     assert len(m["model"]["architecture_hash"]) == 64
     assert m["model"]["kv_bytes_per_token"] == 2 * 4 * 2 * 64 * 4
@@ -53,7 +53,7 @@ def test_requests_schema_and_warmup(e0_run):
     _, run_dir = e0_run
     df = pd.read_parquet(run_dir / "requests.parquet")
     needed = {
-        "run_id", "cell_id", "request_id", "mode", "engine", "warmup", "ok", "error", "input_tokens",
+        "run_id", "cell_id", "request_id", "serving_mode", "engine", "warmup", "ok", "error", "input_tokens",
         "output_tokens", "t_scheduled", "t_sent", "t_first_token", "t_last_token", "ttft_s", "tpot_s",
         "e2e_s", "queue_delay_s", "itl_s", "server_queue_s", "prefill_s", "transfer_s", "first_decode_s",
         "output_token_ids",
@@ -68,7 +68,7 @@ def test_requests_schema_and_warmup(e0_run):
     meta = {c: json.loads((run_dir / "cells" / c / "cell.json").read_text()) for c in halves.index}
     order = sorted(meta, key=lambda c: meta[c]["started_at"])
     assert order == ["rep0.round0", "rep1.round0", "rep0.round1", "rep1.round1"]
-    assert df["ok"].all() and (df["mode"] == "aggregated").all()
+    assert df["ok"].all() and (df["serving_mode"] == "aggregated").all()
     assert (df["ttft_s"] > 0).all() and (df["e2e_s"] >= df["ttft_s"]).all()
     assert df["transfer_s"].isna().all()
     # The engine's own prefill time fits inside the client's TTFT.
@@ -91,7 +91,7 @@ def test_e0_verdict_reproducible(e0_run):
 def test_reports_parse_and_carry_the_verdict(e0_run):
     _, run_dir = e0_run
     md = (run_dir / "report.md").read_text()
-    assert "E0 verdict: reproducible" in md and "| mode | real |" in md
+    assert "E0 verdict: reproducible" in md and "| evidence | real |" in md
     assert "ran 2 times with the same seed, the repeats interleaved in 2 rounds" in md
     html = (run_dir / "report.html").read_text()
 

@@ -24,7 +24,7 @@ SMALL = {
 def test_e3_plans_both_modes_on_equal_engine_counts():
     cfg = resolve("e3")
     plans = plan_cells(cfg)
-    assert [(p.cell_id, p.mode, p.replicas) for p in plans] == [("aggregated", "aggregated", 2), ("disaggregated", "disaggregated", 1)]
+    assert [(p.cell_id, p.serving_mode, p.replicas) for p in plans] == [("aggregated", "aggregated", 2), ("disaggregated", "disaggregated", 1)]
     assert plans[0].workload == plans[1].workload and plans[0].seed_offset == plans[1].seed_offset
     assert cfg.kv_transfer.max_group_bytes == 256 * 1024
     # Replica count and KV transfer settings are part of what a cell's hash covers.
@@ -56,7 +56,7 @@ def test_e3_run_oracle_identical_and_bytes_equal_analytic(ray_local, tmp_path):
 
     req = pd.read_parquet(run_dir / "requests.parquet")
     t = pd.read_parquet(run_dir / "transfers.parquet")
-    dis = req[req["mode"] == "disaggregated"]
+    dis = req[req["serving_mode"] == "disaggregated"]
     assert len(t) == len(dis) == 7 and t["ok"].all()
     # Byte counts equal the analytic KV size of each request's prompt (no block padding here).
     bpt = manifest["model"]["kv_bytes_per_token"]
@@ -66,7 +66,7 @@ def test_e3_run_oracle_identical_and_bytes_equal_analytic(ray_local, tmp_path):
     # TTFT breakdown filled for disaggregated rows, transfer null for aggregated ones.
     for col in ("server_queue_s", "prefill_s", "transfer_s", "first_decode_s"):
         assert dis[col].notna().all(), col
-    assert req.loc[req["mode"] == "aggregated", "transfer_s"].isna().all()
+    assert req.loc[req["serving_mode"] == "aggregated", "transfer_s"].isna().all()
     cell = json.loads((run_dir / "cells" / "disaggregated" / "cell.json").read_text())
     assert cell["kv_directory_at_end"]["groups"] == 0
     agg_cell = json.loads((run_dir / "cells" / "aggregated" / "cell.json").read_text())
@@ -98,7 +98,7 @@ def _requests(tokens_agg, tokens_dis, ok_dis=True):
     for mode, toks in (("aggregated", tokens_agg), ("disaggregated", tokens_dis)):
         for i, t in enumerate(toks):
             rows.append(
-                {"cell_id": mode, "mode": mode, "request_id": f"r{i}", "ok": ok_dis or mode == "aggregated",
+                {"cell_id": mode, "serving_mode": mode, "request_id": f"r{i}", "ok": ok_dis or mode == "aggregated",
                  "output_token_ids": t, "e2e_s": 2.0, "warmup": False}
             )
     return pd.DataFrame(rows)

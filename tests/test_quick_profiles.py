@@ -24,6 +24,6 @@ def test_quick_profile_runs_and_writes_its_packet(track, tmp_path):
     for name in ("manifest.json", "config.yaml", "requests.parquet", "summary.json", "report.md", "report.html"):
         assert (run_dir / name).is_file(), name
     m = json.loads((run_dir / "manifest.json").read_text())
-    assert m["status"] == "complete" and m["mode"] == "real", m["cells"]
+    assert m["status"] == "complete" and m["evidence"] == "real", m["cells"]
     assert json.loads((run_dir / "summary.json").read_text())["verdicts"], "the track's analysis ran"
     print(f"{track}: {time.monotonic() - t0:.0f} s")

@@ -87,7 +87,7 @@ def test_resume_of_a_run_with_a_damaged_manifest(tmp_path, manifest):
     ids=["truncated-manifest", "manifest-not-object", "truncated-summary", "corrupt-requests"],
 )
 def test_report_on_a_damaged_packet(tmp_path, name, content, needle):
-    (tmp_path / "manifest.json").write_text('{"run_id": "x", "track": "e0", "status": "complete"}')
+    (tmp_path / "manifest.json").write_text('{"run_id": "x", "track": "e0", "status": "complete", "evidence": "real"}')
     (tmp_path / name).write_text(content)
     _one_line_error(_cli("report", str(tmp_path)), needle)
 

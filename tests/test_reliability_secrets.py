@@ -143,10 +143,10 @@ def test_some_token_reference_leaves_config_manifest_and_resume_true(ray_local, 
     run_dir = Driver(cfg, RunOptions(out_dir=tmp_path, progress=False)).run()
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == to_yaml(cfg)
     m = json.loads((run_dir / "manifest.json").read_text())
-    assert m["engine"] == "simulated" and m["mode"] == "simulated" and m["serving_modes"] == ["aggregated"]
+    assert m["engine"] == "simulated" and m["evidence"] == "simulated" and m["serving_modes"] == ["aggregated"]
     assert m["config_hash"] == config_hash(cfg)
     assert plotly.offline.get_plotlyjs() in (run_dir / "report.html").read_text()
     df = load_packet(run_dir).requests
-    assert set(df["engine"]) == {"simulated"} and set(df["mode"]) == {"aggregated"}
+    assert set(df["engine"]) == {"simulated"} and set(df["serving_mode"]) == {"aggregated"}
     res = CliRunner().invoke(app, ["run", "e0", "--simulate", "--no-progress", "--resume", str(run_dir)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output

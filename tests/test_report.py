@@ -27,7 +27,7 @@ def _rows(cell, n=6, warm=2, slow=1.0):
     for i in range(warm + n):
         t0 = 0.1 * i
         rows.append(
-            {"run_id": "r", "cell_id": cell, "request_id": f"q{i}", "mode": "aggregated", "engine": "reference",
+            {"run_id": "r", "cell_id": cell, "request_id": f"q{i}", "serving_mode": "aggregated", "engine": "reference",
              "warmup": i < warm, "ok": True, "error": None, "input_tokens": 16 + i, "output_tokens": 3, "t_scheduled": t0,
              "t_sent": t0, "t_first_token": t0 + 0.02 * slow, "t_last_token": t0 + 0.06 * slow, "ttft_s": 0.02 * slow,
              "tpot_s": 0.02 * slow, "e2e_s": 0.06 * slow, "queue_delay_s": 0.0, "itl_s": [0.02 * slow, 0.02 * slow],
@@ -45,7 +45,7 @@ def packet(tmp_path, track="e0"):
     summary = build_summary(track, "r", "real", df, cells, CONFIG["slo"], CONFIG["params"])
     write_parquet(tmp_path / "requests.parquet", df)
     write_json(tmp_path / "summary.json", summary)
-    write_json(tmp_path / "manifest.json", {"run_id": "r", "track": track, "mode": "real", "engine": "reference", "status": "complete",
+    write_json(tmp_path / "manifest.json", {"run_id": "r", "track": track, "evidence": "real", "engine": "reference", "status": "complete",
                                             "serving_modes": ["aggregated"], "model": {"name": "tiny"}})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({**CONFIG, "track": track}))
     return load_packet(tmp_path)
@@ -127,7 +127,7 @@ def test_e2_colours_offered_vs_achieved_and_no_raw_names():
 
 
 def test_e3_evidence_is_prose_and_counts_explain_the_warm_up():
-    req = pd.DataFrame([{"mode": m, "warmup": i < 2} for m in ("aggregated", "disaggregated") for i in range(8)])
+    req = pd.DataFrame([{"serving_mode": m, "warmup": i < 2} for m in ("aggregated", "disaggregated") for i in range(8)])
     assert counts_text(req) == "aggregated 8 (2 warm-up + 6 measured), disaggregated 8 (2 warm-up + 6 measured)"
     assert evidence({"requests_compared": 8, "mismatches": [], "missing": []}, {}) == "8 requests compared (warm-up included); all identical"
     assert evidence({"aggregated": 0, "disaggregated": 1}, {"aggregated": 8, "disaggregated": 8}) == \

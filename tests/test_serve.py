@@ -219,7 +219,7 @@ def test_http_backend_drives_the_endpoint_with_greedy_tokens_and_timestamps(serv
     assert p.manifest["status"] == "complete" and p.manifest["engine"] == "external"
     assert p.manifest["target"]["base_url"] == url
     df = p.requests
-    assert set(df["mode"]) == {"external"} and df["ok"].all()
+    assert set(df["serving_mode"]) == {"external"} and df["ok"].all()
     # Latency medians of 5 requests are noise; the token check across repeats is not.
     checks = {c["check"]: c["ok"] for c in p.summary["verdicts"]["checks"]}
     assert checks["greedy token ids identical request by request"], p.summary["verdicts"]
@@ -317,7 +317,7 @@ def test_target_cells_drive_the_server_in_every_round():
     from cluster.driver import plan_cells
 
     plans = plan_cells(resolve("e2", {"target": {"base_url": "http://127.0.0.1:9", "model": MODEL, "vocab_size": 2048}}))
-    assert plans and {p.mode for p in plans} == {"external"}
+    assert plans and {p.serving_mode for p in plans} == {"external"}
 
 
 def test_serve_refuses_a_simulated_engine():

@@ -14,8 +14,8 @@ def test_simulate_stamps_every_artifact(ray_local, tmp_path):
     assert res.exit_code == 0, res.output
     run_dir = next(tmp_path.iterdir())
     m = json.loads((run_dir / "manifest.json").read_text())
-    assert m["mode"] == "simulated" and m["engine"] == "simulated"
-    assert json.loads((run_dir / "summary.json").read_text())["mode"] == "simulated"
+    assert m["evidence"] == "simulated" and m["engine"] == "simulated"
+    assert json.loads((run_dir / "summary.json").read_text())["evidence"] == "simulated"
     assert (pd.read_parquet(run_dir / "requests.parquet")["engine"] == "simulated").all()
     assert "SIMULATED RUN" in (run_dir / "report.md").read_text()
     assert "SIMULATED RUN" in (run_dir / "report.html").read_text()

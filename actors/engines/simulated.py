@@ -2,7 +2,7 @@
 
 For pipeline debugging and for testing searches against a known answer. Its tokens are a hash of
 the prompt, so reproducibility checks still have something to compare; every artifact of a run
-that uses it is stamped `mode: simulated`.
+that uses it is stamped `evidence: simulated`.
 """
 
 from __future__ import annotations

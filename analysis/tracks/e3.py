@@ -193,14 +193,14 @@ def request_counts(requests: pd.DataFrame) -> dict[str, int]:
     """Requests per serving mode, warm-up included: what the checks count."""
     if requests.empty:
         return {}
-    return {str(k): int(v) for k, v in requests.groupby("mode").size().items()}
+    return {str(k): int(v) for k, v in requests.groupby("serving_mode").size().items()}
 
 
 def counts_text(requests: pd.DataFrame) -> str:
     if requests.empty:
         return "no requests"
     parts = []
-    for mode, g in requests.groupby("mode", sort=True):
+    for mode, g in requests.groupby("serving_mode", sort=True):
         w = int(g["warmup"].astype(bool).sum())
         parts.append(f"{mode} {len(g)} ({w} warm-up + {len(g) - w} measured)")
     return ", ".join(parts)
@@ -257,7 +257,7 @@ def side_by_side(summary: dict[str, Any]) -> pd.DataFrame:
 
 def ttft_breakdown(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for mode, g in df[df["ok"].astype(bool)].groupby("mode", sort=True):
+    for mode, g in df[df["ok"].astype(bool)].groupby("serving_mode", sort=True):
         parts = {label: float(g[col].fillna(0.0).mean()) * 1e3 for col, label, _ in BREAKDOWN}
         ttft = float(g["ttft_s"].mean()) * 1e3
         rows.append({"mode": mode, **parts, "other": max(ttft - sum(parts.values()), 0.0), "TTFT": ttft})

@@ -70,5 +70,5 @@ async def run_aggregated(ctx: CellContext) -> CellResult:
         for a in actors:
             ray.kill(a)
         ray_env.release(pg)
-    df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, mode="aggregated", engine=ctx.engine.kind)
+    df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="aggregated", engine=ctx.engine.kind)
     return CellResult(requests=df, meta={"engine_info": info, **meta}, fault="; ".join(faults) or None)

@@ -100,7 +100,7 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
         for a in actors:
             ray.kill(a)
         ray_env.release(pg)
-    df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, mode="disaggregated", engine=ctx.engine.kind)
+    df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="disaggregated", engine=ctx.engine.kind)
     warm = {r.request_id: r.warmup for r in reqs}
     transfers = transfers_frame(rows)
     transfers["warmup"] = transfers["request_id"].map(warm).fillna(False).astype(bool)

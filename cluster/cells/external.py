@@ -49,6 +49,6 @@ async def run_external(ctx: CellContext) -> CellResult:
         raws = await loadgen.run.remote(target, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, api_key)
     finally:
         ray.kill(loadgen)
-    df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, mode="external", engine="external")
+    df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="external", engine="external")
     info = {"engine": "external", "model": target.model, "vocab_size": target.vocab_size, "base_url": target.base_url}
     return CellResult(requests=df, meta={"engine_info": info})

@@ -42,7 +42,7 @@ class CellPlan:
     """
 
     cell_id: str
-    mode: str
+    serving_mode: str
     workload: WorkloadSpec
     labels: dict[str, Any] = field(default_factory=dict)
     engine_overrides: dict[str, Any] = field(default_factory=dict)

@@ -55,7 +55,7 @@ class E0(Track[E0Params]):
         # gets busier halfway slows every repeat alike instead of the later one.
         if params.rounds == 1:
             return [
-                CellPlan(cell_id=f"rep{i}", mode="aggregated", workload=workload, labels={"repeat": i})
+                CellPlan(cell_id=f"rep{i}", serving_mode="aggregated", workload=workload, labels={"repeat": i})
                 for i in range(params.repeats)
             ]
         if params.rounds > workload.num_requests:
@@ -66,7 +66,7 @@ class E0(Track[E0Params]):
         return [
             CellPlan(
                 cell_id=f"rep{i}.round{r}",
-                mode="aggregated",
+                serving_mode="aggregated",
                 workload=workload,
                 labels={"repeat": i, "round": r},
                 measured_slice=part,

@@ -33,7 +33,7 @@ class E1(Track[E1Params]):
         return [
             CellPlan(
                 cell_id=f"in{i}-out{o}",
-                mode="aggregated",
+                serving_mode="aggregated",
                 workload=workload.model_copy(
                     update={"input_len": Fixed(value=i), "output_len": Fixed(value=o), "arrival": ClosedLoop(concurrency=1)}
                 ),

@@ -133,7 +133,7 @@ class E2(Track[E2Params]):
         prefix = "search-" if phase == "search" else ""
         return CellPlan(
             cell_id=f"{prefix}{_arrival_name(burstiness)}-r{rate:g}",
-            mode="aggregated",
+            serving_mode="aggregated",
             workload=workload.model_copy(update={"arrival": _arrival(rate, burstiness)}),
             labels={"phase": phase, "arrival": _arrival_name(burstiness), "burstiness": burstiness, "rate": rate},
         )
@@ -145,7 +145,7 @@ class E2(Track[E2Params]):
         out = [
             CellPlan(
                 cell_id=f"closed-c{c}",
-                mode="aggregated",
+                serving_mode="aggregated",
                 workload=workload.model_copy(update={"arrival": ClosedLoop(concurrency=c)}),
                 labels={"phase": "closed", "concurrency": c},
             )

@@ -32,15 +32,15 @@ class E3(Track[TrackParams]):
         return [
             CellPlan(
                 cell_id="aggregated",
-                mode="aggregated",
+                serving_mode="aggregated",
                 workload=workload,
-                labels={"mode": "aggregated", "engines": ENGINES},
+                labels={"serving_mode": "aggregated", "engines": ENGINES},
                 replicas=ENGINES,
             ),
             CellPlan(
                 cell_id="disaggregated",
-                mode="disaggregated",
+                serving_mode="disaggregated",
                 workload=workload,
-                labels={"mode": "disaggregated", "engines": ENGINES},
+                labels={"serving_mode": "disaggregated", "engines": ENGINES},
             ),
         ]

@@ -67,7 +67,7 @@ class E4(Track[E4Params]):
             out.append(
                 CellPlan(
                     cell_id=cell_id,
-                    mode="aggregated",
+                    serving_mode="aggregated",
                     workload=workload_of(requests, workload.arrival),
                     labels={"dataset": spec.family, "source": spec.source, "n": len(subset.items)},
                     requests=requests,

@@ -49,7 +49,7 @@ class E5(Track[E5Params]):
         return [
             CellPlan(
                 cell_id=f"ctx{ctx}-c{c}",
-                mode="aggregated",
+                serving_mode="aggregated",
                 workload=workload.model_copy(
                     update={
                         "num_requests": c,

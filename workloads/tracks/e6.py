@@ -68,7 +68,7 @@ class E6(Track[E6Params]):
             out.append(
                 CellPlan(
                     cell_id=f"x{m}-ctx{context}",
-                    mode="aggregated",
+                    serving_mode="aggregated",
                     workload=workload_of(requests, workload.arrival),
                     labels={"multiplier": m, "context": context, "yarn_factor": m if m > 1 else None},
                     engine_overrides=overrides,
