@@ -10,8 +10,11 @@ from typing import Any
 
 from workloads.datasets import gsm8k, mmlu
 from workloads.datasets.base import DatasetSpec, Family, example_id, ids_digest, load_rows, select
+from workloads.registry import Registry
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (gsm8k.FAMILY, mmlu.FAMILY)}
+FAMILIES: Registry[Family] = Registry("dataset family")
+FAMILIES.add("gsm8k", gsm8k.FAMILY)
+FAMILIES.add("mmlu", mmlu.FAMILY)
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,9 @@ class Subset:
 
 def family(name: str, where: str) -> Family:
     try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"{where}.family: unknown dataset family {name!r}; allowed: {', '.join(FAMILIES)}") from None
+        return FAMILIES.get(name)
+    except KeyError as e:
+        raise ValueError(f"{where}.family: {e.args[0]}") from None
 
 
 def load_subset(spec: DatasetSpec, where: str = "params.datasets") -> Subset:

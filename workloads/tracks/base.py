@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from workloads.registry import Registry
 from workloads.requests import RequestSpec, WorkloadSpec, synthetic_requests
 
 
@@ -134,12 +135,12 @@ class Track(Generic[P]):
         return []
 
 
-_REGISTRY: dict[str, Track[Any]] = {}
+TRACKS: Registry[Track[Any]] = Registry("track")
 T = TypeVar("T", bound=type[Track[Any]])
 
 
 def register(cls: T) -> T:
-    _REGISTRY[cls.name] = cls()
+    TRACKS.add(cls.name, cls())
     return cls
 
 
@@ -158,12 +159,9 @@ def _load_all() -> None:
 
 def get_track(name: str) -> Track[Any]:
     _load_all()
-    try:
-        return _REGISTRY[name.lower()]
-    except KeyError:
-        raise KeyError(f"unknown track {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}") from None
+    return TRACKS.get(name.lower())
 
 
 def list_tracks() -> list[Track[Any]]:
     _load_all()
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    return [TRACKS.get(k) for k in TRACKS]

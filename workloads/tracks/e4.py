@@ -51,7 +51,7 @@ class E4(Track[E4Params]):
             subset = load_subset(spec, where)
             if not subset.items:
                 raise ValueError(f"{where}: the subset is empty (rows: {subset.provenance['rows']}); raise n or fraction")
-            fam = FAMILIES[spec.family]
+            fam = FAMILIES.get(spec.family)
             max_tokens = spec.max_tokens or fam.max_tokens
             meta = {"scorer": fam.scorer, "extract": fam.extract}
             warm = [
