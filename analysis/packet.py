@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -69,7 +69,7 @@ def _redact_column(s: pd.Series, secrets: list[str]) -> pd.Series | None:
     if isinstance(s.dtype, pd.CategoricalDtype):
         cats = s.cat.categories
         new = [redact_value(c, secrets) for c in cats]
-        if all(a is b or a == b for a, b in zip(new, cats)):
+        if all(a is b or a == b for a, b in zip(new, cats, strict=True)):
             return None
         return pd.Series(pd.Categorical([None if pd.isna(v) else redact_value(v, secrets) for v in s]), index=s.index, name=s.name)
     if pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype) or pd.api.types.is_datetime64_any_dtype(s.dtype):
@@ -79,13 +79,13 @@ def _redact_column(s: pd.Series, secrets: list[str]) -> pd.Series | None:
     def clean(v: Any) -> Any:
         nonlocal changed
         out = redact_value(v, secrets)
-        changed = changed or out is not v and not (isinstance(v, str) and out == v)
+        changed = changed or (out is not v and not (isinstance(v, str) and out == v))
         return out
 
-    new = s.map(clean)
+    cleaned = s.map(clean)
     if not changed:
         return None
-    return new.astype(s.dtype) if isinstance(s.dtype, pd.StringDtype) else new
+    return cleaned.astype(s.dtype) if isinstance(s.dtype, pd.StringDtype) else cleaned
 
 
 def _redact_strings(df: pd.DataFrame) -> pd.DataFrame:

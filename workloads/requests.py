@@ -26,7 +26,7 @@ class WorkloadSpec(BaseModel):
     steady_state: SteadyState = SteadyState()
 
     @model_validator(mode="after")
-    def _bounded_schedule(self) -> "WorkloadSpec":
+    def _bounded_schedule(self) -> WorkloadSpec:
         problem = schedule_problem(self.arrival, self.num_requests)
         if problem:
             raise ValueError(f"arrival.rate: {problem}")

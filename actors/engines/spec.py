@@ -49,16 +49,16 @@ class EngineConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _meaningful_for_kind(self) -> "EngineConfig":
+    def _meaningful_for_kind(self) -> EngineConfig:
         """An option the chosen engine never reads is refused by name: silently ignored, it would
         make a config (and its hash) claim a setting the run never had."""
         for name, kinds in _ONLY_FOR.items():
-            if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
-                if self.kind not in kinds:
-                    raise ValueError(
-                        f"{name}: means nothing to engine.kind {self.kind!r} (only to {' or '.join(kinds)}); "
-                        f"remove it, or choose an engine that reads it"
-                    )
+            default = type(self).model_fields[name].get_default(call_default_factory=True)
+            if name in self.model_fields_set and getattr(self, name) != default and self.kind not in kinds:
+                raise ValueError(
+                    f"{name}: means nothing to engine.kind {self.kind!r} (only to {' or '.join(kinds)}); "
+                    f"remove it, or choose an engine that reads it"
+                )
         return self
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable
+from typing import Any
 
 import pandas as pd
 
@@ -26,7 +27,7 @@ async def bounded(pending: Awaitable[Any], timeout_s: float, what: str) -> Any:
         raise RuntimeError(f"{what}: not done after {timeout_s:g} s") from None
 
 
-async def wait_for_placement(ctx: "CellContext", pg: Any, bundles: list[dict[str, float]]) -> None:
+async def wait_for_placement(ctx: CellContext, pg: Any, bundles: list[dict[str, float]]) -> None:
     """A placement group whose resources exist but are held (another job, another cell) waits:
     it says what for after WAIT_NOTICE_S, and gives up after `placement.wait_timeout_s`."""
 
