@@ -79,9 +79,7 @@ class PrefillActor:
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._pool,
-                lambda: publish(
-                    self.directory, key, out.layers, out.num_tokens, self.kv, run_id=self.run_id, cell_id=self.cell_id
-                ),
+                lambda: publish(self.directory, key, out.layers, out.num_tokens, self.kv, run_id=self.run_id, cell_id=self.cell_id),
             )
         except Exception as e:  # the receiver learns why instead of waiting for its timeout
             await self.directory.fail.remote(key, reason_of(e))
@@ -119,7 +117,6 @@ class DecodeActor(DecodeEntry):
         self.kv_bytes_per_token = info.kv_bytes_per_token
         self.directory = find_directory(self.directory_name)
         return {**dataclasses.asdict(info), "node": node_facts(), "role": "decode"}
-
 
     def transfers(self) -> list[dict[str, Any]]:
         """The transfer records so far, handed over once (the cell collects them at its end)."""

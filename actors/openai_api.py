@@ -106,7 +106,7 @@ def check_supported(req: CompletionRequest | ChatCompletionRequest) -> None:
         if bad:
             raise ApiError(400, f"{name} is not supported: pdbench engines return exactly the requested greedy tokens, one choice", name)
     if req.stream_options is not None and not req.stream:
-        raise ApiError(400, "stream_options needs \"stream\": true", "stream_options")
+        raise ApiError(400, 'stream_options needs "stream": true', "stream_options")
 
 
 def requested_tokens(req: CompletionRequest | ChatCompletionRequest) -> int | None:
@@ -138,7 +138,7 @@ def _no_tokenizer(model_name: str, field: str, what: str) -> ApiError:
     return ApiError(
         400,
         f"{what} need a tokenizer, and model {model_name!r} is served without one. Send token ids "
-        "(\"prompt\": [1, 2, 3] to /v1/completions) or start the server with `pdbench serve --tokenizer NAME_OR_PATH` "
+        '("prompt": [1, 2, 3] to /v1/completions) or start the server with `pdbench serve --tokenizer NAME_OR_PATH` '
         "(a Hugging Face tokenizer folder or hub name; `pdbench tokenizer build` makes one offline).",
         field,
     )
@@ -214,14 +214,14 @@ class TextStream:
         if self.tokenizer is None:
             return "".join(f" {i}" for i in ids)
         self.pending += ids
-        ctx = self.done[-self.WINDOW:]
+        ctx = self.done[-self.WINDOW :]
         before = self.tokenizer.decode(ctx) if ctx else ""
         after = self.tokenizer.decode(ctx + self.pending)
         if after.endswith("\ufffd") and not final:
             return ""
         self.done += self.pending
         self.pending = []
-        return after[len(before):] if after.startswith(before) else after
+        return after[len(before) :] if after.startswith(before) else after
 
 
 class ChunkWriter:

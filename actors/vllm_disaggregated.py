@@ -23,7 +23,8 @@ import asyncio
 import dataclasses
 import secrets
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import ray
 
@@ -33,10 +34,10 @@ from actors.engines import EngineConfig, EngineRequest
 from actors.engines.models import arch_kv_bytes_per_token, architecture, resolve_model
 from actors.engines.vllm_engine import VllmEngine
 from actors.kv.accounting import TransferRecord
+from actors.kv.blocks import CONSUMER, PRODUCER, transferable_tokens
 from actors.kv.directory import find_directory
 from actors.kv.spec import KVTransferConfig
 from actors.kv.transport import reason_of
-from actors.kv.blocks import CONSUMER, PRODUCER, transferable_tokens
 
 _REPORT_TIMEOUT_S = 30.0
 
@@ -75,9 +76,7 @@ def _engine(cfg: EngineConfig, kv: KVTransferConfig, directory: str, run_id: str
     return VllmEngine(cfg, kv_transfer_config=connector_config(cfg, kv, directory, run_id, cell_id, role))
 
 
-async def stream_or_recompute(
-    engine: Any, req: EngineRequest, params: dict[str, Any] | None, retried: list[str]
-) -> AsyncIterator[Any]:
+async def stream_or_recompute(engine: Any, req: EngineRequest, params: dict[str, Any] | None, retried: list[str]) -> AsyncIterator[Any]:
     """The decode engine's deltas for `req`; if vLLM ends it with an error before its first token
     (what a failed KV load does under policy "fail"; an abort is not retried), the same request
     again as a fresh one without a transfer (a full prefill on this engine, as aggregated), and
@@ -138,9 +137,7 @@ class VllmPrefillActor:
 
 @ray.remote
 class VllmDecodeActor(DecodeEntry):
-    def __init__(
-        self, engine_cfg: dict[str, Any], kv_cfg: dict[str, Any], prefill: Any, directory: str, run_id: str, cell_id: str
-    ):
+    def __init__(self, engine_cfg: dict[str, Any], kv_cfg: dict[str, Any], prefill: Any, directory: str, run_id: str, cell_id: str):
         self.cfg = EngineConfig.model_validate(engine_cfg)
         self.kv = KVTransferConfig.model_validate(kv_cfg)
         self.engine = _engine(self.cfg, self.kv, directory, run_id, cell_id, False)
@@ -229,7 +226,6 @@ class VllmDecodeActor(DecodeEntry):
                     delta.server["decode_retry_reason"] = failure
             yield dataclasses.asdict(delta)
 
-
     async def _decode(
         self, request: dict[str, Any], key: str, reply: dict[str, Any] | None, failure: str | None, t0: float
     ) -> AsyncIterator[dict[str, Any]]:
@@ -237,7 +233,7 @@ class VllmDecodeActor(DecodeEntry):
         ident = {"run_id": self.run_id, "cell_id": self.cell_id, "request_id": req.request_id, "key": key}
         t_reply = time.monotonic()
         expected = transferable_tokens(len(req.prompt_token_ids), self.block_size) if reply else 0
-        if expected and reply["published"] is False:
+        if reply is not None and expected and reply["published"] is False:
             # Known before the decode engine sees the request: recompute cleanly, record why.
             failure = f"prefill side: {reply['publish_error']}"
             self.directory.drop.remote(key)
@@ -277,9 +273,10 @@ class VllmDecodeActor(DecodeEntry):
         elif not expected:
             row = TransferRecord(**ident, tokens=0, status="none", error="prompt shorter than one block + 1: nothing to move").row()
         else:
-            row = await self.directory.take_report.remote(key, _REPORT_TIMEOUT_S) or TransferRecord(
-                **ident, error=f"no transfer record from the connector within {_REPORT_TIMEOUT_S:g} s"
-            ).row()
+            row = (
+                await self.directory.take_report.remote(key, _REPORT_TIMEOUT_S)
+                or TransferRecord(**ident, error=f"no transfer record from the connector within {_REPORT_TIMEOUT_S:g} s").row()
+            )
         self._records.append(row)
         return row
 

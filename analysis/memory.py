@@ -43,8 +43,12 @@ def param_count(arch: dict[str, Any]) -> int:
 
 def analytic(arch: dict[str, Any], dtype: str, kv_tokens: int) -> dict[str, int]:
     """Weights and KV bytes the analytic model predicts for `kv_tokens` tokens held at once."""
-    kvb = kv_bytes_per_token(arch["num_hidden_layers"], arch.get("num_key_value_heads", arch["num_attention_heads"]),
-                             arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"], dtype)
+    kvb = kv_bytes_per_token(
+        arch["num_hidden_layers"],
+        arch.get("num_key_value_heads", arch["num_attention_heads"]),
+        arch.get("head_dim") or arch["hidden_size"] // arch["num_attention_heads"],
+        dtype,
+    )
     return {"weights_bytes": param_count(arch) * DTYPE_BYTES[dtype], "kv_cache_bytes": kv_tokens * kvb, "kv_bytes_per_token": kvb}
 
 

@@ -160,9 +160,7 @@ def workload_of(meta: dict[str, Any]) -> tuple[SteadyState, float | None]:
     return SteadyState.model_validate(meta.get("steady_state") or {}), arrival.get("rate")
 
 
-def cell_metrics(
-    df: pd.DataFrame, slo: SLO, steady: SteadyState | None = None, target_rate_rps: float | None = None
-) -> dict[str, Any]:
+def cell_metrics(df: pd.DataFrame, slo: SLO, steady: SteadyState | None = None, target_rate_rps: float | None = None) -> dict[str, Any]:
     """Everything summary.json holds for one cell, under docs/metrics.md's names.
 
     `target_rate_rps` is the open-loop arrival rate the cell was configured with (None: closed loop)."""
@@ -177,9 +175,7 @@ def cell_metrics(
         "duration_s": dur,
         "request_throughput_rps": len(done) / dur if dur > 0 else None,
         "output_token_throughput_tps": float(done["output_tokens"].sum()) / dur if dur > 0 else None,
-        "total_token_throughput_tps": float(done["output_tokens"].sum() + done["input_tokens"].sum()) / dur
-        if dur > 0
-        else None,
+        "total_token_throughput_tps": float(done["output_tokens"].sum() + done["input_tokens"].sum()) / dur if dur > 0 else None,
         "ttft_s": distribution(done["ttft_s"]),
         "tpot_s": distribution(done["tpot_s"]),
         "e2e_s": distribution(done["e2e_s"]),

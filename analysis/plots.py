@@ -43,9 +43,18 @@ def latency_cdfs(df: pd.DataFrame) -> go.Figure:
             x = np.sort(np.asarray(vals, dtype="float64")) * 1e3
             y = np.arange(1, len(x) + 1) / len(x) * 100
             fig.add_trace(
-                go.Scatter(x=x, y=y, mode="lines", line={"shape": "hv", "color": colour[cell]}, name=cell, legendgroup=cell,
-                           showlegend=i == 0, hovertemplate="%{x:.1f} ms: p%{y:.0f}<extra>" + cell + "</extra>"),
-                r + 1, c + 1,
+                go.Scatter(
+                    x=x,
+                    y=y,
+                    mode="lines",
+                    line={"shape": "hv", "color": colour[cell]},
+                    name=cell,
+                    legendgroup=cell,
+                    showlegend=i == 0,
+                    hovertemplate="%{x:.1f} ms: p%{y:.0f}<extra>" + cell + "</extra>",
+                ),
+                r + 1,
+                c + 1,
             )
         fig.update_xaxes(title_text="ms", row=r + 1, col=c + 1)
         fig.update_yaxes(title_text="percentile", range=[0, 100], row=r + 1, col=c + 1)
@@ -97,8 +106,9 @@ def throughput(df: pd.DataFrame) -> go.Figure:
     for cell, g in df[df["ok"].astype(bool)].groupby("cell_id", sort=True):
         g = g.sort_values("t_last_token")
         fig.add_trace(
-            go.Scatter(x=g["t_last_token"], y=g["output_tokens"].cumsum(), mode="lines+markers", name=str(cell),
-                       line={"color": colour[str(cell)]})
+            go.Scatter(
+                x=g["t_last_token"], y=g["output_tokens"].cumsum(), mode="lines+markers", name=str(cell), line={"color": colour[str(cell)]}
+            )
         )
     fig.update_layout(title="Cumulative output tokens", xaxis_title="s", yaxis_title="tokens", height=380)
     return fig

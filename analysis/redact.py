@@ -57,9 +57,7 @@ def treat_env_as_secret(name: str) -> None:
 
 def secret_env_values(environ: dict[str, str] | None = None) -> list[str]:
     env = os.environ if environ is None else environ
-    vals = {
-        v for k, v in env.items() if (_SECRET_ENV_NAME.search(k) or k in _NAMED_SECRET_ENV) and len(v) >= _MIN_SECRET_LEN
-    }
+    vals = {v for k, v in env.items() if (_SECRET_ENV_NAME.search(k) or k in _NAMED_SECRET_ENV) and len(v) >= _MIN_SECRET_LEN}
     return sorted(vals, key=len, reverse=True)  # longest first: a secret containing another goes whole
 
 
@@ -102,13 +100,13 @@ def redact_value(obj: Any, secrets: list[str] | None = None) -> Any:
         return obj if all(_same(out[k], obj[k]) for k in obj) else out
     if isinstance(obj, (list, tuple)):
         items = [redact_value(v, secrets) for v in obj]
-        if all(_same(a, b) for a, b in zip(items, obj)):
+        if all(_same(a, b) for a, b in zip(items, obj, strict=True)):
             return obj
         return tuple(items) if isinstance(obj, tuple) else items
     if isinstance(obj, np.ndarray) and obj.dtype.kind in "OUS":
         before = obj.tolist()
         items = [redact_value(v, secrets) for v in before]
-        if all(_same(a, b) for a, b in zip(items, before)):
+        if all(_same(a, b) for a, b in zip(items, before, strict=True)):
             return obj
         arr = np.empty(len(items), dtype=object)
         arr[:] = items

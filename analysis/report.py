@@ -109,15 +109,20 @@ def lead_sections(packet: Packet) -> list[Section]:
         Section(title="Workload and SLOs", table=workload_table(_config(packet), packet.requests, packet.summary)),
         Section(
             title="Cells",
-            text=["Measured requests only (warm-up excluded). Latencies in ms; SLO attainment is the share of measured "
-                  "requests inside every SLO."] + ([warn] if warn else []),
+            text=[
+                "Measured requests only (warm-up excluded). Latencies in ms; SLO attainment is the share of measured "
+                "requests inside every SLO."
+            ]
+            + ([warn] if warn else []),
             table=cell_table(packet.summary),
         ),
         Section(
             title="Host load",
-            text=["Measured on the driver's host over each cell (psutil): load average, CPU stolen by the hypervisor, "
-                  "and CPU used by processes that are not this run's. A busy host slows requests without anything "
-                  "being wrong with the engine."],
+            text=[
+                "Measured on the driver's host over each cell (psutil): load average, CPU stolen by the hypervisor, "
+                "and CPU used by processes that are not this run's. A busy host slows requests without anything "
+                "being wrong with the engine."
+            ],
             table=host_load_rows(packet.summary),
         ),
     ]
@@ -126,16 +131,22 @@ def lead_sections(packet: Packet) -> list[Section]:
 def sections(packet: Packet) -> list[Section]:
     df = packet.requests
     # A track's sections read measured rows; a run where no cell measured anything has none.
-    out = get_analysis(packet.manifest.get("track", "")).packet_sections(packet) if not df.empty else [
-        Section(title="No measurements", text=["No cell measured a successful request: the reasons are under Failed cells."])
-    ]
+    out = (
+        get_analysis(packet.manifest.get("track", "")).packet_sections(packet)
+        if not df.empty
+        else [Section(title="No measurements", text=["No cell measured a successful request: the reasons are under Failed cells."])]
+    )
     failed = {c: v.get("error") for c, v in packet.summary.get("cells", {}).items() if v.get("status") != "ok"}
     if failed:
         out.append(Section(title="Failed cells", table=pd.DataFrame([{"cell": c, "reason": r} for c, r in failed.items()])))
     if not df.empty:
-        out.append(Section(title="Latency percentiles", text=["Each curve is one cell: the share of requests (y) at or "
-                                                               "below a latency (x). ITL counts every gap between tokens."],
-                           figures=[plots.latency_cdfs(df)]))
+        out.append(
+            Section(
+                title="Latency percentiles",
+                text=["Each curve is one cell: the share of requests (y) at or below a latency (x). ITL counts every gap between tokens."],
+                figures=[plots.latency_cdfs(df)],
+            )
+        )
         out.append(Section(title="Throughput", figures=[plots.throughput(df)]))
         cells = timeline_cells(packet.summary, sorted(df["cell_id"].astype(str).unique()))
         out.append(

@@ -69,7 +69,5 @@ def scored(df: pd.DataFrame) -> pd.DataFrame:
     rows["answer"] = [m.get("answer") for m in metas]
     rows["depth"] = [m.get("depth") for m in metas]
     rows["item_id"] = [m.get("item_id") for m in metas]
-    rows["correct"] = [
-        bool(ok) and bool(score(m, t)) for m, t, ok in zip(metas, texts, rows["ok"].astype(bool), strict=True)
-    ]
+    rows["correct"] = [bool(ok) and bool(score(m, t)) for m, t, ok in zip(metas, texts, rows["ok"].astype(bool), strict=True)]
     return rows

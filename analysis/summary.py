@@ -48,9 +48,7 @@ def build_summary(
     # Tracks judge finished cells with the metrics above (computed once, under the run's SLO).
     ok_cells = {c: {**m, "metrics": out_cells[c]["metrics"]} for c, m in cells.items() if m.get("status") == "ok"}
     analysis = get_analysis(track)
-    verdicts = (
-        analysis.verdicts_with_transfers(requests, transfers, ok_cells, params) if ok_cells and not requests.empty else {}
-    )
+    verdicts = analysis.verdicts_with_transfers(requests, transfers, ok_cells, params) if ok_cells and not requests.empty else {}
     return {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,

@@ -124,9 +124,7 @@ def transfer_metrics(df: pd.DataFrame, block_tokens: int = 1) -> dict[str, Any]:
         "bytes": distribution(ok["bytes"].astype("float64")),
         "stage_totals_s": {s: float(ok[s].sum()) for s in (*STAGES, "total_s", "stall_s")},
         "stages_s": {s: distribution(ok[s]) for s in (*STAGES, "total_s", "stall_s", *ASYNC_TIMES) if s in ok},
-        "throughput_bytes_per_s": {
-            s: distribution((ok["bytes"].astype("float64") / ok[s]).where(ok[s] > 0)) for s in MOVING_STAGES
-        },
+        "throughput_bytes_per_s": {s: distribution((ok["bytes"].astype("float64") / ok[s]).where(ok[s] > 0)) for s in MOVING_STAGES},
     }
     if "stall_ratio" in df:
         out["stall_ratio"] = distribution(ok["stall_ratio"])

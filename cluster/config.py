@@ -34,9 +34,7 @@ class PlacementSpec(BaseModel):
         default="PACK", description="disaggregated cells: prefill and decode on one node (PACK) or two (SPREAD)"
     )
     cpus_per_engine: float = Field(default=1.0, gt=0)
-    gpus_per_engine: int | None = Field(
-        default=None, ge=0, description="None: 1 for vllm or device cuda, else 0"
-    )
+    gpus_per_engine: int | None = Field(default=None, ge=0, description="None: 1 for vllm or device cuda, else 0")
     wait_timeout_s: float = Field(
         default=600.0,
         gt=0,
@@ -64,9 +62,7 @@ class ExperimentConfig(BaseModel):
         "cluster's GPUs hold, CPU-only cells one at a time (shared cores would skew latency)",
     )
     request_timeout_s: float | None = Field(default=600.0, gt=0)
-    target: TargetSpec | None = Field(
-        default=None, description="benchmark this OpenAI-compatible server instead of starting engines"
-    )
+    target: TargetSpec | None = Field(default=None, description="benchmark this OpenAI-compatible server instead of starting engines")
 
     @field_validator("track")
     @classmethod

@@ -26,8 +26,17 @@ if TYPE_CHECKING:  # the driver imports Ray; the display needs only its dataclas
     from cluster.driver import CellState, RunProgress
 
 PLAIN_INTERVAL_S = 10.0
-_TERMINAL_COLUMNS = ("req/s", "out tok/s", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)",
-                     "ITL p50 (ms)", "ITL p99 (ms)", "SLO attainment")
+_TERMINAL_COLUMNS = (
+    "req/s",
+    "out tok/s",
+    "TTFT p50 (ms)",
+    "TTFT p99 (ms)",
+    "TPOT p50 (ms)",
+    "TPOT p99 (ms)",
+    "ITL p50 (ms)",
+    "ITL p99 (ms)",
+    "SLO attainment",
+)
 
 
 class _RayLogHandler(RichHandler):
@@ -126,8 +135,7 @@ class RunDisplay:
         if now - self._last_line >= self.interval_s:
             self._last_line = now
             self._plain(
-                f"cells {p.cells_done}/{p.cells_total}, requests {p.requests_done}/{p.requests_total}"
-                + (f"; {status}" if status else "")
+                f"cells {p.cells_done}/{p.cells_total}, requests {p.requests_done}/{p.requests_total}" + (f"; {status}" if status else "")
             )
 
 

@@ -14,15 +14,17 @@ concurrently, up to `max_concurrent_cells`, each on its own placement group.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import secrets
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import ray
@@ -49,7 +51,6 @@ from cluster.storage import Destination
 from workloads.arrivals import schedule_problem
 from workloads.text import get_codec
 from workloads.tracks import CellOutcome, CellPlan, get_track
-
 
 TELEMETRY_INTERVAL_S = 1.0
 LOCK_FILE = ".pdbench.lock"  # a dot file: never published, never part of the packet
@@ -176,9 +177,7 @@ def cell_hash(cfg: ExperimentConfig, plan: CellPlan) -> str:
         "slo": cfg.slo.model_dump(mode="json"),
     }
     if plan.requests is not None:
-        what["requests"] = sha256_of(
-            [[r.request_id, list(r.prompt_token_ids), r.max_tokens, r.warmup, r.meta] for r in plan.requests]
-        )
+        what["requests"] = sha256_of([[r.request_id, list(r.prompt_token_ids), r.max_tokens, r.warmup, r.meta] for r in plan.requests])
         what["tokenizer"] = plan.tokenizer
     if plan.measured_slice is not None:  # one stretch of the requests (E0's rounds); unsliced cells' hashes stand
         what["measured_slice"] = list(plan.measured_slice)
@@ -352,6 +351,7 @@ class Driver:
             if long_errors + more:  # remote tracebacks: the whole text in the log, one line in the tables
                 meta["log"] = f"cells/{plan.cell_id}/errors.log"
                 write_log(cell_dir / "errors.log", "\n\n".join(long_errors + more))
+            assert df is not None  # a cell always returns its request records (maybe empty)
             write_parquet(cell_dir / "requests.parquet", df)
             if transfers is not None:
                 write_parquet(cell_dir / "transfers.parquet", transfers)
@@ -412,15 +412,13 @@ class Driver:
         path = self.run_dir / "telemetry.parquet"
         df = pd.DataFrame(rows)
         if path.is_file():
-            try:
+            with contextlib.suppress(PacketError):  # an earlier attempt's samples were damaged: this attempt's stand alone
                 df = pd.concat([read_parquet(path), df], ignore_index=True)
-            except PacketError:  # an earlier attempt's samples were damaged: this attempt's stand alone
-                pass
         if not df.empty:
             write_parquet(path, df)
 
     async def _run_rounds(self, on_progress: Callable[[RunProgress], None] | None) -> list[dict[str, Any]]:
-        progress = ProgressCounter.remote()
+        progress = ProgressCounter.remote()  # type: ignore[attr-defined]  # a Ray actor class
         sem = asyncio.Semaphore(self.concurrency or 1)
         metas: dict[str, dict[str, Any]] = {}
         outcomes: dict[str, CellOutcome] = {}
@@ -458,7 +456,9 @@ class Driver:
                     states = tuple(
                         CellState(
                             p.cell_id,
-                            metas[p.cell_id].get("status", "failed") if p.cell_id in metas else ("running" if p.cell_id in running else "waiting"),
+                            metas[p.cell_id].get("status", "failed")
+                            if p.cell_id in metas
+                            else ("running" if p.cell_id in running else "waiting"),
                             p.num_requests if p.cell_id in metas and p.cell_id not in per_cell else per_cell.get(p.cell_id, 0),
                             p.num_requests,
                         )
@@ -485,7 +485,7 @@ class Driver:
 
     # --- packet ----------------------------------------------------------------------------
     def _manifest(self, cells: dict[str, Any], status: str) -> dict[str, Any]:
-        info = next((c["engine_info"] for c in cells.values() if c.get("engine_info")), {})
+        info: dict[str, Any] = next((c["engine_info"] for c in cells.values() if c.get("engine_info")), {})
         if self._nodes is None:
             try:
                 self._nodes = ray_env.on_each_node(mf.hardware)
@@ -568,8 +568,7 @@ class Driver:
             lock.acquire(timeout=0)
         except Timeout:
             raise ConfigError(
-                f"--resume: {self.run_dir} is being run by another pdbench process right now; wait for it to end "
-                f"(or end it), then resume"
+                f"--resume: {self.run_dir} is being run by another pdbench process right now; wait for it to end (or end it), then resume"
             ) from None
         return lock
 

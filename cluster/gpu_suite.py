@@ -40,8 +40,13 @@ def run_items(items: list[str], out: Path, deadline_s: float, min_left_s: float)
             m = json.loads((run_dir / "manifest.json").read_text())
             s = json.loads((run_dir / "summary.json").read_text())
             done.append(
-                {"item": item, "status": m["status"], "run_dir": str(run_dir), "verdict": s.get("verdicts", {}).get("verdict"),
-                 "wall_s": time.monotonic() - t}
+                {
+                    "item": item,
+                    "status": m["status"],
+                    "run_dir": str(run_dir),
+                    "verdict": s.get("verdicts", {}).get("verdict"),
+                    "wall_s": time.monotonic() - t,
+                }
             )
         except Exception as e:  # one item failing must not cost the others their packets
             done.append({"item": item, "status": "error", "reason": f"{type(e).__name__}: {e}", "wall_s": time.monotonic() - t})

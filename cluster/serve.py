@@ -7,14 +7,14 @@ fate-shares with its replica) and streams that actor's `generate(request)` delta
 The HTTP proxy listens on 127.0.0.1 unless told otherwise: the endpoint has no authentication.
 """
 
-
 import asyncio
 import ipaddress
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Literal
+from typing import Any, Literal
 
 import ray
 from fastapi import FastAPI, Request
@@ -87,7 +87,9 @@ def serve_spec(file_data: dict[str, Any], overrides: dict[str, Any]) -> ServeSpe
     if problem:
         raise ConfigError(f"invalid config:\n  engine.model: {problem}")
     if spec.mode == "disaggregated" and spec.engine.kind not in ("reference", "vllm"):
-        raise ConfigError(f"invalid config:\n  engine.kind: the disaggregated mode runs reference or vllm engines, not {spec.engine.kind!r}")
+        raise ConfigError(
+            f"invalid config:\n  engine.kind: the disaggregated mode runs reference or vllm engines, not {spec.engine.kind!r}"
+        )
     return spec
 
 
@@ -104,7 +106,7 @@ class Entry:
 
 
 async def _aggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
-    engine = EngineActor.options(
+    engine = EngineActor.options(  # type: ignore[attr-defined]  # a Ray actor class
         name=actor_name(run, cell, "engine"),
         num_cpus=spec.placement.cpus_per_engine,
         num_gpus=spec.gpus_per_engine(),
@@ -175,7 +177,7 @@ async def _events(deltas: AsyncIterator[dict[str, Any]], writer: ChunkWriter, us
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(api)
 class Completions:
-    async def __init__(self, spec: dict[str, Any]):
+    async def __init__(self, spec: dict[str, Any]):  # type: ignore[misc]  # Serve awaits an async __init__
         self.spec = ServeSpec.model_validate(spec)
         replica = serve.get_replica_context().replica_id.unique_id
         self.entry = await SERVE_ENTRIES[self.spec.mode](self.spec, f"serve-{self.spec.app_name}", replica)
@@ -189,9 +191,11 @@ class Completions:
             self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.spec.tokenizer)
 
     async def _housekeep(self) -> None:
+        housekeeping = self.entry.housekeeping
+        assert housekeeping is not None  # started only for entries that have it
         while True:
             await asyncio.sleep(HOUSEKEEPING_EVERY_S)
-            await self.entry.housekeeping()
+            await housekeeping()
 
     def __del__(self) -> None:
         # Serve's shutdown hook: free the engine's GPU now rather than when the owner is reaped.
@@ -227,7 +231,9 @@ class Completions:
     async def _generate(self, body: CompletionRequest | ChatCompletionRequest) -> Any:
         try:
             if body.model != self.spec.model_name:
-                raise ApiError(404, f"model {body.model!r} is not served here; this server serves {self.spec.model_name!r}", "model", "model_not_found")
+                raise ApiError(
+                    404, f"model {body.model!r} is not served here; this server serves {self.spec.model_name!r}", "model", "model_not_found"
+                )
             check_supported(body)
             max_len = self.spec.engine.max_model_len
             ids = prompt_ids(body, self.tokenizer, self.vocab_size, max_len, self.spec.model_name)
@@ -292,13 +298,15 @@ def deploy(spec: ServeSpec, host: str = LOOPBACK, port: int = 8000) -> str:
     """
     serve.start(http_options={"host": host, "port": port})
     # serve.start only logs when Serve already runs with other options; no public API reads them.
-    actual = serve.context._get_global_client().http_config
+    client = serve.context._get_global_client()
+    assert client is not None  # serve.start just made it
+    actual = client.http_config
     if (actual.host, actual.port) != (host, port):
         raise RuntimeError(
             f"--host/--port: Serve already runs on this cluster at {actual.host}:{actual.port}; "
             f"shut it down (`serve shutdown`) or pass --host {actual.host} --port {actual.port}"
         )
-    app = Completions.options(num_replicas=spec.replicas).bind(spec.model_dump(mode="json"))
+    app = Completions.options(num_replicas=spec.replicas)  # type: ignore[attr-defined]  # a Serve deployment.bind(spec.model_dump(mode="json"))
     serve.run(app, name=spec.app_name, route_prefix=spec.route_prefix, blocking=False)
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}{spec.route_prefix.rstrip('/')}"
@@ -306,4 +314,3 @@ def deploy(spec: ServeSpec, host: str = LOOPBACK, port: int = 8000) -> str:
 
 def undeploy(spec: ServeSpec) -> None:
     serve.delete(spec.app_name)
-

@@ -101,13 +101,15 @@ class Destination:
 
     def publish_cell(self, run_dir: Path, cell_id: str) -> None:
         cell = run_dir / "cells" / cell_id
-        rels = sorted(f"cells/{cell_id}/{p.name}" for p in cell.iterdir() if p.is_file() and p.name != "cell.json" and not p.name.startswith("."))
-        self._publish(run_dir, rels + [f"cells/{cell_id}/cell.json"])
+        rels = sorted(
+            f"cells/{cell_id}/{p.name}" for p in cell.iterdir() if p.is_file() and p.name != "cell.json" and not p.name.startswith(".")
+        )
+        self._publish(run_dir, [*rels, f"cells/{cell_id}/cell.json"])
 
     def publish_run(self, run_dir: Path) -> None:
         """Top-level files; manifest.json last (its status says whether the run is complete)."""
         rels = sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.name != "manifest.json" and not p.name.startswith("."))
-        self._publish(run_dir, rels + ["manifest.json"])
+        self._publish(run_dir, [*rels, "manifest.json"])
 
 
 def pull(src: str, dest: Path) -> Path:

@@ -76,4 +76,3 @@ def synthetic_requests(spec: WorkloadSpec, vocab_size: int, seed: int) -> list[R
             )
         )
     return out
-

@@ -39,9 +39,7 @@ class EngineConfig(BaseModel):
     weight_seed: int = Field(default=0, description="seed of random weights (tiny model, dummy load)")
     cpu_threads: int = Field(default=1, ge=1, description="torch intra-op threads on CPU")
     simulated: SimulatedLaw = SimulatedLaw()
-    vllm: dict[str, Any] = Field(
-        default_factory=dict, description="extra vLLM engine arguments (gpu_memory_utilization, ...)"
-    )
+    vllm: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine arguments (gpu_memory_utilization, ...)")
     hf_overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="top-level fields replacing those of the model's HF config (e.g. rope_parameters for "

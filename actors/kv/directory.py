@@ -78,6 +78,7 @@ class KVDirectory:
         order ({"groups": [(meta, refs), ...]}), or {"error"} on failure or timeout. Only group
         `index` is waited for: one call hands over a whole published transfer. Once every group
         of a key is taken the key is forgotten."""
+
         def ready() -> bool:
             return key in self._failed or index in self._groups.get(key, {})
 

@@ -20,8 +20,9 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -110,9 +111,9 @@ class ConnectorWorker:
                     self._pool.submit(self._load, t, ev, t_enq, flag)
             for rid in plan.cancels:
                 with self._lock:
-                    flag = self._loads_open.get(rid)
-                if flag is not None:
-                    flag.set()
+                    cancel = self._loads_open.get(rid)
+                if cancel is not None:
+                    cancel.set()
             for key in plan.drops:
                 self.directory.drop.remote(key)
 

@@ -18,9 +18,7 @@ class KVTransferConfig(BaseModel):
         "is put, and no object holds it whole; each object costs about a millisecond of fixed overhead, "
         "so short contexts travel as one",
     )
-    ref_timeout_s: float = Field(
-        default=60.0, gt=0, description="longest the decode side waits for a layer group's reference to appear"
-    )
+    ref_timeout_s: float = Field(default=60.0, gt=0, description="longest the decode side waits for a layer group's reference to appear")
     fetch_timeout_s: float = Field(
         default=60.0, gt=0, description="longest the decode side waits for a layer group's bytes to become local"
     )

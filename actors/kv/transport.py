@@ -169,9 +169,7 @@ class CopyInto(Injector):
             raise ValueError(f"layer {layer} received, but the destination has {len(self.dsts)} layers")
         dst = self.dsts[layer]
         if dst.shape != host.shape or dst.dtype != host.dtype:
-            raise ValueError(
-                f"layer {layer}: received {tuple(host.shape)} {host.dtype}, destination is {tuple(dst.shape)} {dst.dtype}"
-            )
+            raise ValueError(f"layer {layer}: received {tuple(host.shape)} {host.dtype}, destination is {tuple(dst.shape)} {dst.dtype}")
         if dst.is_cuda:
             h2d = self._h2d[dst.device]
             staged = h2d.upload(host)
@@ -410,9 +408,7 @@ def receive(
     cancelled) the record has ok=False and the reason; the key is dropped from the directory so
     nothing of it lingers, and the caller recomputes the prefill itself.
     """
-    rec = TransferRecord(
-        run_id=run_id, cell_id=cell_id, request_id=request_id, key=key, dst_node=ray.get_runtime_context().get_node_id()
-    )
+    rec = TransferRecord(run_id=run_id, cell_id=cell_id, request_id=request_id, key=key, dst_node=ray.get_runtime_context().get_node_id())
     spent: dict[str, float] = {}
 
     def add(stage: str, since: float) -> float:

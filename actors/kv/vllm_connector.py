@@ -53,7 +53,7 @@ class RayObjectStoreMetadata(KVConnectorMetadata, StepPlan):
 
 
 class RayObjectStoreConnector(KVConnectorBase_V1):
-    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig | None" = None):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.book = TransferBook(vllm_config.cache_config.block_size)
@@ -61,22 +61,22 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------- scheduler side
     @staticmethod
-    def _p(request: "Request") -> dict[str, Any]:
+    def _p(request: Request) -> dict[str, Any]:
         return request.kv_transfer_params or {}
 
-    def on_new_request(self, request: "Request") -> None:
+    def on_new_request(self, request: Request) -> None:
         self.book.new_request(request.request_id, self._p(request), len(request.prompt_token_ids or []))
 
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         n = self.book.matched_tokens(request.request_id, self._p(request), len(request.prompt_token_ids or []), num_computed_tokens)
         return n, n > 0  # loaded asynchronously: the request waits, the engine steps on
 
-    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self.book.allocated(
             request.request_id, self._p(request), len(request.prompt_token_ids or []), blocks.get_block_ids()[0], num_external_tokens
         )
 
-    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         n = scheduler_output.num_scheduled_tokens
         new = [(r.req_id, list(r.block_ids[0]), r.num_computed_tokens, n[r.req_id]) for r in scheduler_output.scheduled_new_reqs]
         c = scheduler_output.scheduled_cached_reqs
@@ -87,10 +87,10 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         plan = self.book.plan(new, cached, resumed=set(c.resumed_req_ids))
         return RayObjectStoreMetadata(saves=plan.saves, loads=plan.loads, cancels=plan.cancels, drops=plan.drops)
 
-    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self.book.worker_finished(connector_output.finished_sending or (), connector_output.finished_recving or ())
 
-    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.book.finished(request.request_id), None
 
     # ---------------------------------------------------------------- worker side
@@ -136,7 +136,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         assert isinstance(meta, StepPlan)
         return meta
 
-    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         self.worker.start_loads(self._plan())
 
     def wait_for_layer_load(self, layer_name: str) -> None:

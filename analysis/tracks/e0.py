@@ -88,9 +88,14 @@ class E0Analysis(TrackAnalysis):
         finished = {r: sorted(c for c, (rr, _) in where.items() if rr == r) for r, _ in where.values()}
         ids = sorted(r for r, cs in finished.items() if len(cs) >= rounds)
         if len(ids) < repeats:  # a crashed repeat (or round) is no evidence of reproducibility
-            return {"verdict": "incomplete", "tolerance": tol, "rounds": rounds, "checks": [
-                {"check": "every repeat finished", "kind": "correctness", "ok": False,
-                 "detail": {"finished": ids, "repeats": repeats}}]}
+            return {
+                "verdict": "incomplete",
+                "tolerance": tol,
+                "rounds": rounds,
+                "checks": [
+                    {"check": "every repeat finished", "kind": "correctness", "ok": False, "detail": {"finished": ids, "repeats": repeats}}
+                ],
+            }
         checks: list[dict[str, Any]] = []
         # A round's cells must be the same cell config (the same stretch of requests) in every repeat.
         hashes = {c: cells[c].get("config_hash") for c in sorted(cells)}
@@ -137,8 +142,13 @@ class E0Analysis(TrackAnalysis):
                     "check": f"{name} within max({tol:.0%}, measured noise)",
                     "kind": "timing",
                     "ok": worst <= band,
-                    "detail": {"metric": name, "values": values, "max_relative_difference": worst, "noise_relative_se": noise,
-                               "allowed": band},
+                    "detail": {
+                        "metric": name,
+                        "values": values,
+                        "max_relative_difference": worst,
+                        "noise_relative_se": noise,
+                        "allowed": band,
+                    },
                 }
             )
         correct = all(c["ok"] for c in checks if c["kind"] == "correctness")
@@ -196,8 +206,7 @@ class E0Analysis(TrackAnalysis):
         cells = summary.get("cells", {})
         kind = {c["check"]: c.get("kind", "correctness") for c in v["checks"]}
         rows = [
-            {"check": c["check"], "result": "pass" if c["ok"] else "FAIL", "evidence": _short(c["check"], c["detail"])}
-            for c in v["checks"]
+            {"check": c["check"], "result": "pass" if c["ok"] else "FAIL", "evidence": _short(c["check"], c["detail"])} for c in v["checks"]
         ]
         correctness = pd.DataFrame([r for r in rows if kind[r["check"]] == "correctness"])
         repeats = len({_repeat_of(c, m)[0] for c, m in cells.items()})

@@ -230,12 +230,22 @@ class E2Analysis(TrackAnalysis):
                 g = g.sort_values("out_tok_s")
                 fig.add_trace(
                     go.Scatter(
-                        x=g["out_tok_s"], y=g[key] * 1e3, mode="lines+markers", name=str(name), legendgroup=str(name),
-                        showlegend=col == 1, text=g["cell"], line={"color": colour[str(name)]},
-                        marker={"color": colour[str(name)], "size": [14 if c in front else 7 for c in g["cell"]],
-                                "line": {"width": [2 if c in front else 0 for c in g["cell"]], "color": "black"}},
+                        x=g["out_tok_s"],
+                        y=g[key] * 1e3,
+                        mode="lines+markers",
+                        name=str(name),
+                        legendgroup=str(name),
+                        showlegend=col == 1,
+                        text=g["cell"],
+                        line={"color": colour[str(name)]},
+                        marker={
+                            "color": colour[str(name)],
+                            "size": [14 if c in front else 7 for c in g["cell"]],
+                            "line": {"width": [2 if c in front else 0 for c in g["cell"]], "color": "black"},
+                        },
                     ),
-                    1, col,
+                    1,
+                    col,
                 )
             fig.update_xaxes(title_text="output tokens/s", row=1, col=col)
         fig.update_layout(title="Throughput vs latency", height=440)
@@ -249,10 +259,33 @@ class E2Analysis(TrackAnalysis):
         for name, g in open_.groupby("series", sort=True):
             g = g.sort_values("rate")
             style = {"line": {"color": colour[str(name)]}, "marker": {"color": colour[str(name)]}}
-            fig.add_trace(go.Scatter(x=g["rate"], y=g["slo_attainment"] * 100, mode="lines+markers", name=str(name), legendgroup=str(name),
-                                     text=g["cell"], **style), 1, 1)
-            fig.add_trace(go.Scatter(x=g["rate"], y=g["goodput_rps"], mode="lines+markers", name=str(name), legendgroup=str(name),
-                                     showlegend=False, text=g["cell"], **style), 1, 2)
+            fig.add_trace(
+                go.Scatter(
+                    x=g["rate"],
+                    y=g["slo_attainment"] * 100,
+                    mode="lines+markers",
+                    name=str(name),
+                    legendgroup=str(name),
+                    text=g["cell"],
+                    **style,
+                ),
+                1,
+                1,
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=g["rate"],
+                    y=g["goodput_rps"],
+                    mode="lines+markers",
+                    name=str(name),
+                    legendgroup=str(name),
+                    showlegend=False,
+                    text=g["cell"],
+                    **style,
+                ),
+                1,
+                2,
+            )
         target = df["target"].dropna()
         if not target.empty:
             fig.add_hline(y=float(target.iloc[0]) * 100, line_dash="dash", annotation_text="target", row=1, col=1)
@@ -293,14 +326,32 @@ def offered_figure(load: pd.DataFrame, colour: dict[str, str]) -> go.Figure:
     fig = go.Figure()
     for name, g in load.groupby("series", sort=True):
         c = colour[str(name)]
-        fig.add_trace(go.Scatter(x=g["offered (req/s)"], y=g["completed (req/s)"], mode="lines+markers", name=f"{name} completed",
-                                 text=g["cell"], line={"color": c}, marker={"color": c}))
-        fig.add_trace(go.Scatter(x=g["offered (req/s)"], y=g["sent (req/s)"], mode="markers", name=f"{name} sent", text=g["cell"],
-                                 marker={"color": c, "symbol": "x", "size": 9}))
+        fig.add_trace(
+            go.Scatter(
+                x=g["offered (req/s)"],
+                y=g["completed (req/s)"],
+                mode="lines+markers",
+                name=f"{name} completed",
+                text=g["cell"],
+                line={"color": c},
+                marker={"color": c},
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=g["offered (req/s)"],
+                y=g["sent (req/s)"],
+                mode="markers",
+                name=f"{name} sent",
+                text=g["cell"],
+                marker={"color": c, "symbol": "x", "size": 9},
+            )
+        )
     hi = float(load[["offered (req/s)", "completed (req/s)"]].max().max() or 1.0)
     fig.add_trace(go.Scatter(x=[0, hi], y=[0, hi], mode="lines", name="achieved = offered", line={"color": "grey", "dash": "dot"}))
-    fig.update_layout(title="Offered vs achieved request rate (open loop)", xaxis_title="offered (req/s)",
-                      yaxis_title="achieved (req/s)", height=420)
+    fig.update_layout(
+        title="Offered vs achieved request rate (open loop)", xaxis_title="offered (req/s)", yaxis_title="achieved (req/s)", height=420
+    )
     return fig
 
 

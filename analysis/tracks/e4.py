@@ -86,14 +86,20 @@ class E4Analysis(TrackAnalysis):
         rows = scored(requests)
         if not rows.empty:
             rows = rows.sort_values(["cell_id", "request_id"])
-            sample = rows.groupby("cell_id").head(5).assign(
-                output_ids=lambda d: [" ".join(str(int(i)) for i in ids[:8]) for ids in d["output_token_ids"]]
-            )[["cell_id", "request_id", "item_id", "answer", "output_text", "output_ids", "correct"]]
+            sample = (
+                rows.groupby("cell_id")
+                .head(5)
+                .assign(output_ids=lambda d: [" ".join(str(int(i)) for i in ids[:8]) for ids in d["output_token_ids"]])[
+                    ["cell_id", "request_id", "item_id", "answer", "output_text", "output_ids", "correct"]
+                ]
+            )
             secs.append(
                 Section(
                     title="E4: sample outputs",
-                    text=["First five scored items per dataset: the decoded text and the first generated ids (ids the "
-                          "tokenizer does not know, as random weights emit, decode to nothing)."],
+                    text=[
+                        "First five scored items per dataset: the decoded text and the first generated ids (ids the "
+                        "tokenizer does not know, as random weights emit, decode to nothing)."
+                    ],
                     table=sample,
                 )
             )

@@ -135,7 +135,12 @@ class E5Analysis(TrackAnalysis):
                 mib = vals.fillna(0.0) / MIB
                 fig.add_trace(
                     go.Bar(
-                        x=x, y=mib, base=base.tolist(), name=f"{_NAMES[k]} ({group})", offsetgroup=group, legendgroup=group,
+                        x=x,
+                        y=mib,
+                        base=base.tolist(),
+                        name=f"{_NAMES[k]} ({group})",
+                        offsetgroup=group,
+                        legendgroup=group,
                         marker={"color": _COLORS[k], "pattern": {"shape": "/" if group == "analytic" else ""}},
                     )
                 )

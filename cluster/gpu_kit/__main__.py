@@ -21,14 +21,32 @@ KIT_DIR = Path(__file__).resolve().parent
 WHEELS = KIT_DIR / "wheels.txt"
 # The lent machine: CPython 3.12 on manylinux x86_64; the newest tags first.
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (35, 34, 31, 28, 27, 26, 24, 17)] + [
-    "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64", "any",
+    "manylinux2014_x86_64",
+    "manylinux2010_x86_64",
+    "manylinux1_x86_64",
+    "linux_x86_64",
+    "any",
 ]
 
 
 def pip_download(dest: Path, *args: str) -> None:
     plat = [a for p in PLATFORMS for a in ("--platform", p)]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-           "--implementation", "cp", *plat, "-d", str(dest), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *plat,
+        "-d",
+        str(dest),
+        *args,
+    ]
     subprocess.run(cmd, check=True)
 
 
@@ -60,7 +78,7 @@ def cmd_fetch(a: argparse.Namespace) -> None:
     print(f"gpu_kit: {p.wheels} wheels, {p.total_bytes / 2**20:.0f} MiB in {len(p.batches)} batches of <= {a.batch_mib} MiB:")
     for i, b in enumerate(p.batches, 1):
         last = " --need-complete" if i == len(p.batches) else ""
-        print(f"  call {i}: carry [\"{b.relative_to(whl.parent)}\"]  command: bash cluster/gpu_kit/install-on-device.sh{last}")
+        print(f'  call {i}: carry ["{b.relative_to(whl.parent)}"]  command: bash cluster/gpu_kit/install-on-device.sh{last}')
 
 
 def cmd_pin(a: argparse.Namespace) -> None:

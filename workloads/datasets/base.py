@@ -131,7 +131,6 @@ def load_rows(spec: DatasetSpec, where: str) -> list[dict[str, Any]]:
         raise
     except Exception as e:  # offline machine, unknown hub name, bad split
         raise ValueError(
-            f"{where}.source: cannot load {src!r} (config {spec.config!r}, split {spec.split!r}): "
-            f"{type(e).__name__}: {str(e)[:300]}"
+            f"{where}.source: cannot load {src!r} (config {spec.config!r}, split {spec.split!r}): {type(e).__name__}: {str(e)[:300]}"
         ) from None
     return [dict(r) for r in ds]

@@ -30,10 +30,7 @@ def _answer(row: dict) -> str:
 FAMILY = Family(
     name="mmlu",
     key_fields=("subject", "question", "choices"),
-    template=(
-        "The following is a multiple choice question about {subject}.\n\n{question}\n"
-        "A. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer:"
-    ),
+    template=("The following is a multiple choice question about {subject}.\n\n{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer:"),
     fields=_fields,
     answer=_answer,
     scorer="multiple_choice",

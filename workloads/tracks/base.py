@@ -123,9 +123,7 @@ class Track(Generic[P]):
     def cells(self, workload: WorkloadSpec, params: P) -> list[CellPlan]:
         raise NotImplementedError
 
-    def next_cells(
-        self, workload: WorkloadSpec, params: P, done: Mapping[str, CellOutcome]
-    ) -> list[CellPlan]:
+    def next_cells(self, workload: WorkloadSpec, params: P, done: Mapping[str, CellOutcome]) -> list[CellPlan]:
         """Adaptive tracks: the cells that should exist given the finished ones (`done`).
 
         The driver runs, as the next round, every returned cell whose id has not run yet, and

@@ -17,12 +17,8 @@ from workloads.tracks.base import CellPlan, Track, TrackParams, register
 
 
 class E4Params(TrackParams):
-    datasets: list[DatasetSpec] = Field(
-        default=[DatasetSpec(family="gsm8k", n=200), DatasetSpec(family="mmlu", n=200)], min_length=1
-    )
-    tokenizer: str = Field(
-        default=BYT5, description="'byt5' (offline byte-level), or the model's tokenizer (hub name or folder)"
-    )
+    datasets: list[DatasetSpec] = Field(default=[DatasetSpec(family="gsm8k", n=200), DatasetSpec(family="mmlu", n=200)], min_length=1)
+    tokenizer: str = Field(default=BYT5, description="'byt5' (offline byte-level), or the model's tokenizer (hub name or folder)")
 
 
 @register
@@ -55,8 +51,7 @@ class E4(Track[E4Params]):
             max_tokens = spec.max_tokens or fam.max_tokens
             meta = {"scorer": fam.scorer, "extract": fam.extract}
             warm = [
-                TextPrompt(f"w{j:04d}", it.prompt, max_tokens, warmup=True)
-                for j, it in enumerate(subset.items[: workload.warmup_requests])
+                TextPrompt(f"w{j:04d}", it.prompt, max_tokens, warmup=True) for j, it in enumerate(subset.items[: workload.warmup_requests])
             ]
             measured = [
                 TextPrompt(f"r{j:05d}", it.prompt, max_tokens, meta={**meta, "item_id": it.item_id, "answer": it.answer})
