@@ -89,7 +89,7 @@ def test_hash_is_stable_across_processes():
 def test_resolved_config_has_every_default_and_round_trips():
     cfg = resolve("e0")
     dumped = json.loads(json.dumps(cfg.model_dump(mode="json")))
-    assert dumped["params"] == {"repeats": 2, "tolerance": 0.25}
+    assert dumped["params"] == {"repeats": 2, "rounds": 2, "tolerance": 0.25}
     assert config_hash(resolve("e0", dumped)) == config_hash(cfg)
 
 

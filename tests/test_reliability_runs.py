@@ -39,7 +39,7 @@ def test_a_target_answering_401_to_everything_fails_the_run_and_leaks_no_key(ray
     monkeypatch.setenv("BENCH_AUTH", KEY)  # a name that says nothing: target.api_key_env makes it secret
     with http_server("401-echo") as url:
         cfg = tmp_path / "c.yaml"
-        cfg.write_text(json.dumps({**SMALL, **_target(url, api_key_env="BENCH_AUTH")}))
+        cfg.write_text(json.dumps({**SMALL, **_target(url, api_key_env="BENCH_AUTH"), "params": {"rounds": 1}}))
         res = CliRunner().invoke(app, ["run", "e0", "-c", str(cfg), "-o", str(tmp_path / "runs"), "--no-progress"], env=COLS)
     assert res.exit_code == 1, res.output
     run_dir = next((tmp_path / "runs").iterdir())
@@ -130,7 +130,7 @@ def test_an_engine_killed_mid_cell_keeps_its_rows(ray_local, tmp_path):
 
     from actors.engine_actor import actor_name
 
-    cfg = resolve("e0", {"engine": {"kind": "simulated", "simulated": {"decode_fixed_s": 0.02}},
+    cfg = resolve("e0", {"engine": {"kind": "simulated", "simulated": {"decode_fixed_s": 0.02}}, "params": {"rounds": 1},
                          "workload": {"num_requests": 40, "warmup_requests": 0, "output_len": {"kind": "fixed", "value": 2},
                                       "arrival": {"kind": "closed", "concurrency": 1}}})
     driver = Driver(cfg, RunOptions(out_dir=tmp_path, progress=False))
