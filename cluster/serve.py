@@ -306,7 +306,8 @@ def deploy(spec: ServeSpec, host: str = LOOPBACK, port: int = 8000) -> str:
             f"--host/--port: Serve already runs on this cluster at {actual.host}:{actual.port}; "
             f"shut it down (`serve shutdown`) or pass --host {actual.host} --port {actual.port}"
         )
-    app = Completions.options(num_replicas=spec.replicas)  # type: ignore[attr-defined]  # a Serve deployment.bind(spec.model_dump(mode="json"))
+    deployment = Completions.options(num_replicas=spec.replicas)  # type: ignore[attr-defined]  # a Serve deployment
+    app = deployment.bind(spec.model_dump(mode="json"))
     serve.run(app, name=spec.app_name, route_prefix=spec.route_prefix, blocking=False)
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}{spec.route_prefix.rstrip('/')}"

@@ -30,5 +30,7 @@ def test_engine_kinds_in_config_cli_and_registry_agree():
 
 
 def test_every_track_module_registers_once_and_datasets_are_registered():
-    assert [t.name for t in list_tracks()] == TRACKS.names() == ["e0", "e1", "e2", "e3", "e4", "e5", "e6"]
+    # Other tests register throw-away tracks named ztest-*: only the project's own are checked.
+    own = [n for n in TRACKS.names() if not n.startswith("ztest")]
+    assert [t.name for t in list_tracks() if not t.name.startswith("ztest")] == own == ["e0", "e1", "e2", "e3", "e4", "e5", "e6"]
     assert FAMILIES.names() == ["gsm8k", "mmlu"]

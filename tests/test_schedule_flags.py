@@ -17,7 +17,7 @@ def test_overloaded_open_loop_cell_is_flagged(ray_local, tmp_path):
         "e0",
         {
             "engine": {"kind": "simulated"},
-            "params": {"repeats": 2},
+            "params": {"repeats": 2, "rounds": 1},
             "workload": {
                 "num_requests": 200,
                 "warmup_requests": 2,

@@ -20,9 +20,9 @@ _spec.loader.exec_module(svv)
 FIXTURE = ROOT / "tests" / "data" / "vllm_bench_serve_0.26.json"
 
 
-def _cfg(**kw):
+def _cfg(model: Path = Path("/m"), **kw):
     a = Namespace(engine="vllm", max_model_len=4096, max_batch_size=64, gpu_memory_utilization=0.28, eager=False)
-    return svv.engine_config(Path("/m"), Namespace(**{**vars(a), **kw}))
+    return svv.engine_config(model, Namespace(**{**vars(a), **kw}))
 
 
 def test_vllm_serve_gets_pdbenchs_engine_arguments_flag_for_flag():
@@ -65,12 +65,15 @@ def test_servers_and_placement():
     assert cmd[cmd.index("--mode") + 1] == "disaggregated"
 
 
-def test_pdbench_serve_config_is_valid_and_matches_the_engine():
+def test_pdbench_serve_config_is_valid_and_matches_the_engine(tmp_path):
+    import shutil
+
     from cluster.serve import serve_spec
 
-    cfg = _cfg()
-    spec = serve_spec(svv.pdbench_serve_config(cfg, "qwen3-8b", Path("/m")), {})
-    assert spec.engine == cfg and spec.model_name == "qwen3-8b" and spec.tokenizer == "/m" and spec.gpus_per_engine() == 1
+    shutil.copy(ROOT / "configs" / "models" / "qwen3-8b.json", tmp_path / "config.json")  # a model folder that exists
+    cfg = _cfg(tmp_path)
+    spec = serve_spec(svv.pdbench_serve_config(cfg, "qwen3-8b", tmp_path), {})
+    assert spec.engine == cfg and spec.model_name == "qwen3-8b" and spec.tokenizer == str(tmp_path) and spec.gpus_per_engine() == 1
 
 
 def test_parse_real_bench_output_and_medians():
