@@ -574,6 +574,11 @@ class Driver:
 
     def run(self, on_progress: Callable[[RunProgress], None] | None = None) -> Path:
         lock = self._lock() if self.opts.resume is not None else None
+        if lock is not None:
+            # Atomic writes of a killed run leave their temporary files (write_json, write_parquet):
+            # holding the lock, nothing else writes here, so any left is a dead process's.
+            for tmp in self.run_dir.rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
         try:
             return self._run(on_progress, lock)
         finally:

@@ -185,6 +185,15 @@ def test_a_second_resume_while_one_runs_is_refused_in_one_line(finished_e1):
     assert _resume(finished_e1).exit_code == 0  # the lock went with its holder
 
 
+def test_resume_removes_what_a_killed_write_left_behind(finished_e1):
+    """A SIGKILL during an atomic write leaves its temporary file; the resume that holds the lock clears it."""
+    left = [finished_e1 / ".manifest.json.dead1234.tmp", next((finished_e1 / "cells").iterdir()) / ".cell.json.dead5678.tmp"]
+    for p in left:
+        p.write_text("partial")
+    assert _resume(finished_e1).exit_code == 0
+    assert not list(finished_e1.rglob("*.tmp"))
+
+
 def test_a_resume_while_another_process_holds_the_run_is_refused(finished_e1):
     """The same refusal when the holder is another process (what two `--resume`s at once are)."""
     import subprocess
