@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--requests", type=int, default=6)
     ap.add_argument("--max-group-mib", type=int, default=64)
+    ap.add_argument("--put-threads", type=int, default=1, help="kv_transfer.put_threads on the prefill side (groups put at once)")
     ap.add_argument("--copy-threads", type=int, default=4, help="kv_transfer.host_copy_threads on the decode side")
     ap.add_argument("--h2d", choices=("registered", "staged"), default="registered", help="kv_transfer.host_to_device")
     ap.add_argument("--decode-submit", choices=("after_prefill", "with_prefill"), default="after_prefill", help="kv_transfer.decode_submit")
@@ -72,7 +73,7 @@ def main() -> int:
     share = 0.5 if args.share_gpu else 1
     cfg = EngineConfig(kind="vllm", model=args.model, dtype="bfloat16", max_model_len=args.tokens + 64,
                        max_batch_size=8, vllm={"gpu_memory_utilization": 0.4 if args.share_gpu else 0.8}).model_dump()
-    kv = KVTransferConfig(max_group_bytes=args.max_group_mib << 20, host_copy_threads=args.copy_threads, host_to_device=args.h2d,
+    kv = KVTransferConfig(max_group_bytes=args.max_group_mib << 20, host_copy_threads=args.copy_threads, host_to_device=args.h2d, put_threads=args.put_threads,
                           decode_submit=args.decode_submit).model_dump()
     directory = directory_actor("bench-kvdir")  # held: an unreferenced actor is collected
     prefill = VllmPrefillActor.options(num_gpus=share).remote(cfg, kv, "bench-kvdir", "bench", "kv")
@@ -119,6 +120,7 @@ def main() -> int:
         "bytes": nbytes,
         "analytic_bytes": rows[0]["analytic_bytes"],
         "copy_threads": args.copy_threads,
+        "put_threads": args.put_threads,
         "host_to_device": args.h2d,
         "decode_submit": args.decode_submit,
         "shared_gpu": args.share_gpu,

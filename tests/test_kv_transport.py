@@ -75,6 +75,42 @@ def test_roundtrip_is_bit_exact_and_fully_accounted(directory, dtype, groups):
     assert ray.get(directory.stats.remote())["groups"] == 0
 
 
+@pytest.mark.parametrize("put_threads", [2, 3])
+def test_parallel_puts_stay_bit_exact_and_bounded(directory, monkeypatch, put_threads):
+    """Several groups are put at once, never more than put_threads, and no staging buffer is refilled
+    while its put is still running (each put waits before copying: a reused buffer would show as
+    wrong bytes on the receiver)."""
+    from actors.kv import transport
+
+    real_put, lock, running, peak = ray.put, threading.Lock(), [0], [0]
+
+    def slow_put(value):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        try:
+            return real_put(value)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(transport.ray, "put", slow_put)
+    src = kv_layers(layers=9)
+    cfg = FAST.model_copy(update={"put_threads": put_threads})
+    k = key()
+    sent = publish(directory, k, src, tokens=33, cfg=cfg)
+    monkeypatch.setattr(transport.ray, "put", real_put)
+    dst = empty_like(src)
+    rec = receive(directory, k, CopyInto(dst), cfg, **IDENT)
+    assert rec.ok, rec.error
+    assert all(torch.equal(a, b) for a, b in zip(src, dst))
+    assert sent.groups == rec.groups == 5
+    assert peak[0] == put_threads
+    assert sent.send_s < sent.put_s  # the puts' times overlapped: their sum exceeds the wall
+    assert ray.get(directory.stats.remote())["groups"] == 0
+
+
 def test_layers_of_mixed_dtypes_and_shapes_travel_in_one_buffer(directory):
     """Engines with per-layer differences (hybrid attention, fp8 KV) still move one object per group."""
     src = [

@@ -9,6 +9,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("serve_vs_vllm", ROOT / "benchmarks" / "serve_vs_vllm.py")
@@ -74,6 +75,9 @@ def test_pdbench_serve_config_is_valid_and_matches_the_engine(tmp_path):
     cfg = _cfg(tmp_path)
     spec = serve_spec(svv.pdbench_serve_config(cfg, "qwen3-8b", tmp_path), {})
     assert spec.engine == cfg and spec.model_name == "qwen3-8b" and spec.tokenizer == str(tmp_path) and spec.gpus_per_engine() == 1
+    if cfg.kind == "vllm":  # the disaggregated server moves KV as E3's GPU profile does
+        e3 = yaml.safe_load((ROOT / "configs" / "gpu" / "e3-qwen3-8b.yaml").read_text())["kv_transfer"]
+        assert spec.kv_transfer.model_dump(include=set(svv.E3_KV_TRANSFER)) == {k: e3[k] for k in svv.E3_KV_TRANSFER}
 
 
 def test_parse_real_bench_output_and_medians():

@@ -22,6 +22,14 @@ class KVTransferConfig(BaseModel):
     fetch_timeout_s: float = Field(
         default=60.0, gt=0, description="longest the decode side waits for a layer group's bytes to become local"
     )
+    put_threads: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="layer groups one sender puts into the object store at once. Each put has a fixed cost "
+        "(creating and sealing the object) besides its copy; with more than one, device-to-host copies run "
+        "ahead into as many pinned staging buffers (one per group in flight)",
+    )
     host_copy_threads: int = Field(
         default=4,
         ge=1,

@@ -24,6 +24,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +57,7 @@ class GroupMeta:
     bytes: int
     extract_s: float
     put_s: float
-    send_s: float  # from the start of publish to this group's put: the last group's is the sender's wall
+    send_s: float  # from the start of publish to the end of this group's put: the largest is the sender's wall
     src_node: str
     checksum: int | None = None  # kv_checksum of the group's layers on the sender (None: not computed)
     ready_ts: float | None = None  # sender's CLOCK_MONOTONIC when the KV was ready (host-wide on Linux)
@@ -265,6 +266,104 @@ def layer_groups(layers: Sequence[torch.Tensor], max_group_bytes: int) -> list[t
     return spans
 
 
+class _Sender:
+    """One publish's pipeline. From a GPU, group i+1's device→host copy runs on the copy engine
+    while group i is put; with `put_threads` > 1 several groups are put at once (each put has a
+    fixed cost of its own, creating and sealing the object, that a serial sender pays in turn), and
+    copies run ahead into as many staging buffers. A buffer is filled again only after its put
+    returned. Host layers are packed one group at a time, each while the previous ones are put."""
+
+    def __init__(
+        self, directory: Any, key: str, layers: Sequence[torch.Tensor], cfg: KVTransferConfig, tokens: int, ready_ts: float | None
+    ):
+        self.directory, self.key, self.layers, self.cfg, self.tokens, self.ready_ts = directory, key, layers, cfg, tokens, ready_ts
+        self.spans = layer_groups(layers, cfg.max_group_bytes)
+        self.pinned = any(t.is_cuda for t in layers)
+        self.overlap = self.pinned and len(self.spans) > 1
+        nbuf = min(len(self.spans), cfg.put_threads + (1 if self.overlap else 0))
+        size = max(layout(layers[a:b])[1] for a, b in self.spans)
+        self.staging = [STAGING.take(size, self.pinned) for _ in range(nbuf)]
+        self.pool = (
+            ThreadPoolExecutor(cfg.put_threads, thread_name_prefix="pdbench-put") if cfg.put_threads > 1 and len(self.spans) > 1 else None
+        )
+        self.copies: dict[int, tuple[torch.Tensor, tuple[int, ...], list[Any], float]] = {}
+        self.puts: dict[int, Future[tuple[GroupMeta, Any]]] = {}
+        self.src_node = ray.get_runtime_context().get_node_id()
+        self.t_start = time.perf_counter()
+
+    def run(self) -> list[tuple[GroupMeta, Any]]:
+        """Every group put and registered: (meta, the directory's acknowledgement) in group order."""
+        groups = len(self.spans)
+        self._start_copy(0)
+        for gi, (first, end) in enumerate(self.spans):
+            checksum = kv_checksum(self.layers[first:end]) if self.cfg.checksum else None
+            t0 = time.perf_counter()
+            buf, offsets, streams, issued_s = self.copies.pop(gi)
+            for stream in streams:
+                stream.synchronize()
+            extract_s = issued_s + time.perf_counter() - t0  # only what the puts did not hide
+            if self.overlap and gi + 1 < groups:
+                self._start_copy(gi + 1)
+            self._put(gi, buf, offsets, extract_s, checksum)
+            if not self.overlap and gi + 1 < groups:
+                self._start_copy(gi + 1)  # a host copy: timed as the next group's extract
+        return [self.puts[gi].result() for gi in range(groups)]
+
+    def _start_copy(self, gi: int) -> None:
+        t0 = time.perf_counter()
+        if gi - len(self.staging) in self.puts:
+            self.puts[gi - len(self.staging)].result()  # its buffer is ours again
+        a, b = self.spans[gi]
+        self.copies[gi] = (*_pack_start(self.layers[a:b], self.staging[gi % len(self.staging)]), time.perf_counter() - t0)
+
+    def _put(self, gi: int, buf: torch.Tensor, offsets: tuple[int, ...], extract_s: float, checksum: int | None) -> None:
+        first, end = self.spans[gi]
+        part = self.layers[first:end]
+
+        def put() -> tuple[GroupMeta, Any]:
+            t1 = time.perf_counter()
+            ref = ray.put(buf.numpy())
+            t2 = time.perf_counter()
+            meta = GroupMeta(
+                index=gi,
+                groups=len(self.spans),
+                first_layer=first,
+                shapes=tuple(tuple(t.shape) for t in part),
+                dtypes=tuple(_dtype_name(t.dtype) for t in part),
+                offsets=offsets,
+                tokens=self.tokens,
+                bytes=buf.numel(),
+                extract_s=extract_s,
+                put_s=t2 - t1,
+                send_s=t2 - self.t_start,
+                src_node=self.src_node,
+                checksum=checksum,
+                ready_ts=self.ready_ts,
+            )
+            return meta, self.directory.register.remote(self.key, gi, len(self.spans), meta, [ref])
+
+        if self.pool is not None:
+            self.puts[gi] = self.pool.submit(put)
+        else:
+            done: Future[tuple[GroupMeta, Any]] = Future()
+            try:
+                done.set_result(put())
+            except BaseException as e:
+                done.set_exception(e)
+            self.puts[gi] = done
+
+    def close(self) -> None:
+        """Nothing may still write into or read from the staging buffers once they are given back."""
+        wait(list(self.puts.values()))
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        for _, _, streams, _ in self.copies.values():  # a put that raised may leave a copy in flight
+            for stream in streams:
+                stream.synchronize()
+        for buf in self.staging:
+            STAGING.give(buf, self.pinned)
+
+
 def publish(
     directory: Any,
     key: str,
@@ -284,76 +383,25 @@ def publish(
     sees that). `ready_ts` (CLOCK_MONOTONIC) is when the KV was complete on the sender; it travels
     with every group so a receiver on the same host can time KV ready → KV injected.
     """
-    spans = layer_groups(layers, cfg.max_group_bytes)
-    groups = len(spans)
-    src_node = ray.get_runtime_context().get_node_id()
-    stats = SendStats(key=key, tokens=tokens, groups=groups, bytes=0, extract_s=0.0, put_s=0.0, send_s=0.0, src_node=src_node)
-    acks = []
-    pinned = any(t.is_cuda for t in layers)
-    # From a GPU, group i+1's device→host copy runs on the copy engine while group i is put, in a
-    # second staging buffer; host layers are packed one group at a time into one buffer.
-    overlap = pinned and groups > 1
-    t_start = time.perf_counter()
-    size = max(layout(layers[a:b])[1] for a, b in spans)
-    staging = [STAGING.take(size, pinned) for _ in range(2 if overlap else 1)]
-
-    def start(gi: int) -> tuple[torch.Tensor, tuple[int, ...], list[Any]]:
-        a, b = spans[gi]
-        return _pack_start(layers[a:b], staging[gi % len(staging)])
-
-    pending = start(0)
-    issued_s = time.perf_counter() - t_start  # staging and queueing: part of the first extract
+    sender = _Sender(directory, key, layers, cfg, tokens, ready_ts)
     try:
-        for gi, (first, end) in enumerate(spans):
-            part = layers[first:end]
-            checksum = kv_checksum(part) if cfg.checksum else None
-            t0 = time.perf_counter()
-            buf, offsets, streams = pending
-            for stream in streams:
-                stream.synchronize()
-            extract_s = issued_s + time.perf_counter() - t0  # only what the put did not hide
-            issued_s = 0.0
-            if overlap and gi + 1 < groups:
-                t0 = time.perf_counter()
-                pending = start(gi + 1)
-                issued_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            ref = ray.put(buf.numpy())
-            t2 = time.perf_counter()
-            if not overlap and gi + 1 < groups:
-                pending = start(gi + 1)  # a host copy: timed as the next group's extract
-                issued_s = time.perf_counter() - t2
-            nbytes = buf.numel()
-            meta = GroupMeta(
-                index=gi,
-                groups=groups,
-                first_layer=first,
-                shapes=tuple(tuple(t.shape) for t in part),
-                dtypes=tuple(_dtype_name(t.dtype) for t in part),
-                offsets=offsets,
-                tokens=tokens,
-                bytes=nbytes,
-                extract_s=extract_s,
-                put_s=t2 - t1,
-                send_s=t2 - t_start,
-                src_node=src_node,
-                checksum=checksum,
-                ready_ts=ready_ts,
-            )
-            acks.append(directory.register.remote(key, gi, groups, meta, [ref]))
-            stats.bytes += nbytes
-            stats.extract_s += meta.extract_s
-            stats.put_s += meta.put_s
-            stats.send_s = meta.send_s
-            del ref, buf
+        sent = sender.run()
     finally:
-        for stream in pending[2]:  # a put that raised may leave the next copy in flight
-            stream.synchronize()
-        for buf in staging:
-            STAGING.give(buf, pinned)
+        sender.close()
+    metas = [m for m, _ in sent]
+    stats = SendStats(
+        key=key,
+        tokens=tokens,
+        groups=len(metas),
+        bytes=sum(m.bytes for m in metas),
+        extract_s=sum(m.extract_s for m in metas),
+        put_s=sum(m.put_s for m in metas),
+        send_s=max(m.send_s for m in metas),
+        src_node=sender.src_node,
+    )
     # A dead directory surfaces here, not as a silent hang on the receiver; a key the receiver
     # already gave up on refuses the registration, and nobody took those bytes.
-    stats.taken = all(ray.get(acks))
+    stats.taken = all(ray.get([ack for _, ack in sent]))
     if run_id and stats.taken:
         observe_send(stats, run_id, cell_id)
     return stats
@@ -389,6 +437,72 @@ def _take(directory: Any, key: str, index: int, cfg: KVTransferConfig, cancelled
             raise Cancelled("request ended while its KV was awaited")
 
 
+class _Receiver:
+    """One receive's state: the record it fills, and the time spent per stage (summed over groups)."""
+
+    def __init__(
+        self, directory: Any, key: str, inject: Injector, cfg: KVTransferConfig, rec: TransferRecord, cancelled: Callable[[], bool] | None
+    ):
+        self.directory, self.key, self.inject, self.cfg, self.rec, self.cancelled = directory, key, inject, cfg, rec, cancelled
+        self.spent: dict[str, float] = {}
+        self.ready_ts: float | None = None
+        self.t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.spent[stage] = self.spent.get(stage, 0.0) + (now - self.t)
+        self.t = now
+
+    def run(self) -> None:
+        gi, groups = 0, None
+        while groups is None or gi < groups:
+            self.t = time.perf_counter()
+            # Every group already registered comes in one call; only the first is waited for.
+            entry = _take(self.directory, self.key, gi, self.cfg, self.cancelled)
+            self.lap("wait_ref_s")
+            if "error" in entry:
+                raise KVUnavailable(entry["error"])
+            batch = entry["groups"]
+            del entry
+            batch.reverse()
+            while batch:  # popped, so each group's object is released once it is injected
+                if self.cancelled is not None and self.cancelled():
+                    raise Cancelled("request ended while its KV was arriving")
+                meta, refs = batch.pop()
+                groups = meta.groups
+                self._group(gi, meta, refs)
+                del refs
+                gi += 1
+        self.t = time.perf_counter()
+        self.inject.finish()
+        self.lap("inject_s")
+
+    def _group(self, gi: int, meta: GroupMeta, refs: list[Any]) -> None:
+        rec = self.rec
+        rec.tokens, rec.src_node, self.ready_ts = meta.tokens, meta.src_node, meta.ready_ts
+        self.spent["extract_s"] = self.spent.get("extract_s", 0.0) + meta.extract_s
+        self.spent["put_s"] = self.spent.get("put_s", 0.0) + meta.put_s
+        rec.send_s = max(rec.send_s or 0.0, meta.send_s)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.fetch_timeout_s, fetch_local=True)
+        self.lap("fetch_s")
+        if len(ready) < len(refs):
+            raise KVUnavailable(f"fetch of layer group {gi} timed out after {self.cfg.fetch_timeout_s:g} s")
+        flat = as_bytes(ray.get(refs[0]))
+        self.lap("get_s")
+        self.inject.group(flat, meta)
+        self.lap("inject_s")
+        rec.bytes += meta.bytes
+        rec.groups += 1
+
+    def failed(self, e: BaseException) -> None:
+        self.rec.error = reason_of(e)
+        self.rec.status = "cancelled" if isinstance(e, Cancelled) else "failed"
+        with contextlib.suppress(Exception):  # the device itself failed: nothing more to wait for
+            self.inject.settle()
+        with contextlib.suppress(Exception):  # a dead directory has nothing left to drop
+            ray.get(self.directory.drop.remote(self.key), timeout=30)
+
+
 def receive(
     directory: Any,
     key: str,
@@ -409,71 +523,21 @@ def receive(
     nothing of it lingers, and the caller recomputes the prefill itself.
     """
     rec = TransferRecord(run_id=run_id, cell_id=cell_id, request_id=request_id, key=key, dst_node=ray.get_runtime_context().get_node_id())
-    spent: dict[str, float] = {}
-
-    def add(stage: str, since: float) -> float:
-        now = time.perf_counter()
-        spent[stage] = spent.get(stage, 0.0) + (now - since)
-        return now
-
     t_start = time.perf_counter()
-    groups: int | None = None
-    ready_ts: float | None = None
+    r = _Receiver(directory, key, inject, cfg, rec, cancelled)
     try:
-        gi = 0
-        while groups is None or gi < groups:
-            t = time.perf_counter()
-            # Every group already registered comes in one call; only the first is waited for.
-            entry = _take(directory, key, gi, cfg, cancelled)
-            t = add("wait_ref_s", t)
-            if "error" in entry:
-                raise KVUnavailable(entry["error"])
-            batch = entry["groups"]
-            del entry
-            batch.reverse()
-            while batch:  # popped, so each group's object is released once it is injected
-                if cancelled is not None and cancelled():
-                    raise Cancelled("request ended while its KV was arriving")
-                meta, refs = batch.pop()
-                groups = meta.groups
-                rec.tokens, rec.src_node, ready_ts = meta.tokens, meta.src_node, meta.ready_ts
-                spent["extract_s"] = spent.get("extract_s", 0.0) + meta.extract_s
-                spent["put_s"] = spent.get("put_s", 0.0) + meta.put_s
-                rec.send_s = meta.send_s
-                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=cfg.fetch_timeout_s, fetch_local=True)
-                t = add("fetch_s", t)
-                if len(ready) < len(refs):
-                    raise KVUnavailable(f"fetch of layer group {gi} timed out after {cfg.fetch_timeout_s:g} s")
-                flat = as_bytes(ray.get(refs[0]))
-                t = add("get_s", t)
-                inject.group(flat, meta)
-                t = add("inject_s", t)
-                rec.bytes += meta.bytes
-                rec.groups += 1
-                del flat, refs, ready
-                gi += 1
-            del batch
-        t = time.perf_counter()
-        inject.finish()
-        add("inject_s", t)
-        rec.ok = True
-        rec.status = "ok"
-        rec.injected_mono = time.monotonic()
-        if ready_ts is not None and rec.src_node == rec.dst_node:
-            rec.ready_to_injected_s = rec.injected_mono - ready_ts
+        r.run()
+        rec.ok, rec.status, rec.injected_mono = True, "ok", time.monotonic()
+        if r.ready_ts is not None and rec.src_node == rec.dst_node:
+            rec.ready_to_injected_s = rec.injected_mono - r.ready_ts
     except Exception as e:  # every failure becomes a recorded reason and a recompute
-        rec.error = reason_of(e)
-        rec.status = "cancelled" if isinstance(e, Cancelled) else "failed"
-        with contextlib.suppress(Exception):  # the device itself failed: nothing more to wait for
-            inject.settle()
-        with contextlib.suppress(Exception):  # a dead directory has nothing left to drop
-            ray.get(directory.drop.remote(key), timeout=30)
+        r.failed(e)
     rec.total_s = time.perf_counter() - t_start
     rec.direct_groups = inject.direct
-    for stage, v in spent.items():
+    for stage, v in r.spent.items():
         setattr(rec, stage, v)
-    if "wait_ref_s" in spent:
-        rec.stall_s = spent["wait_ref_s"] + spent.get("fetch_s", 0.0)
+    if "wait_ref_s" in r.spent:
+        rec.stall_s = r.spent["wait_ref_s"] + r.spent.get("fetch_s", 0.0)
     if rec.tokens is not None and kv_bytes_per_token:
         rec.analytic_bytes = rec.tokens * kv_bytes_per_token
     observe_receive(rec)
