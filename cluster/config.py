@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from actors.engines.spec import EngineConfig
-from actors.kv.spec import KVTransferConfig
+from actors.handoffs.spec import KVHandoffConfig
 from actors.openai_client import TargetSpec
 from analysis.metrics import SLO
 from workloads.requests import WorkloadSpec
@@ -52,8 +52,8 @@ class ExperimentConfig(BaseModel):
     workload: WorkloadSpec = WorkloadSpec()
     slo: SLO = SLO()
     placement: PlacementSpec = PlacementSpec()
-    kv_transfer: KVTransferConfig = Field(
-        default_factory=KVTransferConfig, description="disaggregated cells: how KV moves from prefill to decode"
+    kv_transfer: KVHandoffConfig = Field(
+        default_factory=KVHandoffConfig, description="disaggregated cells: how KV moves from prefill to decode"
     )
     params: dict[str, Any] = Field(default_factory=dict, description="track-specific parameters")
     max_concurrent_cells: PositiveInt | Literal["auto"] = Field(
