@@ -27,6 +27,7 @@ import pandas as pd
 from analysis.formatting import num
 from analysis.records import measured
 from analysis.tracks.base import Headline, Section, TrackAnalysis
+from workloads.tracks.e0 import E0Params
 
 NOISE_BLOCKS = 4  # blocks each repeat is split into to measure its own noise
 NOISE_SIGMAS = 3.0  # a difference within this many standard errors is noise
@@ -141,8 +142,10 @@ def _timing_checks(df: pd.DataFrame, ids: list[str], tol: float) -> list[dict[st
 
 class E0Analysis(TrackAnalysis):
     def verdicts(self, requests: pd.DataFrame, cells: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-        tol = float(params.get("tolerance", 0.25))
-        repeats, rounds = int(params.get("repeats", 2)), int(params.get("rounds", 1))
+        p = {**E0Params().model_dump(), **params}
+        tol, repeats = float(p["tolerance"]), int(p["repeats"])
+        # Not the planning default: a packet from before rounds existed ran each repeat as one cell.
+        rounds = int(params.get("rounds", 1))
         where = {c: _repeat_of(c, m) for c, m in cells.items()}
         finished = {r: sorted(c for c, (rr, _) in where.items() if rr == r) for r, _ in where.values()}
         ids = sorted(r for r, cs in finished.items() if len(cs) >= rounds)
