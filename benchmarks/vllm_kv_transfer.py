@@ -61,11 +61,11 @@ def main() -> int:
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     import ray
 
+    from actors.disaggregated import DecodeActor, PrefillActor
     from actors.engines.spec import EngineConfig
-    from cluster.ray_env import object_store_options
     from actors.kv.directory import directory_actor
     from actors.kv.spec import KVTransferConfig
-    from actors.vllm_disaggregated import VllmDecodeActor, VllmPrefillActor
+    from cluster.ray_env import object_store_options
     from workloads.lengths import Fixed
     from workloads.requests import WorkloadSpec, synthetic_requests
 
@@ -76,8 +76,8 @@ def main() -> int:
     kv = KVTransferConfig(max_group_bytes=args.max_group_mib << 20, host_copy_threads=args.copy_threads, host_to_device=args.h2d, put_threads=args.put_threads,
                           decode_submit=args.decode_submit).model_dump()
     directory = directory_actor("bench-kvdir")  # held: an unreferenced actor is collected
-    prefill = VllmPrefillActor.options(num_gpus=share).remote(cfg, kv, "bench-kvdir", "bench", "kv")
-    decode = VllmDecodeActor.options(num_gpus=share).remote(cfg, kv, prefill, "bench-kvdir", "bench", "kv")
+    prefill = PrefillActor.options(num_gpus=share).remote(cfg, kv, "bench-kvdir", "bench", "kv")
+    decode = DecodeActor.options(num_gpus=share).remote(cfg, kv, prefill, "bench-kvdir", "bench", "kv")
     if args.share_gpu:  # vLLM profiles free memory at start: one engine at a time on a shared GPU
         ray.get(prefill.start.remote())
         info = ray.get(decode.start.remote())

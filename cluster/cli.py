@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:  # the commands import what they run only when run: `pdbench --help` stays fast
+    from cluster.config import ExperimentConfig
+    from cluster.driver import Driver
+    from cluster.serve import ServeSpec
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -48,7 +54,7 @@ class EngineKind(str, Enum):
 _NO_CLUSTER = "--address {address}: no reachable Ray cluster; start one with `ray start --head`, or leave out --address for an embedded Ray"
 
 
-def _fail(msg: str, code: int = 2) -> None:
+def _fail(msg: str, code: int = 2) -> NoReturn:
     console.print(f"[bold red]error:[/] {escape(msg)}", markup=True, highlight=False)  # escaped: keeps `[vllm]`
     raise typer.Exit(code)
 
@@ -82,49 +88,69 @@ def run(
     ),
 ) -> None:
     """Run one track and write its evidence packet (manifest, records, summary, reports)."""
-    from analysis.packet import PacketError
-    from cluster.config import ConfigError, load_yaml, resolve
-    from cluster.console import RunDisplay, print_summary, ray_logs_on
     from cluster.driver import Driver, RunOptions
-    from cluster.outcome import exit_code
     from cluster.storage import default_out
 
-    overrides: dict = {}
     if engine is not None and simulate:
         _fail("--engine and --simulate exclude each other: --simulate replaces the engine")
     if out is not None and resume is not None:
         _fail(f"--out and --resume exclude each other: a resumed run stays in its own folder ({resume}); leave out --out")
-    if engine is not None:
-        overrides.setdefault("engine", {})["kind"] = engine.value
-    if simulate:
-        overrides.setdefault("engine", {})["kind"] = "simulated"
-    if seed is not None:
-        overrides["seed"] = seed
     try:
-        if config is None and resume is not None and (resume / "config.yaml").is_file():
-            config = resume / "config.yaml"
-        data = load_yaml(config) if config else {}
-        cfg = resolve(track, data, overrides)
-        if cfg.simulated and not simulate:
-            raise ConfigError("invalid config:\n  engine.kind: 'simulated' runs only with --simulate (real engines are the default)")
+        cfg = _run_config(track, config, engine, simulate, seed, resume)
         driver = Driver(cfg, RunOptions(out_dir=out or default_out(), address=address, progress=progress, resume=resume))
     except ValueError as e:  # ConfigError, or an --out that pyarrow.fs cannot open
         _fail(str(e))
     what = "resuming" if resume is not None else "run"
     engine_desc = f"external server {cfg.target.base_url}" if cfg.target else cfg.engine.kind
     console.print(f"{what} [bold]{driver.run_id}[/] — track {cfg.track}, engine {engine_desc}, {len(driver.plans)} cell(s) planned")
+    _finish_run(driver, _drive(driver, address, progress))
+
+
+def _run_config(
+    track: str, config: Path | None, engine: EngineKind | None, simulate: bool, seed: int | None, resume: Path | None
+) -> ExperimentConfig:
+    """The run's config: the track's quick profile ← the file (a resumed run's own) ← the flags."""
+    from cluster.config import ConfigError, load_yaml, resolve
+
+    overrides: dict = {}
+    if engine is not None:
+        overrides.setdefault("engine", {})["kind"] = engine.value
+    if simulate:
+        overrides.setdefault("engine", {})["kind"] = "simulated"
+    if seed is not None:
+        overrides["seed"] = seed
+    if config is None and resume is not None and (resume / "config.yaml").is_file():
+        config = resume / "config.yaml"
+    cfg = resolve(track, load_yaml(config) if config else {}, overrides)
+    if cfg.simulated and not simulate:
+        raise ConfigError("invalid config:\n  engine.kind: 'simulated' runs only with --simulate (real engines are the default)")
+    return cfg
+
+
+def _drive(driver: Driver, address: str | None, progress: bool) -> Path:
+    """Run the cells, under the progress display if asked; a user's mistake ends in one line."""
+    from analysis.packet import PacketError
+    from cluster.config import ConfigError
+    from cluster.console import RunDisplay, ray_logs_on
+
     try:
         with ray_logs_on(console):
-            if progress:
-                with RunDisplay(console, len(driver.plans), sum(p.num_requests for p in driver.plans)) as display:
-                    display.phase(f"joining Ray at {address}" if address else "starting an embedded Ray (a few seconds)")
-                    run_dir = driver.run(display.update)
-            else:
-                run_dir = driver.run()
+            if not progress:
+                return driver.run()
+            with RunDisplay(console, len(driver.plans), sum(p.num_requests for p in driver.plans)) as display:
+                display.phase(f"joining Ray at {address}" if address else "starting an embedded Ray (a few seconds)")
+                return driver.run(display.update)
     except (ConfigError, PacketError) as e:
         _fail(str(e))
     except ConnectionError:  # --address with no reachable cluster
         _fail(_NO_CLUSTER.format(address=address))
+
+
+def _finish_run(driver: Driver, run_dir: Path) -> None:
+    """The summary and where the packet is, on stderr; its location alone on stdout; the exit code."""
+    from cluster.console import print_summary
+    from cluster.outcome import exit_code
+
     summary = json.loads((run_dir / "summary.json").read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text())
     print_summary(console, summary, manifest)  # on stderr: stdout stays the packet's location alone
@@ -167,12 +193,9 @@ def serve(
     Prompts are token-id lists unless --tokenizer is given (chat needs one; `pdbench tokenizer build` makes one offline).
     Stop with Ctrl-C (the app is deleted); with --address and --detach it keeps running until `serve shutdown` or `ray down`.
     """
-    import signal
-    import time
-
     from cluster import ray_env
     from cluster.config import load_yaml
-    from cluster.serve import check_listen, deploy, is_loopback, serve_spec, undeploy
+    from cluster.serve import check_listen, is_loopback, serve_spec
 
     if detach and not address:
         _fail("--detach needs --address: an embedded Ray ends with this command")
@@ -194,12 +217,20 @@ def serve(
         ray_env.connect(address)
     except ConnectionError:
         _fail(_NO_CLUSTER.format(address=address))
+    _serve_until_stopped(spec, host, port, detach)
+
+
+def _serve_until_stopped(spec: ServeSpec, host: str, port: int, detach: bool) -> None:
+    """Deploy, then wait. Ctrl-C, and `kill` or a supervisor's SIGTERM alike, remove the app (a
+    shell may have left SIGINT ignored for a background process)."""
+    import signal
+    import time
+
+    from cluster.serve import deploy, undeploy
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
 
-    # Ctrl-C, and `kill` or a supervisor's SIGTERM alike, remove the app (a shell may have left
-    # SIGINT ignored for a background process).
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     try:

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from actors.engines.spec import EngineConfig
-from actors.kv.spec import KVTransferConfig
+from actors.handoffs.spec import DEFAULT_BACKEND, KVHandoffConfig
 from actors.openai_client import TargetSpec
 from analysis.metrics import SLO
 from workloads.requests import WorkloadSpec
@@ -52,8 +52,8 @@ class ExperimentConfig(BaseModel):
     workload: WorkloadSpec = WorkloadSpec()
     slo: SLO = SLO()
     placement: PlacementSpec = PlacementSpec()
-    kv_transfer: KVTransferConfig = Field(
-        default_factory=KVTransferConfig, description="disaggregated cells: how KV moves from prefill to decode"
+    kv_transfer: KVHandoffConfig = Field(
+        default_factory=KVHandoffConfig, description="disaggregated cells: how KV moves from prefill to decode"
     )
     params: dict[str, Any] = Field(default_factory=dict, description="track-specific parameters")
     max_concurrent_cells: PositiveInt | Literal["auto"] = Field(
@@ -194,8 +194,17 @@ def resolve(track: str, file_data: dict[str, Any] | None = None, overrides: dict
 UNHASHED = {"placement": {"wait_timeout_s"}}
 
 
+def kv_transfer_hashed(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The KV section as hashes see it: the default backend left out, so the hashes of runs made
+    before backends had names stand (resume finds their cells)."""
+    out = cfg.kv_transfer.model_dump(mode="json")
+    if out["backend"] == DEFAULT_BACKEND:
+        del out["backend"]
+    return out
+
+
 def config_hash(cfg: ExperimentConfig) -> str:
-    return sha256_of(cfg.model_dump(mode="json", exclude=UNHASHED))
+    return sha256_of({**cfg.model_dump(mode="json", exclude=UNHASHED), "kv_transfer": kv_transfer_hashed(cfg)})
 
 
 def to_yaml(cfg: ExperimentConfig) -> dict[str, Any]:

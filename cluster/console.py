@@ -22,8 +22,8 @@ from rich.table import Table
 
 from analysis.headline import cell_rows, headlines
 
-if TYPE_CHECKING:  # the driver imports Ray; the display needs only its dataclasses' shape
-    from cluster.driver import CellState, RunProgress
+if TYPE_CHECKING:  # the round loop imports Ray; the display needs only its dataclasses' shape
+    from cluster.rounds import CellState, RunProgress
 
 PLAIN_INTERVAL_S = 10.0
 _TERMINAL_COLUMNS = (

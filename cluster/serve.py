@@ -27,8 +27,8 @@ from actors.backends import ActorBackend
 from actors.engine_actor import EngineActor, actor_name
 from actors.engines.models import model_path_problem
 from actors.engines.spec import EngineConfig
-from actors.kv.directory import directory_actor
-from actors.kv.spec import KVTransferConfig
+from actors.handoffs import check_backend
+from actors.handoffs.spec import KVHandoffConfig
 from actors.openai_api import (
     ApiError,
     ChatCompletionRequest,
@@ -52,7 +52,7 @@ class ServeSpec(BaseModel):
     mode: Literal["aggregated", "disaggregated"] = "aggregated"
     engine: EngineConfig = EngineConfig()
     placement: PlacementSpec = PlacementSpec()
-    kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig, description="disaggregated mode: how KV moves")
+    kv_transfer: KVHandoffConfig = Field(default_factory=KVHandoffConfig, description="disaggregated mode: how KV moves")
     served_model_name: str | None = Field(default=None, description="the `model` clients send; default engine.model")
     tokenizer: str | None = Field(default=None, description="Hugging Face tokenizer (folder or hub name) for text prompts")
     app_name: str = Field(default="pdbench", pattern=r"^[A-Za-z0-9_-]+$")
@@ -86,10 +86,11 @@ def serve_spec(file_data: dict[str, Any], overrides: dict[str, Any]) -> ServeSpe
     problem = model_path_problem(spec.engine.model)
     if problem:
         raise ConfigError(f"invalid config:\n  engine.model: {problem}")
-    if spec.mode == "disaggregated" and spec.engine.kind not in ("reference", "vllm"):
-        raise ConfigError(
-            f"invalid config:\n  engine.kind: the disaggregated mode runs reference or vllm engines, not {spec.engine.kind!r}"
-        )
+    if spec.mode == "disaggregated":
+        try:
+            check_backend(spec.kv_transfer.backend, spec.engine.kind)
+        except ValueError as e:
+            raise ConfigError(f"invalid config:\n  {e}") from None
     return spec
 
 
@@ -116,31 +117,35 @@ async def _aggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
 
 
 async def _disaggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
-    """Prefill and decode actors, KV through the object store; the decode actor is the entry.
+    """Prefill and decode actors, KV moved by `kv_transfer.backend`; the decode actor is the entry.
 
     No placement group: each engine takes its own GPU (or CPUs) wherever Ray finds one, so
     prefill and decode may share a node or not, as the cluster has room.
     """
-    from cluster.cells.disaggregated import check_pair, pair_classes
+    from actors.disaggregated import launch_pair, start_pair
 
-    PrefillActor, DecodeActor = pair_classes(spec.engine.kind)
     opts = {"num_cpus": spec.placement.cpus_per_engine, "num_gpus": spec.gpus_per_engine()}
-    engine, kv = spec.engine.model_dump(mode="json"), spec.kv_transfer.model_dump(mode="json")
-    dir_name = actor_name(run, cell, "kvdir")
-    directory = directory_actor(dir_name)
-    prefill = PrefillActor.options(name=actor_name(run, cell, "prefill"), **opts).remote(engine, kv, dir_name, run, cell)
-    decode = DecodeActor.options(name=actor_name(run, cell, "decode"), **opts).remote(engine, kv, prefill, dir_name, run, cell)
-    owned = [decode, prefill, directory]
+    owned: list[Any] = []
     try:
-        p_info, d_info = await asyncio.wait_for(asyncio.gather(prefill.start.remote(), decode.start.remote()), ENGINE_START_TIMEOUT_S)
-        check_pair(p_info, d_info)
+        pair = launch_pair(
+            spec.engine,
+            spec.kv_transfer,
+            run,
+            cell,
+            lambda role: actor_name(run, cell, role),
+            lambda role: {} if role == "kvdir" else opts,
+            owned,
+        )
+        _, d_info = await start_pair(pair, ENGINE_START_TIMEOUT_S)
     except BaseException:
         for a in owned:
             ray.kill(a)
         raise
     # The decode actor keeps one transfer record per request for a cell to collect; a server
     # has no cell end, so they are handed over and dropped (the Ray metrics keep the story).
-    return Entry(handle=decode, info=d_info, owned=owned, housekeeping=decode.transfers.remote)
+    return Entry(
+        handle=pair.decode, info=d_info, owned=[pair.decode, pair.prefill, pair.directory], housekeeping=pair.decode.transfers.remote
+    )
 
 
 SERVE_ENTRIES: dict[str, Callable[[ServeSpec, str, str], Awaitable[Entry]]] = {

@@ -6,7 +6,7 @@ import logging
 from rich.console import Console
 
 from cluster.console import RunDisplay, ray_logs_on, summary_tables
-from cluster.driver import CellState, RunProgress
+from cluster.rounds import CellState, RunProgress
 
 
 def _console():

@@ -225,7 +225,7 @@ def test_router_spreads_requests_over_replicas_without_changing_tokens(pair):
 
 
 def test_a_pair_whose_kv_is_not_interchangeable_is_refused():
-    from cluster.cells.disaggregated import check_pair
+    from actors.disaggregated import check_pair
 
     info = {"architecture": {"hash": "a"}, "dtype": "bfloat16", "extra": {"weight_checksum": "w1"}}
     check_pair(info, dict(info))  # same architecture, dtype and weights: accepted

@@ -8,7 +8,8 @@ import pytest
 from analysis.tracks.e3 import ANALYSIS as E3
 from analysis.transfers import bytes_vs_analytic, transfer_metrics, transfers_frame, with_stall_ratio
 from cluster.config import ConfigError, resolve
-from cluster.driver import Driver, RunOptions, cell_hash, plan_cells
+from cluster.driver import Driver, RunOptions
+from cluster.planning import cell_hash, plan_cells
 
 SMALL = {
     "workload": {

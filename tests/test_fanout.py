@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from actors.engine_actor import actor_name
 from cluster.cli import app
 from cluster.config import resolve
-from cluster.driver import Driver, RunOptions, cell_concurrency
+from cluster.driver import Driver, RunOptions
+from cluster.planning import cell_concurrency
 from workloads.arrivals import ClosedLoop
 from workloads.requests import RequestSpec
 from workloads.text import workload_of

@@ -166,7 +166,7 @@ def test_a_ray_task_error_is_its_root_cause_in_one_line():
 def test_request_errors_are_one_line_in_tables_and_whole_in_the_log():
     import pandas as pd
 
-    from cluster.driver import one_line_errors
+    from cluster.cell_record import one_line_errors
 
     tb = "ActorDiedError: The actor died unexpectedly\n\tclass_name: EngineActor\n\x1b[31mTraceback ...\x1b[0m"
     df, logged = one_line_errors(pd.DataFrame({"error": [None, tb, "HTTP 500: short"], "ok": [True, False, False]}))

@@ -7,13 +7,14 @@ import json
 
 import pandas as pd
 import pytest
+from faults import closed_port, http_server
 from typer.testing import CliRunner
 
 from analysis.packet import load_packet
+from cluster.cell_record import no_success
 from cluster.cli import app
 from cluster.config import resolve
-from cluster.driver import Driver, RunOptions, no_success
-from faults import closed_port, http_server
+from cluster.driver import Driver, RunOptions
 from workloads.arrivals import ClosedLoop
 from workloads.tracks.base import CellPlan, Track, TrackParams, register
 
@@ -175,7 +176,7 @@ def _resume(run_dir, *extra):
 def test_a_second_resume_while_one_runs_is_refused_in_one_line(finished_e1):
     from filelock import FileLock
 
-    from cluster.driver import LOCK_FILE
+    from cluster.resume import LOCK_FILE
 
     before = (finished_e1 / "manifest.json").read_text()
     with FileLock(finished_e1 / LOCK_FILE):  # another pdbench process holds the run
@@ -199,7 +200,7 @@ def test_a_resume_while_another_process_holds_the_run_is_refused(finished_e1):
     import subprocess
     import sys
 
-    from cluster.driver import LOCK_FILE
+    from cluster.resume import LOCK_FILE
 
     hold = "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)"
     holder = subprocess.Popen([sys.executable, "-c", hold, str(finished_e1 / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
@@ -319,7 +320,7 @@ def test_a_cell_whose_resources_are_held_gives_up_naming_them(ray_local, tmp_pat
 
 def test_how_long_to_wait_is_not_part_of_the_config_hash():
     from cluster.config import config_hash
-    from cluster.driver import cell_hash, plan_cells
+    from cluster.planning import cell_hash, plan_cells
 
     a, b = resolve("e0"), resolve("e0", {"placement": {"wait_timeout_s": 5}})
     assert config_hash(a) == config_hash(b)

@@ -56,3 +56,26 @@ def test_bounds_are_validated_and_rates_rounded():
         next_rates({}, 5.0, 5.0, 0.1)
     assert round_rate(13.912345) == 13.91 and round_rate(0.123456) == 0.1235
     assert next_rates({}, 1.00001, 9.99999, 0.1) == [1.0, 10.0]
+
+
+def test_the_report_brackets_the_same_rates_the_search_passed_and_failed():
+    """One pass rule (workloads.search.meets_target) for the search and the report: the same
+    probes give the same bracket, including a probe exactly at the target."""
+    import pandas as pd
+
+    from analysis.tracks.e2 import max_rate_goodput
+    from workloads.tracks import CellOutcome
+    from workloads.tracks.e2 import probe_points
+
+    attained = {1.0: 0.95, 2.0: 0.9, 4.0: 0.5}  # 0.9 is exactly the target: it passes in both
+    done = {
+        f"c{r}": CellOutcome(f"c{r}", {"phase": "search", "burstiness": 1.0, "rate": r}, True, None, {"slo_attainment": a, "slo": {"attainment": 0.9}})
+        for r, a in attained.items()
+    }
+    search = bracket(probe_points(done, 1.0))
+    df = pd.DataFrame(
+        [{"phase": "search", "burstiness": 1.0, "status": "ok", "rate": r, "slo_attainment": a, "target": 0.9} for r, a in attained.items()]
+    )
+    report = max_rate_goodput(df, {}, gpus=1)  # no params: the track's own search defaults
+    assert report is not None
+    assert (report["rate_rps"], report["first_failing_rps"], report["status"]) == (search.passing, search.failing, search.status) == (2.0, 4.0, "bracketed")

@@ -152,7 +152,7 @@ def test_loopback_detection(host, loopback):
 def test_the_env_var_a_target_names_is_secret_whatever_its_name(monkeypatch):
     from analysis.redact import secret_env_values
     from cluster.config import resolve
-    from cluster.driver import for_target, plan_cells
+    from cluster.planning import for_target, plan_cells
 
     monkeypatch.setenv("VLLM_AUTH", "s3cr3t-value-0123456789")
     assert "s3cr3t-value-0123456789" not in secret_env_values()

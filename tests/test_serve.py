@@ -307,14 +307,14 @@ def test_cli_serve_defaults_to_loopback(tmp_path):
 @pytest.mark.parametrize("track,why", [("e3", "compares serving modes"), ("e5", "sets the engine per cell"), ("e6", "sets the engine per cell")])
 def test_target_is_refused_where_the_track_needs_our_engines(track, why):
     from cluster.config import ConfigError
-    from cluster.driver import plan_cells
+    from cluster.planning import plan_cells
 
     with pytest.raises(ConfigError, match=why):
         plan_cells(resolve(track, {"target": {"base_url": "http://127.0.0.1:9", "model": MODEL, "vocab_size": 2048}}))
 
 
 def test_target_cells_drive_the_server_in_every_round():
-    from cluster.driver import plan_cells
+    from cluster.planning import plan_cells
 
     plans = plan_cells(resolve("e2", {"target": {"base_url": "http://127.0.0.1:9", "model": MODEL, "vocab_size": 2048}}))
     assert plans and {p.serving_mode for p in plans} == {"external"}

@@ -3,7 +3,7 @@
 import pytest
 
 from cluster.config import ConfigError, resolve
-from cluster.driver import cell_hash, plan_cells
+from cluster.planning import cell_hash, plan_cells
 from workloads.arrivals import ClosedLoop, Gamma, Poisson
 from workloads.tracks import CellOutcome, get_track
 

@@ -58,8 +58,8 @@ def test_a_request_vllm_ends_early_is_a_failure():
 
 
 def test_connector_leaves_a_failed_load_to_the_decode_actor(ray_local):
+    from actors.handoffs.vllm_object_store import connector_config
     from actors.kv.spec import KVTransferConfig
-    from actors.vllm_disaggregated import connector_config
 
     cfg = EngineConfig(kind="vllm", model="qwen3-0.6b")
     c = connector_config(cfg, KVTransferConfig(), "dir", "run", "cell")
@@ -89,7 +89,7 @@ class _FakeEngine:
 
 async def _collect(engine, params):
     from actors.engines import EngineRequest
-    from actors.vllm_disaggregated import stream_or_recompute
+    from actors.handoffs.vllm_object_store import stream_or_recompute
 
     retried: list[str] = []
     out = [d async for d in stream_or_recompute(engine, EngineRequest("r1", [5, 6, 7], 3), params, retried)]
@@ -136,13 +136,19 @@ class _Remote:
 def _with_prefill_actor(prefill_fn, engine, reports):
     import types
 
-    from actors.kv.spec import KVTransferConfig
-    from actors.vllm_disaggregated import VllmDecodeActor
+    from actors.disaggregated import DecodeActor
+    from actors.engines import EngineConfig
+    from actors.handoffs.base import PairContext
+    from actors.handoffs.spec import KVHandoffConfig
+    from actors.handoffs.vllm_object_store import VllmObjectStoreDecode
 
-    cls = VllmDecodeActor.__ray_metadata__.modified_class
+    side = VllmObjectStoreDecode.__new__(VllmObjectStoreDecode)
+    kv = KVHandoffConfig(decode_submit="with_prefill")
+    side.ctx = PairContext(EngineConfig(kind="vllm", model="qwen3-0.6b"), kv, "dir", "run", "cell")
+    side.engine, side.block_size = engine, 4
+    cls = DecodeActor.__ray_metadata__.modified_class
     a = cls.__new__(cls)
-    a.kv = KVTransferConfig(decode_submit="with_prefill")
-    a.engine, a.block_size, a.run_id, a.cell_id, a._records = engine, 4, "run", "cell", []
+    a.side, a.run_id, a.cell_id, a._records = side, "run", "cell", []
     a.prefill = types.SimpleNamespace(prefill=_Remote(prefill_fn))
     failed: list[tuple[str, str]] = []
 
@@ -155,7 +161,7 @@ def _with_prefill_actor(prefill_fn, engine, reports):
         row = reports.pop(0)
         return row() if callable(row) else row
 
-    a.directory = types.SimpleNamespace(fail=_Remote(fail), take_report=_Remote(take_report))
+    a.directory = side.directory = types.SimpleNamespace(fail=_Remote(fail), take_report=_Remote(take_report))
     return a, failed
 
 

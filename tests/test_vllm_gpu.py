@@ -99,11 +99,11 @@ def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray):
 
     import ray
 
+    from actors.disaggregated import DecodeActor, PrefillActor
     from actors.engine_actor import EngineActor
     from actors.engines.spec import EngineConfig
     from actors.kv.directory import directory_actor
     from actors.kv.spec import KVTransferConfig
-    from actors.vllm_disaggregated import VllmDecodeActor, VllmPrefillActor
     from workloads.lengths import Fixed
     from workloads.requests import WorkloadSpec, synthetic_requests
 
@@ -111,8 +111,8 @@ def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray):
                        vllm={"gpu_memory_utilization": 0.5, "enforce_eager": True}).model_dump()
     kv = KVTransferConfig().model_dump()
     directory = directory_actor("gpu-test-kvdir")
-    prefill = VllmPrefillActor.options(num_gpus=1).remote(cfg, kv, "gpu-test-kvdir", "t", "c")
-    decode = VllmDecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, "gpu-test-kvdir", "t", "c")
+    prefill = PrefillActor.options(num_gpus=1).remote(cfg, kv, "gpu-test-kvdir", "t", "c")
+    decode = DecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, "gpu-test-kvdir", "t", "c")
     p_info, d_info = ray.get([prefill.start.remote(), decode.start.remote()])
     assert p_info["extra"]["weight_checksum"] == d_info["extra"]["weight_checksum"]
     spec = WorkloadSpec(num_requests=4, warmup_requests=0, input_len=Fixed(value=300), output_len=Fixed(value=24))

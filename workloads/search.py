@@ -41,6 +41,12 @@ class Bracket:
         return None if self.passing is None or self.failing is None else self.failing - self.passing
 
 
+def meets_target(attainment: float | None, target: float | None) -> bool:
+    """The search's pass rule, for the search and the report alike: a probe passes when its SLO
+    attainment reaches the target."""
+    return attainment is not None and target is not None and attainment >= target
+
+
 def bracket(points: Mapping[float, bool]) -> Bracket:
     """`points`: rate → whether attainment met the target at that rate."""
     if not points:

@@ -27,6 +27,7 @@ import pandas as pd
 from analysis.formatting import num
 from analysis.records import measured
 from analysis.tracks.base import Headline, Section, TrackAnalysis
+from workloads.tracks.e0 import E0Params
 
 NOISE_BLOCKS = 4  # blocks each repeat is split into to measure its own noise
 NOISE_SIGMAS = 3.0  # a difference within this many standard errors is noise
@@ -80,77 +81,80 @@ def _repeat_of(cell_id: str, meta: dict[str, Any]) -> tuple[str, int]:
     return (f"rep{labels['repeat']}" if "repeat" in labels else cell_id), int(labels.get("round", 0))
 
 
+def _incomplete(tol: float, rounds: int, finished: list[str], repeats: int) -> dict[str, Any]:
+    return {
+        "verdict": "incomplete",
+        "tolerance": tol,
+        "rounds": rounds,
+        "checks": [
+            {"check": "every repeat finished", "kind": "correctness", "ok": False, "detail": {"finished": finished, "repeats": repeats}}
+        ],
+    }
+
+
+def _identity_checks(cells: dict[str, Any], where: dict[str, tuple[str, int]]) -> list[dict[str, Any]]:
+    """Same config and same weights in every repeat."""
+    # A round's cells must be the same cell config (the same stretch of requests) in every repeat.
+    hashes = {c: cells[c].get("config_hash") for c in sorted(cells)}
+    same = all(len({h for c, h in hashes.items() if where[c][1] == r}) == 1 for r in {rd for _, rd in where.values()})
+    checks = [{"check": "config hash identical", "kind": "correctness", "ok": same, "detail": hashes}]
+    # The same config must also have built the same model: engines report a weight checksum.
+    weights = {c: ((cells[c].get("engine_info") or {}).get("extra") or {}).get("weight_checksum") for c in sorted(cells)}
+    if any(weights.values()):
+        checks.append(
+            {"check": "engine weights identical", "kind": "correctness", "ok": len(set(weights.values())) == 1, "detail": weights}
+        )
+    return checks
+
+
+def _token_checks(df: pd.DataFrame, ids: list[str]) -> list[dict[str, Any]]:
+    """Every request completed, and greedy tokens equal request by request between repeats."""
+    tokens = {c: df[df["repeat"] == c].set_index("request_id")["output_token_ids"] for c in ids}
+    failed = int((~df["ok"].astype(bool)).sum())
+    mismatched: list[str] = []
+    for a, b in combinations(ids, 2):
+        if set(tokens[a].index) != set(tokens[b].index):
+            mismatched.append(f"{a}/{b}: different request ids")
+            continue
+        mismatched += [f"{a}/{b}:{rid}" for rid in tokens[a].index if list(tokens[a][rid]) != list(tokens[b][rid])]
+    detail = {"requests_compared": len(tokens[ids[0]]) if ids else 0, "mismatches": mismatched[:20]}
+    return [
+        {"check": "every request completed", "kind": "correctness", "ok": failed == 0, "detail": {"failed": failed}},
+        {"check": "greedy token ids identical request by request", "kind": "correctness", "ok": not mismatched, "detail": detail},
+    ]
+
+
+def _timing_checks(df: pd.DataFrame, ids: list[str], tol: float) -> list[dict[str, Any]]:
+    """Each timing median within the larger of the tolerance and the noise the repeats measured."""
+    done = {c: df[(df["repeat"] == c) & df["ok"].astype(bool)] for c in ids}
+    checks = []
+    for name, get in _MEDIANS.items():
+        values = {c: get(done[c]) for c in ids}
+        noise = {c: relative_noise(done[c], get) for c in ids}
+        worst, band = 0.0, tol
+        for a, b in combinations(ids, 2):
+            worst = max(worst, _rel_diff(values[a], values[b]) or 0.0)
+            band = max(band, NOISE_SIGMAS * math.hypot(noise[a], noise[b]))
+        detail = {"metric": name, "values": values, "max_relative_difference": worst, "noise_relative_se": noise, "allowed": band}
+        checks.append({"check": f"{name} within max({tol:.0%}, measured noise)", "kind": "timing", "ok": worst <= band, "detail": detail})
+    return checks
+
+
 class E0Analysis(TrackAnalysis):
     def verdicts(self, requests: pd.DataFrame, cells: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-        tol = float(params.get("tolerance", 0.25))
-        repeats, rounds = int(params.get("repeats", 2)), int(params.get("rounds", 1))
+        p = {**E0Params().model_dump(), **params}
+        tol, repeats = float(p["tolerance"]), int(p["repeats"])
+        # Not the planning default: a packet from before rounds existed ran each repeat as one cell.
+        rounds = int(params.get("rounds", 1))
         where = {c: _repeat_of(c, m) for c, m in cells.items()}
         finished = {r: sorted(c for c, (rr, _) in where.items() if rr == r) for r, _ in where.values()}
         ids = sorted(r for r, cs in finished.items() if len(cs) >= rounds)
         if len(ids) < repeats:  # a crashed repeat (or round) is no evidence of reproducibility
-            return {
-                "verdict": "incomplete",
-                "tolerance": tol,
-                "rounds": rounds,
-                "checks": [
-                    {"check": "every repeat finished", "kind": "correctness", "ok": False, "detail": {"finished": ids, "repeats": repeats}}
-                ],
-            }
-        checks: list[dict[str, Any]] = []
-        # A round's cells must be the same cell config (the same stretch of requests) in every repeat.
-        hashes = {c: cells[c].get("config_hash") for c in sorted(cells)}
-        same = all(len({h for c, h in hashes.items() if where[c][1] == r}) == 1 for r in {rd for _, rd in where.values()})
-        checks.append({"check": "config hash identical", "kind": "correctness", "ok": same, "detail": hashes})
-        # The same config must also have built the same model: engines report a weight checksum.
-        weights = {c: ((cells[c].get("engine_info") or {}).get("extra") or {}).get("weight_checksum") for c in sorted(cells)}
-        if any(weights.values()):
-            checks.append(
-                {"check": "engine weights identical", "kind": "correctness", "ok": len(set(weights.values())) == 1, "detail": weights}
-            )
+            return _incomplete(tol, rounds, ids, repeats)
         df = measured(requests)
         df = df[df["cell_id"].isin(list(where))]
         df = df.assign(repeat=df["cell_id"].map(lambda c: where[c][0]), round=df["cell_id"].map(lambda c: where[c][1]))
-        tokens = {c: df[df["repeat"] == c].set_index("request_id")["output_token_ids"] for c in ids}
-        failed = int((~df["ok"].astype(bool)).sum())
-        checks.append({"check": "every request completed", "kind": "correctness", "ok": failed == 0, "detail": {"failed": failed}})
-        mismatched: list[str] = []
-        for a, b in combinations(ids, 2):
-            if set(tokens[a].index) != set(tokens[b].index):
-                mismatched.append(f"{a}/{b}: different request ids")
-                continue
-            for rid in tokens[a].index:
-                if list(tokens[a][rid]) != list(tokens[b][rid]):
-                    mismatched.append(f"{a}/{b}:{rid}")
-        checks.append(
-            {
-                "check": "greedy token ids identical request by request",
-                "kind": "correctness",
-                "ok": not mismatched,
-                "detail": {"requests_compared": len(tokens[ids[0]]) if ids else 0, "mismatches": mismatched[:20]},
-            }
-        )
-        done = {c: df[(df["repeat"] == c) & df["ok"].astype(bool)] for c in ids}
-        for name, get in _MEDIANS.items():
-            values = {c: get(done[c]) for c in ids}
-            noise = {c: relative_noise(done[c], get) for c in ids}
-            worst, band = 0.0, tol
-            for a, b in combinations(ids, 2):
-                worst = max(worst, _rel_diff(values[a], values[b]) or 0.0)
-                band = max(band, NOISE_SIGMAS * math.hypot(noise[a], noise[b]))
-            checks.append(
-                {
-                    "check": f"{name} within max({tol:.0%}, measured noise)",
-                    "kind": "timing",
-                    "ok": worst <= band,
-                    "detail": {
-                        "metric": name,
-                        "values": values,
-                        "max_relative_difference": worst,
-                        "noise_relative_se": noise,
-                        "allowed": band,
-                    },
-                }
-            )
+        checks = _identity_checks(cells, where) + _token_checks(df, ids) + _timing_checks(df, ids, tol)
         correct = all(c["ok"] for c in checks if c["kind"] == "correctness")
         stable = all(c["ok"] for c in checks if c["kind"] == "timing")
         verdict = "not reproducible" if not correct else ("reproducible" if stable else "reproducible, timing unstable")

@@ -17,7 +17,8 @@ from analysis.formatting import ms, num, pct
 from analysis.plots import colours
 from analysis.records import measured
 from analysis.tracks.base import Headline, Section, TrackAnalysis
-from workloads.search import bracket
+from workloads.search import bracket, meets_target
+from workloads.tracks.e2 import RateSearch
 
 
 def _q(m: dict[str, Any] | None, key: str, q: str) -> float | None:
@@ -65,19 +66,24 @@ def pareto(df: pd.DataFrame, x: str, y: str) -> list[str]:
     return front
 
 
+def _number(x: Any) -> float | None:
+    return None if x is None or pd.isna(x) else float(x)
+
+
 def max_rate_goodput(df: pd.DataFrame, params: dict[str, Any], gpus: int) -> dict[str, Any] | None:
-    search = params.get("search") or {}
-    if not search.get("enabled", True):
+    # The search's settings as it ran them: the track's own defaults under what the packet says.
+    search = {**RateSearch().model_dump(), **(params.get("search") or {})}
+    if not search["enabled"]:
         return None
-    b_target = float(search.get("burstiness", 1.0))
+    b_target = float(search["burstiness"])
     # Failed probes are no evidence either way (as in the search itself); the report lists them.
     probes = df[df["phase"].isin(["sweep", "search"]) & (df["burstiness"] == b_target) & (df["status"] == "ok")]
     if probes.empty:
         return None
     targets = probes["target"].dropna()
     target = float(targets.to_numpy()[0]) if not targets.empty else None
-    rates, attained = probes["rate"].tolist(), probes["slo_attainment"].tolist()
-    passes = {float(r): bool(target is not None and a >= target) for r, a in zip(rates, attained, strict=True)}
+    rows = zip(probes["rate"], probes["slo_attainment"], probes["target"], strict=True)
+    passes = {float(r): meets_target(_number(a), _number(t)) for r, a, t in rows}
     b = bracket(passes)
     return {
         "rate_rps": b.passing,

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 
 from workloads.arrivals import ClosedLoop, Gamma, Poisson
 from workloads.requests import WorkloadSpec
-from workloads.search import next_rates, round_rate
+from workloads.search import meets_target, next_rates, round_rate
 from workloads.tracks.base import CellOutcome, CellPlan, Track, TrackParams, register
 
 
@@ -90,18 +90,13 @@ def capacity(done: Mapping[str, CellOutcome]) -> float | None:
     return max(vals) if vals else None
 
 
-def meets_target(o: CellOutcome) -> bool:
-    """A probe passes when its attainment reaches the SLO target."""
-    return o.metrics is not None and o.metrics["slo_attainment"] >= o.metrics["slo"]["attainment"]
-
-
 def probe_points(done: Mapping[str, CellOutcome], burstiness: float) -> dict[float, bool]:
     """rate → met the target, over finished open-loop cells with this arrival process (sweep and
     search). A failed cell is no evidence either way: it is left out, so the search proposes its
     rate again, the driver sees that cell already ran, and the search stops there (the report
     lists the failure)."""
     return {
-        o.labels["rate"]: meets_target(o)
+        o.labels["rate"]: o.metrics is not None and meets_target(o.metrics["slo_attainment"], o.metrics["slo"]["attainment"])
         for o in done.values()
         if o.ok and o.labels.get("phase") in ("sweep", "search") and o.labels.get("burstiness") == burstiness
     }

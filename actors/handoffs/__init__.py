@@ -1,0 +1,56 @@
+"""KV transfer backends, by the name `kv_transfer.backend` gives.
+
+Each backend maps the engine kinds it serves to the two sides of the KV-handoff interface
+(actors/handoffs/base.py). Its sides load only when a pair's actor asks for them, so torch and
+vLLM stay out of the driver. Adding a backend: its module under actors/handoffs/ and one
+`KV_BACKENDS.add` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from workloads.registry import Registry
+
+if TYPE_CHECKING:
+    from actors.handoffs.base import Sides
+
+
+@dataclass(frozen=True)
+class KVBackend:
+    engines: Mapping[str, Callable[[], Sides]]  # engine.kind → loader of its prefill and decode sides
+
+    def check(self, name: str, kind: str) -> None:
+        if kind not in self.engines:
+            raise ValueError(
+                f"engine.kind: the {name} KV backend moves the KV of {' or '.join(sorted(self.engines))} engines, not {kind!r}"
+            )
+
+
+def _object_store_reference() -> Sides:
+    from actors.handoffs.object_store import SIDES
+
+    return SIDES
+
+
+def _object_store_vllm() -> Sides:
+    from actors.handoffs.vllm_object_store import SIDES
+
+    return SIDES
+
+
+KV_BACKENDS: Registry[KVBackend] = Registry("kv_transfer.backend")
+KV_BACKENDS.add("ray-object-store", KVBackend({"reference": _object_store_reference, "vllm": _object_store_vllm}))
+
+
+def check_backend(backend: str, kind: str) -> None:
+    """Fail in one line, in the driver before any actor starts, where `backend` cannot serve `kind`."""
+    KV_BACKENDS.get(backend).check(backend, kind)
+
+
+def backend_sides(backend: str, kind: str) -> Sides:
+    """The two sides `backend` runs for engines of `kind` (imports them: call it inside the actor)."""
+    check_backend(backend, kind)
+    return KV_BACKENDS.get(backend).engines[kind]()

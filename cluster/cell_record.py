@@ -1,0 +1,144 @@
+"""One cell run and what it leaves on disk: cell.json, requests.parquet, transfers.parquet and
+errors.log under `cells/<cell_id>/`, each written atomically before the next result is awaited.
+
+A cell that raises is a failed cell with its reason in one line (the traceback in errors.log),
+never a failed run; a cell whose requests all failed keeps its records as evidence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.errortext import MAX_LINE, first_line, one_line
+from analysis.packet import write_json, write_log, write_parquet
+from analysis.records import measured
+from cluster.cells import MODES, CellContext, CellResult
+from cluster.hostload import HostLoadProbe
+from cluster.planning import preflight
+from cluster.resume import clear
+from workloads.text import get_codec
+from workloads.tracks import CellPlan
+
+# Cell statuses whose records count: `partial` is a fault after the requests ran (records kept).
+MEASURED = ("ok", "partial")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def one_line_errors(df: pd.DataFrame | None) -> tuple[pd.DataFrame | None, list[str]]:
+    """Records whose `error` is more than one line (a remote traceback, colour codes) keep its
+    first line; the whole texts come back for errors.log."""
+    if df is None or "error" not in df.columns:
+        return df, []
+    long = [e for e in df["error"].dropna().unique() if isinstance(e, str) and ("\n" in e.strip() or "\x1b" in e or len(e) > MAX_LINE)]
+    if not long:
+        return df, []
+    short = {e: first_line(e) for e in long}
+    return df.assign(error=df["error"].map(lambda e: short.get(e, e) if isinstance(e, str) else e)), [str(e) for e in long]
+
+
+def no_success(df: pd.DataFrame) -> str | None:
+    """Why a cell measured nothing (no measured request succeeded), or None."""
+    rows = measured(df) if not df.empty else df
+    if not rows.empty and rows["ok"].astype(bool).any():
+        return None
+    if rows.empty:
+        return "no request was measured"
+    errors = rows["error"].dropna()
+    first = f"; first error: {str(errors.iloc[0]).splitlines()[0][:200]}" if not errors.empty else ""
+    return f"no request succeeded ({len(rows)} of {len(rows)} failed){first}"
+
+
+def cell_node_ids(meta: dict[str, Any], df: pd.DataFrame) -> dict[str, list[str]]:
+    """Ray node ids a cell ran on, by role (the manifest's per-cell `nodes`)."""
+    out: dict[str, list[str]] = {}
+    for col in df.columns if not df.empty else []:
+        if col.endswith("_node_id"):
+            out[col.removesuffix("_node_id")] = sorted(df[col].dropna().astype(str).unique())
+    if not out.get("engine") and (meta.get("engine_info") or {}).get("node"):
+        out["engine"] = [meta["engine_info"]["node"]["node_id"]]
+    return out
+
+
+def annotate(plan: CellPlan, df: pd.DataFrame, meta: dict[str, Any]) -> pd.DataFrame:
+    """Disaggregated rows get the pair's node ids. Track-built prompts: each row gets its
+    request's meta (answer, depth) and, where a tokenizer made the prompt, the decoded output,
+    so scoring needs the files alone."""
+    if isinstance(meta.get("nodes"), dict) and not df.empty:
+        df = df.assign(**{f"{role}_node_id": node for role, node in meta["nodes"].items()})
+    if plan.requests is None or df.empty:
+        return df
+    metas = {r.request_id: json.dumps(r.meta, sort_keys=True) if r.meta else None for r in plan.requests}
+    df = df.assign(meta=df["request_id"].map(metas))
+    if plan.tokenizer:
+        codec = get_codec(plan.tokenizer)
+        df = df.assign(output_text=[codec.decode(ids) for ids in df["output_token_ids"]])
+    return df
+
+
+def _started(ctx: CellContext, cell_hash: str) -> dict[str, Any]:
+    plan = ctx.plan
+    meta: dict[str, Any] = {
+        "cell_id": plan.cell_id,
+        "labels": plan.labels,
+        "serving_mode": plan.serving_mode,
+        "config_hash": cell_hash,
+        "seed": ctx.seed,
+        "started_at": now(),
+        # What analysis needs of the workload: the offered rate and the steady-state window.
+        "arrival": plan.workload.arrival.model_dump(mode="json"),
+        "steady_state": plan.workload.steady_state.model_dump(mode="json"),
+    }
+    if plan.provenance:
+        meta["provenance"] = plan.provenance
+    return meta
+
+
+def _store(plan: CellPlan, result: CellResult, cell_dir: Path, meta: dict[str, Any]) -> None:
+    """Write the cell's records and set its status in `meta`."""
+    df, long_errors = one_line_errors(annotate(plan, result.requests, result.meta))
+    transfers, more = one_line_errors(result.transfers)
+    if long_errors + more:  # remote tracebacks: the whole text in the log, one line in the tables
+        meta["log"] = f"cells/{plan.cell_id}/errors.log"
+        write_log(cell_dir / "errors.log", "\n\n".join(long_errors + more))
+    assert df is not None  # a cell always returns its request records (maybe empty)
+    write_parquet(cell_dir / "requests.parquet", df)
+    if transfers is not None:
+        write_parquet(cell_dir / "transfers.parquet", transfers)
+    meta.update(result.meta, node_ids=cell_node_ids(result.meta, result.requests))
+    nothing = no_success(df)
+    if nothing:  # every request failed: the records stay as evidence, the cell did not measure
+        meta.update(status="failed", error=nothing)
+    elif result.fault:
+        meta.update(status="partial", error=f"fault after the requests ran, records kept: {result.fault}")
+    else:
+        meta.update(status="ok", error=None)
+
+
+async def run_cell(ctx: CellContext, cell_dir: Path, cell_hash: str) -> dict[str, Any]:
+    """Run one cell through its serving mode's runner; its cell.json contents once written."""
+    clear(cell_dir)
+    meta = _started(ctx, cell_hash)
+    t0 = time.monotonic()
+    load = HostLoadProbe()
+    try:
+        preflight(ctx.cfg, [ctx.plan])  # later rounds were not checked before the run began
+        _store(ctx.plan, await MODES[ctx.plan.serving_mode].run(ctx), cell_dir, meta)
+    except Exception as e:  # the cell fails with its reason (one line); the traceback goes to errors.log
+        meta.update(status="failed", error=one_line(e), log=f"cells/{ctx.plan.cell_id}/errors.log")
+        write_log(cell_dir / "errors.log", traceback.format_exc())
+    meta["ended_at"] = now()
+    meta["wall_s"] = time.monotonic() - t0
+    meta["host_load"] = dataclasses.asdict(load.stop())
+    write_json(cell_dir / "cell.json", meta)
+    return meta

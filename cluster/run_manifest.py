@@ -1,0 +1,89 @@
+"""manifest.json of a run: what ran, on what, from which config, and how each cell ended.
+
+Written when the run starts, after each cell that ran (status `running`) and at the end; the
+facts that do not change over the run are gathered once in `RunFacts`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from analysis.schemas import SCHEMA_VERSION
+from cluster import manifest as mf
+from cluster import ray_env
+from cluster.config import ExperimentConfig
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunFacts:
+    cfg: ExperimentConfig
+    run_id: str
+    config_hash: str
+    started_at: str
+    resumed_at: list[str]
+    ray_info: dict[str, Any] = field(default_factory=dict)
+    concurrency: int | None = None  # max_concurrent_cells resolved against the cluster
+    _nodes: list[dict[str, Any]] | None = None
+
+    def nodes(self) -> list[dict[str, Any]]:
+        if self._nodes is None:
+            try:
+                self._nodes = ray_env.on_each_node(mf.hardware)
+            except Exception:  # a dead node must not cost the packet its manifest
+                self._nodes = [mf.hardware()]
+        return self._nodes
+
+
+def _model(cfg: ExperimentConfig, info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": info.get("model", cfg.engine.model),
+        "architecture": info.get("architecture"),
+        "architecture_hash": (info.get("architecture") or {}).get("hash"),
+        "dtype": cfg.engine.dtype,
+        "kv_bytes_per_token": info.get("kv_bytes_per_token"),
+        "device": info.get("device"),
+        "random_weights": info.get("random_weights"),
+    }
+
+
+def _cells(cells: dict[str, Any]) -> dict[str, Any]:
+    return {
+        c: {"status": m.get("status"), "error": m.get("error"), "config_hash": m.get("config_hash"), "nodes": m.get("node_ids")}
+        | ({"log": m["log"]} if m.get("log") else {})
+        for c, m in cells.items()
+    }
+
+
+def run_manifest(facts: RunFacts, serving_modes: list[str], cells: dict[str, Any], status: str) -> dict[str, Any]:
+    cfg = facts.cfg
+    info: dict[str, Any] = next((c["engine_info"] for c in cells.values() if c.get("engine_info")), {})
+    nodes = facts.nodes()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": facts.run_id,
+        "track": cfg.track,
+        "config_hash": facts.config_hash,
+        "evidence": "simulated" if cfg.simulated else "real",
+        "engine": "external" if cfg.target else cfg.engine.kind,
+        "target": cfg.target.model_dump(mode="json") if cfg.target else None,
+        "serving_modes": serving_modes,
+        "model": _model(cfg, info),
+        "versions": mf.versions(),
+        "hardware": {"summary": nodes[0]["summary"], "nodes": nodes},
+        "ray": facts.ray_info,
+        "max_concurrent_cells": facts.concurrency,
+        "seeds": {"config": cfg.seed, "weights": cfg.engine.weight_seed, "cells": {c: m.get("seed") for c, m in cells.items()}},
+        "started_at": facts.started_at,
+        "resumed_at": facts.resumed_at,
+        "ended_at": _now() if status != "running" else None,
+        "status": status,
+        "cells": _cells(cells),
+        # Where track-built prompts came from: a dataset subset's ids and their hash (E4).
+        "provenance": {c: m["provenance"] for c, m in cells.items() if m.get("provenance")},
+    }
