@@ -1,7 +1,7 @@
 """`RayObjectStoreConnector`: a vLLM (0.26, V1) KV connector that moves KV blocks through the Ray
 object store with pdbench's own transport and accounting (actors/kv/transport.py).
 
-Plugged in without patching vLLM (actors/vllm_disaggregated.py builds this):
+Plugged in without patching vLLM (actors/handoffs/vllm_object_store.py builds this):
     kv_transfer_config = {"kv_connector": "RayObjectStoreConnector",
                           "kv_connector_module_path": "actors.kv.vllm_connector",
                           "kv_role": "kv_both",
@@ -19,7 +19,7 @@ One class serves both engines; each request says what it wants in its `kv_transf
   group by group, and the engine keeps stepping the other requests. `finished_recving` releases
   it. A failed receive marks its blocks invalid in the same pass; under kv_load_failure_policy
   "fail" vLLM ends the request, and the decode actor runs it again as a fresh request
-  (actors/vllm_disaggregated.py: vLLM 0.26's own recompute gives wrong tokens, vllm#49250).
+  (actors/handoffs/vllm_object_store.py: vLLM 0.26's own recompute gives wrong tokens, vllm#49250).
 
 The decisions live in actors/kv/blocks.py (scheduler side) and actors/kv/jobs.py (worker side),
 both vLLM-free and tested on CPU against a fake scheduler that enforces vLLM's rules; this class
