@@ -73,6 +73,9 @@ def run(
     ),
     seed: int | None = typer.Option(None, help="seed of prompts, lengths and arrivals; overrides the config's seed"),
     progress: bool = typer.Option(True, help="show a progress display"),
+    fresh_engines: bool = typer.Option(
+        False, "--fresh-engines", help="start a fresh engine per cell instead of reusing a warm one of the same engine configuration"
+    ),
     resume: Path | None = typer.Option(
         None,
         "--resume",
@@ -100,6 +103,8 @@ def run(
         overrides.setdefault("engine", {})["kind"] = "simulated"
     if seed is not None:
         overrides["seed"] = seed
+    if fresh_engines:
+        overrides["fresh_engines"] = True
     try:
         if config is None and resume is not None and (resume / "config.yaml").is_file():
             config = resume / "config.yaml"

@@ -46,6 +46,7 @@ from cluster import manifest as mf
 from cluster import ray_env
 from cluster.cells import MODES, CellContext
 from cluster.config import UNHASHED, ConfigError, ExperimentConfig, config_hash, sha256_of, to_yaml
+from cluster.engine_pool import EnginePool, engine_use_record, grouped
 from cluster.hostload import HostLoadProbe
 from cluster.storage import Destination
 from workloads.arrivals import schedule_problem
@@ -252,6 +253,7 @@ class Driver:
         self.resumed_at: list[str] = []
         self.concurrency: int | None = None  # max_concurrent_cells resolved against the cluster in run()
         self._nodes: list[dict[str, Any]] | None = None
+        self.pool: EnginePool | None = None  # warm engines, made in run() (cluster/engine_pool.py)
         self.dest = Destination(opts.out_dir)
         if opts.resume is None:
             self.dest.check_writable()
@@ -295,6 +297,7 @@ class Driver:
             engine=cell_engine(self.cfg, plan),
             seed=self.cfg.seed + plan.seed_offset,
             progress=progress,
+            pool=self.pool,
         )
 
     def _cell_dir(self, plan: CellPlan) -> Path:
@@ -343,9 +346,10 @@ class Driver:
             meta["provenance"] = plan.provenance
         t0 = time.monotonic()
         load = HostLoadProbe()
+        ctx = self.context(plan, progress)
         try:
             preflight(self.cfg, [plan])  # later rounds were not checked before the run began
-            result = await MODES[plan.serving_mode].run(self.context(plan, progress))
+            result = await MODES[plan.serving_mode].run(ctx)
             df, long_errors = one_line_errors(self._annotate(plan, result.requests, result.meta))
             transfers, more = one_line_errors(result.transfers)
             if long_errors + more:  # remote tracebacks: the whole text in the log, one line in the tables
@@ -368,6 +372,7 @@ class Driver:
             write_log(cell_dir / "errors.log", traceback.format_exc())
         meta["ended_at"] = _now()
         meta["wall_s"] = time.monotonic() - t0
+        meta["engine_use"] = engine_use_record(ctx, len(MODES[plan.serving_mode].bundles(ctx)))
         meta["host_load"] = dataclasses.asdict(load.stop())
         write_json(cell_dir / "cell.json", meta)
         self.dest.publish_cell(self.run_dir, plan.cell_id)
@@ -399,9 +404,11 @@ class Driver:
     async def _run_all(self, on_progress: Callable[[RunProgress], None] | None) -> list[dict[str, Any]]:
         samplers = ray_env.actor_on_each_node(TelemetrySampler, TELEMETRY_INTERVAL_S)
         await asyncio.gather(*(s.start.remote() for s in samplers))
+        self.pool = EnginePool(reuse=not self.cfg.fresh_engines, capacity=self.concurrency or 1)
         try:
             return await self._run_rounds(on_progress)
         finally:
+            await self.pool.close()
             self._save_telemetry(await asyncio.gather(*(s.stop.remote() for s in samplers), return_exceptions=True))
             for s in samplers:
                 ray.kill(s)
@@ -447,7 +454,8 @@ class Driver:
 
         while True:  # a round; the first may be empty when a track is adaptive only
             self.plans += round_plans
-            tasks = [asyncio.ensure_future(one(p)) for p in round_plans]
+            # Cells of one engine configuration one after another: each can take the last one's warm engine.
+            tasks = [asyncio.ensure_future(one(p)) for p in grouped(round_plans, lambda p: cell_engine(self.cfg, p).model_dump_json())]
             while tasks and not all(t.done() for t in tasks):
                 await asyncio.wait(tasks, timeout=0.5)
                 if on_progress is not None:
@@ -514,6 +522,13 @@ class Driver:
             "hardware": {"summary": nodes[0]["summary"], "nodes": nodes},
             "ray": self.ray_info,
             "max_concurrent_cells": self.concurrency,
+            # Warm engines (docs/metrics.md): engines started over the run, and per cell below.
+            "engine_pool": {
+                "reuse": not self.cfg.fresh_engines,
+                "pooled_modes": ["aggregated"],
+                "engine_starts": sum((m.get("engine_use") or {}).get("engine_starts", 0) for m in cells.values()),
+                "cells_on_warm_engines": sum((m.get("engine_use") or {}).get("engine") == "reused" for m in cells.values()),
+            },
             "seeds": {
                 "config": self.cfg.seed,
                 "weights": self.cfg.engine.weight_seed,
@@ -525,6 +540,7 @@ class Driver:
             "status": status,
             "cells": {
                 c: {"status": m.get("status"), "error": m.get("error"), "config_hash": m.get("config_hash"), "nodes": m.get("node_ids")}
+                | {"engine": (m.get("engine_use") or {}).get("engine"), "wall_s": m.get("wall_s")}
                 | ({"log": m["log"]} if m.get("log") else {})
                 for c, m in cells.items()
             },
