@@ -51,9 +51,12 @@ from cluster.hostload import HostLoadProbe
 from cluster.storage import Destination
 from workloads.arrivals import schedule_problem
 from workloads.text import get_codec
-from workloads.tracks import CellOutcome, CellPlan, get_track
+from workloads.tracks import CellOutcome, CellPlan, Track, get_track
 
 TELEMETRY_INTERVAL_S = 1.0
+# A running manifest is rewritten at most this often (it lists every cell: once per cell made a
+# 1,000-cell sweep quadratic); the cell files, which resume reads, are written per cell as before.
+MANIFEST_EVERY_S = 2.0
 LOCK_FILE = ".pdbench.lock"  # a dot file: never published, never part of the packet
 # Cell statuses whose records count: `partial` is a fault after the requests ran (records kept).
 MEASURED = ("ok", "partial")
@@ -254,6 +257,8 @@ class Driver:
         self.concurrency: int | None = None  # max_concurrent_cells resolved against the cluster in run()
         self._nodes: list[dict[str, Any]] | None = None
         self.pool: EnginePool | None = None  # warm engines, made in run() (cluster/engine_pool.py)
+        self._versions: dict[str, Any] | None = None  # code versions, read once (git runs twice per read)
+        self._manifest_at = 0.0
         self.dest = Destination(opts.out_dir)
         if opts.resume is None:
             self.dest.check_writable()
@@ -434,6 +439,7 @@ class Driver:
         self.plans = []
 
         running: set[str] = set()
+        adaptive = type(self.track).next_cells is not Track.next_cells
 
         async def one(plan: CellPlan) -> dict[str, Any]:
             meta = self._finished(plan)
@@ -448,7 +454,9 @@ class Driver:
                 metas[plan.cell_id] = meta
                 # Only a cell that ran marks the run running: a resume with nothing to redo leaves a
                 # complete manifest complete until finalize rewrites it.
-                write_json(self.run_dir / "manifest.json", self._manifest(metas, "running"))
+                if time.monotonic() - self._manifest_at >= MANIFEST_EVERY_S:
+                    self._manifest_at = time.monotonic()
+                    write_json(self.run_dir / "manifest.json", self._manifest(metas, "running"))
             counts["cells"] += 1
             return meta
 
@@ -481,7 +489,7 @@ class Driver:
                             states,
                         )
                     )
-            for p in round_plans:
+            for p in round_plans if adaptive else ():  # a fixed grid reads no outcome: no metrics to compute
                 outcomes[p.cell_id] = self._outcome(p, metas[p.cell_id])
             known = {p.cell_id for p in self.plans}
             proposed = for_target(self.cfg, self.track.next_cells(self.cfg.workload, self.params, outcomes))
@@ -500,6 +508,7 @@ class Driver:
             except Exception:  # a dead node must not cost the packet its manifest
                 self._nodes = [mf.hardware()]
         nodes = self._nodes
+        self._versions = self._versions or mf.versions()
         return {
             "schema_version": SCHEMA_VERSION,
             "run_id": self.run_id,
@@ -518,7 +527,7 @@ class Driver:
                 "device": info.get("device"),
                 "random_weights": info.get("random_weights"),
             },
-            "versions": mf.versions(),
+            "versions": self._versions,
             "hardware": {"summary": nodes[0]["summary"], "nodes": nodes},
             "ray": self.ray_info,
             "max_concurrent_cells": self.concurrency,
