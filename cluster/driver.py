@@ -465,7 +465,7 @@ class Driver:
             # Cells of one engine configuration one after another: each can take the last one's warm engine.
             tasks = [asyncio.ensure_future(one(p)) for p in grouped(round_plans, lambda p: cell_engine(self.cfg, p).model_dump_json())]
             while tasks and not all(t.done() for t in tasks):
-                await asyncio.wait(tasks, timeout=0.5)
+                await asyncio.wait(tasks, timeout=0.5 if on_progress is not None else None)  # no display: no polling
                 if on_progress is not None:
                     sent, _failed = await progress.read.remote()
                     per_cell = await progress.read_cells.remote()
