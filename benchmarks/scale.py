@@ -8,7 +8,9 @@ cells with a fresh engine per cell (`fresh_engines`). Reports, per run:
 
 - wall time, and the driver's own overhead: the time its event loop spent running (not waiting
   for cells: placing them, persisting each cell, the manifest) as a fraction of the wall time
-  (`loop_busy_fraction`), plus the driver's setup and packet-writing time around the loop;
+  (`loop_busy_fraction`), plus the driver's setup and packet-writing time around the loop. On a
+  box with more runnable processes than cores the loop's busy time includes the time it was
+  runnable but not running; `driver_cpu_fraction` (process CPU over wall) does not;
 - per cell: scheduling latency (cell start to its engines ready: placement and engine start, or
   the reset of a warm engine), load time (the load generator's run) and fixed cost (cell wall
   time minus load time), p50/p90/max, warm and fresh apart;
@@ -120,6 +122,7 @@ class RunScale:
     loop_busy_fraction: float  # loop_busy_s / wall_s: the driver's own overhead while cells run
     outside_loop_s: float  # the driver before and after its loop (connect, plan, the packet's run-level files)
     driver_cpu_s: float  # the driver process's CPU time (Ray's own threads in it included)
+    driver_cpu_fraction: float  # driver_cpu_s / wall_s: the driver's share of one core, whatever else the box runs
     engine_starts: int
     cells_on_warm_engines: int
     nodes_used: int
@@ -173,6 +176,7 @@ def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
         loop_busy_fraction=busy / wall,
         outside_loop_s=wall - policy.loop_s,
         driver_cpu_s=cpu,
+        driver_cpu_fraction=cpu / wall,
         engine_starts=m["engine_pool"]["engine_starts"],
         cells_on_warm_engines=m["engine_pool"]["cells_on_warm_engines"],
         nodes_used=len(per_node),
@@ -265,7 +269,8 @@ def print_table(r: dict[str, Any]) -> None:
         )
         print(
             f"  driver: loop busy {run['loop_busy_s']:.2f} s = {100 * run['loop_busy_fraction']:.2f}% of wall; "
-            f"outside the loop {run['outside_loop_s']:.1f} s; process CPU {run['driver_cpu_s']:.1f} s"
+            f"outside the loop {run['outside_loop_s']:.1f} s; process CPU {run['driver_cpu_s']:.1f} s "
+            f"({100 * run['driver_cpu_fraction']:.1f}% of one core)"
         )
         print("  per cell p50/p90/max (s):")
         for k in ("scheduling_s", "scheduling_warm_s", "load_s", "fixed_s", "fixed_warm_s", "fixed_fresh_s"):

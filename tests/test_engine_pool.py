@@ -12,7 +12,7 @@ import pytest
 
 from cluster.config import config_hash, resolve
 from cluster.driver import Driver, RunOptions
-from cluster.engine_pool import EnginePool, grouped
+from cluster.engine_pool import EnginePool, EngineUse, engine_use_record, grouped
 from workloads.tracks.base import CellPlan
 
 # Three cells of one engine configuration (E1's grid varies the workload only).
@@ -141,3 +141,15 @@ def test_pool_reuses_drops_refusers_and_evicts_other_keys():
 
 def test_grouped_keeps_first_appearance_order():
     assert grouped(["a1", "b1", "a2", "c1", "b2"], lambda s: s[0]) == ["a1", "a2", "b1", "b2", "c1"]
+
+
+def test_modes_that_start_their_own_engines_record_them_fresh():
+    def c(mode, use=None):
+        return SimpleNamespace(plan=SimpleNamespace(serving_mode=mode), engine_use=use)
+
+    assert engine_use_record(c("disaggregated"), 2)["engine"] == "fresh"  # type: ignore[arg-type, index]
+    assert engine_use_record(c("disaggregated"), 2)["engine_starts"] == 2  # type: ignore[arg-type, index]
+    assert engine_use_record(c("external"), 0)["engine"] == "none"  # type: ignore[arg-type, index]
+    assert engine_use_record(c("aggregated"), 1) is None  # type: ignore[arg-type]  # failed before the pool leased it one
+    use = EngineUse(engine="reused", engine_starts=0, pool_key="k", cell_on_engine=2, setup_s=0.01)
+    assert engine_use_record(c("aggregated", use), 1)["engine"] == "reused"  # type: ignore[arg-type, index]

@@ -49,6 +49,7 @@ def test_scale_benchmark_reports_warm_and_fresh_sweeps():
     assert 1 <= warm["engine_starts"] <= 2 and warm["cells_on_warm_engines"] == 6 - warm["engine_starts"]
     assert fresh["engine_starts"] == 2 and fresh["cells_on_warm_engines"] == 0
     assert warm["nodes_used"] >= 1 and sum(warm["cells_per_node"].values()) == 6
-    assert 0 < warm["loop_busy_fraction"] < 1 and warm["loop_busy_s"] <= warm["loop_s"] <= warm["wall_s"]
+    assert 0 < warm["loop_busy_fraction"] < 1 and warm["driver_cpu_fraction"] > 0
+    assert warm["loop_busy_s"] <= warm["loop_s"] <= warm["wall_s"]
     assert warm["fixed_warm_s"]["p50"] <= warm["fixed_warm_s"]["max"] and fresh["fixed_warm_s"] is None
     assert out["fixed_cost_warm_over_fresh_p50"] > 0
