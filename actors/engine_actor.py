@@ -12,7 +12,7 @@ import ray
 
 from actors.backends import HopProbe
 from actors.engines import EngineConfig, EngineRequest, build_engine
-from actors.metrics import metered
+from actors.metrics import cell_tags, metered
 
 
 def actor_name(run_id: str, cell_id: str, role: str) -> str:
@@ -39,21 +39,41 @@ class EngineActor(HopProbe):
         self.role = role
         self.engine = build_engine(self.cfg)
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.cells = 0  # cells served; a warm engine's request ids are prefixed with it
+        self.tags: dict[str, str] | None = None  # live metrics tags of the cell served now (None: the actor name's)
+        self.in_flight = 0
+
+    async def begin_cell(self, run_id: str, cell_id: str) -> None:
+        """Make a warm engine ready for another cell (cluster/engine_pool.py): refused while an
+        earlier cell's request is still in the engine (one that timed out), so the pool drops it;
+        then the engine forgets what the last cell left (prefix cache, peak windows), the engine's
+        request ids get a new prefix and the live metrics the new cell's tags."""
+        if self.in_flight:
+            raise RuntimeError(f"{self.in_flight} request(s) of an earlier cell are still in the engine")
+        await self.engine.reset()
+        self.cells += 1
+        self.tags = cell_tags(run_id, cell_id, self.role)
 
     async def start(self) -> dict[str, Any]:
         info = await self.engine.start()
         return {**dataclasses.asdict(info), "node": node_facts(), "role": self.role}
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for delta in metered(self._generate(request), self.role, len(request["prompt_token_ids"])):
+        async for delta in metered(self._generate(request), self.role, len(request["prompt_token_ids"]), self.tags):
             yield delta
 
     async def _generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async for delta in self.engine.generate(EngineRequest(**request)):
-            d = dataclasses.asdict(delta)
-            if d["finished"]:  # which node served it: requests.parquet's `engine_node_id`, per request (replicas differ)
-                d["server"] = {**(d["server"] or {}), "engine_node_id": self.node_id}
-            yield d
+        # Inside the engine only: each cell's ids are new to a warm engine; the records keep the workload's.
+        req = EngineRequest(**{**request, "request_id": f"c{self.cells}-{request['request_id']}"})
+        self.in_flight += 1
+        try:
+            async for delta in self.engine.generate(req):
+                d = dataclasses.asdict(delta)
+                if d["finished"]:  # which node served it: requests.parquet's `engine_node_id`, per request (replicas differ)
+                    d["server"] = {**(d["server"] or {}), "engine_node_id": self.node_id}
+                yield d
+        finally:
+            self.in_flight -= 1
 
     async def memory(self) -> dict[str, Any]:
         """The engine's memory decomposition (keys documented on actors.engines.base.MemoryReport)."""

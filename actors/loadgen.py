@@ -99,12 +99,14 @@ class LoadGenerator:
         timeout_s: float | None = None,
         progress: Any = None,
         api_key: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         """Warm-up requests first (closed loop, excluded later), the hop probe, then the measured phase.
 
         `entry` is an entry actor handle or a TargetSpec (HTTP server; `api_key` authenticates).
         `concurrency` is the number of closed-loop users; requests with `t_scheduled` set are
-        sent open loop at t0 + t_scheduled whatever the server is doing.
+        sent open loop at t0 + t_scheduled whatever the server is doing. `tags`: the live metrics'
+        run/cell where a warm load generator serves another cell than its name says.
         """
         # This process is the load generator's alone: a thread holding the GIL (Ray's own) must not
         # hold a stamp back for the default 5 ms switch interval.
@@ -113,7 +115,7 @@ class LoadGenerator:
         warm = [r for r in requests if r.warmup]
         measured = [r for r in requests if not r.warmup]
         try:
-            async with BatchedFeed(current_actor_tags("loadgen"), progress) as feed:
+            async with BatchedFeed(tags or current_actor_tags("loadgen"), progress) as feed:
                 records = await self._closed(backend, feed, warm, concurrency, timeout_s)
                 hop = await backend.hop_s(HOP_PROBE_CALLS)
                 if measured and measured[0].t_scheduled is not None:

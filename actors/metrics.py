@@ -180,14 +180,22 @@ def _in_flight(tags: dict[str, str], step: int) -> int:
     return _IN_FLIGHT[key]
 
 
-async def metered(stream: AsyncIterator[dict[str, Any]], role: str, prompt_tokens: int) -> AsyncIterator[dict[str, Any]]:
-    """Pass an entry actor's TokenDelta dicts through, recording them (role from the actor name).
+def cell_tags(run_id: str, cell_id: str, role: str) -> dict[str, str]:
+    """The tags of a warm actor serving another cell than the one in its name (cluster/engine_pool.py)."""
+    return {"run": run_id, "cell": cell_id, "role": role}
+
+
+async def metered(
+    stream: AsyncIterator[dict[str, Any]], role: str, prompt_tokens: int, tags: dict[str, str] | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Pass an entry actor's TokenDelta dicts through, recording them (role from the actor name,
+    unless `tags` say which cell a warm actor serves now).
 
     Each delta is handed on first and recorded after, with the time it was ready: a Ray metric
     call never sits between the engine and the client (it was part of the harness's share of TTFT).
     """
     t_start = time.monotonic()
-    tags = current_actor_tags(role)
+    tags = tags or current_actor_tags(role)
     meter: RequestMeter | None = None
     ok = False
     try:

@@ -44,6 +44,11 @@ class ReplicaRouter(HopProbe):
         finally:
             self.in_flight[i] -= 1
 
+    def reset(self) -> None:
+        """A new cell on warm replicas starts its counts and its round robin afresh."""
+        self.served = [0] * len(self.replicas)
+        self._next = 0
+
     def counts(self) -> list[int]:
         """Requests sent to each replica so far."""
         return list(self.served)

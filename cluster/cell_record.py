@@ -21,6 +21,7 @@ from analysis.errortext import MAX_LINE, first_line, one_line
 from analysis.packet import write_json, write_log, write_parquet
 from analysis.records import measured
 from cluster.cells import MODES, CellContext, CellResult
+from cluster.engine_pool import engine_use_record
 from cluster.hostload import HostLoadProbe
 from cluster.planning import preflight
 from cluster.resume import clear
@@ -139,6 +140,7 @@ async def run_cell(ctx: CellContext, cell_dir: Path, cell_hash: str) -> dict[str
         write_log(cell_dir / "errors.log", traceback.format_exc())
     meta["ended_at"] = now()
     meta["wall_s"] = time.monotonic() - t0
+    meta["engine_use"] = engine_use_record(ctx, len(MODES[ctx.plan.serving_mode].bundles(ctx)))
     meta["host_load"] = dataclasses.asdict(load.stop())
     write_json(cell_dir / "cell.json", meta)
     return meta

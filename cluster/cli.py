@@ -79,6 +79,9 @@ def run(
     ),
     seed: int | None = typer.Option(None, help="seed of prompts, lengths and arrivals; overrides the config's seed"),
     progress: bool = typer.Option(True, help="show a progress display"),
+    fresh_engines: bool = typer.Option(
+        False, "--fresh-engines", help="start a fresh engine per cell instead of reusing a warm one of the same engine configuration"
+    ),
     resume: Path | None = typer.Option(
         None,
         "--resume",
@@ -96,7 +99,7 @@ def run(
     if out is not None and resume is not None:
         _fail(f"--out and --resume exclude each other: a resumed run stays in its own folder ({resume}); leave out --out")
     try:
-        cfg = _run_config(track, config, engine, simulate, seed, resume)
+        cfg = _run_config(track, config, engine, simulate, seed, resume, fresh_engines)
         driver = Driver(cfg, RunOptions(out_dir=out or default_out(), address=address, progress=progress, resume=resume))
     except ValueError as e:  # ConfigError, or an --out that pyarrow.fs cannot open
         _fail(str(e))
@@ -107,7 +110,13 @@ def run(
 
 
 def _run_config(
-    track: str, config: Path | None, engine: EngineKind | None, simulate: bool, seed: int | None, resume: Path | None
+    track: str,
+    config: Path | None,
+    engine: EngineKind | None,
+    simulate: bool,
+    seed: int | None,
+    resume: Path | None,
+    fresh_engines: bool = False,
 ) -> ExperimentConfig:
     """The run's config: the track's quick profile ← the file (a resumed run's own) ← the flags."""
     from cluster.config import ConfigError, load_yaml, resolve
@@ -119,6 +128,8 @@ def _run_config(
         overrides.setdefault("engine", {})["kind"] = "simulated"
     if seed is not None:
         overrides["seed"] = seed
+    if fresh_engines:
+        overrides["fresh_engines"] = True
     if config is None and resume is not None and (resume / "config.yaml").is_file():
         config = resume / "config.yaml"
     cfg = resolve(track, load_yaml(config) if config else {}, overrides)

@@ -62,6 +62,11 @@ class ExperimentConfig(BaseModel):
         "cluster's GPUs hold, CPU-only cells one at a time (shared cores would skew latency)",
     )
     request_timeout_s: float | None = Field(default=600.0, gt=0)
+    fresh_engines: bool = Field(
+        default=False,
+        description="start a fresh engine for every cell instead of reusing a warm one of the same engine configuration "
+        "(aggregated cells); not part of the config hash (a reused engine is reset between cells)",
+    )
     target: TargetSpec | None = Field(default=None, description="benchmark this OpenAI-compatible server instead of starting engines")
 
     @field_validator("track")
@@ -191,7 +196,7 @@ def resolve(track: str, file_data: dict[str, Any] | None = None, overrides: dict
 
 
 # Fields that say how long to wait, not what to measure: a resume may change them.
-UNHASHED = {"placement": {"wait_timeout_s"}}
+UNHASHED: dict[str, Any] = {"placement": {"wait_timeout_s"}, "fresh_engines": True}
 
 
 def kv_transfer_hashed(cfg: ExperimentConfig) -> dict[str, Any]:

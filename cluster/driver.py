@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,6 +31,7 @@ from cluster import ray_env, resume
 from cluster.cell_record import now, run_cell
 from cluster.cells import MODES, CellContext
 from cluster.config import ConfigError, ExperimentConfig, config_hash, to_yaml
+from cluster.engine_pool import EnginePool
 from cluster.planning import cell_concurrency, cell_engine, cell_hash, plan_cells, preflight
 from cluster.rounds import Cells, Rounds, RunProgress
 from cluster.run_files import assemble, save_telemetry
@@ -38,6 +40,7 @@ from cluster.storage import Destination
 from workloads.tracks import CellPlan, get_track
 
 TELEMETRY_INTERVAL_S = 1.0
+MANIFEST_EVERY_S = 2.0
 
 
 @dataclass
@@ -70,6 +73,8 @@ class Driver:
         self.facts = RunFacts(cfg, self.run_id, self.hash, started_at, resumed_at)
         # Where the packet ends up: the URI for shared storage, else the folder itself.
         self.location = self.dest.location(self.run_id) if self.dest.remote else str(self.run_dir)
+        self._manifest_at = 0.0
+        self.pool: EnginePool | None = None  # warm engines, made in _run_all (cluster/engine_pool.py)
 
     def context(self, plan: CellPlan, progress: Any = None) -> CellContext:
         return CellContext(
@@ -79,6 +84,7 @@ class Driver:
             engine=cell_engine(self.cfg, plan),
             seed=self.cfg.seed + plan.seed_offset,
             progress=progress,
+            pool=self.pool,
         )
 
     def _cell_dir(self, plan: CellPlan) -> Path:
@@ -88,6 +94,13 @@ class Driver:
         meta = await run_cell(self.context(plan, progress), self._cell_dir(plan), cell_hash(self.cfg, plan))
         self.dest.publish_cell(self.run_dir, plan.cell_id)
         return meta
+
+    def _ran(self, metas: dict[str, Any]) -> None:
+        """After a cell ran: the running manifest, rewritten at most every MANIFEST_EVERY_S (it lists
+        every cell: once per cell made a 1,000-cell sweep quadratic; resume reads the cell files)."""
+        if time.monotonic() - self._manifest_at >= MANIFEST_EVERY_S:
+            self._manifest_at = time.monotonic()
+            self._write_manifest(metas, "running")
 
     def _write_manifest(self, cells: dict[str, Any], status: str) -> None:
         serving_modes = sorted({p.serving_mode for p in self.plans})
@@ -100,15 +113,17 @@ class Driver:
             run=self._run_cell,
             # Only a cell that ran marks the run running: a resume with nothing to redo leaves a
             # complete manifest complete until finalize rewrites it.
-            ran=lambda metas: self._write_manifest(metas, "running"),
+            ran=self._ran,
         )
         rounds = Rounds(self.cfg, self.track, self.params, self.facts.concurrency or 1, cells)
         first, self.plans = self.plans, rounds.plans  # the manifest's serving modes follow the rounds
         samplers = ray_env.actor_on_each_node(TelemetrySampler, TELEMETRY_INTERVAL_S)
         await asyncio.gather(*(s.start.remote() for s in samplers))
+        self.pool = EnginePool(reuse=not self.cfg.fresh_engines, capacity=self.facts.concurrency or 1)
         try:
             return await rounds.run(first, on_progress)
         finally:
+            await self.pool.close()
             save_telemetry(self.run_dir, await asyncio.gather(*(s.stop.remote() for s in samplers), return_exceptions=True))
             for s in samplers:
                 ray.kill(s)

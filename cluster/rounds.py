@@ -18,7 +18,8 @@ from analysis.metrics import cell_metrics, workload_of
 from analysis.packet import read_parquet
 from analysis.records import measured
 from cluster.config import ExperimentConfig
-from cluster.planning import for_target
+from cluster.engine_pool import grouped
+from cluster.planning import cell_engine, for_target
 from workloads.tracks import CellOutcome, CellPlan, Track
 
 PROGRESS_EVERY_S = 0.5
@@ -71,6 +72,7 @@ class Rounds:
         self.running: set[str] = set()
         self.done = 0
         self.resumed_requests = 0
+        self.adaptive = type(track).next_cells is not Track.next_cells
 
     async def run(self, first: list[CellPlan], on_progress: Callable[[RunProgress], None] | None) -> list[dict[str, Any]]:
         progress = ProgressCounter.remote()  # type: ignore[attr-defined]  # a Ray actor class
@@ -78,12 +80,14 @@ class Rounds:
         round_plans = list(first)
         while True:  # a round; the first may be empty when a track is adaptive only
             self.plans += round_plans
-            tasks = [asyncio.ensure_future(self._one(p, progress)) for p in round_plans]
+            # Cells of one engine configuration one after another: each can take the last one's warm engine.
+            by_engine = grouped(round_plans, lambda p: cell_engine(self.cfg, p).model_dump_json())
+            tasks = [asyncio.ensure_future(self._one(p, progress)) for p in by_engine]
             while tasks and not all(t.done() for t in tasks):
-                await asyncio.wait(tasks, timeout=PROGRESS_EVERY_S)
+                await asyncio.wait(tasks, timeout=PROGRESS_EVERY_S if on_progress is not None else None)  # no display: no polling
                 if on_progress is not None:
                     on_progress(await self._progress(progress))
-            for p in round_plans:
+            for p in round_plans if self.adaptive else ():  # a fixed grid reads no outcome: no metrics to compute
                 outcomes[p.cell_id] = outcome(self.cfg, p, self.cells.dir(p), self.metas[p.cell_id])
             known = {p.cell_id for p in self.plans}
             proposed = for_target(self.cfg, self.track.next_cells(self.cfg.workload, self.params, outcomes))

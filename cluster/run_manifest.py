@@ -30,6 +30,13 @@ class RunFacts:
     ray_info: dict[str, Any] = field(default_factory=dict)
     concurrency: int | None = None  # max_concurrent_cells resolved against the cluster
     _nodes: list[dict[str, Any]] | None = None
+    _versions: dict[str, Any] | None = None
+
+    def versions(self) -> dict[str, Any]:
+        """Code versions, read once per run (git runs twice per read)."""
+        if self._versions is None:
+            self._versions = mf.versions()
+        return self._versions
 
     def nodes(self) -> list[dict[str, Any]]:
         if self._nodes is None:
@@ -55,8 +62,20 @@ def _model(cfg: ExperimentConfig, info: dict[str, Any]) -> dict[str, Any]:
 def _cells(cells: dict[str, Any]) -> dict[str, Any]:
     return {
         c: {"status": m.get("status"), "error": m.get("error"), "config_hash": m.get("config_hash"), "nodes": m.get("node_ids")}
+        | {"engine": (m.get("engine_use") or {}).get("engine"), "wall_s": m.get("wall_s")}
         | ({"log": m["log"]} if m.get("log") else {})
         for c, m in cells.items()
+    }
+
+
+def _engine_pool(cfg: ExperimentConfig, cells: dict[str, Any]) -> dict[str, Any]:
+    """Warm engines (docs/metrics.md): engines started over the run, and cells that found one warm."""
+    uses = [m.get("engine_use") or {} for m in cells.values()]
+    return {
+        "reuse": not cfg.fresh_engines,
+        "pooled_modes": ["aggregated"],
+        "engine_starts": sum(u.get("engine_starts", 0) for u in uses),
+        "cells_on_warm_engines": sum(u.get("engine") == "reused" for u in uses),
     }
 
 
@@ -74,10 +93,11 @@ def run_manifest(facts: RunFacts, serving_modes: list[str], cells: dict[str, Any
         "target": cfg.target.model_dump(mode="json") if cfg.target else None,
         "serving_modes": serving_modes,
         "model": _model(cfg, info),
-        "versions": mf.versions(),
+        "versions": facts.versions(),
         "hardware": {"summary": nodes[0]["summary"], "nodes": nodes},
         "ray": facts.ray_info,
         "max_concurrent_cells": facts.concurrency,
+        "engine_pool": _engine_pool(cfg, cells),
         "seeds": {"config": cfg.seed, "weights": cfg.engine.weight_seed, "cells": {c: m.get("seed") for c, m in cells.items()}},
         "started_at": facts.started_at,
         "resumed_at": facts.resumed_at,

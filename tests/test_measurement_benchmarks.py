@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout[proc.stdout.index("{") :])
 
@@ -35,3 +37,19 @@ def test_loadgen_benchmark_reports_send_lag_per_rate():
         assert all(0 <= r["send_lag_p50_ms"] <= r["send_lag_p99_ms"] <= r["send_lag_max_ms"] for r in rows)
         assert out["highest_rate_kept_rps"][target] in (None, 20, 40)
     assert out["goal"] == "goal null engine 1,000 req/s send lag p99 < 1 ms: not run"
+
+
+@pytest.mark.slow  # starts a two-node Ray cluster of its own
+def test_scale_benchmark_reports_warm_and_fresh_sweeps():
+    out = _run("scale.py", "--nodes", "2", "--cells", "6", "--fresh-cells", "2")
+    assert out["evidence"] == "simulated" and (out["nodes"], out["cells"]) == (2, 6)
+    warm, fresh = out["runs"]
+    assert (warm["engines"], warm["cells_ok"], fresh["engines"], fresh["cells_ok"]) == ("warm", 6, "fresh", 2)
+    # One deployment per concurrent cell at most, and every cell after the first per slot warm.
+    assert 1 <= warm["engine_starts"] <= 2 and warm["cells_on_warm_engines"] == 6 - warm["engine_starts"]
+    assert fresh["engine_starts"] == 2 and fresh["cells_on_warm_engines"] == 0
+    assert warm["nodes_used"] >= 1 and sum(warm["cells_per_node"].values()) == 6
+    assert 0 < warm["loop_busy_fraction"] < 1 and warm["driver_cpu_fraction"] > 0
+    assert warm["loop_busy_s"] <= warm["loop_s"] <= warm["wall_s"]
+    assert warm["fixed_warm_s"]["p50"] <= warm["fixed_warm_s"]["max"] and fresh["fixed_warm_s"] is None
+    assert out["fixed_cost_warm_over_fresh_p50"] > 0

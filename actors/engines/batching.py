@@ -41,6 +41,9 @@ class StepModel(Protocol):
     def memory(self) -> MemoryReport:
         """Memory decomposition (safe to call from another thread while the engine runs)."""
 
+    def reset(self) -> None:
+        """Between cells: open new peak windows and drop any state carried from pass to pass."""
+
 
 @runtime_checkable
 class KVStepModel(StepModel, Protocol):
@@ -202,6 +205,10 @@ class BatchingEngine(EngineAdapter):
     async def memory(self) -> dict[str, Any]:
         assert self._model is not None, "engine not started"
         return dataclasses.asdict(await asyncio.to_thread(self._model.memory))
+
+    async def reset(self) -> None:
+        assert self._model is not None, "engine not started"
+        await asyncio.to_thread(self._model.reset)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenDelta]:
         async for delta in self._stream(request):

@@ -116,6 +116,18 @@ class ReferenceModel:
             self._rss_after_load = mem.rss_bytes()[0]
             self._peak_reset = mem.reset_peak_rss()
 
+    def reset(self) -> None:
+        """New peak windows: the next cell's memory() reports its own KV and activation peaks, not
+        an earlier cell's on the same engine (the baselines taken after load stand). No prefix
+        cache to clear: every prefill computes its prompt afresh."""
+        with self._kv_lock:
+            self._kv_peak = self._kv_live
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._peak_reset = mem.reset_peak_rss()
+
     def _kv_alloc(self, state: SeqKV) -> None:
         """Count a sequence's KV buffer until the buffer itself is freed: views of it handed to
         the KV transport keep it alive after the sequence is gone, and keep it counted."""

@@ -57,6 +57,10 @@ class SimulatedModel:
         the analytic model for this architecture, but never as a measurement."""
         return MemoryReport(source="simulated: nothing measured", measured=False, device="none")
 
+    def reset(self) -> None:
+        """A new cell's first pass starts on its own clock, never continuing the last cell's."""
+        self._end = self._ended = None
+
     def _take(self, seconds: float) -> None:
         """Hold the engine for `seconds` of the law, counted from the end of the previous pass when
         this one follows straight on: pass k of a busy engine ends at start + the law's sum, exactly

@@ -197,6 +197,13 @@ class VllmEngine(EngineAdapter):
         raw = (await self.llm.collective_rpc("pdbench_memory"))[0]
         return dataclasses.asdict(memory_report(raw))
 
+    async def reset(self) -> None:
+        """Empty the prefix cache (on only where engine.vllm enables it): a later cell must not
+        find an earlier cell's prompts cached. vLLM refuses while requests hold blocks."""
+        assert self.llm is not None, "engine not started"
+        if await self.llm.reset_prefix_cache() is False:  # releases that return nothing reset or raise
+            raise RuntimeError("vLLM could not reset its prefix cache (requests still hold KV blocks)")
+
     async def shutdown(self) -> None:
         if self.llm is not None:
             # An AsyncLLM left running keeps its EngineCore process, and the actor, alive.

@@ -3,35 +3,76 @@
 One replica (the default) is the engine itself as the entry. Several replicas (E3 matches a
 disaggregated pair's engine count) sit behind a ReplicaRouter that spreads the requests; the
 bundles are packed on one node or spread over several as `placement.strategy` says.
+
+The engines, the entry and the load generator on their placement group are one `Deployment`,
+which the run's engine pool (cluster/engine_pool.py) keeps warm for the next cell of the same
+engine configuration.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 
 from actors.engine_actor import EngineActor
 from actors.loadgen import LoadGenerator
+from actors.metrics import cell_tags
 from actors.router import ReplicaRouter
 from analysis.records import to_frame
 from cluster import ray_env
-from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, bounded, settle, wait_for_placement
+from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, bounded, settle
+from cluster.engine_pool import EnginePool, pool_key
+
+SHUTDOWN_TIMEOUT_S = 120.0
 
 
 def bundles(ctx: CellContext) -> list[dict[str, float]]:
     return [ctx.engine_bundle()] * ctx.plan.replicas
 
 
-async def run_aggregated(ctx: CellContext) -> CellResult:
+@dataclass
+class EngineGroup:
+    """An aggregated cell's placement group and the actors on it."""
+
+    pg: Any
+    engines: list[Any]
+    entry: Any
+    loadgen: Any
+    infos: list[dict[str, Any]]
+    actors: list[Any] = field(default_factory=list)
+
+    @property
+    def engine_count(self) -> int:
+        return len(self.engines)
+
+    async def begin(self, ctx: CellContext) -> None:
+        await asyncio.gather(*(e.begin_cell.remote(ctx.run_id, ctx.plan.cell_id) for e in self.engines))
+        if self.entry is not self.engines[0]:
+            await self.entry.reset.remote()
+
+    async def close(self) -> None:
+        """Engines stop first (a vLLM engine left running keeps its EngineCore process alive); one
+        that fails or hangs past the bound is killed with the rest all the same."""
+        with contextlib.suppress(RuntimeError):
+            shutdowns = asyncio.gather(*(e.shutdown.remote() for e in self.engines), return_exceptions=True)
+            await bounded(shutdowns, SHUTDOWN_TIMEOUT_S, "engine shutdown")
+        for a in self.actors:
+            ray.kill(a)
+        ray_env.release(self.pg)
+
+
+async def deploy(ctx: CellContext, pool: EnginePool[EngineGroup]) -> EngineGroup:
+    """Place and start the engines, their entry and a load generator."""
     b = ctx.engine_bundle()
     n = ctx.plan.replicas
-    pg = ray_env.make_placement_group(bundles(ctx), ctx.strategy(n), ctx.name("pg"))
-    actors = []
-    meta = {}
-    faults: list[str] = []
+    pg = await pool.place(ctx, bundles(ctx), ctx.strategy(n), ctx.name("pg"))
+    actors: list[Any] = []
     try:
-        await wait_for_placement(ctx, pg, bundles(ctx))
         engines = [
             EngineActor.options(  # type: ignore[attr-defined]  # ray actor class
                 name=ctx.name("engine" if n == 1 else f"engine{i}"),
@@ -53,22 +94,36 @@ async def run_aggregated(ctx: CellContext) -> CellResult:
         ).remote()
         actors.append(loadgen)
         infos = await bounded(asyncio.gather(*(e.start.remote() for e in engines)), ENGINE_START_TIMEOUT_S, "engine start")
-        info = infos[0]
-        reqs = ctx.plan.build_requests(info["vocab_size"], ctx.seed)
-        conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
-        raws = await loadgen.run.remote(entry, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress)
-        memory = [await settle(f"engine{i} memory", e.memory.remote(), faults) for i, e in enumerate(engines)]
-        if n > 1:
-            counts = await settle("router counts", entry.counts.remote(), faults)
-            meta = {"replicas": n, "requests_per_replica": counts, "nodes": [i["node"] for i in infos]}
-            meta["memory_per_replica"] = list(memory)
-        elif memory[0] is not None:
-            meta = {"memory": memory[0]}  # memory.json and E5 hold single-engine cells
-        for i, e in enumerate(engines):
-            await settle(f"engine{i} shutdown", e.shutdown.remote(), faults)
-    finally:
+    except BaseException:
         for a in actors:
             ray.kill(a)
         ray_env.release(pg)
+        raise
+    return EngineGroup(pg, engines, entry, loadgen, list(infos), actors)
+
+
+async def run_aggregated(ctx: CellContext) -> CellResult:
+    n = ctx.plan.replicas
+    # Without a run's pool (a cell run on its own), the cell starts and stops its own engines.
+    pool: EnginePool[EngineGroup] = ctx.pool if ctx.pool is not None else EnginePool(reuse=False)
+    meta: dict[str, Any] = {}
+    faults: list[str] = []
+    async with pool.lease(ctx, pool_key(ctx, bundles(ctx)), lambda: deploy(ctx, pool)) as lease:
+        d = lease.deployment
+        info = d.infos[0]
+        reqs = ctx.plan.build_requests(info["vocab_size"], ctx.seed)
+        conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
+        tags = cell_tags(ctx.run_id, ctx.plan.cell_id, "loadgen")
+        t_load = time.monotonic()
+        raws = await d.loadgen.run.remote(d.entry, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, None, tags)
+        lease.use.load_s = time.monotonic() - t_load
+        memory = [await settle(f"engine{i} memory", e.memory.remote(), faults) for i, e in enumerate(d.engines)]
+        if n > 1:
+            counts = await settle("router counts", d.entry.counts.remote(), faults)
+            meta = {"replicas": n, "requests_per_replica": counts, "nodes": [i["node"] for i in d.infos]}
+            meta["memory_per_replica"] = list(memory)
+        elif memory[0] is not None:
+            meta = {"memory": memory[0]}  # memory.json and E5 hold single-engine cells
+        lease.healthy = not faults
     df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="aggregated", engine=ctx.engine.kind)
     return CellResult(requests=df, meta={"engine_info": info, **meta}, fault="; ".join(faults) or None)

@@ -6,13 +6,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from actors.engines import EngineConfig
 from cluster.config import ExperimentConfig
 from workloads.tracks import CellPlan
+
+if TYPE_CHECKING:
+    from cluster.engine_pool import EnginePool, EngineUse
 
 ENGINE_START_TIMEOUT_S = 900.0
 WAIT_NOTICE_S = 10.0  # a cell still waiting for resources after this says so
@@ -57,6 +60,8 @@ class CellContext:
     engine: EngineConfig
     seed: int
     progress: Any  # ProgressCounter actor handle
+    pool: EnginePool | None = None  # warm engines of the run (None: the cell starts and stops its own)
+    engine_use: EngineUse | None = None  # set by the pool when it leases the cell its engines
 
     def name(self, role: str) -> str:
         from actors.engine_actor import actor_name

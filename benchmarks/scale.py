@@ -1,0 +1,286 @@
+"""How does a sweep of many cells scale over many nodes? A simulated multi-node Ray cluster.
+
+Starts `ray.cluster_utils.Cluster` with `--nodes` virtual nodes of 1 CPU each on this machine and
+runs an E1 grid of `--cells` cells on the simulated engine (a few requests per cell, one cell per
+node at a time: max_concurrent_cells = nodes) through pdbench's own driver, twice, side by side
+on the same cluster: every cell with warm engines (the default), then the first `--fresh-cells`
+cells with a fresh engine per cell (`fresh_engines`). Reports, per run:
+
+- wall time, and the driver's own overhead: the time its event loop spent running (not waiting
+  for cells: placing them, persisting each cell, the manifest) as a fraction of the wall time
+  (`loop_busy_fraction`), plus the driver's setup and packet-writing time around the loop. On a
+  box with more runnable processes than cores the loop's busy time includes the time it was
+  runnable but not running; `driver_cpu_fraction` (process CPU over wall) does not;
+- per cell: scheduling latency (cell start to its engines ready: placement and engine start, or
+  the reset of a warm engine), load time (the load generator's run) and fixed cost (cell wall
+  time minus load time), p50/p90/max, warm and fresh apart;
+- cells per node and engine starts (from the manifest).
+
+Goal (2 cores, 24 GiB): `--nodes 32 --cells 1000` completes, driver overhead < 2% of wall,
+cells spread over all nodes, fixed cost per cell with warm engines < 0.2 s.
+
+    python benchmarks/scale.py [--nodes 4] [--cells 40] [--requests 2] [--fresh-cells N] [--json]
+
+The evidence is simulated (the simulated engine on virtual nodes sharing one machine's cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import selectors
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np
+import ray
+
+from cluster.config import ExperimentConfig, resolve
+from cluster.driver import Driver, RunOptions
+
+STORE_BYTES = 80 * 1024 * 1024  # per virtual node: the object store holds little here
+
+
+class TimedSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]  # the platform's selector class
+    """The event loop's selector, timing how long the loop sat waiting: the rest of its time is
+    the driver's own work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idle_s = 0.0
+
+    def select(self, timeout: float | None = None) -> Any:
+        t = time.perf_counter()
+        try:
+            return super().select(timeout)
+        finally:
+            self.idle_s += time.perf_counter() - t
+
+
+class TimedLoops(asyncio.DefaultEventLoopPolicy):
+    """Every new event loop (the driver's asyncio.run) gets a TimedSelector; their times add up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.selectors: list[TimedSelector] = []
+        self.loop_s = 0.0
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        sel = TimedSelector()
+        self.selectors.append(sel)
+        return asyncio.SelectorEventLoop(sel)
+
+
+def grid(cells: int) -> dict[str, Any]:
+    """E1 params with exactly `cells` cells: distinct input lengths × one output length."""
+    return {"input_lens": list(range(8, 8 + cells)), "output_lens": [4]}
+
+
+def config(nodes: int, cells: int, requests: int, fresh: bool) -> ExperimentConfig:
+    return resolve(
+        "e1",
+        {
+            "engine": {"kind": "simulated"},
+            "workload": {"num_requests": requests, "warmup_requests": 1},
+            "params": grid(cells),
+            "max_concurrent_cells": nodes,
+            "fresh_engines": fresh,
+        },
+    )
+
+
+@dataclass
+class Spread:
+    p50: float
+    p90: float
+    max: float
+
+    @staticmethod
+    def of(values: list[float]) -> Spread | None:
+        if not values:
+            return None
+        a = np.asarray(values)
+        return Spread(float(np.percentile(a, 50)), float(np.percentile(a, 90)), float(a.max()))
+
+
+@dataclass
+class RunScale:
+    engines: str  # warm or fresh
+    cells: int
+    cells_ok: int
+    wall_s: float
+    loop_s: float  # the driver's event loop: from its start to its end
+    loop_busy_s: float  # ... minus the time it waited
+    loop_busy_fraction: float  # loop_busy_s / wall_s: the driver's own overhead while cells run
+    outside_loop_s: float  # the driver before and after its loop (connect, plan, the packet's run-level files)
+    driver_cpu_s: float  # the driver process's CPU time (Ray's own threads in it included)
+    driver_cpu_fraction: float  # driver_cpu_s / wall_s: the driver's share of one core, whatever else the box runs
+    engine_starts: int
+    cells_on_warm_engines: int
+    nodes_used: int
+    cells_per_node: dict[str, int]
+    scheduling_s: Spread | None  # cell start to engines ready, all cells
+    scheduling_warm_s: Spread | None  # ... cells on a warm engine
+    load_s: Spread | None
+    fixed_s: Spread | None  # cell wall - load, all cells
+    fixed_warm_s: Spread | None  # ... cells on a warm engine
+    fixed_fresh_s: Spread | None  # ... cells that started their engine
+
+
+def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
+    policy = TimedLoops()
+    asyncio.set_event_loop_policy(policy)
+    cpu0, t0 = time.process_time(), time.monotonic()
+    driver = Driver(cfg, RunOptions(out_dir=out, address=address, progress=False))
+    # The loop's own span: from the driver's first cell task to the last cell's end (asyncio.run).
+    run_all = driver._run_all
+
+    async def timed(on_progress: Any) -> list[dict[str, Any]]:
+        t = time.monotonic()
+        try:
+            return await run_all(on_progress)
+        finally:
+            policy.loop_s += time.monotonic() - t
+
+    driver._run_all = timed  # type: ignore[method-assign]
+    try:
+        run_dir = driver.run()
+    finally:
+        asyncio.set_event_loop_policy(None)
+    wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    idle = sum(s.idle_s for s in policy.selectors)
+    busy = max(0.0, policy.loop_s - idle)
+    m = json.loads((run_dir / "manifest.json").read_text())
+    metas = [json.loads(p.read_text()) for p in sorted((run_dir / "cells").glob("*/cell.json"))]
+    uses = [(m_, m_.get("engine_use") or {}) for m_ in metas]
+    per_node = Counter(n for c in m["cells"].values() for n in (c.get("nodes") or {}).get("engine", []))
+
+    def fixed(which: str | None) -> list[float]:
+        return [c["wall_s"] - u["load_s"] for c, u in uses if u and (which is None or u["engine"] == which)]
+
+    return RunScale(
+        engines="fresh" if cfg.fresh_engines else "warm",
+        cells=len(metas),
+        cells_ok=sum(c["status"] == "ok" for c in metas),
+        wall_s=wall,
+        loop_s=policy.loop_s,
+        loop_busy_s=busy,
+        loop_busy_fraction=busy / wall,
+        outside_loop_s=wall - policy.loop_s,
+        driver_cpu_s=cpu,
+        driver_cpu_fraction=cpu / wall,
+        engine_starts=m["engine_pool"]["engine_starts"],
+        cells_on_warm_engines=m["engine_pool"]["cells_on_warm_engines"],
+        nodes_used=len(per_node),
+        cells_per_node={k[:8]: v for k, v in sorted(per_node.items())},
+        scheduling_s=Spread.of([u["setup_s"] for _, u in uses if u]),
+        scheduling_warm_s=Spread.of([u["setup_s"] for _, u in uses if u and u["engine"] == "reused"]),
+        load_s=Spread.of([u["load_s"] for _, u in uses if u]),
+        fixed_s=Spread.of(fixed(None)),
+        fixed_warm_s=Spread.of(fixed("reused")),
+        fixed_fresh_s=Spread.of(fixed("fresh")),
+    )
+
+
+def start_cluster(nodes: int) -> Any:
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": STORE_BYTES, "include_dashboard": False},
+    )
+    for _ in range(nodes - 1):
+        c.add_node(num_cpus=1, object_store_memory=STORE_BYTES)
+    c.wait_for_nodes()
+    return c
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", type=int, default=4, help="virtual Ray nodes of 1 CPU each")
+    ap.add_argument("--cells", type=int, default=40, help="cells of the sweep (an E1 grid)")
+    ap.add_argument("--requests", type=int, default=2, help="measured requests per cell (plus 1 warm-up)")
+    ap.add_argument("--fresh-cells", type=int, default=None, help="cells run again with fresh engines, side by side (default: 2 × nodes)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    a = ap.parse_args(argv)
+    if a.nodes < 1 or a.cells < 1 or a.requests < 1:
+        ap.error("--nodes, --cells and --requests must be at least 1")
+    fresh_cells = min(a.cells, 2 * a.nodes if a.fresh_cells is None else a.fresh_cells)
+    load0 = os.getloadavg()
+    t0 = time.monotonic()
+    cluster = start_cluster(a.nodes)
+    start_s = time.monotonic() - t0
+    runs: list[RunScale] = []
+    try:
+        ray.init(address=cluster.address, namespace="pdbench", log_to_driver=False)
+        with tempfile.TemporaryDirectory(prefix="pdbench-scale-") as out:
+            runs.append(measure(config(a.nodes, a.cells, a.requests, fresh=False), cluster.address, Path(out)))
+            if fresh_cells:
+                runs.append(measure(config(a.nodes, fresh_cells, a.requests, fresh=True), cluster.address, Path(out)))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    warm = runs[0]
+    fresh = runs[1] if len(runs) > 1 else None
+    ratio = (
+        warm.fixed_s.p50 / fresh.fixed_s.p50
+        if fresh is not None and warm.fixed_s is not None and fresh.fixed_s is not None and fresh.fixed_s.p50
+        else None
+    )
+    result = {
+        "evidence": "simulated",
+        "nodes": a.nodes,
+        "cells": a.cells,
+        "requests_per_cell": a.requests,
+        "cluster_start_s": start_s,
+        "load_average_before": list(load0),
+        "load_average_after": list(os.getloadavg()),
+        "cpu_count": os.cpu_count(),
+        "runs": [asdict(r) for r in runs],
+        "fixed_cost_warm_over_fresh_p50": ratio,
+    }
+    if a.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_table(result)
+    return result
+
+
+def _s(sp: dict[str, float] | None) -> str:
+    return "-" if sp is None else f"{sp['p50']:.3f}/{sp['p90']:.3f}/{sp['max']:.3f}"
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"simulated: {r['nodes']} virtual nodes of 1 CPU, {r['cells']} cells × {r['requests_per_cell']} requests")
+    load = r["load_average_before"][0], r["load_average_after"][0]
+    print(f"cluster start {r['cluster_start_s']:.1f} s; load average before {load[0]:.2f}, after {load[1]:.2f}")
+    for run in r["runs"]:
+        print(
+            f"\n{run['engines']} engines: {run['cells_ok']}/{run['cells']} cells ok in {run['wall_s']:.1f} s; "
+            f"{run['engine_starts']} engine starts; {run['nodes_used']} nodes used"
+        )
+        print(
+            f"  driver: loop busy {run['loop_busy_s']:.2f} s = {100 * run['loop_busy_fraction']:.2f}% of wall; "
+            f"outside the loop {run['outside_loop_s']:.1f} s; process CPU {run['driver_cpu_s']:.1f} s "
+            f"({100 * run['driver_cpu_fraction']:.1f}% of one core)"
+        )
+        print("  per cell p50/p90/max (s):")
+        for k in ("scheduling_s", "scheduling_warm_s", "load_s", "fixed_s", "fixed_warm_s", "fixed_fresh_s"):
+            print(f"    {k:<18} {_s(run[k])}")
+        cpn = list(run["cells_per_node"].values())
+        if cpn:
+            print(f"  cells per node: min {min(cpn)}, max {max(cpn)}")
+    if r["fixed_cost_warm_over_fresh_p50"] is not None:
+        print(f"\nfixed cost per cell, warm / fresh engines (p50): {r['fixed_cost_warm_over_fresh_p50']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

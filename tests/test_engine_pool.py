@@ -1,0 +1,155 @@
+"""Warm engines across cells (cluster/engine_pool.py): one engine start per engine configuration,
+the same records as fresh engines, and a failed cell's engine never serves the next cell."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from cluster.config import config_hash, resolve
+from cluster.driver import Driver, RunOptions
+from cluster.engine_pool import EnginePool, EngineUse, engine_use_record, grouped
+from workloads.tracks.base import CellPlan
+
+# Three cells of one engine configuration (E1's grid varies the workload only).
+E1_THREE = {"workload": {"num_requests": 2, "warmup_requests": 1}, "params": {"input_lens": [16, 24, 32], "output_lens": [4]}}
+
+
+def run(tmp_path_factory, overrides):
+    d = Driver(resolve("e1", overrides), RunOptions(out_dir=tmp_path_factory.mktemp("pool"), progress=False)).run()
+    return d, json.loads((d / "manifest.json").read_text())
+
+
+def tokens(run_dir) -> dict[tuple[str, str], list[int]]:
+    df = pd.read_parquet(run_dir / "requests.parquet")
+    return {(r.cell_id, r.request_id): list(r.output_token_ids) for r in df.itertuples()}
+
+
+@pytest.fixture(scope="module")
+def pooled(ray_local, tmp_path_factory):
+    return run(tmp_path_factory, E1_THREE)
+
+
+@pytest.fixture(scope="module")
+def fresh(ray_local, tmp_path_factory):
+    return run(tmp_path_factory, {**E1_THREE, "fresh_engines": True})
+
+
+def test_one_engine_config_starts_one_engine(pooled):
+    d, m = pooled
+    assert m["status"] == "complete"
+    assert m["engine_pool"] == {"reuse": True, "pooled_modes": ["aggregated"], "engine_starts": 1, "cells_on_warm_engines": 2}
+    cells = m["cells"]
+    assert [cells[c]["engine"] for c in ("in16-out4", "in24-out4", "in32-out4")] == ["fresh", "reused", "reused"]
+    assert all(c["wall_s"] > 0 for c in cells.values())
+    use = json.loads((d / "cells" / "in32-out4" / "cell.json").read_text())["engine_use"]
+    assert use["cell_on_engine"] == 3 and use["engine_starts"] == 0 and use["load_s"] > 0
+
+
+def test_fresh_engines_flag_starts_one_per_cell_with_the_same_records(pooled, fresh):
+    (pd_, pm), (fd, fm) = pooled, fresh
+    assert fm["engine_pool"]["engine_starts"] == 3 and fm["engine_pool"]["cells_on_warm_engines"] == 0
+    assert {c["engine"] for c in fm["cells"].values()} == {"fresh"}
+    assert pm["config_hash"] == fm["config_hash"]  # the flag changes no result: a resume may change it
+    assert {c: v["config_hash"] for c, v in pm["cells"].items()} == {c: v["config_hash"] for c, v in fm["cells"].items()}
+    got, want = tokens(pd_), tokens(fd)
+    assert len(got) == 9 and got == want  # warm-up included: the reused engine answers exactly as a fresh one
+
+
+def test_a_failed_cell_drops_its_engine(ray_local, tmp_path_factory, monkeypatch):
+    real = CellPlan.build_requests
+
+    def failing(self, vocab_size, seed):  # raised inside the cell, while it holds the warm engine
+        if self.cell_id == "in24-out4":
+            raise RuntimeError("injected failure")
+        return real(self, vocab_size, seed)
+
+    monkeypatch.setattr(CellPlan, "build_requests", failing)
+    _, m = run(tmp_path_factory, E1_THREE)
+    cells = m["cells"]
+    assert cells["in24-out4"]["status"] == "failed" and "injected failure" in cells["in24-out4"]["error"]
+    assert cells["in24-out4"]["engine"] == "reused"
+    assert cells["in32-out4"]["status"] == "ok" and cells["in32-out4"]["engine"] == "fresh"
+    assert m["engine_pool"]["engine_starts"] == 2
+
+
+def test_fresh_engines_is_a_cli_option_outside_the_hash():
+    a, b = resolve("e1", {}), resolve("e1", {"fresh_engines": True})
+    assert b.fresh_engines and config_hash(a) == config_hash(b)
+
+
+# --- the pool's own rules, on stand-in deployments (no Ray) ----------------------------------
+
+
+class Stub:
+    def __init__(self, log: list[str], name: str, refuse: bool = False):
+        self.log, self.name, self.refuse = log, name, refuse
+
+    @property
+    def engine_count(self) -> int:
+        return 1
+
+    async def begin(self, ctx) -> None:
+        if self.refuse:
+            raise RuntimeError("a request is still in the engine")
+        self.log.append(f"begin {self.name}")
+
+    async def close(self) -> None:
+        self.log.append(f"close {self.name}")
+
+
+def ctx() -> SimpleNamespace:
+    return SimpleNamespace(engine_use=None)
+
+
+def test_pool_reuses_drops_refusers_and_evicts_other_keys():
+    async def go():
+        log: list[str] = []
+        made = iter(["a1", "a2", "b1", "a3"])
+        pool: EnginePool = EnginePool(reuse=True, capacity=1)
+
+        async def make():
+            return Stub(log, next(made))
+
+        async def cell(key, refuse_next=False):
+            c = ctx()
+            async with pool.lease(c, key, make) as lease:  # type: ignore[arg-type]
+                lease.deployment.refuse = refuse_next
+            return c.engine_use
+
+        assert (await cell("A")).engine == "fresh"
+        assert (await cell("A", refuse_next=True)).engine == "reused"  # a1 now refuses the next cell
+        use = await cell("A")  # a1 refuses: dropped, a2 starts
+        assert use.engine == "fresh" and use.cell_on_engine == 1
+        assert (await cell("B")).engine == "fresh"  # capacity 1: a2 (idle, other key) is evicted first
+        with pytest.raises(ValueError):
+            async with pool.lease(ctx(), "A", make):  # type: ignore[arg-type]
+                raise ValueError("cell failed")
+        await pool.close()
+        return log, pool.engine_starts
+
+    log, starts = asyncio.run(go())
+    # a1 refused its third cell and was dropped; B's start evicted the idle a2 (capacity 1), the
+    # failing cell's start evicted b1, and the failed a3 was dropped, not kept.
+    assert log == ["begin a1", "begin a1", "close a1", "begin a2", "close a2", "begin b1", "close b1", "begin a3", "close a3"]
+    assert starts == 4
+
+
+def test_grouped_keeps_first_appearance_order():
+    assert grouped(["a1", "b1", "a2", "c1", "b2"], lambda s: s[0]) == ["a1", "a2", "b1", "b2", "c1"]
+
+
+def test_modes_that_start_their_own_engines_record_them_fresh():
+    def c(mode, use=None):
+        return SimpleNamespace(plan=SimpleNamespace(serving_mode=mode), engine_use=use)
+
+    assert engine_use_record(c("disaggregated"), 2)["engine"] == "fresh"  # type: ignore[arg-type, index]
+    assert engine_use_record(c("disaggregated"), 2)["engine_starts"] == 2  # type: ignore[arg-type, index]
+    assert engine_use_record(c("external"), 0)["engine"] == "none"  # type: ignore[arg-type, index]
+    assert engine_use_record(c("aggregated"), 1) is None  # type: ignore[arg-type]  # failed before the pool leased it one
+    use = EngineUse(engine="reused", engine_starts=0, pool_key="k", cell_on_engine=2, setup_s=0.01)
+    assert engine_use_record(c("aggregated", use), 1)["engine"] == "reused"  # type: ignore[arg-type, index]
