@@ -111,6 +111,23 @@ def test_parallel_puts_stay_bit_exact_and_bounded(directory, monkeypatch, put_th
     assert ray.get(directory.stats.remote())["groups"] == 0
 
 
+def test_groups_taken_together_are_fetched_with_one_wait(directory, monkeypatch):
+    """A receiver that finds every group published makes them local in one round trip, not one per group."""
+    from actors.kv import transport
+
+    src = kv_layers(layers=9)
+    k = key()
+    publish(directory, k, src, tokens=33, cfg=FAST)
+    real_wait, waits = ray.wait, []
+    monkeypatch.setattr(transport.ray, "wait", lambda refs, **kw: waits.append(len(refs)) or real_wait(refs, **kw))
+    dst = empty_like(src)
+    rec = receive(directory, k, CopyInto(dst), FAST, **IDENT)
+    assert rec.ok, rec.error
+    assert all(torch.equal(a, b) for a, b in zip(src, dst))
+    assert waits == [5] and rec.groups == 5
+    assert ray.get(directory.stats.remote())["groups"] == 0
+
+
 def test_layers_of_mixed_dtypes_and_shapes_travel_in_one_buffer(directory):
     """Engines with per-layer differences (hybrid attention, fp8 KV) still move one object per group."""
     src = [

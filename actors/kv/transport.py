@@ -464,33 +464,43 @@ class _Receiver:
                 raise KVUnavailable(entry["error"])
             batch = entry["groups"]
             del entry
-            batch.reverse()
-            while batch:  # popped, so each group's object is released once it is injected
-                if self.cancelled is not None and self.cancelled():
-                    raise Cancelled("request ended while its KV was arriving")
-                meta, refs = batch.pop()
-                groups = meta.groups
-                self._group(gi, meta, refs)
-                del refs
-                gi += 1
+            groups = batch[0][0].groups
+            gi = self._batch(gi, batch)
         self.t = time.perf_counter()
         self.inject.finish()
         self.lap("inject_s")
 
-    def _group(self, gi: int, meta: GroupMeta, refs: list[Any]) -> None:
+    def _batch(self, gi: int, batch: list[Any]) -> int:
+        """The groups one take handed over: made local with one `ray.wait` and mapped with one
+        `ray.get` (each is a round trip to the raylet, ~0.7 ms per object on a 2-core box when made
+        group by group), then injected in order, each group's bytes released once injected."""
+        refs = [r for _, rs in batch for r in rs]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.fetch_timeout_s, fetch_local=True)
+        self.lap("fetch_s")
+        if len(ready) < len(refs):
+            span = f"group {gi}" if len(batch) == 1 else f"groups {gi}..{gi + len(batch) - 1}"
+            raise KVUnavailable(f"fetch of layer {span} timed out after {self.cfg.fetch_timeout_s:g} s")
+        values: list[Any] = ray.get([rs[0] for _, rs in batch])
+        self.lap("get_s")
+        del refs, ready
+        for j in range(len(batch)):
+            if self.cancelled is not None and self.cancelled():
+                raise Cancelled("request ended while its KV was arriving")
+            meta = batch[j][0]
+            batch[j] = None  # this group's reference and bytes go once injected
+            flat, values[j] = as_bytes(values[j]), None
+            self._account(meta)
+            self.inject.group(flat, meta)
+            del flat
+            self.lap("inject_s")
+        return gi + len(batch)
+
+    def _account(self, meta: GroupMeta) -> None:
         rec = self.rec
         rec.tokens, rec.src_node, self.ready_ts = meta.tokens, meta.src_node, meta.ready_ts
         self.spent["extract_s"] = self.spent.get("extract_s", 0.0) + meta.extract_s
         self.spent["put_s"] = self.spent.get("put_s", 0.0) + meta.put_s
         rec.send_s = max(rec.send_s or 0.0, meta.send_s)
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.fetch_timeout_s, fetch_local=True)
-        self.lap("fetch_s")
-        if len(ready) < len(refs):
-            raise KVUnavailable(f"fetch of layer group {gi} timed out after {self.cfg.fetch_timeout_s:g} s")
-        flat = as_bytes(ray.get(refs[0]))
-        self.lap("get_s")
-        self.inject.group(flat, meta)
-        self.lap("inject_s")
         rec.bytes += meta.bytes
         rec.groups += 1
 
