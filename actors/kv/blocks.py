@@ -9,6 +9,7 @@ finds which from the cache's shape.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,6 +249,12 @@ class BlockInjector(Injector):
         self.direct += 1
         self._seen.update(range(meta.first_layer, meta.first_layer + len(meta.shapes)))
         self._expect(meta)
+
+    def _expect(self, meta: Any, landed_now: bool = True) -> None:
+        # Queued on the injector's stream, after the group's copies: the sum runs on the GPU while
+        # later groups arrive; `finish` only reads the values.
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            super()._expect(meta, landed_now=True)
 
     def landed(self, layer: int) -> torch.Tensor:
         return self.caches[layer].index_select(self.dim, self.idx)

@@ -74,15 +74,21 @@ def _weights(device: torch.device) -> torch.Tensor:
 
 
 def kv_checksum(layers: Sequence[torch.Tensor]) -> int:
+    """`checksum_tensor`'s value (the one wait for the device)."""
+    return int(checksum_tensor(layers)) & ((1 << 63) - 1)
+
+
+def checksum_tensor(layers: Sequence[torch.Tensor]) -> torch.Tensor:
     """A position-weighted sum of the layers' bytes (as int32 words), computed where they live.
 
     Why: with random weights the token oracle cannot tell right KV from wrong KV, so the bytes are
     checked directly: the sender sums what it gathered, the receiver sums what landed in its
     blocks. Weighting by position within a chunk, by chunk and by layer catches blocks or layers
     that arrive swapped, not only bytes that changed. int64 sums wrap identically on every device,
-    so CPU and GPU agree; the device is waited for once per call."""
+    so CPU and GPU agree. The sum stays on the layers' device, queued on the current stream: a
+    receiver queues it right after a group's copies and reads it when the transfer is done."""
     if not layers:
-        return 0
+        return torch.zeros((), dtype=torch.int64)
     device = layers[0].device
     weights = _weights(device)
     acc = torch.zeros((), dtype=torch.int64, device=device)
@@ -93,7 +99,7 @@ def kv_checksum(layers: Sequence[torch.Tensor]) -> int:
         for ci, a in enumerate(range(0, w.numel(), _CHECKSUM_CHUNK)):
             part = w[a : a + _CHECKSUM_CHUNK].to(torch.int64)
             acc += (part * weights[: part.numel()]).sum() * ((li + 1) * 1_000_003 + ci + 1)
-    return int(acc) & ((1 << 63) - 1)
+    return acc
 
 
 class Injector:
@@ -108,7 +114,8 @@ class Injector:
 
     def __init__(self) -> None:
         self._seen: set[int] = set()
-        self._sums: list[tuple[int, int, int]] = []  # (first layer, layer count, sender's checksum)
+        # (first layer, layer count, sender's checksum, the landed bytes' sum if already queued)
+        self._sums: list[tuple[int, int, int, torch.Tensor | None]] = []
 
     def __call__(self, layer: int, host: torch.Tensor) -> None:
         raise NotImplementedError
@@ -122,9 +129,14 @@ class Injector:
             self(meta.first_layer + j, layer)
         self._expect(meta)
 
-    def _expect(self, meta: GroupMeta) -> None:
+    def _expect(self, meta: GroupMeta, landed_now: bool = False) -> None:
+        """Note the group's checksum; with `landed_now` (the caller's current stream orders the
+        group's copies) its landed bytes are summed at once, while later groups are still on their
+        way, instead of all at `finish`, after the last group."""
         if meta.checksum is not None:
-            self._sums.append((meta.first_layer, len(meta.shapes), meta.checksum))
+            n = len(meta.shapes)
+            got = checksum_tensor([self.landed(meta.first_layer + j) for j in range(n)]) if landed_now else None
+            self._sums.append((meta.first_layer, n, meta.checksum, got))
 
     def settle(self) -> None:
         """Wait for outstanding copies (a receive that failed halfway: nothing may still be writing
@@ -135,8 +147,8 @@ class Injector:
         missing = sorted(set(range(self.layers)) - self._seen)
         if missing:
             raise ValueError(f"layers never received: {missing[:8]}{' …' if len(missing) > 8 else ''}")
-        for first, n, want in self._sums:
-            got = kv_checksum([self.landed(first + j) for j in range(n)])
+        for first, n, want, queued in self._sums:
+            got = int(queued) & ((1 << 63) - 1) if queued is not None else kv_checksum([self.landed(first + j) for j in range(n)])
             if got != want:
                 raise ValueError(f"KV checksum mismatch in layers {first}..{first + n - 1}: the blocks hold other bytes than were sent")
 
