@@ -7,6 +7,7 @@ and then every simulated run carries SIMULATED in its label, on every table and 
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,14 @@ def _nodes(p: Packet) -> int:
     return len(p.manifest.get("hardware", {}).get("nodes", [])) or 1
 
 
+def _wall_s(m: dict[str, Any]) -> float | None:
+    """The run's wall time from its manifest (a scaling study's first number); None if unknown."""
+    try:
+        return (datetime.fromisoformat(m["ended_at"]) - datetime.fromisoformat(m["started_at"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _gpus(p: Packet) -> int:
     return sum(n.get("gpu", {}).get("count", 0) for n in p.manifest.get("hardware", {}).get("nodes", []))
 
@@ -112,6 +121,9 @@ def runs_table(packets: list[Packet], labs: list[str]) -> pd.DataFrame:
                 "model": (m.get("model") or {}).get("name"),
                 "config hash": str(m.get("config_hash"))[:12],
                 "status": m.get("status"),
+                "cells": len(m.get("cells") or {}) or None,
+                "wall (s)": _wall_s(m),
+                "engine starts": (m.get("engine_pool") or {}).get("engine_starts"),
                 "nodes": _nodes(p),
                 "GPUs": _gpus(p),
                 "hardware": (m.get("hardware") or {}).get("summary"),

@@ -59,6 +59,17 @@ def test_scaling_study_side_by_side(tmp_path):
     assert "Plotly.newPlot" in html and html.count("plotly-graph-div") >= 3
 
 
+def test_scaling_study_reads_each_runs_wall_time_cells_and_engine_starts(tmp_path):
+    runs = [fake_run(tmp_path, f"r{n}", "simulated", n, 100.0 * n) for n in (4, 8)]
+    for d, (wall, starts) in zip(runs, ((120, 4), (70, 8)), strict=True):
+        m = json.loads((d / "manifest.json").read_text())
+        m |= {"started_at": "2026-11-28T10:00:00+00:00", "ended_at": f"2026-11-28T10:{wall // 60:02d}:{wall % 60:02d}+00:00"}
+        m |= {"cells": {f"c{i}": {"status": "ok"} for i in range(40)}, "engine_pool": {"engine_starts": starts}}
+        (d / "manifest.json").write_text(json.dumps(m))
+    data = json.loads((compare(runs, tmp_path / "cmp", allow_simulated=True) / "compare.json").read_text())
+    assert [(r["wall (s)"], r["cells"], r["engine starts"]) for r in data["runs"]] == [(120.0, 40, 4), (70.0, 40, 8)]
+
+
 def test_runs_alike_in_every_fact_are_told_apart_by_run_id(tmp_path):
     runs = [fake_run(tmp_path, f"r{i}", "real", 1, 1000.0) for i in range(2)]
     data = json.loads((compare(runs, tmp_path / "cmp") / "compare.json").read_text())
