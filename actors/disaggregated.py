@@ -118,6 +118,7 @@ class DecodeActor(HopProbe):
     def __init__(self, engine_cfg: dict[str, Any], kv_cfg: dict[str, Any], prefill: Any, directory: str, run_id: str, cell_id: str):
         ctx = _context(engine_cfg, kv_cfg, directory, run_id, cell_id)
         self.side = backend_sides(ctx.kv.backend, ctx.engine.kind).decode(ctx)
+        self.backend = ctx.kv.backend
         self.prefill = prefill
         self.directory_name = directory
         self.run_id, self.cell_id = run_id, cell_id
@@ -204,4 +205,4 @@ class DecodeActor(HopProbe):
         delta.server = {**{f"{prefix}{k}": v for k, v in own.items()}, **server, **o.extra, "server_e2e_s": e2e_s, "kv_transfer_ok": o.ok}
         if o.retry_reason:
             delta.server["decode_retry_reason"] = o.retry_reason
-        self._records.append(o.record)
+        self._records.append({**o.record, "backend": self.backend})

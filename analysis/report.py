@@ -136,9 +136,22 @@ def sections(packet: Packet) -> list[Section]:
         if not df.empty
         else [Section(title="No measurements", text=["No cell measured a successful request: the reasons are under Failed cells."])]
     )
-    failed = {c: v.get("error") for c, v in packet.summary.get("cells", {}).items() if v.get("status") != "ok"}
+    by_cell = packet.summary.get("cells", {})
+    failed = {c: v.get("error") for c, v in by_cell.items() if v.get("status") not in ("ok", "refused")}
     if failed:
         out.append(Section(title="Failed cells", table=pd.DataFrame([{"cell": c, "reason": r} for c, r in failed.items()])))
+    refused = {c: v.get("error") for c, v in by_cell.items() if v.get("status") == "refused"}
+    if refused:
+        out.append(
+            Section(
+                title="Refused cells",
+                text=[
+                    "Cells whose KV backend cannot run on this machine: each was checked where its engines would run "
+                    "and refused with the reason below; nothing fell back to another backend."
+                ],
+                table=pd.DataFrame([{"cell": c, "reason": r} for c, r in refused.items()]),
+            )
+        )
     if not df.empty:
         out.append(
             Section(

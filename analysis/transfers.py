@@ -111,7 +111,8 @@ def transfer_metrics(df: pd.DataFrame, block_tokens: int = 1) -> dict[str, Any]:
     df = moving_transfers(df)
     ok = df[df["ok"]]
     analytic = int(ok["analytic_bytes"].sum()) if ok["analytic_bytes"].notna().any() else None
-    moved = int(ok["bytes"].sum())
+    # None: the backend moves the KV where pdbench cannot count it (vLLM's NIXL): analytic bytes only.
+    moved = int(ok["bytes"].sum()) if ok.empty or ok["bytes"].notna().any() else None
     out: dict[str, Any] = {
         "transfers": int(len(df)),
         "ok": int(len(ok)),
@@ -119,7 +120,7 @@ def transfer_metrics(df: pd.DataFrame, block_tokens: int = 1) -> dict[str, Any]:
         "failure_reasons": dict(Counter(str(e) for e in df.loc[~df["ok"], "error"])),
         "bytes_total": moved,
         "analytic_bytes_total": analytic,
-        "overhead_ratio": (moved / analytic - 1.0) if analytic else None,
+        "overhead_ratio": (moved / analytic - 1.0) if analytic and moved is not None else None,
         "bytes_vs_analytic": bytes_vs_analytic(df, block_tokens),
         "bytes": distribution(ok["bytes"].astype("float64")),
         "stage_totals_s": {s: float(ok[s].sum()) for s in (*STAGES, "total_s", "stall_s")},

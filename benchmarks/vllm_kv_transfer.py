@@ -1,4 +1,13 @@
-"""RayObjectStoreConnector's KV transfer vs a plain pinned copy of the same bytes (two GPUs).
+"""KV transfer backends between two vLLM engines vs plain copies of the same bytes (two GPUs).
+
+`--backend` names one or more KV backends (kv_transfer.backend), each run in turn on the same
+model, prompts and GPUs: `ray-object-store` (RayObjectStoreConnector), `nixl-vllm` (vLLM's own
+NixlConnector; pdbench sees its transfer time as the decode engine's queued → scheduled, vLLM's
+clock, and its bytes only as tokens × KV bytes per token). A backend that cannot run here is
+printed as refused, with its reason. Two baselines of the same bytes, measured once beside them:
+pinned (GPU 0 → pinned host → GPU 1) and peer (GPU 0 → GPU 1 directly, peer access or not).
+
+For ray-object-store:
 
 A vLLM prefill engine (GPU 0) and decode engine (GPU 1) move each request's prompt KV through the
 Ray object store; the connector's own records give bytes and stage times. Requests run one at a
@@ -12,6 +21,7 @@ The baseline copies the same number of bytes GPU 0 → pinned host → GPU 1 wit
 (serial D2H then H2D). Prints per-stage medians and both ratios (baseline time ÷ path time).
 
     PDBENCH_OBJECT_STORE_GB=8 python benchmarks/vllm_kv_transfer.py --model qwen3-8b --tokens 8192 --requests 6
+    python benchmarks/vllm_kv_transfer.py --backend ray-object-store nixl-vllm --json /tmp/kv.json
 """
 
 from __future__ import annotations
@@ -44,8 +54,33 @@ def pinned_copy_s(nbytes: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def main() -> int:
+def peer_copy_s(nbytes: int, repeats: int = 5) -> float | None:
+    """GPU 0 → GPU 1 in one copy (CUDA peer access where the GPUs have it); None on one GPU."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize("cuda:0")
+        torch.cuda.synchronize("cuda:1")
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize("cuda:0")
+        torch.cuda.synchronize("cuda:1")
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from actors.handoffs import KV_BACKENDS
+
+    vllm_backends = [b for b in KV_BACKENDS.names() if "vllm" in KV_BACKENDS.get(b).engines]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", nargs="+", choices=vllm_backends, default=["ray-object-store"],
+                    help="KV transfer backends to run in turn, against the same baselines")
     ap.add_argument("--model", default="qwen3-8b")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--requests", type=int, default=6)
@@ -57,27 +92,43 @@ def main() -> int:
     ap.add_argument("--share-gpu", action="store_true",
                     help="both engines on one GPU (0.4 of its memory each, started one after the other): a one-GPU machine")
     ap.add_argument("--json")
-    args = ap.parse_args()
-    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    args = ap.parse_args(argv)
+    if len(set(args.backend)) != len(args.backend):
+        ap.error(f"--backend: give each backend once, got {' '.join(args.backend)}")
+    return args
+
+
+def path_s(backend: str, r: dict) -> float | None:
+    """One transfer's time as the backend lets pdbench see it (docs/metrics.md)."""
+    if backend == "ray-object-store":
+        return r["send_s"] + r["total_s"]
+    return r.get("kv_wait_s")  # nixl-vllm: the decode engine's queued → scheduled
+
+
+def run_backend(backend: str, args: argparse.Namespace) -> list[dict] | str:
+    """One backend's transfer records of the measured requests, run one at a time; or why it was refused."""
     import ray
 
     from actors.disaggregated import DecodeActor, PrefillActor
     from actors.engines.spec import EngineConfig
+    from actors.handoffs import refusal
+    from actors.handoffs.spec import KVHandoffConfig
     from actors.kv.directory import directory_actor
-    from actors.kv.spec import KVTransferConfig
-    from cluster.ray_env import object_store_options
     from workloads.lengths import Fixed
     from workloads.requests import WorkloadSpec, synthetic_requests
 
-    ray.init(address="local", namespace="pdbench", include_dashboard=False, log_to_driver=False, **object_store_options())
     share = 0.5 if args.share_gpu else 1
+    reason = ray.get(ray.remote(refusal).options(num_gpus=share).remote(backend, "vllm"))
+    if reason:
+        return reason
     cfg = EngineConfig(kind="vllm", model=args.model, dtype="bfloat16", max_model_len=args.tokens + 64,
                        max_batch_size=8, vllm={"gpu_memory_utilization": 0.4 if args.share_gpu else 0.8}).model_dump()
-    kv = KVTransferConfig(max_group_bytes=args.max_group_mib << 20, host_copy_threads=args.copy_threads, host_to_device=args.h2d, put_threads=args.put_threads,
-                          decode_submit=args.decode_submit).model_dump()
-    directory = directory_actor("bench-kvdir")  # held: an unreferenced actor is collected
-    prefill = PrefillActor.options(num_gpus=share).remote(cfg, kv, "bench-kvdir", "bench", "kv")
-    decode = DecodeActor.options(num_gpus=share).remote(cfg, kv, prefill, "bench-kvdir", "bench", "kv")
+    kv = KVHandoffConfig(backend=backend, max_group_bytes=args.max_group_mib << 20, host_copy_threads=args.copy_threads,
+                         host_to_device=args.h2d, put_threads=args.put_threads, decode_submit=args.decode_submit).model_dump()
+    dir_name = f"bench-kvdir-{backend}"
+    directory = directory_actor(dir_name)  # held: an unreferenced actor is collected
+    prefill = PrefillActor.options(num_gpus=share).remote(cfg, kv, dir_name, "bench", "kv")
+    decode = DecodeActor.options(num_gpus=share).remote(cfg, kv, prefill, dir_name, "bench", "kv")
     if args.share_gpu:  # vLLM profiles free memory at start: one engine at a time on a shared GPU
         ray.get(prefill.start.remote())
         info = ray.get(decode.start.remote())
@@ -87,64 +138,81 @@ def main() -> int:
     reqs = [{"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
             for r in synthetic_requests(spec, info["vocab_size"], seed=0)]
 
-    async def one(r):
-        async for ref in decode.generate.options(num_returns="streaming").remote(r):
-            await ref
-
     async def all_sequential():
         for r in reqs:  # one at a time: the transfer alone, not contention, is measured
-            await one(r)
+            async for ref in decode.generate.options(num_returns="streaming").remote(r):
+                await ref
 
     asyncio.run(all_sequential())
     rows = [r for r in ray.get(decode.transfers.remote()) if not r["request_id"].startswith("w")]
     ray.get([decode.shutdown.remote(), prefill.shutdown.remote()])
-    ray.shutdown()
-    bad = [r["error"] for r in rows if not r["ok"]]
-    if bad:
-        print("failed transfers:", bad)
-        return 1
-    nbytes = int(statistics.median(r["bytes"] for r in rows))
-    med = {s: statistics.median(r[s] for r in rows) for s in STAGES}
-    send_s = statistics.median(r["send_s"] for r in rows)
-    receive_s = statistics.median(r["total_s"] for r in rows)
-    path_s = statistics.median(r["send_s"] + r["total_s"] for r in rows)
-    ready = [r["ready_to_injected_s"] for r in rows if r.get("ready_to_injected_s") is not None]
-    ready_s = statistics.median(ready) if ready else None
-    base_s = pinned_copy_s(nbytes)
-    import torch
+    for a in (decode, prefill, directory):  # free both GPUs for the next backend
+        ray.kill(a)
+    return rows
 
-    res = {
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "model": args.model,
+
+def summarise(backend: str, rows: list[dict], base_s: float, peer_s: float | None) -> dict:
+    times = [t for r in rows if (t := path_s(backend, r)) is not None]
+    path = statistics.median(times) if times else None
+    nbytes = int(statistics.median(r["bytes"] if r.get("bytes") is not None else r["analytic_bytes"] for r in rows))
+    ready = [r["ready_to_injected_s"] for r in rows if r.get("ready_to_injected_s") is not None]
+    return {
+        "backend": backend,
         "tokens_moved": rows[0]["tokens"],
         "bytes": nbytes,
+        "bytes_measured": all(r.get("bytes") is not None for r in rows),
         "analytic_bytes": rows[0]["analytic_bytes"],
-        "copy_threads": args.copy_threads,
-        "put_threads": args.put_threads,
-        "host_to_device": args.h2d,
-        "decode_submit": args.decode_submit,
-        "shared_gpu": args.share_gpu,
-        "direct_groups_median": statistics.median(r.get("direct_groups") or 0 for r in rows),
-        "checksum": True,
-        "stage_medians_s": med,
-        "send_s_median": send_s,
-        "receive_s_median": receive_s,
-        "connector_path_s": path_s,
-        "connector_gb_s": nbytes / path_s / 1e9,
-        "pinned_d2h_h2d_s": base_s,
-        "pinned_gb_s": nbytes / base_s / 1e9,
-        "ratio_connector_over_pinned_copy": base_s / path_s,
-        "ready_to_injected_s_median": ready_s,
+        "path_s_median": path,
+        "path_gb_s": nbytes / path / 1e9 if path else None,
+        "ratio_pinned_over_path": base_s / path if path else None,
+        "ratio_peer_over_path": peer_s / path if path and peer_s else None,
+        "stage_medians_s": {s: statistics.median(r[s] for r in rows) for s in STAGES if all(r.get(s) is not None for r in rows)},
+        "ready_to_injected_s_median": statistics.median(ready) if ready else None,
         "kv_wait_s_median": statistics.median(r["kv_wait_s"] for r in rows) if all(r.get("kv_wait_s") is not None for r in rows) else None,
-        "ratio_ready_to_injected_over_pinned_copy": (base_s / ready_s) if ready_s else None,
-        "per_request": [{k: r.get(k) for k in ("send_s", "total_s", "ready_to_injected_s", "kv_wait_s", "queued_s", "direct_groups", *STAGES)} for r in rows],
+        "direct_groups_median": statistics.median(r.get("direct_groups") or 0 for r in rows),
+        "per_request": [{k: r.get(k) for k in ("send_s", "total_s", "ready_to_injected_s", "kv_wait_s", *STAGES)} for r in rows],
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    import ray
+    import torch
+
+    from cluster.ray_env import object_store_options
+
+    ray.init(address="local", namespace="pdbench", include_dashboard=False, log_to_driver=False, **object_store_options())
+    runs = {b: run_backend(b, args) for b in args.backend}
+    ray.shutdown()
+    measured = {b: rows for b, rows in runs.items() if isinstance(rows, list)}
+    bad = {b: [r["error"] for r in rows if not r["ok"]] for b, rows in measured.items()}
+    if any(bad.values()):
+        print("failed transfers:", {b: e for b, e in bad.items() if e})
+        return 1
+    any_rows = next((rows for rows in measured.values() if rows), None)
+    nbytes = int(any_rows[0]["bytes"] or any_rows[0]["analytic_bytes"]) if any_rows else 0
+    base_s = pinned_copy_s(nbytes) if nbytes else None
+    peer_s = peer_copy_s(nbytes) if nbytes else None
+    res = {
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "model": args.model, "copy_threads": args.copy_threads, "put_threads": args.put_threads, "host_to_device": args.h2d,
+        "decode_submit": args.decode_submit, "shared_gpu": args.share_gpu, "baseline_bytes": nbytes,
+        "pinned_d2h_h2d_s": base_s, "pinned_gb_s": nbytes / base_s / 1e9 if base_s else None,
+        "peer_copy_s": peer_s, "peer_gb_s": nbytes / peer_s / 1e9 if peer_s else None,
+        "backends": {b: summarise(b, rows, base_s, peer_s) if isinstance(rows, list) else {"refused": rows} for b, rows in runs.items()},
     }
     print(json.dumps(res, indent=2))
-    print(f"send+receive wall: connector {res['connector_gb_s']:.2f} GB/s vs pinned D2H+H2D {res['pinned_gb_s']:.2f} GB/s: "
-          f"ratio {res['ratio_connector_over_pinned_copy']:.3f}")
-    if ready_s:
-        print(f"KV ready -> KV injected: {ready_s * 1e3:.1f} ms vs pinned {base_s * 1e3:.1f} ms: "
-              f"ratio {res['ratio_ready_to_injected_over_pinned_copy']:.3f} (goal >= 0.8)")
+    if base_s:
+        peer = f", peer GPU0 -> GPU1 {peer_s * 1e3:.1f} ms" if peer_s else ", peer copy: one GPU only"
+        print(f"baselines for {nbytes / 1e9:.3f} GB: pinned D2H+H2D {base_s * 1e3:.1f} ms{peer}")
+    for b, r in res["backends"].items():
+        if "refused" in r:
+            print(f"{b}: refused: {r['refused']}")
+        elif r["path_s_median"]:
+            peer_ratio = f", peer/path {r['ratio_peer_over_path']:.3f}" if r["ratio_peer_over_path"] else ""
+            print(f"{b}: {r['path_s_median'] * 1e3:.1f} ms per transfer ({r['path_gb_s']:.2f} GB/s"
+                  f"{'' if r['bytes_measured'] else ', analytic bytes'}): pinned/path {r['ratio_pinned_over_path']:.3f}{peer_ratio}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

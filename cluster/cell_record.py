@@ -20,7 +20,7 @@ import pandas as pd
 from analysis.errortext import MAX_LINE, first_line, one_line
 from analysis.packet import write_json, write_log, write_parquet
 from analysis.records import measured
-from cluster.cells import MODES, CellContext, CellResult
+from cluster.cells import MODES, CellContext, CellRefused, CellResult
 from cluster.engine_pool import engine_use_record
 from cluster.hostload import HostLoadProbe
 from cluster.planning import preflight
@@ -135,6 +135,8 @@ async def run_cell(ctx: CellContext, cell_dir: Path, cell_hash: str) -> dict[str
     try:
         preflight(ctx.cfg, [ctx.plan])  # later rounds were not checked before the run began
         _store(ctx.plan, await MODES[ctx.plan.serving_mode].run(ctx), cell_dir, meta)
+    except CellRefused as e:  # a measured refusal: the reason is the whole answer
+        meta.update(status="refused", error=str(e))
     except Exception as e:  # the cell fails with its reason (one line); the traceback goes to errors.log
         meta.update(status="failed", error=one_line(e), log=f"cells/{ctx.plan.cell_id}/errors.log")
         write_log(cell_dir / "errors.log", traceback.format_exc())

@@ -32,7 +32,7 @@ from cluster.cell_record import now, run_cell
 from cluster.cells import MODES, CellContext
 from cluster.config import ConfigError, ExperimentConfig, config_hash, to_yaml
 from cluster.engine_pool import EnginePool
-from cluster.planning import cell_concurrency, cell_engine, cell_hash, plan_cells, preflight
+from cluster.planning import cell_concurrency, cell_config, cell_engine, cell_hash, plan_cells, preflight
 from cluster.rounds import Cells, Rounds, RunProgress
 from cluster.run_files import assemble, save_telemetry
 from cluster.run_manifest import RunFacts, run_manifest
@@ -79,7 +79,7 @@ class Driver:
     def context(self, plan: CellPlan, progress: Any = None) -> CellContext:
         return CellContext(
             run_id=self.run_id,
-            cfg=self.cfg,
+            cfg=cell_config(self.cfg, plan),
             plan=plan,
             engine=cell_engine(self.cfg, plan),
             seed=self.cfg.seed + plan.seed_offset,

@@ -10,6 +10,7 @@ import ray
 
 from actors.engines import EngineConfig
 from actors.engines.models import model_path_problem
+from actors.handoffs import KV_BACKENDS
 from analysis.redact import treat_env_as_secret
 from cluster.cells import MODES
 from cluster.config import UNHASHED, ConfigError, ExperimentConfig, kv_transfer_hashed, sha256_of
@@ -55,6 +56,13 @@ def cell_engine(cfg: ExperimentConfig, plan: CellPlan) -> EngineConfig:
     return EngineConfig.model_validate({**cfg.engine.model_dump(), **plan.engine_overrides})
 
 
+def cell_config(cfg: ExperimentConfig, plan: CellPlan) -> ExperimentConfig:
+    """The config as one cell runs it: its own KV backend where the track gives one."""
+    if plan.kv_backend is None or plan.kv_backend == cfg.kv_transfer.backend:
+        return cfg
+    return cfg.model_copy(update={"kv_transfer": cfg.kv_transfer.model_copy(update={"backend": plan.kv_backend})})
+
+
 def cell_hash(cfg: ExperimentConfig, plan: CellPlan) -> str:
     """What decides a cell's result: engine, workload (and the prompts a track built), seed,
     mode and engine count, KV transfer, SLO, placement; not its name."""
@@ -65,7 +73,7 @@ def cell_hash(cfg: ExperimentConfig, plan: CellPlan) -> str:
         "seed": cfg.seed + plan.seed_offset,
         "mode": plan.serving_mode,  # the serving mode, under its old key: renaming it would change every cell's hash
         "replicas": plan.replicas,
-        "kv_transfer": kv_transfer_hashed(cfg),
+        "kv_transfer": kv_transfer_hashed(cell_config(cfg, plan)),
         "placement": cfg.placement.model_dump(mode="json", exclude=UNHASHED["placement"]),
         "slo": cfg.slo.model_dump(mode="json"),
     }
@@ -110,6 +118,9 @@ def preflight(cfg: ExperimentConfig, plans: list[CellPlan]) -> None:
             errors.append(f"  serving_mode: cell {p.cell_id} asks for serving mode {p.serving_mode!r}; allowed: {', '.join(MODES)}")
             continue
         eng = cell_engine(cfg, p)
+        if p.kv_backend is not None and p.kv_backend not in KV_BACKENDS:
+            known = ", ".join(KV_BACKENDS.names())
+            errors.append(f"  params.backends: cell {p.cell_id} asks for KV backend {p.kv_backend!r}; choose from: {known}")
         problem = schedule_problem(p.workload.arrival, p.workload.num_requests)
         if problem:  # a track's own rates (params.rates, a rate search) skip WorkloadSpec's check
             errors.append(f"  workload.arrival.rate (or the track's params rates): cell {p.cell_id}: {problem}")

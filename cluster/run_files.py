@@ -42,8 +42,13 @@ def assemble(run_dir: Path, cfg: ExperimentConfig, run_id: str, metas: list[dict
     evidence = "simulated" if cfg.simulated else "real"
     summary = build_summary(cfg.track, run_id, evidence, df, cells, cfg.slo.model_dump(), cfg.params, tdf)
     write_json(run_dir / "summary.json", summary)
+    # A refused cell (its backend cannot run on this machine) is an answer, not a failure; a run
+    # of refused cells only measured nothing.
     n_ok = sum(m["status"] == "ok" for m in metas)
-    return "complete" if n_ok == len(metas) else ("partial" if kept else "failed")
+    n_refused = sum(m["status"] == "refused" for m in metas)
+    if n_ok + n_refused == len(metas) and (n_ok or not metas):
+        return "complete"
+    return "partial" if kept else "failed"
 
 
 def save_telemetry(run_dir: Path, per_node: list[Any]) -> None:

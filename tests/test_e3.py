@@ -1,6 +1,7 @@
 """Track E3 end to end on a real local Ray, and its analysis on hand-made records."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -9,7 +10,7 @@ from analysis.tracks.e3 import ANALYSIS as E3
 from analysis.transfers import bytes_vs_analytic, transfer_metrics, transfers_frame, with_stall_ratio
 from cluster.config import ConfigError, resolve
 from cluster.driver import Driver, RunOptions
-from cluster.planning import cell_hash, plan_cells
+from cluster.planning import cell_hash, plan_cells, preflight
 
 SMALL = {
     "workload": {
@@ -159,3 +160,71 @@ def test_transfer_metrics_totals_throughput_and_stall_ratio():
     assert m["throughput_bytes_per_s"]["put_s"]["p50"] == pytest.approx(400 / 0.02)
     assert "wait_ref_s" not in m["throughput_bytes_per_s"]
     assert m["stall_ratio"]["mean"] == pytest.approx((0.2 + 0.1 + 0.05) / 3)
+
+
+# --- several KV backends as cells of one run ---------------------------------------------------------
+def test_e3_backends_give_one_disaggregated_cell_each_with_its_own_hash():
+    cfg = resolve("e3", {"params": {"backends": ["ray-object-store", "nixl-vllm"]}})
+    plans = plan_cells(cfg)
+    assert [(p.cell_id, p.kv_backend) for p in plans] == [
+        ("aggregated", None), ("disaggregated-ray-object-store", "ray-object-store"), ("disaggregated-nixl-vllm", "nixl-vllm")
+    ]
+    assert len({p.workload for p in plans}) == 1 and len({p.seed_offset for p in plans}) == 1
+    assert cell_hash(cfg, plans[1]) != cell_hash(cfg, plans[2])
+    # The default backend's cell hashes as the config's own disaggregated cell did before backends were cells.
+    assert cell_hash(cfg, plans[1]) == cell_hash(resolve("e3"), plan_cells(resolve("e3"))[1])
+
+
+@pytest.mark.parametrize("backends,needle", [([], "params.backends"), (["ray-object-store", "ray-object-store"], "params.backends")])
+def test_e3_backends_must_be_distinct_and_not_empty(backends, needle):
+    with pytest.raises(ConfigError, match=needle):
+        resolve("e3", {"params": {"backends": backends}})
+
+
+def test_an_unknown_backend_cell_is_refused_before_anything_runs():
+    cfg = resolve("e3", {"params": {"backends": ["carrier-pigeon"]}})
+    with pytest.raises(ConfigError, match=re.escape("params.backends: cell disaggregated-carrier-pigeon asks for KV backend 'carrier-pigeon'")):
+        preflight(cfg, plan_cells(cfg))
+
+
+def test_e3_run_with_two_backends_refuses_nixl_on_the_reference_engine_and_judges_the_object_store(ray_local, tmp_path):
+    cfg = resolve("e3", {**SMALL, "params": {"backends": ["ray-object-store", "nixl-vllm"]}})
+    run_dir = Driver(cfg, RunOptions(out_dir=tmp_path, progress=False)).run()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cells = manifest["cells"]
+    assert manifest["status"] == "complete", cells
+    assert cells["disaggregated-ray-object-store"]["status"] == "ok"
+    refused = cells["disaggregated-nixl-vllm"]
+    assert refused["status"] == "refused"
+    assert refused["error"] == "engine.kind: the nixl-vllm KV backend moves the KV of vllm engines, not 'reference'"
+    v = summary["verdicts"]
+    assert v["verdict"] == "identical" and list(v["backends"]) == ["disaggregated-ray-object-store"]
+    assert v["backends"]["disaggregated-ray-object-store"]["backend"] == "ray-object-store"
+    t = pd.read_parquet(run_dir / "transfers.parquet")
+    assert (t["backend"] == "ray-object-store").all() and set(t["cell_id"]) == {"disaggregated-ray-object-store"}
+    report = (run_dir / "report.md").read_text()
+    assert "Refused cells" in report and "not 'reference'" in report
+    assert "disaggregated-nixl-vllm" in report and "nixl-vllm / refused" in report and "ray-object-store / ok" in report
+
+
+def test_verdict_per_backend_and_the_run_takes_the_worst():
+    req = pd.concat(
+        [
+            _requests([[1, 2], [3]], [[1, 2], [3]]),
+            _requests([[1, 2], [3]], [[1, 2], [4]]).query("serving_mode == 'disaggregated'").assign(cell_id="disaggregated-nixl-vllm"),
+        ]
+    )
+    t = pd.concat([_transfers(2), _transfers(2).assign(cell_id="disaggregated-nixl-vllm", bytes=pd.NA)])
+    cells = {
+        **CELLS,
+        "disaggregated-nixl-vllm": {"serving_mode": "disaggregated", "labels": {"kv_backend": "nixl-vllm"}},
+    }
+    v = E3.verdicts_with_transfers(req, transfers_frame(t.to_dict("records")), cells, {})
+    assert v["verdict"] == "different"
+    assert v["backends"]["disaggregated"]["verdict"] == "identical"
+    nixl = v["backends"]["disaggregated-nixl-vllm"]
+    assert nixl["backend"] == "nixl-vllm" and nixl["verdict"] == "different"
+    # Bytes the backend moves out of pdbench's sight are not checked against the analytic size.
+    assert not any("bytes moved" in c["check"] for c in nixl["checks"])
+    assert any(c["check"].startswith("disaggregated-nixl-vllm (nixl-vllm): greedy") and not c["ok"] for c in v["checks"])

@@ -189,6 +189,8 @@ class VllmEngine(EngineAdapter):
                 vllm_generation_tokens=m.num_generation_tokens,
             )
         stats["vllm_num_cached_tokens"] = out.num_cached_tokens
+        if getattr(out, "kv_transfer_params", None) is not None:  # a KV connector's handshake (NIXL: where the blocks wait)
+            stats["kv_transfer_params"] = dict(out.kv_transfer_params)
         return stats
 
     async def memory(self) -> dict[str, Any]:

@@ -23,10 +23,15 @@ class KVBackend:
     engines: Mapping[str, Callable[[], Sides]]  # engine.kind → loader of its prefill and decode sides
 
     def check(self, name: str, kind: str) -> None:
+        problem = self.serves(name, kind)
+        if problem:
+            raise ValueError(problem)
+
+    def serves(self, name: str, kind: str) -> str | None:
+        """Why this backend cannot move the KV of `kind` engines (one line), or None."""
         if kind not in self.engines:
-            raise ValueError(
-                f"engine.kind: the {name} KV backend moves the KV of {' or '.join(sorted(self.engines))} engines, not {kind!r}"
-            )
+            return f"engine.kind: the {name} KV backend moves the KV of {' or '.join(sorted(self.engines))} engines, not {kind!r}"
+        return None
 
 
 def _object_store_reference() -> Sides:
@@ -41,8 +46,15 @@ def _object_store_vllm() -> Sides:
     return SIDES
 
 
+def _nixl_vllm() -> Sides:
+    from actors.handoffs.nixl_vllm import SIDES
+
+    return SIDES
+
+
 KV_BACKENDS: Registry[KVBackend] = Registry("kv_transfer.backend")
 KV_BACKENDS.add("ray-object-store", KVBackend({"reference": _object_store_reference, "vllm": _object_store_vllm}))
+KV_BACKENDS.add("nixl-vllm", KVBackend({"vllm": _nixl_vllm}))
 
 
 def check_backend(backend: str, kind: str) -> None:
@@ -54,3 +66,11 @@ def backend_sides(backend: str, kind: str) -> Sides:
     """The two sides `backend` runs for engines of `kind` (imports them: call it inside the actor)."""
     check_backend(backend, kind)
     return KV_BACKENDS.get(backend).engines[kind]()
+
+
+def refusal(backend: str, kind: str) -> str | None:
+    """Why `backend` cannot run for `kind` engines where this is called (the engine kind, then what
+    the backend itself needs: a library, a device, a transport), in one line; None where it can.
+    Call it on the machine of the pair's engines: it imports the backend's sides."""
+    problem = KV_BACKENDS.get(backend).serves(backend, kind)
+    return problem if problem else backend_sides(backend, kind).available()

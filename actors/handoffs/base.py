@@ -103,7 +103,15 @@ class DecodeSide(Protocol):
     async def shutdown(self) -> None: ...
 
 
+def runs_anywhere() -> None:
+    """The refusal check of a backend that needs nothing beyond its engine."""
+    return None
+
+
 @dataclass(frozen=True)
 class Sides:
     prefill: Callable[[PairContext], PrefillSide]
     decode: Callable[[PairContext], DecodeSide]
+    # Why this backend cannot run where it is called (a missing library, device or transport), in
+    # one line; None where it can. Called on the machine of the pair's engines, before they start.
+    available: Callable[[], str | None] = runs_anywhere

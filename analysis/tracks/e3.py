@@ -29,6 +29,8 @@ BREAKDOWN = (
 )
 _SIDE_BY_SIDE = (
     ("TTFT p50 (ms)", ("ttft_s", "p50"), ms),
+    ("transfer time per request p50 (ms)", ("transfer_s", "p50"), ms),
+    ("transfer time per request p99 (ms)", ("transfer_s", "p99"), ms),
     ("TTFT p99 (ms)", ("ttft_s", "p99"), ms),
     ("TPOT p50 (ms)", ("tpot_s", "p50"), ms),
     ("TPOT p99 (ms)", ("tpot_s", "p99"), ms),
@@ -47,45 +49,55 @@ def _cells_of(cells: dict[str, Any], mode: str) -> list[str]:
     return sorted(c for c, m in cells.items() if m.get("serving_mode") == mode)
 
 
-class E3Analysis(TrackAnalysis):
-    def verdicts_with_transfers(
-        self, requests: pd.DataFrame, transfers: pd.DataFrame | None, cells: dict[str, Any], params: dict[str, Any]
-    ) -> dict[str, Any]:
-        by_mode = {m: _cells_of(cells, m) for m in MODES}
-        if not all(by_mode.values()):
-            return {"verdict": "incomplete", "checks": [], "reason": f"needs one ok cell of each mode, got {by_mode}"}
-        rows = {m: requests[requests["cell_id"].isin(by_mode[m])] for m in MODES}
-        checks: list[dict[str, Any]] = []
-        failed = {m: int((~rows[m]["ok"].astype(bool)).sum()) for m in MODES}
-        checks.append({"check": "every request completed in both modes", "ok": not any(failed.values()), "detail": failed})
+def backend_of(cell: dict[str, Any], transfers: pd.DataFrame | None = None) -> str:
+    """The KV backend a disaggregated cell ran: its label (E3 with params.backends), else what its
+    transfer rows name, else the config's (packets from before backends had names)."""
+    label = (cell.get("labels") or {}).get("kv_backend")
+    if label:
+        return str(label)
+    named: list[Any] = list(transfers["backend"].dropna().unique()) if transfers is not None and "backend" in transfers else []
+    return str(named[0]) if len(named) == 1 else "kv_transfer.backend"
 
-        tokens = {m: rows[m].set_index("request_id")["output_token_ids"] for m in MODES}
-        a, d = tokens["aggregated"], tokens["disaggregated"]
-        missing = sorted(set(a.index) ^ set(d.index))
-        common = sorted(set(a.index) & set(d.index))
-        mismatches = [rid for rid in common if list(a[rid]) != list(d[rid])]
-        checks.append(
-            {
-                "check": "greedy token ids identical request by request (oracle)",
-                "ok": not mismatches and not missing and bool(common),
-                "detail": {"requests_compared": len(common), "mismatches": mismatches[:20], "missing": missing[:20]},
-            }
-        )
 
-        t = transfers[transfers["cell_id"].isin(by_mode["disaggregated"])] if transfers is not None else pd.DataFrame()
-        n_req = len(rows["disaggregated"])
-        if not t.empty and "status" in t:  # requests with nothing to move are no transfer: neither counted nor required
-            n_req -= int((t["status"] == "none").sum())
-            t = moving_transfers(t)
-        t_ok = int(t["ok"].sum()) if not t.empty else 0
-        reasons = sorted({str(e) for e in t.loc[~t["ok"], "error"]}) if not t.empty else []
-        checks.append(
-            {
-                "check": "every KV transfer succeeded (none recomputed)",
-                "ok": n_req > 0 and len(t) == n_req and t_ok == n_req,
-                "detail": {"requests": n_req, "transfers": int(len(t)), "ok": t_ok, "reasons": reasons[:5]},
-            }
-        )
+def _verdict(*verdicts: str) -> str:
+    """The run's verdict over its disaggregated cells: the worst of theirs."""
+    for worst in ("different", "incomplete"):
+        if worst in verdicts:
+            return worst
+    return "identical"
+
+
+def judge(agg: pd.DataFrame, dis: pd.DataFrame, t: pd.DataFrame) -> dict[str, Any]:
+    """One disaggregated cell against the aggregated one: the oracle and its transfer checks."""
+    rows = {"aggregated": agg, "disaggregated": dis}
+    checks: list[dict[str, Any]] = []
+    failed = {m: int((~r["ok"].astype(bool)).sum()) for m, r in rows.items()}
+    checks.append({"check": "every request completed in both modes", "ok": not any(failed.values()), "detail": failed})
+    a, d = (r.set_index("request_id")["output_token_ids"] for r in (agg, dis))
+    missing = sorted(set(a.index) ^ set(d.index))
+    common = sorted(set(a.index) & set(d.index))
+    mismatches = [rid for rid in common if list(a[rid]) != list(d[rid])]
+    checks.append(
+        {
+            "check": "greedy token ids identical request by request (oracle)",
+            "ok": not mismatches and not missing and bool(common),
+            "detail": {"requests_compared": len(common), "mismatches": mismatches[:20], "missing": missing[:20]},
+        }
+    )
+    n_req = len(dis)
+    if not t.empty and "status" in t:  # requests with nothing to move are no transfer: neither counted nor required
+        n_req -= int((t["status"] == "none").sum())
+        t = moving_transfers(t)
+    t_ok = int(t["ok"].sum()) if not t.empty else 0
+    reasons = sorted({str(e) for e in t.loc[~t["ok"], "error"]}) if not t.empty else []
+    checks.append(
+        {
+            "check": "every KV transfer succeeded (none recomputed)",
+            "ok": n_req > 0 and len(t) == n_req and t_ok == n_req,
+            "detail": {"requests": n_req, "transfers": int(len(t)), "ok": t_ok, "reasons": reasons[:5]},
+        }
+    )
+    if t.empty or t["bytes"].notna().any():  # a backend that moves the KV out of pdbench's sight has no byte count to check
         counts = bytes_vs_analytic(t) if not t.empty else {"exact": 0, "within_padding": 0, "outside": 0}
         checks.append(
             {
@@ -94,11 +106,32 @@ class E3Analysis(TrackAnalysis):
                 "detail": counts,
             }
         )
-        if missing or any(failed.values()) or not common:
-            verdict = "incomplete"
-        else:
-            verdict = "identical" if not mismatches else "different"
-        return {"verdict": verdict, "checks": checks}
+    if missing or any(failed.values()) or not common:
+        verdict = "incomplete"
+    else:
+        verdict = "identical" if not mismatches else "different"
+    return {"verdict": verdict, "checks": checks}
+
+
+class E3Analysis(TrackAnalysis):
+    def verdicts_with_transfers(
+        self, requests: pd.DataFrame, transfers: pd.DataFrame | None, cells: dict[str, Any], params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The oracle per disaggregated cell (one per KV backend) against the aggregated cell; the
+        run's verdict is the worst of theirs. One disaggregated cell: its verdict and checks as they are."""
+        by_mode = {m: _cells_of(cells, m) for m in MODES}
+        if not all(by_mode.values()):
+            return {"verdict": "incomplete", "checks": [], "reason": f"needs one ok cell of each mode, got {by_mode}"}
+        agg = requests[requests["cell_id"].isin(by_mode["aggregated"])]
+        per: dict[str, Any] = {}
+        for cid in by_mode["disaggregated"]:
+            t = transfers[transfers["cell_id"] == cid] if transfers is not None else pd.DataFrame()
+            per[cid] = {"backend": backend_of(cells[cid], t), **judge(agg, requests[requests["cell_id"] == cid], t)}
+        if len(per) == 1:
+            (only,) = per.values()
+            return {"verdict": only["verdict"], "checks": only["checks"], "backends": per}
+        checks = [{**c, "check": f"{cid} ({v['backend']}): {c['check']}"} for cid, v in per.items() for c in v["checks"]]
+        return {"verdict": _verdict(*(v["verdict"] for v in per.values())), "checks": checks, "backends": per}
 
     def headline(self, summary: dict[str, Any]) -> list[Headline]:
         cells = summary.get("cells", {})
@@ -121,7 +154,7 @@ class E3Analysis(TrackAnalysis):
                 out.append(
                     Headline(
                         "KV transfers",
-                        f"{t['ok']}/{t['transfers']} ok; {num(t['bytes_total'] / 1e6)} MB moved for "
+                        f"{t['ok']}/{t['transfers']} ok; {moved_text(t)} for "
                         f"{num((t['analytic_bytes_total'] or 0) / 1e6)} MB of analytic KV",
                     )
                 )
@@ -129,29 +162,7 @@ class E3Analysis(TrackAnalysis):
 
     def packet_sections(self, packet: Packet) -> list[Section]:
         summary = packet.summary
-        v = summary.get("verdicts", {})
-        out: list[Section] = []
-        if v:
-            n = request_counts(packet.requests)
-            rows = [
-                {"check": c["check"], "result": "pass" if c["ok"] else "FAIL", "evidence": evidence(c["detail"], n)} for c in v["checks"]
-            ]
-            out.append(
-                Section(
-                    title=f"E3 oracle verdict: {v['verdict']}",
-                    text=[
-                        "The same requests ran aggregated (two engine replicas, requests spread over them) and "
-                        "disaggregated (a prefill engine and a decode engine, the KV moved through the Ray object "
-                        "store). Greedy decoding is deterministic: identical means every request's token ids match."
-                    ]
-                    + [
-                        "The checks cover every request sent, warm-up included (a warm-up request's tokens must match "
-                        f"too): {counts_text(packet.requests)}. The tables and figures below cover the measured requests only."
-                    ]
-                    + ([reason_text(v["reason"])] if v.get("reason") else []),
-                    table=pd.DataFrame(rows) if rows else None,
-                )
-            )
+        out: list[Section] = [verdict_section(packet)] if summary.get("verdicts") else []
         out.append(Section(title="Aggregated vs disaggregated", table=side_by_side(summary)))
         df = measured(packet.requests) if not packet.requests.empty else packet.requests
         if not df.empty:
@@ -187,6 +198,29 @@ class E3Analysis(TrackAnalysis):
                 )
             )
         return out
+
+
+def verdict_section(packet: Packet) -> Section:
+    """The oracle's verdict and its checks (per backend where several ran)."""
+    summary = packet.summary
+    v = summary["verdicts"]
+    n = request_counts(packet.requests)
+    rows = [{"check": c["check"], "result": "pass" if c["ok"] else "FAIL", "evidence": evidence(c["detail"], n)} for c in v["checks"]]
+    return Section(
+        title=f"E3 oracle verdict: {v['verdict']}",
+        text=[
+            "The same requests ran aggregated (two engine replicas, requests spread over them) and "
+            "disaggregated (a prefill engine and a decode engine, the KV moved by the cell's KV backend: "
+            f"{backends_text(summary)}). Greedy decoding is deterministic: identical means every request's "
+            "token ids match; with several backends each disaggregated cell is judged against the aggregated one."
+        ]
+        + [
+            "The checks cover every request sent, warm-up included (a warm-up request's tokens must match "
+            f"too): {counts_text(packet.requests)}. The tables and figures below cover the measured requests only."
+        ]
+        + ([reason_text(v["reason"])] if v.get("reason") else []),
+        table=pd.DataFrame(rows) if rows else None,
+    )
 
 
 def request_counts(requests: pd.DataFrame) -> dict[str, int]:
@@ -229,6 +263,17 @@ def evidence(detail: dict[str, Any], counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {x}" for k, x in detail.items())
 
 
+def moved_text(t: dict[str, Any]) -> str:
+    if t.get("bytes_total") is None:
+        return "bytes moved not visible to pdbench (the backend moves them inside vLLM)"
+    return f"{num(t['bytes_total'] / 1e6)} MB moved"
+
+
+def backends_text(summary: dict[str, Any]) -> str:
+    cells = summary.get("cells", {})
+    return ", ".join(f"{c} {backend_of(cells[c])}" for c in _cells_of(cells, "disaggregated")) or "none"
+
+
 def _get(m: dict[str, Any] | None, path: tuple[str, ...]) -> float | None:
     cur: Any = m
     for p in path:
@@ -239,35 +284,40 @@ def _get(m: dict[str, Any] | None, path: tuple[str, ...]) -> float | None:
 
 
 def side_by_side(summary: dict[str, Any]) -> pd.DataFrame:
+    """The aggregated cell, then each disaggregated cell (one per KV backend) with its ratio to
+    the aggregated one; a cell that did not measure shows its status instead of numbers."""
     cells = summary.get("cells", {})
-    metrics = {m: next((c.get("metrics") for c in cells.values() if c.get("serving_mode") == m and c.get("metrics")), None) for m in MODES}
-    rows = []
+    agg: dict[str, Any] = next((cells[c] for c in _cells_of(cells, "aggregated")), {})
+    dis = {c: cells[c] for c in _cells_of(cells, "disaggregated")}
+    head: dict[str, Any] = {"metric": "KV backend / status", "aggregated": agg.get("status") or DASH}
+    for c, cell in dis.items():
+        head[c] = f"{backend_of(cell)} / {cell.get('status')}"
+        head[f"{c} / aggregated"] = str(cell.get("error") or "") if cell.get("status") != "ok" else ""
+    rows = [head]
     for name, path, fmt in _SIDE_BY_SIDE:
-        a, d = (_get(metrics[m], path) for m in MODES)
-        rows.append(
-            {
-                "metric": name,
-                "aggregated": fmt(a),
-                "disaggregated": fmt(d),
-                "disaggregated / aggregated": f"×{d / a:.2f}" if a and d is not None else DASH,
-            }
-        )
+        a = _get(agg.get("metrics"), path)
+        row: dict[str, Any] = {"metric": name, "aggregated": fmt(a)}
+        for c, cell in dis.items():
+            d = _get(cell.get("metrics"), path)
+            row[c] = fmt(d)
+            row[f"{c} / aggregated"] = f"×{d / a:.2f}" if a and d is not None else DASH
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 def ttft_breakdown(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for mode, g in df[df["ok"].astype(bool)].groupby("serving_mode", sort=True):
+    for cell, g in df[df["ok"].astype(bool)].groupby("cell_id", sort=True):
         parts = {label: float(g[col].fillna(0.0).mean()) * 1e3 for col, label, _ in BREAKDOWN}
         ttft = float(g["ttft_s"].mean()) * 1e3
-        rows.append({"mode": mode, **parts, "other": max(ttft - sum(parts.values()), 0.0), "TTFT": ttft})
+        rows.append({"cell": cell, **parts, "other": max(ttft - sum(parts.values()), 0.0), "TTFT": ttft})
     return pd.DataFrame(rows)
 
 
 def breakdown_figure(table: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for _, label, color in (*BREAKDOWN, ("", "other", "#ffbb78")):
-        fig.add_trace(go.Bar(x=table["mode"], y=table[label], name=label, marker_color=color))
+        fig.add_trace(go.Bar(x=table["cell"], y=table[label], name=label, marker_color=color))
     title = "TTFT breakdown: queue → prefill → transfer → first decode (mean)"
     fig.update_layout(barmode="stack", title=title, yaxis_title="ms", height=420)
     return fig
@@ -307,8 +357,8 @@ def transfer_totals(summary: dict[str, Any]) -> list[str]:
         reasons = "; ".join(f"{n}× {r}" for r, n in t["failure_reasons"].items()) or "none"
         out.append(
             f"{cid}: {t['ok']}/{t['transfers']} transfers of measured requests ok (failures: {reasons}); "
-            f"{num(t['bytes_total'] / 1e6)} MB moved for {num((t['analytic_bytes_total'] or 0) / 1e6)} MB of analytic KV "
-            f"(overhead {pct(t['overhead_ratio'] or 0)}); stall ratio p50 {num(ratio)}."
+            f"{moved_text(t)} for {num((t['analytic_bytes_total'] or 0) / 1e6)} MB of analytic KV "
+            f"(overhead {pct(t['overhead_ratio'])}); stall ratio p50 {num(ratio)}."
         )
         for engine, c in sorted((cell.get("kv_connector") or {}).items()):
             out.append(

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cluster.cells import aggregated, disaggregated, external
-from cluster.cells.base import CellContext, CellResult
+from cluster.cells.base import CellContext, CellRefused, CellResult
 
 
 @dataclass(frozen=True)
@@ -22,4 +22,4 @@ MODES: dict[str, ServingMode] = {
     "external": ServingMode(external.run_external, external.bundles),
 }
 
-__all__ = ["MODES", "CellContext", "CellResult", "ServingMode"]
+__all__ = ["MODES", "CellContext", "CellRefused", "CellResult", "ServingMode"]

@@ -91,6 +91,11 @@ class CellContext:
         return b
 
 
+class CellRefused(RuntimeError):
+    """A cell that cannot run on this machine (its KV backend lacks a library, a device, a
+    transport): a measured answer with its one-line reason, not a failure; the run goes on."""
+
+
 @dataclass
 class CellResult:
     requests: pd.DataFrame

@@ -16,12 +16,12 @@ from typing import Any
 import ray
 
 from actors.disaggregated import Pair, launch_pair, start_pair
-from actors.handoffs import check_backend
+from actors.handoffs import KV_BACKENDS, refusal
 from actors.loadgen import LoadGenerator
 from analysis.records import to_frame
 from analysis.transfers import transfers_frame
 from cluster import ray_env
-from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, settle, wait_for_placement
+from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellRefused, CellResult, bounded, settle, wait_for_placement
 
 PREFILL, DECODE = 0, 1
 
@@ -57,8 +57,23 @@ def _launch(ctx: CellContext, pg: Any, owned: list[Any]) -> tuple[Pair, Any]:
     return pair, loadgen
 
 
+_REFUSAL_CHECK_TIMEOUT_S = 120.0
+
+
+async def _refuse_where_unable(ctx: CellContext, pg: Any) -> None:
+    """Ask the KV backend, in the decode engine's bundle (its node, its GPU), whether it can run
+    there; a reason ends the cell as refused before any engine starts."""
+    b = ctx.engine_bundle()
+    probe = ray.remote(refusal).options(num_cpus=b["CPU"], num_gpus=b.get("GPU", 0), scheduling_strategy=ray_env.in_bundle(pg, DECODE))
+    what = f"the {ctx.cfg.kv_transfer.backend} backend's check on the engine's node"
+    reason = await bounded(probe.remote(ctx.cfg.kv_transfer.backend, ctx.engine.kind), _REFUSAL_CHECK_TIMEOUT_S, what)
+    if reason:
+        raise CellRefused(reason)
+
+
 async def _measure(ctx: CellContext, pg: Any, owned: list[Any], faults: list[str]) -> _Measured:
     await wait_for_placement(ctx, pg, bundles(ctx))
+    await _refuse_where_unable(ctx, pg)
     pair, loadgen = _launch(ctx, pg, owned)
     p_info, d_info = await start_pair(pair, ENGINE_START_TIMEOUT_S)
     reqs = ctx.plan.build_requests(d_info["vocab_size"], ctx.seed)
@@ -96,7 +111,10 @@ def _meta(ctx: CellContext, m: _Measured) -> dict[str, Any]:
 
 
 async def run_disaggregated(ctx: CellContext) -> CellResult:
-    check_backend(ctx.cfg.kv_transfer.backend, ctx.engine.kind)  # before any resources are held
+    backend = ctx.cfg.kv_transfer.backend
+    problem = KV_BACKENDS.get(backend).serves(backend, ctx.engine.kind)
+    if problem:  # known here, before any resources are held
+        raise CellRefused(problem)
     pg = ray_env.make_placement_group(bundles(ctx), ctx.strategy(2), ctx.name("pg"))
     owned: list[Any] = []
     faults: list[str] = []

@@ -33,6 +33,9 @@ MODULES = (
     "vllm.entrypoints.openai.api_server",
     "vllm.benchmarks.serve",
     "vllm.benchmarks.datasets",
+    # NIXL, for the nixl-vllm KV backend: vLLM's NixlConnector and the nixl API it loads.
+    "nixl._api",
+    "vllm.distributed.kv_transfer.kv_connector.v1.nixl",
     # pdbench
     "cluster.cli",
     "cluster.serve",

@@ -54,6 +54,7 @@ ROOTS = (
     "httpx-sse",
     "psutil",
     "aiohttp",
+    "nixl==1.5.1",  # the nixl-vllm KV backend (vLLM's NixlConnector imports nixl._api); UCX is bundled in nixl-cu13
 )
 
 

@@ -37,6 +37,8 @@ class CellPlan:
     arrival). `tokenizer` names what turned their text into ids, so outputs can be decoded back
     for scoring. `provenance` is what the manifest records about where the prompts came from
     (a dataset subset's ids and their hash).
+    `kv_backend`, when set, is the KV transfer backend of this disaggregated cell in place of the
+    config's `kv_transfer.backend` (E3 compares backends as cells of one run).
     `measured_slice` = (start, stop) sends only measured requests start..stop-1 (after the same
     warm-up), under their own ids and prompts: repeats interleaved in rounds (E0) each send one
     stretch of the same request list, so request ids stay comparable across cells.
@@ -53,6 +55,7 @@ class CellPlan:
     tokenizer: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     measured_slice: tuple[int, int] | None = None
+    kv_backend: str | None = None
 
     def build_requests(self, vocab_size: int, seed: int) -> list[RequestSpec]:
         """The requests to send, once the engine has said how large its vocabulary is."""
