@@ -9,6 +9,8 @@ so background load hits each alike:
 - `handle`: a Serve deployment that owns an entry actor as `pdbench serve`'s replica does, called
   through a Serve deployment handle (no HTTP, no ASGI)
 - `http-serve`: `pdbench serve`'s own app (cluster/serve.py) over HTTP through Serve's proxy
+- `http-serve-thread`: the same app with Serve's default replica threading (user code on a second
+  event loop in its own thread), which `pdbench serve` turns off (cluster/serve.py REPLICA_ENV)
 - `http-plain`: the same request handling (openai_api checks, ChunkWriter, SSE framing) in a bare
   uvicorn + FastAPI process with the engine in-process: no Ray at all
 
@@ -48,7 +50,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 MODEL = "tiny-qwen3"
 VOCAB = 2048
 LAW = {"prefill_fixed_s": 0.001, "prefill_s_per_token": 0.0, "decode_fixed_s": 0.005, "decode_s_per_seq": 0.0}
-LAYERS = ("http-plain", "actor", "handle", "http-serve")
+LAYERS = ("http-plain", "actor", "handle", "http-serve", "http-serve-thread")
 
 
 def engine_config() -> Any:
@@ -163,7 +165,7 @@ async def measure(args: argparse.Namespace, tokenizer_dir: str, plain_port: int)
     from actors.backends import ActorBackend, Exchange
     from actors.engine_actor import EngineActor
     from actors.openai_client import OpenAIBackend, TargetSpec
-    from cluster.serve import ServeSpec, deploy
+    from cluster.serve import Completions, ServeSpec, deploy
 
     cfg = engine_config()
     spec = ServeSpec(engine=cfg, tokenizer=tokenizer_dir, app_name="overhead")
@@ -174,6 +176,9 @@ async def measure(args: argparse.Namespace, tokenizer_dir: str, plain_port: int)
         name="overhead-handle",
         route_prefix=None,
     )
+    threaded = Completions.options(ray_actor_options={"num_cpus": 0})  # Serve's default threading
+    thread_spec = spec.model_copy(update={"app_name": "overhead-thread", "route_prefix": "/thread"})
+    serve.run(threaded.bind(thread_spec.model_dump(mode="json")), name=thread_spec.app_name, route_prefix=thread_spec.route_prefix)
     actor = EngineActor.options(num_cpus=0).remote(cfg.model_dump(mode="json"))  # type: ignore[attr-defined]
     await actor.start.remote()
     await wait_ready(serve_url)
@@ -181,6 +186,7 @@ async def measure(args: argparse.Namespace, tokenizer_dir: str, plain_port: int)
     clients = {
         "http-plain": OpenAIBackend(TargetSpec(base_url=f"http://127.0.0.1:{plain_port}", model=MODEL, vocab_size=VOCAB)),
         "http-serve": OpenAIBackend(TargetSpec(base_url=serve_url, model=MODEL, vocab_size=VOCAB)),
+        "http-serve-thread": OpenAIBackend(TargetSpec(base_url=f"{serve_url}/thread", model=MODEL, vocab_size=VOCAB)),
     }
     backend = ActorBackend(actor)
     stream_handle = handle.options(stream=True)
@@ -255,7 +261,7 @@ def local_costs(tokenizer_dir: str, prompt_words: int, repeat: int) -> dict[str,
     return {"tokenize_ms": med(lambda: tok.encode(text, add_special_tokens=False)), "first_chunk_ms": med(chunk)}
 
 
-def table(out: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+def layer_rows(out: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
     rows = []
     for name in LAYERS:
         ttft = np.array(out[name]["ttft"]) * 1e3
@@ -270,14 +276,19 @@ def table(out: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
                 "overhead_p90_ms": float(np.percentile(over, 90)),
             }
         )
+    return rows
+
+
+def hops(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """What each hop adds: differences of overhead p50 between layers."""
     by = {r["layer"]: r["overhead_p50_ms"] for r in rows}
-    hops = {
+    return {
         "ray actor hop (actor)": by["actor"],
         "serve replica + handle router (handle - actor)": by["handle"] - by["actor"],
         "serve proxy + ASGI in replica (http-serve - handle)": by["http-serve"] - by["handle"],
         "all of serve over a plain server (http-serve - http-plain)": by["http-serve"] - by["http-plain"],
+        "serve's default replica thread (http-serve-thread - http-serve)": by["http-serve-thread"] - by["http-serve"],
     }
-    return [*rows, {"hops_ms": hops}]
 
 
 def main() -> int:
@@ -316,13 +327,15 @@ def main() -> int:
             plain.terminate()
             plain.wait()
         costs = local_costs(tok, args.prompt_tokens, 50)
-    rows = table(out)
+    rows = layer_rows(out)
+    over = {r["layer"]: r["overhead_p50_ms"] for r in rows}
     result = {
         "evidence": "simulated engine (known 1 ms prefill): only the differences between layers are measurements",
         "prompt_tokens": args.prompt_tokens,
         "output_tokens": args.output_tokens,
-        "rows": rows[:-1],
-        "hops_ms": rows[-1]["hops_ms"],
+        "rows": rows,
+        "hops_ms": hops(rows),
+        "serve_overhead_ratio_to_default_thread": over["http-serve"] / over["http-serve-thread"],
         "in_process_ms": costs,
         "load_avg_1m": os.getloadavg()[0],
         "wall_s": time.monotonic() - t_start,
@@ -331,15 +344,17 @@ def main() -> int:
         print(json.dumps(result, indent=1))
         return 0
     print(f"engine: {result['evidence']}; prompt {args.prompt_tokens} tokens, concurrency 1, load avg {result['load_avg_1m']:.1f}")
-    print(f"{'layer':>11} {'n':>4} {'TTFT p50 ms':>12} {'p90':>7} {'overhead p50 ms':>16} {'p90':>7}")
-    for r in rows[:-1]:
+    print(f"{'layer':>17} {'n':>4} {'TTFT p50 ms':>12} {'p90':>7} {'overhead p50 ms':>16} {'p90':>7}")
+    for r in rows:
         print(
-            f"{r['layer']:>11} {r['requests']:>4} {r['ttft_p50_ms']:>12.2f} {r['ttft_p90_ms']:>7.2f} "
+            f"{r['layer']:>17} {r['requests']:>4} {r['ttft_p50_ms']:>12.2f} {r['ttft_p90_ms']:>7.2f} "
             f"{r['overhead_p50_ms']:>16.2f} {r['overhead_p90_ms']:>7.2f}"
         )
     print("added ms per hop (overhead p50 differences):")
     for k, v in result["hops_ms"].items():
-        print(f"  {k:<60} {v:>7.2f}")
+        print(f"  {k:<66} {v:>7.2f}")
+    ratio = result["serve_overhead_ratio_to_default_thread"]
+    print(f"pdbench serve overhead / the same app on Serve's default replica thread: {ratio:.2f}")
     tokenize, chunk = costs["tokenize_ms"], costs["first_chunk_ms"]
     print(f"in this process: tokenize {args.prompt_tokens} words {tokenize:.2f} ms, first SSE chunk {chunk:.3f} ms")
     print(f"wall {result['wall_s']:.0f} s")

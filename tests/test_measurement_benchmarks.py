@@ -35,3 +35,14 @@ def test_loadgen_benchmark_reports_send_lag_per_rate():
         assert all(0 <= r["send_lag_p50_ms"] <= r["send_lag_p99_ms"] <= r["send_lag_max_ms"] for r in rows)
         assert out["highest_rate_kept_rps"][target] in (None, 20, 40)
     assert out["goal"] == "goal null engine 1,000 req/s send lag p99 < 1 ms: not run"
+
+
+@pytest.mark.slow  # starts its own Ray and Serve
+def test_serve_overhead_benchmark_reports_every_layer_and_hop():
+    out = _run("serve_overhead.py", "--requests", "2", "--warmup", "1", "--prompt-tokens", "64", "--output-tokens", "2")
+    rows = {r["layer"]: r for r in out["rows"]}
+    assert set(rows) == {"http-plain", "actor", "handle", "http-serve", "http-serve-thread"}
+    assert all(r["requests"] == 2 and 0 < r["ttft_p50_ms"] <= r["ttft_p90_ms"] for r in rows.values())
+    assert out["hops_ms"]["ray actor hop (actor)"] == rows["actor"]["overhead_p50_ms"]
+    assert out["serve_overhead_ratio_to_default_thread"] > 0
+    assert out["in_process_ms"]["tokenize_ms"] > 0 and out["evidence"].startswith("simulated")
