@@ -346,3 +346,12 @@ def test_replica_runs_its_code_on_the_replica_loop(served):
         return constants.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
 
     assert ray.get(replica.__ray_call__.remote(separate_thread), timeout=60) is False
+
+
+def test_replica_options_keep_the_job_runtime_env():
+    from cluster.serve import REPLICA_ENV, replica_options
+
+    job = {"pip": ["x==1"], "working_dir": "/w", "env_vars": {"A": "1"}}
+    opts = replica_options(job)
+    assert opts["runtime_env"] == {"pip": ["x==1"], "working_dir": "/w", "env_vars": {"A": "1", **REPLICA_ENV}}
+    assert replica_options({})["runtime_env"] == {"env_vars": REPLICA_ENV}
