@@ -53,3 +53,14 @@ def test_scale_benchmark_reports_warm_and_fresh_sweeps():
     assert warm["loop_busy_s"] <= warm["loop_s"] <= warm["wall_s"]
     assert warm["fixed_warm_s"]["p50"] <= warm["fixed_warm_s"]["max"] and fresh["fixed_warm_s"] is None
     assert out["fixed_cost_warm_over_fresh_p50"] > 0
+
+
+@pytest.mark.slow  # starts its own Ray and Serve
+def test_serve_overhead_benchmark_reports_every_layer_and_hop():
+    out = _run("serve_overhead.py", "--requests", "2", "--warmup", "1", "--prompt-tokens", "64", "--output-tokens", "2")
+    rows = {r["layer"]: r for r in out["rows"]}
+    assert set(rows) == {"http-plain", "actor", "handle", "http-serve", "http-serve-thread"}
+    assert all(r["requests"] == 2 and 0 < r["ttft_p50_ms"] <= r["ttft_p90_ms"] for r in rows.values())
+    assert out["hops_ms"]["ray actor hop (actor)"] == rows["actor"]["overhead_p50_ms"]
+    assert out["serve_overhead_ratio_to_default_thread"] > 0
+    assert out["in_process_ms"]["tokenize_ms"] > 0 and out["evidence"].startswith("simulated")

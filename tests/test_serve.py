@@ -328,3 +328,30 @@ def test_serve_refuses_a_simulated_engine():
 
     with _pytest.raises(ConfigError, match="engine.kind: pdbench serve runs real engines only"):
         serve_spec({"engine": {"kind": "simulated"}}, {})
+
+
+def test_replica_runs_its_code_on_the_replica_loop(served):
+    """Serve's default second loop in its own thread adds a cross-thread hop to every streamed ASGI
+    message (benchmarks/serve_overhead.py); the replica process must start without it."""
+    import ray
+
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    names = [a["name"] for a in actors if a["name"].startswith("SERVE_REPLICA::pdbench-test#Completions#")]
+    assert names, "no replica of the served app found"
+    replica = ray.get_actor(names[0], namespace="serve")
+
+    def separate_thread(_: object) -> bool:
+        from ray.serve._private import constants
+
+        return constants.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+
+    assert ray.get(replica.__ray_call__.remote(separate_thread), timeout=60) is False
+
+
+def test_replica_options_keep_the_job_runtime_env():
+    from cluster.serve import REPLICA_ENV, replica_options
+
+    job = {"pip": ["x==1"], "working_dir": "/w", "env_vars": {"A": "1"}}
+    opts = replica_options(job)
+    assert opts["runtime_env"] == {"pip": ["x==1"], "working_dir": "/w", "env_vars": {"A": "1", **REPLICA_ENV}}
+    assert replica_options({})["runtime_env"] == {"env_vars": REPLICA_ENV}
