@@ -160,9 +160,7 @@ class RowSchema:
         if values.null_count == len(values):  # no value to be of a wrong kind (pandas makes empty and all-NaN columns float)
             return pa.nulls(len(values), col.type)
         if not _fits(values.type, col.type):
-            raise SchemaError(
-                f"{self.file}: column {col.name!r} holds {_kind(values.type)} ({values.type}) where its schema says {col.type}"
-            )
+            raise SchemaError(f"{self.file}: column {col.name!r} holds {_kind(values.type)} where its schema says {col.type}")
         try:
             return values.cast(col.type, safe=True)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
