@@ -289,8 +289,10 @@ TRANSFER_COLUMNS: tuple[Column, ...] = (
         ("key", "the transfer's key in the KV directory"),
         nullable=False,
     ),
+    Column("backend", TEXT, "the KV backend that moved it (kv_transfer.backend)"),
     Column("tokens", INT, "prompt tokens whose KV was moved"),
-    *_cols(INT, ("groups", "objects the KV travelled in"), ("bytes", "bytes through the object store"), nullable=False),
+    Column("groups", INT, "objects the KV travelled in", nullable=False),
+    Column("bytes", INT, "bytes through the object store; null where the backend moves them unseen (nixl-vllm)"),
     Column("analytic_bytes", INT, "tokens × KV bytes per token"),
     *_cols(
         FLOAT,

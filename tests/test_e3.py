@@ -221,7 +221,7 @@ def test_verdict_per_backend_and_the_run_takes_the_worst():
         **CELLS,
         "disaggregated-nixl-vllm": {"serving_mode": "disaggregated", "labels": {"kv_backend": "nixl-vllm"}},
     }
-    v = E3.verdicts_with_transfers(req, transfers_frame(t.to_dict("records")), cells, {})
+    v = E3.verdicts_with_transfers(req, transfers_frame(t.to_dict("records"), {}), cells, {})
     assert v["verdict"] == "different"
     assert v["backends"]["disaggregated"]["verdict"] == "identical"
     nixl = v["backends"]["disaggregated-nixl-vllm"]

@@ -199,11 +199,13 @@ def test_a_receive_that_fails_halfway_settles_its_copies_first(directory):
 
 
 def test_record_is_the_transfers_parquet_row():
-    """Every field is a column of its type (the cell adds `warmup`); a field that may be None is a nullable column."""
+    """Every field is a column of its type (the orchestrator adds `backend`, the cell `warmup`); a field that may be
+    None is a nullable column."""
     arrow = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
     hints = typing.get_type_hints(TransferRecord)
-    assert tuple(f.name for f in dataclasses.fields(TransferRecord)) == tuple(n for n in TRANSFERS.names if n != "warmup")
-    for col in (c for c in TRANSFERS.columns if c.name != "warmup"):
+    own = [c for c in TRANSFERS.columns if c.name not in ("backend", "warmup")]
+    assert tuple(f.name for f in dataclasses.fields(TransferRecord)) == tuple(c.name for c in own)
+    for col in own:
         kinds = typing.get_args(hints[col.name]) or (hints[col.name],)
         assert arrow[next(k for k in kinds if k is not type(None))] == col.type, col.name
         assert col.nullable or type(None) not in kinds, col.name
