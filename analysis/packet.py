@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 from pydantic import ValidationError
 
@@ -103,8 +105,16 @@ def _redact_strings(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_parquet(path: Path, df: pd.DataFrame) -> None:
+    """A table with no schema of its own (telemetry.parquet); requests and transfers go through write_rows."""
     clean = _redact_strings(df)
     _atomic_write(Path(path), lambda f: clean.to_parquet(f, index=False))
+
+
+def write_rows(path: Path, df: pd.DataFrame, schema: schemas.RowSchema) -> None:
+    """requests.parquet or transfers.parquet, through its schema (analysis/schemas.py): a column it
+    does not list or a value of the wrong kind is refused (SchemaError naming the column)."""
+    table = schema.table(_redact_strings(df))
+    _atomic_write(Path(path), lambda f: pq.write_table(table, f))
 
 
 class PacketError(ValueError):
@@ -122,13 +132,31 @@ def read_packet_json(path: Path) -> Any:
         raise PacketError(f"{path} is truncated or not JSON ({e}); rebuild the run with `pdbench run --resume` on its folder") from None
 
 
+def _unreadable(path: Path, e: Exception) -> PacketError:
+    return PacketError(f"{path} is not a readable parquet file ({one_line(e)}); run the cell again (`--resume`)")
+
+
 def read_parquet(path: Path) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise PacketError(f"{path} is not a readable parquet file ({one_line(e)}); run the cell again (`--resume`)") from None
+        raise _unreadable(path, e) from None
+
+
+def read_rows(path: Path, read: Callable[[pa.Table], pd.DataFrame]) -> pd.DataFrame:
+    """requests.parquet or transfers.parquet of any version (schemas.read_requests, read_transfers)."""
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+    try:
+        return read(table)
+    except schemas.SchemaError as e:
+        raise PacketError(f"{Path(path).parent}/{e}; was it written by pdbench?") from None
 
 
 @dataclass
@@ -172,7 +200,7 @@ def load_packet(root: Path) -> Packet:
         root=root,
         manifest=read_validated(root / "manifest.json", schemas.read_manifest),
         summary=read_validated(root / "summary.json", schemas.read_summary) if (root / "summary.json").is_file() else {},
-        requests=schemas.read_requests(read_parquet(req)) if req.is_file() else pd.DataFrame(),
-        transfers=read_parquet(transfers) if transfers.is_file() else None,
+        requests=read_rows(req, schemas.read_requests) if req.is_file() else pd.DataFrame(),
+        transfers=read_rows(transfers, schemas.read_transfers) if transfers.is_file() else None,
         telemetry=read_parquet(tel) if tel.is_file() else None,
     )

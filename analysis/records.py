@@ -42,6 +42,7 @@ def derive(raw: dict[str, Any]) -> dict[str, Any]:
         row[col] = server.get(col)
     # Engine-specific extras (vLLM's own stats, ...) keep their names beside the standard ones,
     # but never replace a column pdbench measured itself (a server under test reports what it likes).
+    # Each is a column of analysis/schemas.py's REQUESTS: the writer refuses one it does not list.
     row.update({k: v for k, v in server.items() if k not in row})
     return row
 

@@ -7,14 +7,24 @@ old field, so analysis code only ever sees the current names.
 
 The models type the fields every reader relies on and keep the rest as they are (`extra="allow"`):
 a packet written by a newer pdbench still loads, and nothing a writer added is lost on the way.
+
+The row tables (requests.parquet, transfers.parquet) have one typed column list each: writers go
+through it strictly (a column it does not list, a value of the wrong kind, a null where none may
+be are refused, naming the column: a new column is added here and in docs/metrics.md first);
+readers go through it leniently (columns added since an old packet was written come back as
+nulls, and columns a newer pdbench added are kept).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import pandas as pd
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, model_validator
+
+from analysis.errortext import one_line
 
 SCHEMA_VERSION = 2
 
@@ -92,8 +102,245 @@ def read_summary(data: Any) -> dict[str, Any]:
     return Summary.model_validate(data).model_dump(mode="json")
 
 
-def read_requests(df: pd.DataFrame) -> pd.DataFrame:
+# --- Row tables ------------------------------------------------------------------------------
+
+
+class SchemaError(ValueError):
+    """Rows that do not fit their file's columns; the message names the file and the column."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a row table: its arrow type, whether it may hold nulls, what it means (docs/metrics.md says more)."""
+
+    name: str
+    type: pa.DataType
+    meaning: str
+    nullable: bool = True
+
+
+def _kind(t: pa.DataType) -> str:
+    """What a value is, whatever its width: a number may widen or narrow (safely), never turn into text."""
+    if pa.types.is_null(t):
+        return "null"
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return "number"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list of {_kind(t.value_type)}"
+    return str(t)
+
+
+def _fits(have: pa.DataType, want: pa.DataType) -> bool:
+    if pa.types.is_null(have) or _kind(have) == _kind(want):
+        return True
+    lists = (pa.types.is_list(have) or pa.types.is_large_list(have)) and pa.types.is_list(want)
+    return lists and _fits(have.value_type, want.value_type)
+
+
+@dataclass(frozen=True)
+class RowSchema:
+    """The columns of one row table, in the order they are written."""
+
+    file: str
+    columns: tuple[Column, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def arrow(self) -> pa.Schema:
+        fields = [pa.field(c.name, c.type, nullable=c.nullable) for c in self.columns]
+        return pa.schema(fields, metadata={"pdbench.schema_version": str(SCHEMA_VERSION)})
+
+    def _fit(self, col: Column, values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+        if values.null_count == len(values):  # no value to be of a wrong kind (pandas makes empty and all-NaN columns float)
+            return pa.nulls(len(values), col.type)
+        if not _fits(values.type, col.type):
+            raise SchemaError(f"{self.file}: column {col.name!r} holds {_kind(values.type)} where its schema says {col.type}")
+        try:
+            return values.cast(col.type, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise SchemaError(f"{self.file}: column {col.name!r} has values that do not fit {col.type} ({one_line(e)})") from None
+
+    def _written(self, col: Column, df: pd.DataFrame) -> pa.Array | pa.ChunkedArray:
+        if col.name not in df.columns:
+            if not col.nullable and len(df):
+                raise SchemaError(f"{self.file}: column {col.name!r} is missing; every row needs it")
+            return pa.nulls(len(df), col.type)
+        try:
+            values = pa.array(df[col.name], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise SchemaError(
+                f"{self.file}: column {col.name!r} mixes kinds of values where its schema says {col.type} ({one_line(e)})"
+            ) from None
+        out = self._fit(col, values)
+        if not col.nullable and out.null_count:
+            raise SchemaError(f"{self.file}: column {col.name!r} has {out.null_count} null value(s); its schema says it is never null")
+        return out
+
+    def table(self, df: pd.DataFrame) -> pa.Table:
+        """The rows as the file is written: the schema's columns only, each of its type; missing ones null."""
+        unknown = [str(c) for c in df.columns if c not in self.names]
+        if unknown:
+            raise SchemaError(f"{self.file}: column {unknown[0]!r} is not in its schema; add it to analysis/schemas.py and docs/metrics.md")
+        return pa.Table.from_arrays([self._written(c, df) for c in self.columns], schema=self.arrow())
+
+    def frame(self, data: pa.Table) -> pd.DataFrame:
+        """A file of any version as the current columns, each of its type: columns added since come
+        back null, columns a newer pdbench added are kept after them. Nulls are the writer's to refuse."""
+        n = data.num_rows
+        arrays = [self._fit(c, data.column(c.name)) if c.name in data.column_names else pa.nulls(n, c.type) for c in self.columns]
+        extra = [name for name in data.column_names if name not in self.names]
+        return pa.Table.from_arrays([*arrays, *(data.column(e) for e in extra)], names=[*self.names, *extra]).to_pandas()
+
+
+def _cols(kind: pa.DataType, *named: tuple[str, str], nullable: bool = True) -> tuple[Column, ...]:
+    return tuple(Column(n, kind, meaning, nullable) for n, meaning in named)
+
+
+TEXT, FLOAT, INT, BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+# The engine's own numbers for one request (its process's clock); a vLLM disaggregated decode
+# engine's own copies carry the prefix `decode_` beside the pair's numbers.
+ENGINE_COLUMNS = (
+    *_cols(
+        FLOAT,
+        ("server_queue_s", "engine: prefill start − request received"),
+        ("prefill_s", "engine: prefill end − prefill start"),
+        ("transfer_s", "disaggregated: KV hand-over on the decode side; null when aggregated"),
+        ("first_decode_s", "engine: KV ready → first token"),
+        ("server_e2e_s", "engine: request received → last token"),
+        ("vllm_first_token_latency_s", "vLLM's own first-token latency"),
+        ("vllm_decode_s", "vLLM: last token − first token"),
+    ),
+    *_cols(
+        INT,
+        ("vllm_generation_tokens", "vLLM: tokens it generated"),
+        ("vllm_num_cached_tokens", "vLLM: prompt tokens found in its prefix cache"),
+    ),
+)
+DECODE_PREFIX = "decode_"
+
+REQUEST_COLUMNS: tuple[Column, ...] = (
+    *_cols(
+        TEXT,
+        ("run_id", "the run"),
+        ("cell_id", "the cell"),
+        ("request_id", "the request, unique in its cell"),
+        ("engine", "engine kind (external: a server driven through `target:`)"),
+        ("serving_mode", "aggregated, disaggregated or external (version 1: `mode`)"),
+        nullable=False,
+    ),
+    *_cols(BOOL, ("warmup", "a warm-up request: kept, out of every metric"), ("ok", "the request completed"), nullable=False),
+    *_cols(
+        INT,
+        ("input_tokens", "prompt tokens"),
+        ("max_tokens", "tokens asked for"),
+        ("output_tokens", "tokens received"),
+        nullable=False,
+    ),
+    Column("output_token_ids", pa.list_(INT), "the tokens received", nullable=False),
+    Column("error", TEXT, "why the request failed (one line); null when ok"),
+    *_cols(FLOAT, ("t_scheduled", "when the request was due"), ("t_sent", "when it left for the engine"), nullable=False),
+    *_cols(
+        FLOAT,
+        ("t_first_token", "arrival of the first message with tokens"),
+        ("t_last_token", "arrival of the last message with tokens"),
+        ("ttft_s", "t_first_token − t_sent"),
+        ("tpot_s", "(t_last_token − t_first_token) / (output_tokens − 1)"),
+        ("e2e_s", "t_last_token − t_sent"),
+    ),
+    Column("queue_delay_s", FLOAT, "send lag: t_sent − t_scheduled", nullable=False),
+    Column("itl_s", pa.list_(FLOAT), "one gap per message that carried tokens", nullable=False),
+    *_cols(
+        FLOAT,
+        ("harness_ttft_s", "the harness's share of ttft_s"),
+        ("harness_tpot_s", "the harness's share of tpot_s"),
+        ("harness_e2e_s", "the harness's share of e2e_s"),
+        ("harness_hop_s", "the cell's bare actor hop (median of 20 no-op calls)"),
+        ("client_send_s", "HTTP client: asked to send → handed to the socket"),
+    ),
+    Column("server_token_s", pa.list_(FLOAT), "the engine's own per-token times since it received the request"),
+    *ENGINE_COLUMNS,
+    *_cols(
+        TEXT,
+        ("loadgen_node_id", "Ray node of the load generator"),
+        ("engine_node_id", "Ray node of the engine that served the request"),
+        ("prefill_node_id", "disaggregated: Ray node of the prefill side"),
+        ("decode_node_id", "disaggregated: Ray node of the decode side"),
+    ),
+    Column("kv_transfer_ok", BOOL, "disaggregated: the KV arrived (false: the decode side recomputed the prefill)"),
+    Column("kv_wait_s", FLOAT, "vLLM disaggregated: the request's wait for its KV inside the decode engine"),
+    Column("decode_retry_reason", TEXT, "vLLM disaggregated: why the decode engine ran the request again without a transfer"),
+    *(Column(f"{DECODE_PREFIX}{c.name}", c.type, f"the decode engine's own {c.name}") for c in ENGINE_COLUMNS),
+    Column("meta", TEXT, "track-built prompts: the request's meta (answer, depth) as JSON"),
+    Column("output_text", TEXT, "track-built prompts: the decoded output"),
+)
+
+TRANSFER_COLUMNS: tuple[Column, ...] = (
+    *_cols(
+        TEXT,
+        ("run_id", "the run"),
+        ("cell_id", "the cell"),
+        ("request_id", "the request whose KV moved"),
+        ("key", "the transfer's key in the KV directory"),
+        nullable=False,
+    ),
+    Column("backend", TEXT, "the KV backend that moved it (kv_transfer.backend)"),
+    Column("tokens", INT, "prompt tokens whose KV was moved"),
+    Column("groups", INT, "objects the KV travelled in", nullable=False),
+    Column("bytes", INT, "bytes through the object store; null where the backend moves them unseen (nixl-vllm)"),
+    Column("analytic_bytes", INT, "tokens × KV bytes per token"),
+    *_cols(
+        FLOAT,
+        ("extract_s", "prefill side: packing groups into host buffers (what the put did not hide)"),
+        ("put_s", "prefill side: ray.put of the groups, summed"),
+        ("wait_ref_s", "decode side: waiting for group references"),
+        ("fetch_s", "decode side: making the bytes local"),
+        ("get_s", "decode side: ray.get"),
+        ("inject_s", "decode side: copying into the decode engine's memory"),
+        ("total_s", "decode side: first group asked for → last one injected"),
+        ("stall_s", "wait_ref_s + fetch_s"),
+        ("send_s", "prefill side: start of the publish → end of its last put"),
+    ),
+    *_cols(TEXT, ("src_node", "Ray node of the prefill side"), ("dst_node", "Ray node of the decode side")),
+    Column("ok", BOOL, "the KV arrived", nullable=False),
+    Column("error", TEXT, "why it did not; null when ok"),
+    Column("status", TEXT, "ok, failed, cancelled or none (nothing to move)", nullable=False),
+    *_cols(
+        FLOAT,
+        ("queued_s", "vLLM: load started → a connector thread took it up"),
+        ("kv_wait_s", "vLLM: load started → KV injected"),
+        ("ready_to_injected_s", "vLLM, one host: sender's KV complete → receiver's KV injected"),
+        ("injected_mono", "receiver's CLOCK_MONOTONIC when the KV was injected"),
+    ),
+    Column("direct_groups", INT, "groups copied to the GPU straight from registered object-store memory"),
+    Column("warmup", BOOL, "the request was a warm-up request", nullable=False),
+)
+
+REQUESTS = RowSchema("requests.parquet", REQUEST_COLUMNS)
+TRANSFERS = RowSchema("transfers.parquet", TRANSFER_COLUMNS)
+
+
+def _as_table(data: pa.Table | pd.DataFrame) -> pa.Table:
+    return data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
+
+
+def read_requests(data: pa.Table | pd.DataFrame) -> pd.DataFrame:
     """requests.parquet of any version: version 1 named the serving mode column `mode`."""
-    if "mode" in df.columns and "serving_mode" not in df.columns:
-        return df.rename(columns={"mode": "serving_mode"})
-    return df
+    table = _as_table(data)
+    if "mode" in table.column_names and "serving_mode" not in table.column_names:
+        table = table.rename_columns(["serving_mode" if n == "mode" else n for n in table.column_names])
+    return REQUESTS.frame(table)
+
+
+def read_transfers(data: pa.Table | pd.DataFrame) -> pd.DataFrame:
+    """transfers.parquet of any version: rows from before `status` existed were transfers, ok or failed."""
+    table = _as_table(data)
+    if "status" not in table.column_names and "ok" in table.column_names:
+        ok = table.column("ok").to_pylist()
+        table = table.append_column("status", pa.array(["ok" if v else "failed" for v in ok], TEXT))
+    return TRANSFERS.frame(table)

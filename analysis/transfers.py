@@ -9,73 +9,39 @@ durations, never a difference of two clocks).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
 
 from analysis.metrics import distribution
+from analysis.schemas import read_transfers
 
-IDENTITY = ("run_id", "cell_id", "request_id", "key")
 STAGES = ("extract_s", "put_s", "wait_ref_s", "fetch_s", "get_s", "inject_s")
 # Stages that move bytes have a throughput; waiting for a reference moves none, and a GPU sender's
 # extract_s counts only the part of its copy that the put did not hide (no bytes / time there).
 MOVING_STAGES = ("put_s", "fetch_s", "get_s", "inject_s", "total_s")
-TRANSFER_COLUMNS = (
-    *IDENTITY,
-    "tokens",
-    "groups",
-    "bytes",
-    "analytic_bytes",
-    *STAGES,
-    "total_s",
-    "stall_s",
-    "send_s",
-    "src_node",
-    "dst_node",
-    "ok",
-    "error",
-    "status",
-    "queued_s",
-    "kv_wait_s",
-    "ready_to_injected_s",
-    "injected_mono",
-    "direct_groups",
-)
 # Asynchronous loads (vLLM connector): the step that started the load → a worker took it up /
 # → KV injected; and the sender's KV complete → the receiver's KV injected (same host only).
 ASYNC_TIMES = ("queued_s", "kv_wait_s", "ready_to_injected_s")
-_FLOATS = (*STAGES, "total_s", "stall_s", "send_s", *ASYNC_TIMES, "injected_mono")
-_COUNTS = ("tokens", "groups", "bytes", "analytic_bytes", "direct_groups")
 
 
-def transfers_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Transfer records (TransferRecord rows) → a frame with transfers.parquet's columns and types."""
+def transfers_frame(rows: Iterable[dict[str, Any]], warmup: Mapping[str, bool]) -> pd.DataFrame:
+    """Transfer records (TransferRecord rows) and their requests' warm-up flags → the frame that
+    transfers.parquet holds, typed as its schema says (analysis/schemas.py)."""
     df = pd.DataFrame(list(rows))
-    extra = [c for c in df.columns if c not in TRANSFER_COLUMNS]
-    df = df.reindex(columns=[*TRANSFER_COLUMNS, *extra])
-    for c in _FLOATS:
-        df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
-    for c in _COUNTS:
-        df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
-    df["ok"] = df["ok"].fillna(False).astype(bool)
-    # Packets from before `status` existed: a record was a transfer, ok or failed.
-    df["status"] = df["status"].where(df["status"].notna(), df["ok"].map({True: "ok", False: "failed"})).astype(str)
-    return df
+    df["warmup"] = [bool(warmup.get(r, False)) for r in df.get("request_id", [])]
+    return read_transfers(df)
 
 
 def moving_transfers(transfers: pd.DataFrame) -> pd.DataFrame:
     """Records of requests that had KV to move (a prompt shorter than one block + 1 has none: its
     record says so with status "none", and it is no transfer, neither ok nor failed)."""
-    if "status" not in transfers:
-        return transfers
     return transfers[transfers["status"] != "none"]
 
 
 def measured_transfers(transfers: pd.DataFrame) -> pd.DataFrame:
     """Transfers of measured requests (warm-up ones stay in the file, out of every metric)."""
-    if "warmup" not in transfers:
-        return transfers
     return transfers[~transfers["warmup"].fillna(False).astype(bool)]
 
 

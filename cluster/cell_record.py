@@ -18,8 +18,9 @@ from typing import Any
 import pandas as pd
 
 from analysis.errortext import MAX_LINE, first_line, one_line
-from analysis.packet import write_json, write_log, write_parquet
+from analysis.packet import write_json, write_log, write_rows
 from analysis.records import measured
+from analysis.schemas import REQUESTS, TRANSFERS
 from cluster.cells import MODES, CellContext, CellRefused, CellResult
 from cluster.engine_pool import engine_use_record
 from cluster.hostload import HostLoadProbe
@@ -113,9 +114,9 @@ def _store(plan: CellPlan, result: CellResult, cell_dir: Path, meta: dict[str, A
         meta["log"] = f"cells/{plan.cell_id}/errors.log"
         write_log(cell_dir / "errors.log", "\n\n".join(long_errors + more))
     assert df is not None  # a cell always returns its request records (maybe empty)
-    write_parquet(cell_dir / "requests.parquet", df)
+    write_rows(cell_dir / "requests.parquet", df, REQUESTS)
     if transfers is not None:
-        write_parquet(cell_dir / "transfers.parquet", transfers)
+        write_rows(cell_dir / "transfers.parquet", transfers, TRANSFERS)
     meta.update(result.meta, node_ids=cell_node_ids(result.meta, result.requests))
     nothing = no_success(df)
     if nothing:  # every request failed: the records stay as evidence, the cell did not measure

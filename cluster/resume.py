@@ -13,7 +13,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from analysis.packet import PacketError, read_json, read_parquet
+from analysis.packet import PacketError, read_json, read_rows
+from analysis.schemas import read_requests, read_transfers
 from cluster.config import ConfigError
 
 LOCK_FILE = ".pdbench.lock"  # a dot file: never published, never part of the packet
@@ -77,10 +78,10 @@ def finished(cell_dir: Path, cell_hash: str) -> dict[str, Any] | None:
         return None
     if meta.get("status") != "ok" or meta.get("config_hash") != cell_hash or not (cell_dir / "requests.parquet").is_file():
         return None
-    try:  # a damaged record file (a disk filled, a bad copy) means the cell runs again
-        read_parquet(cell_dir / "requests.parquet")
+    try:  # a damaged record file (a disk filled, a bad copy, columns of the wrong type) means the cell runs again
+        read_rows(cell_dir / "requests.parquet", read_requests)
         if (cell_dir / "transfers.parquet").is_file():
-            read_parquet(cell_dir / "transfers.parquet")
+            read_rows(cell_dir / "transfers.parquet", read_transfers)
     except PacketError:
         return None
     return dict(meta)

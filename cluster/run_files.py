@@ -10,21 +10,21 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.packet import PacketError, read_parquet, write_json, write_log, write_parquet
-from analysis.schemas import read_requests
+from analysis.packet import PacketError, read_parquet, read_rows, write_json, write_log, write_parquet, write_rows
+from analysis.schemas import REQUESTS, TRANSFERS, read_requests, read_transfers
 from analysis.summary import build_summary
 from cluster.cell_record import MEASURED
 from cluster.config import ExperimentConfig
 
 
 def _records(run_dir: Path, kept: list[str]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    frames = [read_requests(read_parquet(run_dir / "cells" / c / "requests.parquet")) for c in kept]
+    frames = [read_rows(run_dir / "cells" / c / "requests.parquet", read_requests) for c in kept]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    write_parquet(run_dir / "requests.parquet", df)
-    transfers = [read_parquet(p) for c in kept if (p := run_dir / "cells" / c / "transfers.parquet").is_file()]
+    write_rows(run_dir / "requests.parquet", df, REQUESTS)
+    transfers = [read_rows(p, read_transfers) for c in kept if (p := run_dir / "cells" / c / "transfers.parquet").is_file()]
     tdf = pd.concat(transfers, ignore_index=True) if transfers else None
     if tdf is not None:
-        write_parquet(run_dir / "transfers.parquet", tdf)
+        write_rows(run_dir / "transfers.parquet", tdf, TRANSFERS)
     return df, tdf
 
 

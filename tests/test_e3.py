@@ -108,11 +108,12 @@ def _requests(tokens_agg, tokens_dis, ok_dis=True):
 
 def _transfers(n, ok=True, extra_bytes=0):
     return transfers_frame(
-        {"run_id": "x", "cell_id": "disaggregated", "request_id": f"r{i}", "key": f"r{i}/k", "tokens": 10, "groups": 2,
+        [{"run_id": "x", "cell_id": "disaggregated", "request_id": f"r{i}", "key": f"r{i}/k", "tokens": 10, "groups": 2,
          "bytes": 400 + extra_bytes, "analytic_bytes": 400, "extract_s": 0.01, "put_s": 0.02, "wait_ref_s": 0.1,
          "fetch_s": 0.1, "get_s": 0.01, "inject_s": 0.02, "total_s": 0.3, "stall_s": 0.2, "src_node": "a", "dst_node": "b",
          "ok": ok, "error": None if ok else "KVUnavailable: no reference"}
-        for i in range(n)
+        for i in range(n)],
+        {},
     )
 
 
@@ -220,7 +221,7 @@ def test_verdict_per_backend_and_the_run_takes_the_worst():
         **CELLS,
         "disaggregated-nixl-vllm": {"serving_mode": "disaggregated", "labels": {"kv_backend": "nixl-vllm"}},
     }
-    v = E3.verdicts_with_transfers(req, transfers_frame(t.to_dict("records")), cells, {})
+    v = E3.verdicts_with_transfers(req, transfers_frame(t.to_dict("records"), {}), cells, {})
     assert v["verdict"] == "different"
     assert v["backends"]["disaggregated"]["verdict"] == "identical"
     nixl = v["backends"]["disaggregated-nixl-vllm"]

@@ -6,7 +6,9 @@ import secrets
 import sys
 import threading
 import time
+import typing
 
+import pyarrow as pa
 import pytest
 import ray
 import torch
@@ -17,7 +19,7 @@ from actors.kv.directory import directory_actor, find_directory
 from actors.kv.spec import KVTransferConfig
 from actors.kv.transport import CopyInto, GroupMeta, layer_groups, publish, receive
 from analysis.kv import kv_bytes_per_token
-from analysis.transfers import TRANSFER_COLUMNS
+from analysis.schemas import TRANSFERS
 
 # Ray workers cannot import test modules: ship this module's actors and tasks by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -197,7 +199,16 @@ def test_a_receive_that_fails_halfway_settles_its_copies_first(directory):
 
 
 def test_record_is_the_transfers_parquet_row():
-    assert tuple(f.name for f in dataclasses.fields(TransferRecord)) == TRANSFER_COLUMNS
+    """Every field is a column of its type (the orchestrator adds `backend`, the cell `warmup`); a field that may be
+    None is a nullable column."""
+    arrow = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+    hints = typing.get_type_hints(TransferRecord)
+    own = [c for c in TRANSFERS.columns if c.name not in ("backend", "warmup")]
+    assert tuple(f.name for f in dataclasses.fields(TransferRecord)) == tuple(c.name for c in own)
+    for col in own:
+        kinds = typing.get_args(hints[col.name]) or (hints[col.name],)
+        assert arrow[next(k for k in kinds if k is not type(None))] == col.type, col.name
+        assert col.nullable or type(None) not in kinds, col.name
 
 
 def test_receiver_waits_for_a_sender_that_comes_later(directory):

@@ -125,7 +125,5 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
             ray.kill(a)
         ray_env.release(pg)
     df = to_frame(m.raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="disaggregated", engine=ctx.engine.kind)
-    warm = {r.request_id: r.warmup for r in m.reqs}
-    transfers = transfers_frame(m.transfers)
-    transfers["warmup"] = transfers["request_id"].map(warm).fillna(False).astype(bool)
+    transfers = transfers_frame(m.transfers, {r.request_id: r.warmup for r in m.reqs})
     return CellResult(requests=df, transfers=transfers, meta=_meta(ctx, m), fault="; ".join(faults) or None)
