@@ -141,6 +141,9 @@ def _fits(have: pa.DataType, want: pa.DataType) -> bool:
     return lists and _fits(have.value_type, want.value_type)
 
 
+ENGINE_EXTRA_PREFIXES = ("vllm_", "decode_vllm_")
+
+
 @dataclass(frozen=True)
 class RowSchema:
     """The columns of one row table, in the order they are written."""
@@ -183,11 +186,25 @@ class RowSchema:
         return out
 
     def table(self, df: pd.DataFrame) -> pa.Table:
-        """The rows as the file is written: the schema's columns only, each of its type; missing ones null."""
+        """The rows as the file is written: the schema's columns, each of its type, missing ones null;
+        then engine extras. An engine's own stat pdbench does not list yet (a `vllm_*` or `decode_*`
+        name: a newer vLLM reports more) is kept as reported, after the schema's columns, rather than
+        failing a cell whose requests already ran; any other unknown column is refused."""
         unknown = [str(c) for c in df.columns if c not in self.names]
-        if unknown:
-            raise SchemaError(f"{self.file}: column {unknown[0]!r} is not in its schema; add it to analysis/schemas.py and docs/metrics.md")
-        return pa.Table.from_arrays([self._written(c, df) for c in self.columns], schema=self.arrow())
+        refused = [c for c in unknown if not c.startswith(ENGINE_EXTRA_PREFIXES)]
+        if refused:
+            raise SchemaError(f"{self.file}: column {refused[0]!r} is not in its schema; add it to analysis/schemas.py and docs/metrics.md")
+        arrays = [self._written(c, df) for c in self.columns]
+        extras = []
+        for name in unknown:
+            try:
+                extras.append(pa.array(df[name], from_pandas=True))
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                extras.append(pa.array(df[name].astype(str), from_pandas=True))  # a mixed engine stat, kept as text
+        if not extras:
+            return pa.Table.from_arrays(arrays, schema=self.arrow())
+        fields = [*self.arrow(), *(pa.field(n, a.type) for n, a in zip(unknown, extras, strict=True))]
+        return pa.Table.from_arrays([*arrays, *extras], schema=pa.schema(fields, metadata=self.arrow().metadata))
 
     def frame(self, data: pa.Table) -> pd.DataFrame:
         """A file of any version as the current columns, each of its type: columns added since come

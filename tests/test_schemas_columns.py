@@ -69,6 +69,15 @@ def test_rows_are_written_with_every_column_of_its_type(tmp_path):
     assert list(back.columns) == list(REQUESTS.names) and list(back["ttft_s"]) == pytest.approx([0.09, 0.09])
 
 
+def test_an_engine_stat_not_listed_yet_is_kept_after_the_schema_columns(tmp_path):
+    """A newer vLLM's extra stat must not cost a cell whose requests already ran; it is kept as reported."""
+    rows = _requests().assign(vllm_new_stat=[3, 4], decode_vllm_other=["a", 1])
+    write_rows(tmp_path / "requests.parquet", rows, REQUESTS)
+    back = read_rows(tmp_path / "requests.parquet", read_requests)
+    assert list(back.columns) == [*REQUESTS.names, "vllm_new_stat", "decode_vllm_other"]
+    assert list(back["vllm_new_stat"]) == [3, 4] and list(back["decode_vllm_other"]) == ["a", "1"]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
