@@ -102,7 +102,8 @@ class ActorBackend:
 
 def open_backend(entry: Any, api_key: str | None = None) -> Backend:
     """An actor handle → ActorBackend; a TargetSpec → OpenAIBackend (HTTP)."""
-    from actors.openai_client import OpenAIBackend, TargetSpec
+    from actors.openai_client import OpenAIBackend
+    from actors.target import TargetSpec
 
     if isinstance(entry, TargetSpec):
         return OpenAIBackend(entry, api_key)

@@ -36,7 +36,8 @@ import numpy as np
 from httpx_sse import aconnect_sse
 
 from actors.backends import Exchange
-from actors.openai_client import OpenAIBackend, TargetSpec, completion_body, sse_events
+from actors.openai_client import OpenAIBackend, completion_body, sse_events
+from actors.target import TargetSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, OUT = 200, 64

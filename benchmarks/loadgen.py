@@ -33,7 +33,7 @@ import ray
 from actors.engine_actor import EngineActor
 from actors.engines.spec import EngineConfig
 from actors.loadgen import LoadGenerator
-from actors.openai_client import TargetSpec
+from actors.target import TargetSpec
 from analysis.metrics import schedule_metrics
 from analysis.records import measured, to_frame
 from workloads.arrivals import Poisson

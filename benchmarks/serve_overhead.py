@@ -164,7 +164,8 @@ async def measure(args: argparse.Namespace, tokenizer_dir: str, plain_port: int)
 
     from actors.backends import ActorBackend, Exchange
     from actors.engine_actor import EngineActor
-    from actors.openai_client import OpenAIBackend, TargetSpec
+    from actors.openai_client import OpenAIBackend
+    from actors.target import TargetSpec
     from cluster.serve import Completions, ServeSpec, deploy
 
     cfg = engine_config()

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from actors.engines.spec import EngineConfig
 from actors.handoffs.spec import DEFAULT_BACKEND, KVHandoffConfig
-from actors.openai_client import TargetSpec
+from actors.target import TargetSpec
 from analysis.metrics import SLO
 from workloads.requests import WorkloadSpec
 from workloads.tracks import get_track, list_tracks

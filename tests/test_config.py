@@ -109,3 +109,12 @@ def test_decode_submit_with_prefill_needs_vllm():
     assert "\n  kv_transfer.decode_submit: 'with_prefill' needs engine.kind vllm" in str(e.value), str(e.value)
     ok = resolve("e3", {"engine": {"kind": "vllm", "model": "qwen3-8b"}, "kv_transfer": {"decode_submit": "with_prefill"}})
     assert ok.kv_transfer.decode_submit == "with_prefill"
+
+
+def test_validating_a_config_imports_no_http_client():
+    """The `target:` section is a plain model (actors/target.py): checking a YAML needs no HTTP library."""
+    import subprocess
+    import sys
+
+    code = "import sys, cluster.config; sys.exit('httpx' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -15,7 +15,7 @@ import pytest
 import ray
 
 from actors.loadgen import LoadGenerator
-from actors.openai_client import TargetSpec
+from actors.target import TargetSpec
 from analysis.records import measured, to_frame
 from workloads.arrivals import ClosedLoop, Poisson
 from workloads.lengths import Fixed

@@ -22,7 +22,8 @@ from actors.openai_api import (
     render_text,
     sse,
 )
-from actors.openai_client import OpenAIBackend, TargetSpec, completion_body, sse_events
+from actors.openai_client import OpenAIBackend, completion_body, sse_events
+from actors.target import TargetSpec
 
 TARGET = TargetSpec(base_url="http://127.0.0.1:9/", model="m", vocab_size=100)
 

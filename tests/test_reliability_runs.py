@@ -288,7 +288,8 @@ def test_a_target_that_never_replies_is_bounded_with_request_timeout_null(ray_lo
 def test_the_http_backend_names_a_silent_server():
     import asyncio
 
-    from actors.openai_client import OpenAIBackend, TargetSpec
+    from actors.openai_client import OpenAIBackend
+    from actors.target import TargetSpec
 
     async def one(url: str) -> list[dict]:
         backend = OpenAIBackend(TargetSpec(base_url=url, model="m", vocab_size=10, read_timeout_s=0.3))

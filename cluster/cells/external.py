@@ -18,7 +18,7 @@ from analysis.records import to_frame
 from cluster.cells.base import CellContext, CellResult
 
 if TYPE_CHECKING:
-    from actors.openai_client import TargetSpec
+    from actors.target import TargetSpec
 
 
 def bundles(ctx: CellContext) -> list[dict[str, float]]:
