@@ -44,7 +44,7 @@ class EngineActor(HopProbe):
         self.in_flight = 0
 
     async def begin_cell(self, run_id: str, cell_id: str) -> None:
-        """Make a warm engine ready for another cell (cluster/engine_pool.py): refused while an
+        """Make a warm engine ready for another cell (cluster/cells/engine_pool.py): refused while an
         earlier cell's request is still in the engine (one that timed out), so the pool drops it;
         then the engine forgets what the last cell left (prefix cache, peak windows), the engine's
         request ids get a new prefix and the live metrics the new cell's tags."""

@@ -181,7 +181,7 @@ def _in_flight(tags: dict[str, str], step: int) -> int:
 
 
 def cell_tags(run_id: str, cell_id: str, role: str) -> dict[str, str]:
-    """The tags of a warm actor serving another cell than the one in its name (cluster/engine_pool.py)."""
+    """The tags of a warm actor serving another cell than the one in its name (cluster/cells/engine_pool.py)."""
     return {"run": run_id, "cell": cell_id, "role": role}
 
 

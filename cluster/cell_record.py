@@ -22,7 +22,7 @@ from analysis.packet import write_json, write_log, write_rows
 from analysis.records import measured
 from analysis.schemas import REQUESTS, TRANSFERS
 from cluster.cells import MODES, CellContext, CellRefused, CellResult
-from cluster.engine_pool import engine_use_record
+from cluster.cells.engine_pool import engine_use_record
 from cluster.hostload import HostLoadProbe
 from cluster.planning import preflight
 from cluster.resume import clear

@@ -30,8 +30,8 @@ from analysis.report import write_reports
 from cluster import ray_env, resume
 from cluster.cell_record import now, run_cell
 from cluster.cells import MODES, CellContext
+from cluster.cells.engine_pool import EnginePool
 from cluster.config import ConfigError, ExperimentConfig, config_hash, to_yaml
-from cluster.engine_pool import EnginePool
 from cluster.planning import cell_concurrency, cell_config, cell_engine, cell_hash, plan_cells, preflight
 from cluster.rounds import Cells, Rounds, RunProgress
 from cluster.run_files import assemble, save_telemetry
@@ -74,7 +74,7 @@ class Driver:
         # Where the packet ends up: the URI for shared storage, else the folder itself.
         self.location = self.dest.location(self.run_id) if self.dest.remote else str(self.run_dir)
         self._manifest_at = 0.0
-        self.pool: EnginePool | None = None  # warm engines, made in _run_all (cluster/engine_pool.py)
+        self.pool: EnginePool | None = None  # warm engines, made in _run_all (cluster/cells/engine_pool.py)
 
     def context(self, plan: CellPlan, progress: Any = None) -> CellContext:
         return CellContext(

@@ -18,8 +18,8 @@ from analysis.metrics import cell_metrics, workload_of
 from analysis.packet import read_rows
 from analysis.records import measured
 from analysis.schemas import read_requests
+from cluster.cells.engine_pool import grouped
 from cluster.config import ExperimentConfig
-from cluster.engine_pool import grouped
 from cluster.planning import cell_engine, for_target
 from workloads.tracks import CellOutcome, CellPlan, Track
 

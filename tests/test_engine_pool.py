@@ -1,4 +1,4 @@
-"""Warm engines across cells (cluster/engine_pool.py): one engine start per engine configuration,
+"""Warm engines across cells (cluster/cells/engine_pool.py): one engine start per engine configuration,
 the same records as fresh engines, and a failed cell's engine never serves the next cell."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from cluster.config import config_hash, resolve
 from cluster.driver import Driver, RunOptions
-from cluster.engine_pool import EnginePool, EngineUse, engine_use_record, grouped
+from cluster.cells.engine_pool import EnginePool, EngineUse, engine_use_record, grouped
 from workloads.tracks.base import CellPlan
 
 # Three cells of one engine configuration (E1's grid varies the workload only).

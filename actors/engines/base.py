@@ -108,7 +108,7 @@ class EngineAdapter(abc.ABC):
 
     @abc.abstractmethod
     async def reset(self) -> None:
-        """Between two cells on one warm engine (cluster/engine_pool.py): forget what the last cell
+        """Between two cells on one warm engine (cluster/cells/engine_pool.py): forget what the last cell
         left that could change the next one's result (a prefix cache) and open new peak windows
         for `memory()`, so a reused engine measures as a fresh one would. Called with no request
         in flight."""

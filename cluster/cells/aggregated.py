@@ -5,7 +5,7 @@ disaggregated pair's engine count) sit behind a ReplicaRouter that spreads the r
 bundles are packed on one node or spread over several as `placement.strategy` says.
 
 The engines, the entry and the load generator on their placement group are one `Deployment`,
-which the run's engine pool (cluster/engine_pool.py) keeps warm for the next cell of the same
+which the run's engine pool (cluster/cells/engine_pool.py) keeps warm for the next cell of the same
 engine configuration.
 """
 
@@ -26,7 +26,7 @@ from actors.router import ReplicaRouter
 from analysis.records import to_frame
 from cluster import ray_env
 from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, bounded, settle
-from cluster.engine_pool import EnginePool, pool_key
+from cluster.cells.engine_pool import EnginePool, pool_key
 
 SHUTDOWN_TIMEOUT_S = 120.0
 

@@ -15,7 +15,7 @@ from cluster.config import ExperimentConfig
 from workloads.tracks import CellPlan
 
 if TYPE_CHECKING:
-    from cluster.engine_pool import EnginePool, EngineUse
+    from cluster.cells.engine_pool import EnginePool, EngineUse
 
 ENGINE_START_TIMEOUT_S = 900.0
 WAIT_NOTICE_S = 10.0  # a cell still waiting for resources after this says so
