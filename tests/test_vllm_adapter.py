@@ -148,7 +148,7 @@ def _with_prefill_actor(prefill_fn, engine, reports):
     side.engine, side.block_size = engine, 4
     cls = DecodeActor.__ray_metadata__.modified_class
     a = cls.__new__(cls)
-    a.side, a.run_id, a.cell_id, a._records = side, "run", "cell", []
+    a.side, a.run_id, a.cell_id, a._records, a.backend = side, "run", "cell", [], kv.backend
     a.prefill = types.SimpleNamespace(prefill=_Remote(prefill_fn))
     failed: list[tuple[str, str]] = []
 
