@@ -143,6 +143,7 @@ def _drive(driver: Driver, address: str | None, progress: bool) -> Path:
     from analysis.packet import PacketError
     from cluster.config import ConfigError
     from cluster.console import RunDisplay, ray_logs_on
+    from cluster.ray_env import EmbeddedRayError
 
     try:
         with ray_logs_on(console):
@@ -155,6 +156,8 @@ def _drive(driver: Driver, address: str | None, progress: bool) -> Path:
         _fail(str(e))
     except ConnectionError:  # --address with no reachable cluster
         _fail(_NO_CLUSTER.format(address=address))
+    except EmbeddedRayError as e:
+        _fail(str(e))
 
 
 def _finish_run(driver: Driver, run_dir: Path) -> None:

@@ -13,6 +13,8 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from analysis.errortext import first_line
+
 NAMESPACE = "pdbench"
 
 
@@ -29,6 +31,10 @@ def object_store_options() -> dict[str, Any]:
     return {"object_store_memory": int(float(gb) * 2**30)}
 
 
+class EmbeddedRayError(RuntimeError):
+    """The embedded Ray instance could not start on this machine."""
+
+
 def connect(address: str | None) -> dict[str, Any]:
     """Start or join Ray once per process; return what the manifest records about it."""
     if not ray.is_initialized():
@@ -37,7 +43,13 @@ def connect(address: str | None) -> dict[str, Any]:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         else:
             # "local": always a fresh embedded instance, never a `ray start` cluster found on this box.
-            ray.init(address="local", namespace=NAMESPACE, include_dashboard=False, log_to_driver=False, **object_store_options())
+            try:
+                ray.init(address="local", namespace=NAMESPACE, include_dashboard=False, log_to_driver=False, **object_store_options())
+            except Exception as e:  # raylet or GCS not up in time: Ray's own text, and the machine's state
+                raise EmbeddedRayError(
+                    f"the embedded Ray did not start: {first_line(str(e))} (load average {os.getloadavg()[0]:.1f} on "
+                    f"{os.cpu_count()} cores; Ray's logs are under /tmp/ray/session_latest/logs); try again once the machine is less busy"
+                ) from e
     return {
         "address": address or "embedded",
         "cluster_resources": {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")},

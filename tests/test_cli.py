@@ -113,6 +113,20 @@ def test_exit_code_follows_the_verdict_and_the_summary_shows_numbers(tmp_path, m
         assert res.exit_code == code, (status, verdict, res.output)
 
 
+def test_an_embedded_ray_that_does_not_start_is_one_line(tmp_path, monkeypatch):
+    from cluster import ray_env
+
+    def timed_out(**kw):
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet failed")
+
+    monkeypatch.setattr(ray_env.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_env.ray, "init", timed_out)
+    res = runner.invoke(app, ["run", "e0", "--out", str(tmp_path)], env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and "Traceback" not in res.output and res.output.count("error:") == 1, res.output
+    assert "the embedded Ray did not start: The current node timed out during startup" in res.output
+    assert "load average" in res.output
+
+
 def test_address_without_a_reachable_cluster_is_one_line(tmp_path, monkeypatch):
     from cluster import ray_env
 
