@@ -19,7 +19,7 @@ cells with a fresh engine per cell (`fresh_engines`). Reports, per run:
 Goal (2 cores, 24 GiB): `--nodes 32 --cells 1000` completes, driver overhead < 2% of wall,
 cells spread over all nodes, fixed cost per cell with warm engines < 0.2 s.
 
-    python benchmarks/scale.py [--nodes 4] [--cells 40] [--requests 2] [--fresh-cells N] [--json]
+    python benchmarks/scale.py [--nodes 4] [--cells 40] [--requests 2] [--fresh-cells N] [--json] [--profile FILE]
 
 The evidence is simulated (the simulated engine on virtual nodes sharing one machine's cores).
 """
@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import cProfile
 import json
 import os
 import selectors
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +193,21 @@ def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
     )
 
 
+@contextlib.contextmanager
+def profiled(path: Path | None) -> Iterator[None]:
+    """cProfile of the driver's main thread (its event loop) while the block runs, saved as pstats."""
+    if path is None:
+        yield
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        prof.dump_stats(path)
+
+
 def start_cluster(nodes: int) -> Any:
     from ray.cluster_utils import Cluster
 
@@ -210,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--requests", type=int, default=2, help="measured requests per cell (plus 1 warm-up)")
     ap.add_argument("--fresh-cells", type=int, default=None, help="cells run again with fresh engines, side by side (default: 2 × nodes)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--profile", type=Path, default=None, help="write a cProfile (pstats) of the driver's warm run to this file")
     a = ap.parse_args(argv)
     if a.nodes < 1 or a.cells < 1 or a.requests < 1:
         ap.error("--nodes, --cells and --requests must be at least 1")
@@ -222,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         ray.init(address=cluster.address, namespace="pdbench", log_to_driver=False)
         with tempfile.TemporaryDirectory(prefix="pdbench-scale-") as out:
-            runs.append(measure(config(a.nodes, a.cells, a.requests, fresh=False), cluster.address, Path(out)))
+            with profiled(a.profile):
+                runs.append(measure(config(a.nodes, a.cells, a.requests, fresh=False), cluster.address, Path(out)))
             if fresh_cells:
                 runs.append(measure(config(a.nodes, fresh_cells, a.requests, fresh=True), cluster.address, Path(out)))
     finally:
