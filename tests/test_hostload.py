@@ -10,7 +10,7 @@ from cluster.hostload import HostLoadSampler
 
 
 def test_a_process_outside_the_run_shows_as_other_cpu():
-    host = HostLoadSampler(interval_s=0.2)
+    host = HostLoadSampler(interval_s=0.1, budget=1.0)  # samples on time: the window covers what the test does
     try:
         mark = host.mark()
         # `sh` exits at once, so the burner is re-parented away from this process: not the run's.
@@ -26,7 +26,7 @@ def test_a_process_outside_the_run_shows_as_other_cpu():
 
 
 def test_the_runs_own_cpu_is_not_other():
-    host = HostLoadSampler(interval_s=0.2)
+    host = HostLoadSampler(interval_s=0.1, budget=1.0)  # samples on time: the window covers what the test does
     try:
         mark = host.mark()
         cpu0, t = time.process_time(), time.monotonic()
@@ -42,7 +42,7 @@ def test_the_runs_own_cpu_is_not_other():
 
 
 def test_a_cell_shorter_than_an_interval_gets_the_last_full_interval():
-    host = HostLoadSampler(interval_s=0.3)
+    host = HostLoadSampler(interval_s=0.3, budget=1.0)
     try:
         first = host.load(host.mark())  # before any interval was sampled: one is sampled on the spot
         time.sleep(0.5)
