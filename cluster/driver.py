@@ -44,6 +44,7 @@ from workloads.tracks import CellPlan, get_track
 
 TELEMETRY_INTERVAL_S = 1.0
 MANIFEST_EVERY_S = 2.0
+MANIFEST_BUDGET = 0.02  # of a core: a 1,000-cell manifest costs tens of ms to write, more on a starved box
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Driver:
         # Where the packet ends up: the URI for shared storage, else the folder itself.
         self.location = self.dest.location(self.run_id) if self.dest.remote else str(self.run_dir)
         self._manifest_at = 0.0
+        self._manifest_cost_s = 0.0  # CPU of the last running manifest's write (on the writer's thread)
         self.pool: EnginePool | None = None  # warm engines, made in _run_all (cluster/engine_pool.py)
         self.host: HostLoadSampler | None = None  # the host's load for every cell, made in _run_all
         self.files = FileWriter()  # the cells' files and the running manifest, written in order off the loop
@@ -102,12 +104,18 @@ class Driver:
         return meta
 
     def _ran(self, metas: dict[str, Any]) -> None:
-        """After a cell ran: the running manifest, rewritten at most every MANIFEST_EVERY_S (it lists
+        """After a cell ran: the running manifest, rewritten at most every MANIFEST_EVERY_S, or less
+        often where its last write cost more than MANIFEST_BUDGET of a core over that time (it lists
         every cell: once per cell made a 1,000-cell sweep quadratic; resume reads the cell files)."""
-        if time.monotonic() - self._manifest_at >= MANIFEST_EVERY_S:
+        if time.monotonic() - self._manifest_at >= max(MANIFEST_EVERY_S, self._manifest_cost_s / MANIFEST_BUDGET):
             self._manifest_at = time.monotonic()
             # Built and written by the file writer, after the files of every cell it lists.
-            self.files.submit(self._write_manifest, dict(metas), "running", self._serving_modes())
+            self.files.submit(self._write_running_manifest, dict(metas), self._serving_modes())
+
+    def _write_running_manifest(self, cells: dict[str, Any], serving_modes: list[str]) -> None:
+        t = time.thread_time()
+        self._write_manifest(cells, "running", serving_modes)
+        self._manifest_cost_s = time.thread_time() - t
 
     def _serving_modes(self) -> list[str]:
         return sorted({p.serving_mode for p in self.plans})
