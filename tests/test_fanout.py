@@ -98,8 +98,7 @@ def _session(sid: int) -> list[int]:
 def test_resume_after_sigkill_loses_and_duplicates_nothing(ray_local, tmp_path):
     cfg_file = tmp_path / "e1.yaml"
     cfg_file.write_text(
-        "track: e1\nworkload: {num_requests: 12, warmup_requests: 1}\n"
-        "params: {input_lens: [8, 16, 24], output_lens: [4, 8]}\n"
+        "track: e1\nworkload: {num_requests: 12, warmup_requests: 1}\nparams: {input_lens: [8, 16, 24], output_lens: [4, 8]}\n"
     )
     out = tmp_path / "runs"
     proc = subprocess.Popen(
@@ -223,8 +222,12 @@ def test_rate_search_finds_the_known_max_rate_within_one_step(ray_local, tmp_pat
         "e2",
         {
             "engine": {"kind": "simulated", "max_batch_size": 1, "simulated": law},
-            "workload": {"num_requests": n, "warmup_requests": 1, "input_len": {"kind": "fixed", "value": 8},
-                         "output_len": {"kind": "fixed", "value": out}},
+            "workload": {
+                "num_requests": n,
+                "warmup_requests": 1,
+                "input_len": {"kind": "fixed", "value": 8},
+                "output_len": {"kind": "fixed", "value": out},
+            },
             "slo": {"ttft_s": slo_ttft, "tpot_s": None, "attainment": target},
             "params": {
                 "concurrencies": [],
