@@ -38,13 +38,17 @@ class SLO(BaseModel):
 
 def distribution(values: Any) -> dict[str, float | None]:
     """mean, std (population), p50/p90/p95/p99 (linear interpolation) of the non-null values."""
-    x = np.asarray(pd.Series(values, dtype="float64").dropna())
+    try:  # a float column or a list of floats and None (the usual case): numpy alone, no Series per call
+        x = np.asarray(values, dtype="float64")
+        x = x[~np.isnan(x)]
+    except (TypeError, ValueError):  # pandas' missing markers (pd.NA) and the like
+        x = np.asarray(pd.Series(values, dtype="float64").dropna())
     if x.size == 0:
         return {"mean": None, "std": None, **{f"p{p}": None for p in PERCENTILES}, "count": 0}
     return {
         "mean": float(x.mean()),
         "std": float(x.std()),
-        **{f"p{p}": float(np.percentile(x, p)) for p in PERCENTILES},
+        **{f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(x, PERCENTILES), strict=True)},
         "count": int(x.size),
     }
 

@@ -30,8 +30,9 @@ def build_summary(
     moved = None
     if transfers is not None and not transfers.empty:
         moved = with_stall_ratio(measured_transfers(transfers), meas)
+    by_cell = dict(tuple(meas.groupby("cell_id", sort=False))) if not meas.empty else {}  # one pass, not one per cell
     for cid, meta in sorted(cells.items()):
-        rows = meas[meas["cell_id"] == cid] if not meas.empty else meas
+        rows = by_cell.get(cid, meas.iloc[:0])
         out_cells[cid] = {
             "status": meta.get("status"),
             "error": meta.get("error"),

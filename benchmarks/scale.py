@@ -19,7 +19,7 @@ cells with a fresh engine per cell (`fresh_engines`). Reports, per run:
 Goal (2 cores, 24 GiB): `--nodes 32 --cells 1000` completes, driver overhead < 2% of wall,
 cells spread over all nodes, fixed cost per cell with warm engines < 0.2 s.
 
-    python benchmarks/scale.py [--nodes 4] [--cells 40] [--requests 2] [--fresh-cells N] [--json]
+    python benchmarks/scale.py [--nodes 4] [--cells 40] [--requests 2] [--fresh-cells N] [--json] [--profile FILE]
 
 The evidence is simulated (the simulated engine on virtual nodes sharing one machine's cores).
 """
@@ -28,12 +28,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import cProfile
 import json
 import os
 import selectors
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,7 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np
+import psutil
 import ray
 
 from cluster.config import ExperimentConfig, resolve
@@ -123,6 +128,8 @@ class RunScale:
     outside_loop_s: float  # the driver before and after its loop (connect, plan, the packet's run-level files)
     driver_cpu_s: float  # the driver process's CPU time (Ray's own threads in it included)
     driver_cpu_fraction: float  # driver_cpu_s / wall_s: the driver's share of one core, whatever else the box runs
+    driver_cpu_per_cell_ms: float  # driver_cpu_s per cell, setup and the packet's run-level files included
+    driver_cpu_by_thread_s: dict[str, float]  # main (the loop, setup, finalize), Ray's threads, threads that ended (writer, sampler)
     engine_starts: int
     cells_on_warm_engines: int
     nodes_used: int
@@ -135,9 +142,30 @@ class RunScale:
     fixed_fresh_s: Spread | None  # ... cells that started their engine
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's live threads: the main thread, other Python threads by name,
+    the rest (Ray's own) by their OS name."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    main = threading.main_thread().native_id
+    out: Counter[str] = Counter()
+    for t in psutil.Process().threads():
+        if t.id == main:
+            name = "main"
+        elif t.id in names:
+            name = names[t.id]
+        else:
+            try:
+                name = "ray/other: " + Path(f"/proc/self/task/{t.id}/comm").read_text().strip()
+            except OSError:
+                name = "ray/other"
+        out[name] += t.user_time + t.system_time
+    return dict(out)
+
+
 def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
     policy = TimedLoops()
     asyncio.set_event_loop_policy(policy)
+    threads0 = thread_cpu()
     cpu0, t0 = time.process_time(), time.monotonic()
     driver = Driver(cfg, RunOptions(out_dir=out, address=address, progress=False))
     # The loop's own span: from the driver's first cell task to the last cell's end (asyncio.run).
@@ -156,6 +184,8 @@ def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
     finally:
         asyncio.set_event_loop_policy(None)
     wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    by_thread = {k: v - threads0.get(k, 0.0) for k, v in thread_cpu().items()}
+    by_thread["ended during the run"] = cpu - sum(by_thread.values())
     idle = sum(s.idle_s for s in policy.selectors)
     busy = max(0.0, policy.loop_s - idle)
     m = json.loads((run_dir / "manifest.json").read_text())
@@ -177,6 +207,8 @@ def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
         outside_loop_s=wall - policy.loop_s,
         driver_cpu_s=cpu,
         driver_cpu_fraction=cpu / wall,
+        driver_cpu_per_cell_ms=1e3 * cpu / max(len(metas), 1),
+        driver_cpu_by_thread_s={k: round(v, 3) for k, v in sorted(by_thread.items(), key=lambda kv: -kv[1])},
         engine_starts=m["engine_pool"]["engine_starts"],
         cells_on_warm_engines=m["engine_pool"]["cells_on_warm_engines"],
         nodes_used=len(per_node),
@@ -188,6 +220,21 @@ def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
         fixed_warm_s=Spread.of(fixed("reused")),
         fixed_fresh_s=Spread.of(fixed("fresh")),
     )
+
+
+@contextlib.contextmanager
+def profiled(path: Path | None) -> Iterator[None]:
+    """cProfile of the driver's main thread (its event loop) while the block runs, saved as pstats."""
+    if path is None:
+        yield
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        prof.dump_stats(path)
 
 
 def start_cluster(nodes: int) -> Any:
@@ -210,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--requests", type=int, default=2, help="measured requests per cell (plus 1 warm-up)")
     ap.add_argument("--fresh-cells", type=int, default=None, help="cells run again with fresh engines, side by side (default: 2 × nodes)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--profile", type=Path, default=None, help="write a cProfile (pstats) of the driver's warm run to this file")
     a = ap.parse_args(argv)
     if a.nodes < 1 or a.cells < 1 or a.requests < 1:
         ap.error("--nodes, --cells and --requests must be at least 1")
@@ -222,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         ray.init(address=cluster.address, namespace="pdbench", log_to_driver=False)
         with tempfile.TemporaryDirectory(prefix="pdbench-scale-") as out:
-            runs.append(measure(config(a.nodes, a.cells, a.requests, fresh=False), cluster.address, Path(out)))
+            with profiled(a.profile):
+                runs.append(measure(config(a.nodes, a.cells, a.requests, fresh=False), cluster.address, Path(out)))
             if fresh_cells:
                 runs.append(measure(config(a.nodes, fresh_cells, a.requests, fresh=True), cluster.address, Path(out)))
     finally:
@@ -270,8 +319,9 @@ def print_table(r: dict[str, Any]) -> None:
         print(
             f"  driver: loop busy {run['loop_busy_s']:.2f} s = {100 * run['loop_busy_fraction']:.2f}% of wall; "
             f"outside the loop {run['outside_loop_s']:.1f} s; process CPU {run['driver_cpu_s']:.1f} s "
-            f"({100 * run['driver_cpu_fraction']:.1f}% of one core)"
+            f"({100 * run['driver_cpu_fraction']:.1f}% of one core), {run['driver_cpu_per_cell_ms']:.0f} ms per cell"
         )
+        print("  driver CPU by thread (s): " + ", ".join(f"{k} {v:.2f}" for k, v in run["driver_cpu_by_thread_s"].items()))
         print("  per cell p50/p90/max (s):")
         for k in ("scheduling_s", "scheduling_warm_s", "load_s", "fixed_s", "fixed_warm_s", "fixed_fresh_s"):
             print(f"    {k:<18} {_s(run[k])}")

@@ -1,5 +1,6 @@
 """One cell run and what it leaves on disk: cell.json, requests.parquet, transfers.parquet and
-errors.log under `cells/<cell_id>/`, each written atomically before the next result is awaited.
+errors.log under `cells/<cell_id>/`, each written atomically, in order, by the run's file writer
+(cluster/file_writer.py) while the loop goes on with the next cells.
 
 A cell that raises is a failed cell with its reason in one line (the traceback in errors.log),
 never a failed run; a cell whose requests all failed keeps its records as evidence.
@@ -11,6 +12,7 @@ import dataclasses
 import json
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ from analysis.records import measured
 from analysis.schemas import REQUESTS, TRANSFERS
 from cluster.cells import MODES, CellContext, CellRefused, CellResult
 from cluster.cells.engine_pool import engine_use_record
-from cluster.hostload import HostLoadProbe
+from cluster.file_writer import FileWriter
+from cluster.hostload import HostLoadSampler
 from cluster.planning import preflight
 from cluster.resume import clear
 from workloads.text import get_codec
@@ -51,7 +54,7 @@ def one_line_errors(df: pd.DataFrame | None) -> tuple[pd.DataFrame | None, list[
 
 def no_success(df: pd.DataFrame) -> str | None:
     """Why a cell measured nothing (no measured request succeeded), or None."""
-    rows = measured(df) if not df.empty else df
+    rows = measured(df[["warmup", "ok", "error"]]) if not df.empty else df  # the columns read: filtering all is slow
     if not rows.empty and rows["ok"].astype(bool).any():
         return None
     if rows.empty:
@@ -106,17 +109,23 @@ def _started(ctx: CellContext, cell_hash: str) -> dict[str, Any]:
     return meta
 
 
-def _store(plan: CellPlan, result: CellResult, cell_dir: Path, meta: dict[str, Any]) -> None:
-    """Write the cell's records and set its status in `meta`."""
-    df, long_errors = one_line_errors(annotate(plan, result.requests, result.meta))
+@dataclass(frozen=True)
+class _Records:
+    """A finished cell's records, their long error texts taken out, for the file writer."""
+
+    requests: pd.DataFrame
+    transfers: pd.DataFrame | None
+    engine_meta: dict[str, Any]
+    long_errors: list[str]
+
+
+def _settle(plan: CellPlan, result: CellResult, meta: dict[str, Any]) -> _Records:
+    """The cell's status in `meta`, on the loop (the round needs it); what to write goes to the writer."""
+    df, long_errors = one_line_errors(result.requests)
     transfers, more = one_line_errors(result.transfers)
     if long_errors + more:  # remote tracebacks: the whole text in the log, one line in the tables
         meta["log"] = f"cells/{plan.cell_id}/errors.log"
-        write_log(cell_dir / "errors.log", "\n\n".join(long_errors + more))
     assert df is not None  # a cell always returns its request records (maybe empty)
-    write_rows(cell_dir / "requests.parquet", df, REQUESTS)
-    if transfers is not None:
-        write_rows(cell_dir / "transfers.parquet", transfers, TRANSFERS)
     meta.update(result.meta, node_ids=cell_node_ids(result.meta, result.requests))
     nothing = no_success(df)
     if nothing:  # every request failed: the records stay as evidence, the cell did not measure
@@ -125,25 +134,46 @@ def _store(plan: CellPlan, result: CellResult, cell_dir: Path, meta: dict[str, A
         meta.update(status="partial", error=f"fault after the requests ran, records kept: {result.fault}")
     else:
         meta.update(status="ok", error=None)
+    return _Records(df, transfers, result.meta, long_errors + more)
 
 
-async def run_cell(ctx: CellContext, cell_dir: Path, cell_hash: str) -> dict[str, Any]:
-    """Run one cell through its serving mode's runner; its cell.json contents once written."""
+def _persist(plan: CellPlan, cell_dir: Path, meta: dict[str, Any], records: _Records | None, trace: str | None) -> None:
+    """On the file writer's thread: the cell's records, then its cell.json (resume trusts a cell by
+    its cell.json, so that comes last). A records file that cannot be written fails the cell, its
+    meta changed here before cell.json and before any manifest that lists it."""
+    try:
+        if records is not None:
+            if records.long_errors:
+                write_log(cell_dir / "errors.log", "\n\n".join(records.long_errors))
+            write_rows(cell_dir / "requests.parquet", annotate(plan, records.requests, records.engine_meta), REQUESTS)
+            if records.transfers is not None:
+                write_rows(cell_dir / "transfers.parquet", records.transfers, TRANSFERS)
+    except Exception as e:
+        meta.update(status="failed", error=one_line(e), log=f"cells/{plan.cell_id}/errors.log")
+        trace = traceback.format_exc()
+    if trace is not None:
+        write_log(cell_dir / "errors.log", trace)
+    write_json(cell_dir / "cell.json", meta)
+
+
+async def run_cell(ctx: CellContext, cell_dir: Path, cell_hash: str, host: HostLoadSampler, files: FileWriter) -> dict[str, Any]:
+    """Run one cell through its serving mode's runner; its cell.json contents, queued to `files`."""
     clear(cell_dir)
     meta = _started(ctx, cell_hash)
     t0 = time.monotonic()
-    load = HostLoadProbe()
+    window = host.mark()
+    records, trace = None, None
     try:
         preflight(ctx.cfg, [ctx.plan])  # later rounds were not checked before the run began
-        _store(ctx.plan, await MODES[ctx.plan.serving_mode].run(ctx), cell_dir, meta)
+        records = _settle(ctx.plan, await MODES[ctx.plan.serving_mode].run(ctx), meta)
     except CellRefused as e:  # a measured refusal: the reason is the whole answer
         meta.update(status="refused", error=str(e))
     except Exception as e:  # the cell fails with its reason (one line); the traceback goes to errors.log
         meta.update(status="failed", error=one_line(e), log=f"cells/{ctx.plan.cell_id}/errors.log")
-        write_log(cell_dir / "errors.log", traceback.format_exc())
+        trace = traceback.format_exc()
     meta["ended_at"] = now()
     meta["wall_s"] = time.monotonic() - t0
     meta["engine_use"] = engine_use_record(ctx, len(MODES[ctx.plan.serving_mode].bundles(ctx)))
-    meta["host_load"] = dataclasses.asdict(load.stop())
-    write_json(cell_dir / "cell.json", meta)
+    meta["host_load"] = dataclasses.asdict(host.load(window))
+    files.submit(_persist, ctx.plan, cell_dir, meta, records, trace)
     return meta

@@ -1,7 +1,8 @@
 """The driver: expand a track into cells, run them on placement groups, persist, summarise.
 
-Each finished cell is written atomically under `cells/<cell_id>/` before the next result is
-awaited (cluster/cell_record.py), so a killed run loses at most the cells in flight; `--resume`
+Each finished cell is written atomically under `cells/<cell_id>/` by the run's file writer, in
+order, while the loop goes on (cluster/cell_record.py, cluster/file_writer.py), so a killed run
+loses at most the cells in flight and those queued to be written; `--resume`
 (RunOptions.resume, cluster/resume.py) runs only the cells that have no finished result with the
 same cell config hash. The run-level files (cluster/run_files.py, manifest.json, reports) are
 rebuilt from the cell files, so they never hold a cell twice.
@@ -32,6 +33,8 @@ from cluster.cell_record import now, run_cell
 from cluster.cells import MODES, CellContext
 from cluster.cells.engine_pool import EnginePool
 from cluster.config import ConfigError, ExperimentConfig, config_hash, to_yaml
+from cluster.file_writer import FileWriter
+from cluster.hostload import HostLoadSampler
 from cluster.planning import cell_concurrency, cell_config, cell_engine, cell_hash, plan_cells, preflight
 from cluster.rounds import Cells, Rounds, RunProgress
 from cluster.run_files import assemble, save_telemetry
@@ -41,6 +44,7 @@ from workloads.tracks import CellPlan, get_track
 
 TELEMETRY_INTERVAL_S = 1.0
 MANIFEST_EVERY_S = 2.0
+MANIFEST_BUDGET = 0.02  # of a core: a 1,000-cell manifest costs tens of ms to write, more on a starved box
 
 
 @dataclass
@@ -74,7 +78,10 @@ class Driver:
         # Where the packet ends up: the URI for shared storage, else the folder itself.
         self.location = self.dest.location(self.run_id) if self.dest.remote else str(self.run_dir)
         self._manifest_at = 0.0
+        self._manifest_cost_s = 0.0  # CPU of the last running manifest's write (on the writer's thread)
         self.pool: EnginePool | None = None  # warm engines, made in _run_all (cluster/cells/engine_pool.py)
+        self.host: HostLoadSampler | None = None  # the host's load for every cell, made in _run_all
+        self.files = FileWriter()  # the cells' files and the running manifest, written in order off the loop
 
     def context(self, plan: CellPlan, progress: Any = None) -> CellContext:
         return CellContext(
@@ -91,19 +98,29 @@ class Driver:
         return self.run_dir / "cells" / plan.cell_id
 
     async def _run_cell(self, plan: CellPlan, progress: Any) -> dict[str, Any]:
-        meta = await run_cell(self.context(plan, progress), self._cell_dir(plan), cell_hash(self.cfg, plan))
-        self.dest.publish_cell(self.run_dir, plan.cell_id)
+        assert self.host is not None  # made with the loop
+        meta = await run_cell(self.context(plan, progress), self._cell_dir(plan), cell_hash(self.cfg, plan), self.host, self.files)
+        self.files.submit(self.dest.publish_cell, self.run_dir, plan.cell_id)
         return meta
 
     def _ran(self, metas: dict[str, Any]) -> None:
-        """After a cell ran: the running manifest, rewritten at most every MANIFEST_EVERY_S (it lists
+        """After a cell ran: the running manifest, rewritten at most every MANIFEST_EVERY_S, or less
+        often where its last write cost more than MANIFEST_BUDGET of a core over that time (it lists
         every cell: once per cell made a 1,000-cell sweep quadratic; resume reads the cell files)."""
-        if time.monotonic() - self._manifest_at >= MANIFEST_EVERY_S:
+        if time.monotonic() - self._manifest_at >= max(MANIFEST_EVERY_S, self._manifest_cost_s / MANIFEST_BUDGET):
             self._manifest_at = time.monotonic()
-            self._write_manifest(metas, "running")
+            # Built and written by the file writer, after the files of every cell it lists.
+            self.files.submit(self._write_running_manifest, dict(metas), self._serving_modes())
 
-    def _write_manifest(self, cells: dict[str, Any], status: str) -> None:
-        serving_modes = sorted({p.serving_mode for p in self.plans})
+    def _write_running_manifest(self, cells: dict[str, Any], serving_modes: list[str]) -> None:
+        t = time.thread_time()
+        self._write_manifest(cells, "running", serving_modes)
+        self._manifest_cost_s = time.thread_time() - t
+
+    def _serving_modes(self) -> list[str]:
+        return sorted({p.serving_mode for p in self.plans})
+
+    def _write_manifest(self, cells: dict[str, Any], status: str, serving_modes: list[str]) -> None:
         write_json(self.run_dir / "manifest.json", run_manifest(self.facts, serving_modes, cells, status))
 
     async def _run_all(self, on_progress: Callable[[RunProgress], None] | None) -> list[dict[str, Any]]:
@@ -114,15 +131,21 @@ class Driver:
             # Only a cell that ran marks the run running: a resume with nothing to redo leaves a
             # complete manifest complete until finalize rewrites it.
             ran=self._ran,
+            flush=self.files.flush,
         )
         rounds = Rounds(self.cfg, self.track, self.params, self.facts.concurrency or 1, cells)
         first, self.plans = self.plans, rounds.plans  # the manifest's serving modes follow the rounds
         samplers = ray_env.actor_on_each_node(TelemetrySampler, TELEMETRY_INTERVAL_S)
         await asyncio.gather(*(s.start.remote() for s in samplers))
         self.pool = EnginePool(reuse=not self.cfg.fresh_engines, capacity=self.facts.concurrency or 1)
+        self.host = HostLoadSampler()
         try:
-            return await rounds.run(first, on_progress)
+            metas = await rounds.run(first, on_progress)
+            await self.files.flush()  # a write error ends the run here
+            return metas
         finally:
+            self.files.close()  # whatever ended the run: every finished cell's files are written
+            self.host.close()
             await self.pool.close()
             save_telemetry(self.run_dir, await asyncio.gather(*(s.stop.remote() for s in samplers), return_exceptions=True))
             for s in samplers:
@@ -130,7 +153,7 @@ class Driver:
 
     def finalize(self, metas: list[dict[str, Any]]) -> Path:
         status = assemble(self.run_dir, self.cfg, self.run_id, metas)
-        self._write_manifest({m["cell_id"]: m for m in metas}, status)
+        self._write_manifest({m["cell_id"]: m for m in metas}, status, self._serving_modes())
         write_reports(load_packet(self.run_dir))
         self.dest.publish_run(self.run_dir)
         return self.run_dir
@@ -164,7 +187,7 @@ class Driver:
             lock = resume.hold(self.run_dir)
             try:
                 write_yaml(self.run_dir / "config.yaml", to_yaml(self.cfg))
-                self._write_manifest({}, "running")
+                self._write_manifest({}, "running", self._serving_modes())
                 self.dest.publish_run(self.run_dir)
                 return self.finalize(asyncio.run(self._run_all(on_progress)))
             finally:

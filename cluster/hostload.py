@@ -10,6 +10,7 @@ joining a cluster only this host is seen and its Ray daemons count as other proc
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import psutil
 @dataclass(frozen=True)
 class HostLoad:
     cores: int
-    wall_s: float
+    wall_s: float  # the sampled window (HostLoadSampler)
     load_avg_1m: float  # at the end of the cell
     cpu_busy_percent: float  # all processes, share of all cores
     cpu_steal_percent: float  # taken by the hypervisor for other VMs (0 where the OS does not report it)
@@ -40,30 +41,74 @@ def _our_cpu_s() -> float:
     return total
 
 
-def _busy_and_steal(t: psutil._common.scputimes) -> tuple[float, float, float]:
-    total = sum(t)
+@dataclass(frozen=True)
+class _Sample:
+    """Cumulative counters at one instant: host CPU seconds summed over all cores, and this run's."""
+
+    t: float  # time.monotonic()
+    total_s: float
+    busy_s: float
+    steal_s: float
+    ours_s: float
+
+
+def _sample() -> _Sample:
+    t = psutil.cpu_times()
     idle = t.idle + getattr(t, "iowait", 0.0)
-    return total, total - idle, getattr(t, "steal", 0.0)
+    return _Sample(time.monotonic(), sum(t), sum(t) - idle, getattr(t, "steal", 0.0), _our_cpu_s())
 
 
-class HostLoadProbe:
-    """Started before a cell, stopped after it; `stop` returns the load over that window."""
+class HostLoadSampler:
+    """One per run: a thread samples the host every `interval_s` (longer where one sample costs more
+    than `budget` of a core: the walk over the run's processes grows with the nodes simulated on
+    this host), and each cell reads the window its samples cover. A probe per cell walked every
+    process twice per cell, which cost more than the rest of the driver's work for a small cell.
 
-    def __init__(self) -> None:
-        self._wall0 = time.monotonic()
-        self._cpu0 = _busy_and_steal(psutil.cpu_times())
-        self._ours0 = _our_cpu_s()
+    A cell's window runs from the last sample at or before its start to the last one at its end; a
+    cell shorter than an interval gets the last full interval. `HostLoad.wall_s` is the window."""
 
-    def stop(self) -> HostLoad:
-        total1, busy1, steal1 = _busy_and_steal(psutil.cpu_times())
-        total0, busy0, steal0 = self._cpu0
-        span = max(total1 - total0, 1e-9)  # CPU seconds summed over all cores
-        ours = max(_our_cpu_s() - self._ours0, 0.0)
+    def __init__(self, interval_s: float = 1.0, budget: float = 0.01) -> None:
+        self.interval_s, self.budget = interval_s, budget
+        self._lock = threading.Lock()  # psutil's process walk is not made for two threads at once
+        self._stop = threading.Event()
+        self.cores = psutil.cpu_count() or 1
+        self._pair: tuple[_Sample | None, _Sample] = (None, self._take())  # (previous, latest), swapped whole
+        self._thread = threading.Thread(target=self._loop, name="pdbench-hostload", daemon=True)
+        self._thread.start()
+
+    def _take(self) -> _Sample:
+        with self._lock:
+            return _sample()
+
+    def _loop(self) -> None:
+        wait = self.interval_s
+        while not self._stop.wait(wait):
+            t = time.thread_time()  # this thread's own CPU: the sample's cost
+            s = self._take()
+            self._pair = (self._pair[1], s)
+            wait = max(self.interval_s, (time.thread_time() - t) / self.budget)
+
+    def mark(self) -> _Sample:
+        """Where a cell's window starts."""
+        return self._pair[1]
+
+    def load(self, since: _Sample) -> HostLoad:
+        """The host's load over the window from `since` (a `mark`) to the latest sample."""
+        previous, end = self._pair
+        begin = since if end is not since else previous
+        if begin is None:  # no interval sampled yet (a run's first cell, shorter than one): sample now
+            begin, end = end, self._take()
+        span = max(end.total_s - begin.total_s, 1e-9)  # CPU seconds summed over all cores
+        busy = end.busy_s - begin.busy_s
         return HostLoad(
-            cores=psutil.cpu_count() or 1,
-            wall_s=time.monotonic() - self._wall0,
+            cores=self.cores,
+            wall_s=end.t - begin.t,
             load_avg_1m=os.getloadavg()[0],
-            cpu_busy_percent=100.0 * (busy1 - busy0) / span,
-            cpu_steal_percent=100.0 * (steal1 - steal0) / span,
-            other_processes_cpu_percent=100.0 * max(busy1 - busy0 - ours, 0.0) / span,
+            cpu_busy_percent=100.0 * busy / span,
+            cpu_steal_percent=100.0 * (end.steal_s - begin.steal_s) / span,
+            other_processes_cpu_percent=100.0 * max(busy - max(end.ours_s - begin.ours_s, 0.0), 0.0) / span,
         )
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -62,6 +62,7 @@ class Cells:
     finished: Callable[[CellPlan], dict[str, Any] | None]
     run: Callable[[CellPlan, Any], Awaitable[dict[str, Any]]]  # (plan, its progress counter) → cell.json
     ran: Callable[[dict[str, dict[str, Any]]], None]  # after a cell ran: every cell's meta so far
+    flush: Callable[[], Awaitable[None]]  # until every finished cell's files are on disk
 
 
 class Rounds:
@@ -88,6 +89,8 @@ class Rounds:
                 await asyncio.wait(tasks, timeout=PROGRESS_EVERY_S if on_progress is not None else None)  # no display: no polling
                 if on_progress is not None:
                     on_progress(await self._progress(progress))
+            if self.adaptive:  # outcomes read the cells' files
+                await self.cells.flush()
             for p in round_plans if self.adaptive else ():  # a fixed grid reads no outcome: no metrics to compute
                 outcomes[p.cell_id] = outcome(self.cfg, p, self.cells.dir(p), self.metas[p.cell_id])
             known = {p.cell_id for p in self.plans}

@@ -98,8 +98,7 @@ def _session(sid: int) -> list[int]:
 def test_resume_after_sigkill_loses_and_duplicates_nothing(ray_local, tmp_path):
     cfg_file = tmp_path / "e1.yaml"
     cfg_file.write_text(
-        "track: e1\nworkload: {num_requests: 12, warmup_requests: 1}\n"
-        "params: {input_lens: [8, 16, 24], output_lens: [4, 8]}\n"
+        "track: e1\nworkload: {num_requests: 12, warmup_requests: 1}\nparams: {input_lens: [8, 16, 24], output_lens: [4, 8]}\n"
     )
     out = tmp_path / "runs"
     proc = subprocess.Popen(
@@ -147,6 +146,43 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(ray_local, tmp_path):
     assert res.exit_code == 2 and "--resume" in res.output and "config hash" in res.output
 
 
+def test_an_error_mid_run_still_writes_every_finished_cells_files(ray_local, tmp_path, monkeypatch):
+    """The cells' files are written by a thread behind the loop: a run that ends by an error (here
+    Ctrl-C after the second cell) writes what is queued first, and a resume reruns only the rest."""
+    import cluster.cell_record as cr
+
+    real_write = cr.write_parquet
+
+    def slow_write(path, df):  # the writer lags behind the loop: cells are queued when the run ends
+        time.sleep(0.5)
+        real_write(path, df)
+
+    monkeypatch.setattr(cr, "write_parquet", slow_write)
+    real_ran, ran = Driver._ran, []
+
+    def interrupt_after_two(self, metas):
+        real_ran(self, metas)
+        ran.append(len(metas))
+        if len(metas) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Driver, "_ran", interrupt_after_two)
+    over = {"workload": {"num_requests": 2, "warmup_requests": 1}, "params": {"input_lens": [8, 16, 24, 32], "output_lens": [4]}}
+    cfg = resolve("e1", {**over, "max_concurrent_cells": 1})
+    d = Driver(cfg, RunOptions(out_dir=tmp_path, progress=False))
+    with pytest.raises(KeyboardInterrupt):
+        d.run()
+    done = {p.parent.name: p.read_text() for p in d.run_dir.glob("cells/*/cell.json")}
+    assert len(done) == 2 and all(json.loads(t)["status"] == "ok" for t in done.values())
+    assert all((d.run_dir / "cells" / c / "requests.parquet").is_file() for c in done)
+
+    monkeypatch.setattr(Driver, "_ran", real_ran)
+    run_dir = Driver(cfg, RunOptions(out_dir=tmp_path, progress=False, resume=d.run_dir)).run()
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["status"] == "complete" and len(m["cells"]) == 4
+    assert {c: (run_dir / "cells" / c / "cell.json").read_text() for c in done} == done  # kept, not run again
+
+
 def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path):
     res = CliRunner().invoke(app, ["run", "e1", "--simulate", "--resume", str(tmp_path)], env={"COLUMNS": "200"})
     assert res.exit_code == 2 and "not a pdbench run folder" in res.output
@@ -186,8 +222,12 @@ def test_rate_search_finds_the_known_max_rate_within_one_step(ray_local, tmp_pat
         "e2",
         {
             "engine": {"kind": "simulated", "max_batch_size": 1, "simulated": law},
-            "workload": {"num_requests": n, "warmup_requests": 1, "input_len": {"kind": "fixed", "value": 8},
-                         "output_len": {"kind": "fixed", "value": out}},
+            "workload": {
+                "num_requests": n,
+                "warmup_requests": 1,
+                "input_len": {"kind": "fixed", "value": 8},
+                "output_len": {"kind": "fixed", "value": out},
+            },
             "slo": {"ttft_s": slo_ttft, "tpot_s": None, "attainment": target},
             "params": {
                 "concurrencies": [],

@@ -2,6 +2,7 @@
 what they promise (no timing is judged here: the benchmarks print ratios and verdicts)."""
 
 import json
+import pstats
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,8 @@ def test_loadgen_benchmark_reports_send_lag_per_rate():
 
 
 @pytest.mark.slow  # starts a two-node Ray cluster of its own
-def test_scale_benchmark_reports_warm_and_fresh_sweeps():
-    out = _run("scale.py", "--nodes", "2", "--cells", "6", "--fresh-cells", "2")
+def test_scale_benchmark_reports_warm_and_fresh_sweeps(tmp_path):
+    out = _run("scale.py", "--nodes", "2", "--cells", "6", "--fresh-cells", "2", "--profile", str(tmp_path / "driver.pstats"))
     assert out["evidence"] == "simulated" and (out["nodes"], out["cells"]) == (2, 6)
     warm, fresh = out["runs"]
     assert (warm["engines"], warm["cells_ok"], fresh["engines"], fresh["cells_ok"]) == ("warm", 6, "fresh", 2)
@@ -53,6 +54,11 @@ def test_scale_benchmark_reports_warm_and_fresh_sweeps():
     assert warm["loop_busy_s"] <= warm["loop_s"] <= warm["wall_s"]
     assert warm["fixed_warm_s"]["p50"] <= warm["fixed_warm_s"]["max"] and fresh["fixed_warm_s"] is None
     assert out["fixed_cost_warm_over_fresh_p50"] > 0
+    # Where the driver's CPU went: per cell, by thread, and a profile of the warm run's main thread.
+    assert warm["driver_cpu_per_cell_ms"] > 0 and warm["driver_cpu_by_thread_s"]["main"] > 0
+    assert sum(warm["driver_cpu_by_thread_s"].values()) == pytest.approx(warm["driver_cpu_s"], abs=0.1)
+    stats = pstats.Stats(str(tmp_path / "driver.pstats"))
+    assert any(fn == "run_cell" for _file, _line, fn in stats.stats)  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow  # starts its own Ray and Serve

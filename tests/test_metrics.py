@@ -173,3 +173,12 @@ def test_harness_share_is_client_minus_engine_per_request():
     assert h["share_of_ttft_p50"] == pytest.approx(0.2)
     # An external server reports no token times and has no hop probe: nothing to split.
     assert "harness" not in cell_metrics(_open_loop(10, 10.0), SLO())
+
+
+def test_time_columns_are_floats_whatever_a_record_holds():
+    rows = [raw("a", 0.0, 0.0, [1.0, 1.5], server={"prefill_s": "0.25", "transfer_s": "n/a"}), raw("b", 0.0, 0.0, [], ok=False)]
+    df = to_frame(rows, cell_id="c")
+    for col in ("ttft_s", "tpot_s", "t_first_token", "prefill_s", "transfer_s", "server_queue_s", "harness_ttft_s"):
+        assert df[col].dtype == "float64", col
+    assert df["prefill_s"].iloc[0] == 0.25 and df["transfer_s"].isna().all() and math.isnan(df["ttft_s"].iloc[1])
+    assert list(df["cell_id"]) == ["c", "c"] and to_frame([], cell_id="c").empty
