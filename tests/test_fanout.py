@@ -151,13 +151,13 @@ def test_an_error_mid_run_still_writes_every_finished_cells_files(ray_local, tmp
     Ctrl-C after the second cell) writes what is queued first, and a resume reruns only the rest."""
     import cluster.cell_record as cr
 
-    real_write = cr.write_parquet
+    real_write = cr.write_rows
 
-    def slow_write(path, df):  # the writer lags behind the loop: cells are queued when the run ends
+    def slow_write(path, df, schema):  # the writer lags behind the loop: cells are queued when the run ends
         time.sleep(0.5)
-        real_write(path, df)
+        real_write(path, df, schema)
 
-    monkeypatch.setattr(cr, "write_parquet", slow_write)
+    monkeypatch.setattr(cr, "write_rows", slow_write)
     real_ran, ran = Driver._ran, []
 
     def interrupt_after_two(self, metas):
