@@ -75,7 +75,12 @@ def _weights(device: torch.device) -> torch.Tensor:
 
 def kv_checksum(layers: Sequence[torch.Tensor]) -> int:
     """`checksum_tensor`'s value (the one wait for the device)."""
-    return int(checksum_tensor(layers)) & ((1 << 63) - 1)
+    return checksum_value(checksum_tensor(layers))
+
+
+def checksum_value(acc: torch.Tensor) -> int:
+    """A queued `checksum_tensor` read back (waits for the device) as the non-negative int that travels."""
+    return int(acc) & ((1 << 63) - 1)
 
 
 def checksum_tensor(layers: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -148,7 +153,7 @@ class Injector:
         if missing:
             raise ValueError(f"layers never received: {missing[:8]}{' …' if len(missing) > 8 else ''}")
         for first, n, want, queued in self._sums:
-            got = int(queued) & ((1 << 63) - 1) if queued is not None else kv_checksum([self.landed(first + j) for j in range(n)])
+            got = checksum_value(queued if queued is not None else checksum_tensor([self.landed(first + j) for j in range(n)]))
             if got != want:
                 raise ValueError(f"KV checksum mismatch in layers {first}..{first + n - 1}: the blocks hold other bytes than were sent")
 
