@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--copy-threads", type=int, default=4, help="kv_transfer.host_copy_threads on the decode side")
     ap.add_argument("--h2d", choices=("registered", "staged"), default="registered", help="kv_transfer.host_to_device")
     ap.add_argument("--decode-submit", choices=("after_prefill", "with_prefill"), default="after_prefill", help="kv_transfer.decode_submit")
+    ap.add_argument("--save", choices=("after_forward", "layerwise"), default="after_forward",
+                    help="kv_transfer.save: publish after the prefill's forward pass, or layer group by group during it")
     ap.add_argument("--share-gpu", action="store_true",
                     help="both engines on one GPU (0.4 of its memory each, started one after the other): a one-GPU machine")
     ap.add_argument("--json")
@@ -124,7 +126,8 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[dict] | str:
     cfg = EngineConfig(kind="vllm", model=args.model, dtype="bfloat16", max_model_len=args.tokens + 64,
                        max_batch_size=8, vllm={"gpu_memory_utilization": 0.4 if args.share_gpu else 0.8}).model_dump()
     kv = KVHandoffConfig(backend=backend, max_group_bytes=args.max_group_mib << 20, host_copy_threads=args.copy_threads,
-                         host_to_device=args.h2d, put_threads=args.put_threads, decode_submit=args.decode_submit).model_dump()
+                         host_to_device=args.h2d, put_threads=args.put_threads, decode_submit=args.decode_submit,
+                         save=args.save).model_dump()
     dir_name = f"bench-kvdir-{backend}"
     directory = directory_actor(dir_name)  # held: an unreferenced actor is collected
     prefill = PrefillActor.options(num_gpus=share).remote(cfg, kv, dir_name, "bench", "kv")
@@ -197,7 +200,7 @@ def main() -> int:
     res = {
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "model": args.model, "copy_threads": args.copy_threads, "put_threads": args.put_threads, "host_to_device": args.h2d,
-        "decode_submit": args.decode_submit, "shared_gpu": args.share_gpu, "baseline_bytes": nbytes,
+        "decode_submit": args.decode_submit, "save": args.save, "shared_gpu": args.share_gpu, "baseline_bytes": nbytes,
         "pinned_d2h_h2d_s": base_s, "pinned_gb_s": nbytes / base_s / 1e9 if base_s else None,
         "peer_copy_s": peer_s, "peer_gb_s": nbytes / peer_s / 1e9 if peer_s else None,
         "backends": {b: summarise(b, rows, base_s, peer_s) if isinstance(rows, list) else {"refused": rows} for b, rows in runs.items()},

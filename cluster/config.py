@@ -84,6 +84,11 @@ class ExperimentConfig(BaseModel):
                 f"kv_transfer.decode_submit: 'with_prefill' needs engine.kind vllm (the {self.engine.kind} pair moves "
                 "its KV after the prefill); use 'after_prefill'"
             )
+        if self.kv_transfer.save == "layerwise" and self.engine.kind != "vllm":
+            raise ValueError(
+                f"kv_transfer.save: 'layerwise' needs engine.kind vllm (the {self.engine.kind} pair moves its KV "
+                "after the prefill); use 'after_forward'"
+            )
         return self
 
     @property

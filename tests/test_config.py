@@ -118,3 +118,11 @@ def test_validating_a_config_imports_no_http_client():
 
     code = "import sys, cluster.config; sys.exit('httpx' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_layerwise_save_needs_vllm():
+    with pytest.raises(ConfigError) as e:
+        resolve("e3", {"kv_transfer": {"save": "layerwise"}})
+    assert "\n  kv_transfer.save: 'layerwise' needs engine.kind vllm" in str(e.value), str(e.value)
+    ok = resolve("e3", {"engine": {"kind": "vllm", "model": "qwen3-8b"}, "kv_transfer": {"save": "layerwise"}})
+    assert ok.kv_transfer.save == "layerwise"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -71,6 +72,7 @@ class FakeEngine:
         self.ended: dict[str, str] = {}
         self.loaded_ok: dict[str, bool] = {}
         self.steps = 0
+        self.after_layer: Callable[[int], None] = lambda layer: None  # runs inside the forward, after each layer
 
     def add(self, rid: str, params: dict, max_tokens: int, prompt_len: int = PROMPT) -> None:
         self.requests[rid] = Req(rid, prompt_len, params, max_tokens)
@@ -134,12 +136,15 @@ class FakeEngine:
                 computing.append(r)
         plan = self.book.plan(new, cached)
         self.worker.start_loads(plan)
-        for rid, *_ in new + cached:  # the forward pass: a producer's prompt KV is written
-            r = self.requests[rid]
-            if r.params.get("pdbench_role") == "producer" and r.computed < r.prompt_len:
+        scheduled = [self.requests[rid] for rid, *_ in new + cached]
+        producers = [r for r in scheduled if r.params.get("pdbench_role") == "producer" and r.computed < r.prompt_len]
+        for li in range(LAYERS):  # the forward pass, layer by layer: the producers' prompt KV is written
+            for r in producers:
                 n = transferable_tokens(r.prompt_len, BS) // BS
-                for li in range(LAYERS):
-                    self.caches[li][r.blocks[:n]] = content(r.rid, li, n)
+                self.caches[li][r.blocks[:n]] = content(r.rid, li, n)
+            self.worker.layer_saved(li)  # vLLM's save_kv_layer
+            if producers:
+                self.after_layer(li)
         self.worker.start_saves(plan)
         sending, recving = self.worker.finished(self.finished_ids)
         failed = self.worker.load_errors()
@@ -185,11 +190,14 @@ def run(engines, until, timeout_s=30.0) -> None:
         time.sleep(0.001)  # vLLM's idle step sleeps 1 ms so that transfer threads get the GIL
 
 
+LAYERWISE = CFG.model_copy(update={"save": "layerwise"})
+
+
 @pytest.fixture
 def pair(ray_local, request):
     name = f"kv-async-{request.node.name}"[:60]
     d = directory_actor(name)
-    p, dec = FakeEngine("prefill", d), FakeEngine("decode", d)
+    p, dec = FakeEngine("prefill", d, getattr(request, "param", CFG)), FakeEngine("decode", d)
     yield d, p, dec
     for e in (p, dec):
         e.worker.shutdown()
@@ -200,6 +208,7 @@ def key(i: int) -> str:
     return f"r{i}/k"
 
 
+@pytest.mark.parametrize("pair", [CFG, LAYERWISE], ids=["after_forward", "layerwise"], indirect=True)
 def test_loads_and_saves_run_off_the_step_and_report_once(pair):
     d, p, dec = pair
     n = 6
@@ -229,6 +238,39 @@ def test_loads_and_saves_run_off_the_step_and_report_once(pair):
     engines = ray.get(d.engines.remote())
     assert engines["decode"]["loads"] == n and engines["prefill"]["saves"] == n
     assert 0 < engines["decode"]["blocked_s"] < 1.0
+
+
+@pytest.mark.parametrize("pair", [LAYERWISE], ids=["layerwise"], indirect=True)
+def test_layerwise_save_publishes_a_group_while_the_forward_is_still_writing_later_layers(pair):
+    d, p, dec = pair
+    seen: dict[int, int] = {}
+
+    def after_layer(layer: int) -> None:  # the forward goes on only once the layer's group is out
+        deadline = time.monotonic() + 10
+        while (registered := ray.get(d.status.remote(key(5)))["registered"]) <= layer and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen[layer] = registered
+
+    p.after_layer = after_layer
+    p.add("r5:prefill", {"pdbench_role": "producer", "key": key(5)}, max_tokens=1)
+    run([p], lambda: p.idle())
+    assert seen == {0: 1, 1: 2, 2: 3}  # one layer per group here: each left before the next layer was written
+    dec.add("r5", {"pdbench_role": "consumer", "key": key(5)}, max_tokens=3)
+    run([dec], lambda: dec.idle())
+    assert dec.loaded_ok == {"r5": True}
+    row = ray.get(d.take_report.remote(key(5), 5.0))
+    assert row["ok"] and row["groups"] == LAYERS and row["ready_to_injected_s"] > 0
+
+
+@pytest.mark.parametrize("pair", [LAYERWISE], ids=["layerwise"], indirect=True)
+def test_layerwise_save_without_layer_hooks_is_gathered_at_wait_for_save(pair):
+    _, p, dec = pair
+    p.worker.layer_saved = lambda index: None  # no hook ran: the pass ends with wait_for_save alone
+    p.add("r6:prefill", {"pdbench_role": "producer", "key": key(6)}, max_tokens=1)
+    run([p], lambda: p.idle())  # wait_for_save gathers every layer: the save completes all the same
+    dec.add("r6", {"pdbench_role": "consumer", "key": key(6)}, max_tokens=3)
+    run([dec], lambda: dec.idle())
+    assert dec.loaded_ok == {"r6": True} and len(p.free) == BLOCKS
 
 
 def test_abort_mid_load_cancels_it_and_reports_it_once(pair):

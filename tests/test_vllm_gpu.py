@@ -94,7 +94,8 @@ def _tamper(directory, key):
         assert ray.get(directory.register.remote(key, meta.index, meta.groups, meta, refs))
 
 
-def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray):
+@pytest.mark.parametrize("save", ["after_forward", "layerwise"])
+def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray, save):
     import asyncio
 
     import ray
@@ -109,10 +110,10 @@ def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray):
 
     cfg = EngineConfig(kind="vllm", model=MODEL, dtype="bfloat16", max_model_len=2048, max_batch_size=16,
                        vllm={"gpu_memory_utilization": 0.5, "enforce_eager": True}).model_dump()
-    kv = KVTransferConfig().model_dump()
-    directory = directory_actor("gpu-test-kvdir")
-    prefill = PrefillActor.options(num_gpus=1).remote(cfg, kv, "gpu-test-kvdir", "t", "c")
-    decode = DecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, "gpu-test-kvdir", "t", "c")
+    kv = KVTransferConfig(save=save).model_dump()
+    directory = directory_actor(f"gpu-test-kvdir-{save}")
+    prefill = PrefillActor.options(num_gpus=1).remote(cfg, kv, f"gpu-test-kvdir-{save}", "t", "c")
+    decode = DecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, f"gpu-test-kvdir-{save}", "t", "c")
     p_info, d_info = ray.get([prefill.start.remote(), decode.start.remote()])
     assert p_info["extra"]["weight_checksum"] == d_info["extra"]["weight_checksum"]
     spec = WorkloadSpec(num_requests=4, warmup_requests=0, input_len=Fixed(value=300), output_len=Fixed(value=24))

@@ -8,9 +8,10 @@ request (it was in a `finished_req_ids` given to `finished`), or the scheduler f
 longer holds and asserts. This module keeps that book, vLLM-free, so a fake scheduler tests it on
 any machine (tests/test_kv_async.py); actors/kv/vllm_connector.py calls it from vLLM's hooks.
 
-What runs on the engine's thread is only: recording a CUDA event on the engine's stream (the
-jobs' copies are ordered after it), submitting jobs, and polling results. Its wall time is summed
-as the engine's `blocked_s` (docs/metrics.md: stall).
+What runs on the engine's thread is only: recording CUDA events on the engine's stream (the
+jobs' copies are ordered after them), queueing layer-wise gathers there (`save: layerwise`,
+actors/kv/layerwise.py), submitting jobs, and polling results. Its wall time is summed as the
+engine's `blocked_s` (docs/metrics.md: stall).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from actors.kv.accounting import TransferRecord
 from actors.kv.blocks import BlockInjector, StepPlan, Transfer, gather_blocks
+from actors.kv.layerwise import LayerwiseGather
 from actors.kv.spec import KVTransferConfig
 from actors.kv.transport import publish, reason_of, receive
 
@@ -66,6 +68,7 @@ class ConnectorWorker:
         self._loads_done: dict[str, set[int]] = {}  # request id -> failed block ids (empty: loaded)
         self._failed: set[int] = set()
         self._saves_open: set[str] = set()
+        self._layerwise: LayerwiseGather | None = None  # the step's saves, gathered as layers are written
         self._saves_released: set[str] = set()  # blocks no longer needed by the job
         self._finished_seen: set[str] = set()  # open saves vLLM has finished
         self.blocked_s = 0.0
@@ -98,9 +101,14 @@ class ConnectorWorker:
         return ev
 
     def start_loads(self, plan: StepPlan) -> None:
-        """vLLM's start_load_kv: before the forward pass of the step whose plan this is."""
+        """vLLM's start_load_kv: before the forward pass of the step whose plan this is (layer-wise
+        saves start here too, their senders waiting for the layers the pass writes)."""
         with self._on_engine_thread():
             self.steps += 1
+            if plan.saves and self.cfg.save == "layerwise" and self.caches:
+                self._layerwise = LayerwiseGather(self.caches, self.dim, plan.saves)
+                for k, t in enumerate(plan.saves):
+                    self._submit_save(t, None, self._layerwise, k)
             if plan.loads:
                 ev, t_enq = self._step_event(), time.monotonic()
                 for t in plan.loads:
@@ -117,17 +125,30 @@ class ConnectorWorker:
             for key in plan.drops:
                 self.directory.drop.remote(key)
 
+    def layer_saved(self, index: int) -> None:
+        """vLLM's save_kv_layer: layer `index`'s KV for this step is queued on the engine's stream."""
+        if self._layerwise is not None:
+            with self._on_engine_thread():
+                self._layerwise.layer(index)
+
     def start_saves(self, plan: StepPlan) -> None:
         """vLLM's wait_for_save: after the forward pass that computed the saved prompts."""
         with self._on_engine_thread():
+            if self._layerwise is not None:
+                self._layerwise.finish()
+                self._layerwise = None
+                return
             if not plan.saves:
                 return
             ev = self._step_event()
             for t in plan.saves:
-                with self._lock:
-                    self._saves_open.add(t.request_id)
-                self.saves += 1
-                self._pool.submit(self._save, t, ev)
+                self._submit_save(t, ev, None, 0)
+
+    def _submit_save(self, t: Transfer, ev: Any, gather: LayerwiseGather | None, k: int) -> None:
+        with self._lock:
+            self._saves_open.add(t.request_id)
+        self.saves += 1
+        self._pool.submit(self._save, t, ev, gather, k)
 
     def finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """vLLM's get_finished: (finished_sending, finished_recving), each id exactly once."""
@@ -203,7 +224,7 @@ class ConnectorWorker:
                 self._loads_done[t.request_id] = bad
         self.directory.report.remote(t.key, rec.row())
 
-    def _save(self, t: Transfer, ev: Any) -> None:
+    def _save(self, t: Transfer, ev: Any, gather: LayerwiseGather | None, k: int) -> None:
         released = False
 
         def release() -> None:
@@ -213,8 +234,19 @@ class ConnectorWorker:
                 with self._lock:
                     self._saves_released.add(t.request_id)
 
+        def ready(end: int) -> float:  # layer-wise: the gathered copy holds the KV once the last layer is in
+            assert gather is not None
+            ts = gather.wait(end, self.cfg.ref_timeout_s)
+            if end == len(self.caches):
+                release()
+            return ts
+
         try:
             with torch.inference_mode(), self._device():
+                if gather is not None:
+                    layers = gather.outputs[k]
+                    publish(self.directory, t.key, layers, t.tokens, self.cfg, run_id=self.run_id, cell_id=self.cell_id, ready=ready)
+                    return
                 stream = torch.cuda.Stream(self.caches[0].device) if ev is not None else None
                 if ev is not None:
                     ev.synchronize()  # the forward that wrote the KV has run

@@ -65,6 +65,14 @@ class KVTransferConfig(BaseModel):
         "(its decode blocks are held meanwhile). The reference pair moves KV itself after the prefill and "
         "refuses 'with_prefill'",
     )
+    save: Literal["after_forward", "layerwise"] = Field(
+        default="after_forward",
+        description="vLLM producers: when a prompt's KV starts its way out. 'after_forward': once the forward "
+        "pass that completed the prompt has run; 'layerwise': during that pass, each layer's blocks gathered "
+        "as soon as the layer wrote them and each layer group copied and put once its last layer is done, so "
+        "only the last group's path is left when the pass ends (the prefill engine's CUDA graphs become "
+        "piecewise, as vLLM requires of layer-by-layer connectors)",
+    )
     gil_switch_interval_ms: float = Field(
         default=0.5,
         gt=0,

@@ -288,21 +288,33 @@ class _Sender:
     while group i is put; with `put_threads` > 1 several groups are put at once (each put has a
     fixed cost of its own, creating and sealing the object, that a serial sender pays in turn), and
     copies run ahead into as many staging buffers. A buffer is filled again only after its put
-    returned. Host layers are packed one group at a time, each while the previous ones are put."""
+    returned. Host layers are packed one group at a time, each while the previous ones are put.
+
+    With `ready` (layers still being written by a forward pass, actors/kv/layerwise.py), a group's
+    copy starts once `ready(end)` says its layers are there, and puts always run in the pool, so a
+    put never waits behind the wait for the next group's layers."""
 
     def __init__(
-        self, directory: Any, key: str, layers: Sequence[torch.Tensor], cfg: KVTransferConfig, tokens: int, ready_ts: float | None
+        self,
+        directory: Any,
+        key: str,
+        layers: Sequence[torch.Tensor],
+        cfg: KVTransferConfig,
+        tokens: int,
+        ready_ts: float | None,
+        ready: Callable[[int], float] | None = None,
     ):
         self.directory, self.key, self.layers, self.cfg, self.tokens, self.ready_ts = directory, key, layers, cfg, tokens, ready_ts
+        self.ready = ready
+        self.group_ready: dict[int, float] = {}
         self.spans = layer_groups(layers, cfg.max_group_bytes)
         self.pinned = any(t.is_cuda for t in layers)
         self.overlap = self.pinned and len(self.spans) > 1
         nbuf = min(len(self.spans), cfg.put_threads + (1 if self.overlap else 0))
         size = max(layout(layers[a:b])[1] for a, b in self.spans)
         self.staging = [STAGING.take(size, self.pinned) for _ in range(nbuf)]
-        self.pool = (
-            ThreadPoolExecutor(cfg.put_threads, thread_name_prefix="pdbench-put") if cfg.put_threads > 1 and len(self.spans) > 1 else None
-        )
+        pooled = (cfg.put_threads > 1 or ready is not None) and len(self.spans) > 1
+        self.pool = ThreadPoolExecutor(cfg.put_threads, thread_name_prefix="pdbench-put") if pooled else None
         self.copies: dict[int, tuple[torch.Tensor, tuple[int, ...], list[Any], float]] = {}
         self.puts: dict[int, Future[tuple[GroupMeta, Any]]] = {}
         self.src_node = ray.get_runtime_context().get_node_id()
@@ -319,6 +331,11 @@ class _Sender:
             for stream in streams:
                 stream.synchronize()
             extract_s = issued_s + time.perf_counter() - t0  # only what the puts did not hide
+            if self.pool is not None:  # the put runs beside the next group's copy (and its wait)
+                self._put(gi, buf, offsets, extract_s, checksum)
+                if gi + 1 < groups:
+                    self._start_copy(gi + 1)
+                continue
             if self.overlap and gi + 1 < groups:
                 self._start_copy(gi + 1)
             self._put(gi, buf, offsets, extract_s, checksum)
@@ -327,6 +344,8 @@ class _Sender:
         return [self.puts[gi].result() for gi in range(groups)]
 
     def _start_copy(self, gi: int) -> None:
+        if self.ready is not None:  # waiting for the forward pass is not extraction
+            self.group_ready[gi] = self.ready(self.spans[gi][1])
         t0 = time.perf_counter()
         if gi - len(self.staging) in self.puts:
             self.puts[gi - len(self.staging)].result()  # its buffer is ours again
@@ -355,7 +374,7 @@ class _Sender:
                 send_s=t2 - self.t_start,
                 src_node=self.src_node,
                 checksum=checksum,
-                ready_ts=self.ready_ts,
+                ready_ts=self.group_ready.get(gi, self.ready_ts),
             )
             return meta, self.directory.register.remote(self.key, gi, len(self.spans), meta, [ref])
 
@@ -391,6 +410,7 @@ def publish(
     run_id: str = "",
     cell_id: str = "",
     ready_ts: float | None = None,
+    ready: Callable[[int], float] | None = None,
 ) -> SendStats:
     """Put `layers` (one request's KV, one tensor per layer) into the object store under `key`.
 
@@ -398,9 +418,11 @@ def publish(
     reference right after, so the object lives exactly as long as the directory or the receiver
     holds it (this process stays its owner: if it dies, the object is lost, and the receiver
     sees that). `ready_ts` (CLOCK_MONOTONIC) is when the KV was complete on the sender; it travels
-    with every group so a receiver on the same host can time KV ready → KV injected.
+    with every group so a receiver on the same host can time KV ready → KV injected. With `ready`,
+    `layers` are still being written: `ready(end)` blocks until layers [0, end) hold their KV and
+    returns when they did, each group's own ready time (the last group's is the KV's).
     """
-    sender = _Sender(directory, key, layers, cfg, tokens, ready_ts)
+    sender = _Sender(directory, key, layers, cfg, tokens, ready_ts, ready)
     try:
         sent = sender.run()
     finally:
@@ -514,7 +536,9 @@ class _Receiver:
 
     def _account(self, meta: GroupMeta) -> None:
         rec = self.rec
-        rec.tokens, rec.src_node, self.ready_ts = meta.tokens, meta.src_node, meta.ready_ts
+        rec.tokens, rec.src_node = meta.tokens, meta.src_node
+        if meta.ready_ts is not None:  # the KV was ready when its last group was
+            self.ready_ts = max(self.ready_ts or meta.ready_ts, meta.ready_ts)
         self.spent["extract_s"] = self.spent.get("extract_s", 0.0) + meta.extract_s
         self.spent["put_s"] = self.spent.get("put_s", 0.0) + meta.put_s
         rec.send_s = max(rec.send_s or 0.0, meta.send_s)

@@ -11,8 +11,10 @@ One class serves both engines; each request says what it wants in its `kv_transf
 - producer (prefill engine, max_tokens=1): {"pdbench_role": "producer", "key": K}. After the step
   that completes the prompt (chunked prompts: the last chunk's step), a worker thread gathers the
   prompt's whole blocks from every layer and publishes them under K (device→host, ray.put per
-  layer group, directory), group by group. vLLM keeps the blocks (request_finished → True) until
-  the gather is done, reported through `finished_sending`.
+  layer group, directory), group by group. With `kv_transfer.save: layerwise` the gather runs
+  during that step's forward pass instead, layer by layer from `save_kv_layer`, and each group
+  leaves once its last layer is written (actors/kv/layerwise.py). vLLM keeps the blocks
+  (request_finished → True) until the gather is done, reported through `finished_sending`.
 - consumer (decode engine): {"pdbench_role": "consumer", "key": K}. The scheduler reports those
   blocks as externally computed and loading asynchronously: the request waits in vLLM's
   WAITING_FOR_REMOTE_KVS while a worker thread receives K into its blocks, following the sender
@@ -35,6 +37,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
 from actors.kv.blocks import StepPlan, TransferBook, block_dim
+from actors.kv.layerwise import layerwise_producer
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -58,6 +61,13 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         self.extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.book = TransferBook(vllm_config.cache_config.block_size)
         self.worker: Any = None
+        self._layer_index: dict[str, int] = {}
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Layer-wise saves run Python after each attention layer, which a full CUDA graph's
+        replay would skip: vLLM then keeps the producer's graphs piecewise."""
+        return layerwise_producer(extra_config)
 
     # ---------------------------------------------------------------- scheduler side
     @staticmethod
@@ -104,6 +114,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
 
         # Layers come in model order; both engines of a pair build the same model.
         caches = list(kv_caches.values())
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
         num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else None
         dim = block_dim(tuple(caches[0].shape), num_blocks)
         # vLLM's worker runs in a process of its own, outside Ray: it joins the cluster itself, once,
@@ -143,7 +154,9 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         return  # whole-prompt loads, finished before vLLM schedules the request
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # whole blocks are saved after the forward pass, in wait_for_save
+        index = self._layer_index.get(layer_name)
+        if index is not None:  # save: layerwise gathers the layer now; after_forward waits for wait_for_save
+            self.worker.layer_saved(index)
 
     def wait_for_save(self) -> None:
         self.worker.start_saves(self._plan())
