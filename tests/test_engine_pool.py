@@ -153,3 +153,13 @@ def test_modes_that_start_their_own_engines_record_them_fresh():
     assert engine_use_record(c("aggregated"), 1) is None  # type: ignore[arg-type]  # failed before the pool leased it one
     use = EngineUse(engine="reused", engine_starts=0, pool_key="k", cell_on_engine=2, setup_s=0.01)
     assert engine_use_record(c("aggregated", use), 1)["engine"] == "reused"  # type: ignore[arg-type, index]
+
+
+def test_a_disaggregated_cell_evicts_idle_warm_engines_that_hold_what_it_needs(ray_local, tmp_path_factory):
+    # ray_local has 4 CPUs: the aggregated cell's two engines (2 CPUs each) take them all and stay
+    # warm in the pool; the pair that follows needs the same 4 CPUs and must get them, not wait.
+    cfg = resolve("e3", {"workload": {"num_requests": 2, "warmup_requests": 1}, "placement": {"cpus_per_engine": 2, "wait_timeout_s": 20}})
+    d = Driver(cfg, RunOptions(out_dir=tmp_path_factory.mktemp("evict"), progress=False)).run()
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["status"] == "complete", {c: v["status"] for c, v in m["cells"].items()}
+    assert [m["cells"][c]["engine"] for c in ("aggregated", "disaggregated")] == ["fresh", "fresh"]

@@ -115,7 +115,10 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
     problem = KV_BACKENDS.get(backend).serves(backend, ctx.engine.kind)
     if problem:  # known here, before any resources are held
         raise CellRefused(problem)
-    pg = ray_env.make_placement_group(bundles(ctx), ctx.strategy(2), ctx.name("pg"))
+    if ctx.pool is not None:  # warm engines of earlier cells give way where they hold what the pair needs
+        pg = await ctx.pool.place(ctx, bundles(ctx), ctx.strategy(2), ctx.name("pg"))
+    else:
+        pg = ray_env.make_placement_group(bundles(ctx), ctx.strategy(2), ctx.name("pg"))
     owned: list[Any] = []
     faults: list[str] = []
     try:

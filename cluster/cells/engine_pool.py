@@ -18,7 +18,9 @@ else when its placement group does not come within EVICT_AFTER_S).
 
 With `reuse=False` (config `fresh_engines`, CLI `--fresh-engines`) every cell starts and stops its
 own deployment, as before the pool existed. Aggregated cells use the pool; disaggregated cells
-start their prefill/decode pair per cell (their KV directory and transfer state are per cell).
+start their prefill/decode pair per cell (their KV directory and transfer state are per cell), but
+take their placement group through `place` too: idle warm engines give way to them (on 2 GPUs, E3's
+aggregated engines would otherwise hold both GPUs while the pair waits for them).
 """
 
 from __future__ import annotations
