@@ -67,3 +67,26 @@ def test_only_a_layerwise_producer_asks_vllm_for_piecewise_graphs():
     assert not layerwise_producer({"kv_transfer": {"save": "layerwise"}, "receiver": True})  # decode keeps full graphs
     assert not layerwise_producer({"kv_transfer": {}})
     assert not layerwise_producer(None)
+
+
+def test_one_gather_per_layer_serves_every_save_when_blocks_are_on_dim_0(monkeypatch):
+    calls = []
+    real = torch.index_select
+    monkeypatch.setattr(torch, "index_select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    c = caches()
+    saves = [Transfer("a/k", "a", [3, 1], 8), Transfer("b/k", "b", [7], 4), Transfer("c/k", "c", [0, 9], 8)]
+    lg = LayerwiseGather(c, 0, saves)
+    lg.finish()
+    assert len(calls) == len(c)  # not one per save and layer: the engine's thread pays per layer
+    for k, t in enumerate(saves):
+        assert all(torch.equal(x, y) for x, y in zip(lg.outputs[k], gather_blocks(c, t.block_ids, 0), strict=True))
+
+
+def test_the_last_layer_gives_the_time_the_whole_kv_was_ready():
+    lg = LayerwiseGather(caches(), 0, [Transfer("a/k", "a", [0], 4)])
+    before = time.monotonic()
+    lg.layer(1)
+    lg.finish()
+    done = lg.wait(4, timeout_s=1)
+    assert before <= done <= time.monotonic()
+    assert lg.wait(2, timeout_s=1) <= done

@@ -537,8 +537,8 @@ class _Receiver:
     def _account(self, meta: GroupMeta) -> None:
         rec = self.rec
         rec.tokens, rec.src_node = meta.tokens, meta.src_node
-        if meta.ready_ts is not None:  # the KV was ready when its last group was
-            self.ready_ts = max(self.ready_ts or meta.ready_ts, meta.ready_ts)
+        if meta.index == meta.groups - 1:  # the KV was ready when its last group was
+            self.ready_ts = meta.ready_ts
         self.spent["extract_s"] = self.spent.get("extract_s", 0.0) + meta.extract_s
         self.spent["put_s"] = self.spent.get("put_s", 0.0) + meta.put_s
         rec.send_s = max(rec.send_s or 0.0, meta.send_s)
