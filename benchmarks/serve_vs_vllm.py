@@ -141,7 +141,7 @@ def vllm_serve_command(cfg: EngineConfig, model_dir: Path, served_name: str, por
 
 # The disaggregated server moves KV as E3's GPU profile does (configs/gpu/e3-qwen3-8b.yaml), so its
 # numbers sit next to E3's; the reference engine moves KV itself and refuses with_prefill.
-E3_KV_TRANSFER = {"decode_submit": "with_prefill", "worker_threads": 16, "put_threads": 4, "save": "layerwise"}
+E3_KV_TRANSFER = {"decode_submit": "with_prefill", "worker_threads": 16, "put_threads": 4}
 
 
 def pdbench_serve_config(cfg: EngineConfig, served_name: str, model_dir: Path) -> dict[str, Any]:

@@ -229,3 +229,11 @@ def test_verdict_per_backend_and_the_run_takes_the_worst():
     # Bytes the backend moves out of pdbench's sight are not checked against the analytic size.
     assert not any("bytes moved" in c["check"] for c in nixl["checks"])
     assert any(c["check"].startswith("disaggregated-nixl-vllm (nixl-vllm): greedy") and not c["ok"] for c in v["checks"])
+
+
+def test_headline_names_the_cell_of_each_transfer_line():
+    t = {"ok": 0, "transfers": 64, "bytes_total": None, "analytic_bytes_total": None}
+    summary = {"cells": {"disaggregated-nixl-vllm": {"transfers": t}, "disaggregated-ray-object-store": {"transfers": {**t, "ok": 64}}}}
+    lines = {h.label: h.value for h in E3.headline(summary)}
+    assert lines["KV transfers (disaggregated-nixl-vllm)"].startswith("0/64 ok")
+    assert lines["KV transfers (disaggregated-ray-object-store)"].startswith("64/64 ok")

@@ -148,12 +148,12 @@ class E3Analysis(TrackAnalysis):
                 a, d = (_get(metrics[m], path) for m in MODES)
                 ratio = f" (×{d / a:.2f})" if a and d is not None else ""
                 out.append(Headline(f"{label} aggregated → disaggregated", f"{fmt(a)}{unit} → {fmt(d)}{unit}{ratio}"))
-        for c in cells.values():
+        for cid, c in cells.items():
             t = c.get("transfers")
             if t:
                 out.append(
                     Headline(
-                        "KV transfers",
+                        f"KV transfers ({cid})",
                         f"{t['ok']}/{t['transfers']} ok; {moved_text(t)} for "
                         f"{num((t['analytic_bytes_total'] or 0) / 1e6)} MB of analytic KV",
                     )
