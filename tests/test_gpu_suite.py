@@ -34,3 +34,21 @@ def test_the_evidence_suite_refuses_simulated_engines(tmp_path, capsys):
     rc = main([f"e0:{cfg}", "--out", str(tmp_path / "runs"), "--deadline-s", "100", "--min-left-s", "0"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 1 and line["status"] == "error" and "simulated" in line["reason"]
+
+
+def test_the_pack_carries_the_error_lines_of_the_engines_logs(tmp_path):
+    from cluster.gpu_suite import log_excerpt, pack
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "worker-1.err").write_text("loading weights\nUCX  ERROR failed to select lane\nstep 3 ok\n")
+    (logs / "worker-2.out").write_text("nixl agent ready\n" + "fine\n" * 3)
+    (logs / "raylet.out").write_text("error the suite does not want\n")
+    out = tmp_path / "runs"
+    out.mkdir()
+    pack(out, tmp_path / "p.tgz", [], logs)
+    with tarfile.open(tmp_path / "p.tgz") as tar:
+        text = tar.extractfile("engine-log-excerpt.txt").read().decode()
+    assert text.splitlines() == ["worker-1.err: UCX  ERROR failed to select lane", "worker-2.out: nixl agent ready"]
+    assert log_excerpt(logs, tmp_path / "short.txt", max_lines=1) == 1
+    assert (tmp_path / "short.txt").read_text() == "worker-2.out: nixl agent ready\n"
