@@ -73,8 +73,6 @@ def run(save: str, steps: int, saves: int, tokens: int, store_name: str) -> dict
     for s in range(steps):
         span = [range(k * blocks_per_req, (k + 1) * blocks_per_req) for k in range(saves)]
         plan = StepPlan(saves=[Transfer(f"s{s}r{k}/{save}", f"s{s}r{k}", list(span[k]), tokens) for k in range(saves)])
-            ]
-        )
         b0 = worker.blocked_s
         walls.append(_step(worker, caches, plan, x))
         blocked.append(worker.blocked_s - b0)
