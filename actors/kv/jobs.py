@@ -9,8 +9,8 @@ longer holds and asserts. This module keeps that book, vLLM-free, so a fake sche
 any machine (tests/test_kv_async.py); actors/kv/vllm_connector.py calls it from vLLM's hooks.
 
 What runs on the engine's thread is only: recording CUDA events on the engine's stream (the
-jobs' copies are ordered after them), queueing layer-wise gathers there (`save: layerwise`,
-actors/kv/layerwise.py), submitting jobs, and polling results. Its wall time is summed as the
+jobs' copies are ordered after them; `save: layerwise` records one per layer and wakes the senders
+whose layers are in, actors/kv/layerwise.py), submitting jobs, and polling results. Its wall time is summed as the
 engine's `blocked_s` (docs/metrics.md: stall).
 """
 
@@ -29,7 +29,7 @@ import torch
 
 from actors.kv.accounting import TransferRecord
 from actors.kv.blocks import BlockInjector, StepPlan, Transfer, gather_blocks
-from actors.kv.layerwise import LayerwiseGather
+from actors.kv.layerwise import LayerProgress, SaveGather
 from actors.kv.spec import KVTransferConfig
 from actors.kv.transport import publish, reason_of, receive
 
@@ -68,7 +68,7 @@ class ConnectorWorker:
         self._loads_done: dict[str, set[int]] = {}  # request id -> failed block ids (empty: loaded)
         self._failed: set[int] = set()
         self._saves_open: set[str] = set()
-        self._layerwise: LayerwiseGather | None = None  # the step's saves, gathered as layers are written
+        self._layerwise: LayerProgress | None = None  # the step's forward, for saves that follow it layer by layer
         self._saves_released: set[str] = set()  # blocks no longer needed by the job
         self._finished_seen: set[str] = set()  # open saves vLLM has finished
         self.blocked_s = 0.0
@@ -106,7 +106,7 @@ class ConnectorWorker:
         with self._on_engine_thread():
             self.steps += 1
             if plan.saves and self.cfg.save == "layerwise" and self.caches:
-                self._layerwise = LayerwiseGather(self.caches, self.dim, plan.saves)
+                self._layerwise = LayerProgress(self.caches, self.dim, plan.saves)
                 for k, t in enumerate(plan.saves):
                     self._submit_save(t, None, self._layerwise, k)
             if plan.loads:
@@ -144,11 +144,11 @@ class ConnectorWorker:
             for t in plan.saves:
                 self._submit_save(t, ev, None, 0)
 
-    def _submit_save(self, t: Transfer, ev: Any, gather: LayerwiseGather | None, k: int) -> None:
+    def _submit_save(self, t: Transfer, ev: Any, progress: LayerProgress | None, k: int) -> None:
         with self._lock:
             self._saves_open.add(t.request_id)
         self.saves += 1
-        self._pool.submit(self._save, t, ev, gather, k)
+        self._pool.submit(self._save, t, ev, progress, k)
 
     def finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """vLLM's get_finished: (finished_sending, finished_recving), each id exactly once."""
@@ -224,7 +224,7 @@ class ConnectorWorker:
                 self._loads_done[t.request_id] = bad
         self.directory.report.remote(t.key, rec.row())
 
-    def _save(self, t: Transfer, ev: Any, gather: LayerwiseGather | None, k: int) -> None:
+    def _save(self, t: Transfer, ev: Any, progress: LayerProgress | None, k: int) -> None:
         released = False
 
         def release() -> None:
@@ -234,18 +234,18 @@ class ConnectorWorker:
                 with self._lock:
                     self._saves_released.add(t.request_id)
 
-        def ready(end: int) -> float:  # layer-wise: the gathered copy holds the KV once the last layer is in
-            assert gather is not None
-            ts = gather.wait(end, self.cfg.ref_timeout_s)
-            if end == len(self.caches):
-                release()
-            return ts
-
         try:
             with torch.inference_mode(), self._device():
-                if gather is not None:
-                    layers = gather.outputs[k]
-                    publish(self.directory, t.key, layers, t.tokens, self.cfg, run_id=self.run_id, cell_id=self.cell_id, ready=ready)
+                if progress is not None:
+                    gather = SaveGather(progress, k)
+
+                    def ready(end: int) -> float:  # the gathered copy holds the KV once the last layer is in
+                        ts = gather.ready(end, self.cfg.ref_timeout_s)
+                        if end == len(self.caches):
+                            release()
+                        return ts
+
+                    publish(self.directory, t.key, gather.layers, t.tokens, self.cfg, run_id=self.run_id, cell_id=self.cell_id, ready=ready)
                     return
                 stream = torch.cuda.Stream(self.caches[0].device) if ev is not None else None
                 if ev is not None:

@@ -1,19 +1,23 @@
 """A producer's KV gathered layer by layer while the forward pass writes it (`save: layerwise`).
 
 vLLM calls the connector's `save_kv_layer` after each attention layer, on the engine's thread,
-with that layer's work queued on the engine's stream. `LayerwiseGather.layer` queues, right there,
-the gather of every saved request's blocks of that layer into tensors of their own, then records
-one event: the sender's thread waits for the event of a group's last layer and starts that
-group's device-to-host copy and put while the forward computes the layers after it. When the pass
-ends, only the last group is left to move.
+with that layer's work queued on the engine's stream. `LayerProgress.layer` only records an event
+there and wakes the senders whose group of layers is now written; each sender (`SaveGather`, on
+its own thread and CUDA stream) gathers its prompt's blocks of those layers after the event and
+starts that group's device-to-host copy and put while the forward computes the layers after it.
+When the pass ends, only the last group is left to move.
 
-One object per step that saves; vLLM-free, so CPU tests drive it with CPU tensors (no events:
-on a CPU the gather has happened when `layer` returns).
+The step loop pays one event per layer and a wake-up per group, whatever the number of prompts
+saved: the gathers, the block-id upload and the allocations all run on the senders' threads and
+streams (a block-id upload from the engine's thread waits for everything the engine queued).
+
+vLLM-free, so CPU tests drive it with CPU tensors (no events: on a CPU a layer is written when
+`layer` is called).
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import threading
 import time
 from collections.abc import Sequence
@@ -42,52 +46,27 @@ def _gathered_shape(kv: torch.Tensor, dim: int, blocks: int) -> list[int]:
     return shape
 
 
-class LayerwiseGather:
-    """The saved requests of one step, each a list of per-layer tensors filled as layers complete.
-
-    `layer(i)` runs on the engine's thread (vLLM's hook), `wait(end)` on a sender's: it returns
-    once layers [0, end) are gathered, on the GPU too. Layers arrive in model order; a layer
-    whose hook did not run (a CUDA graph replay skips Python) is gathered with the next one that
-    does, and `finish` (vLLM's wait_for_save, after the pass) gathers whatever is left.
-
-    The engine's thread pays as little as it can: with the block index on dim 0, one gather per
-    layer for all the step's saves (each save a slice of it), and a sender is woken only when the
-    layer it waits for is in, not at every layer (each wake-up takes the GIL from the step loop)."""
+class LayerProgress:
+    """How far one step's forward pass has written the KV: `layer(i)` on the engine's thread (vLLM's
+    hook), `wait(end)` on a sender's. Layers arrive in model order; a layer whose hook did not run
+    (a CUDA graph replay skips Python) counts as written with the next one that does, and `finish`
+    (vLLM's wait_for_save, after the pass) marks whatever is left."""
 
     def __init__(self, caches: Sequence[torch.Tensor], dim: int, saves: Sequence[Transfer]):
-        self.caches, self.dim = list(caches), dim
-        device = self.caches[0].device
-
-        # Allocated before the pass on the engine's stream; every use of them is ordered after it.
-        def buffers(blocks: int) -> list[torch.Tensor]:
-            return [torch.empty(_gathered_shape(kv, dim, blocks), dtype=kv.dtype, device=device) for kv in self.caches]
-
-        if dim == 0:
-            ids = [b for t in saves for b in t.block_ids]
-            self._idx = [torch.tensor(ids, device=device, dtype=torch.long)]
-            self._targets = [buffers(len(ids))]
-            bounds = list(itertools.accumulate((len(t.block_ids) for t in saves), initial=0))
-            self.outputs = [[buf[a:b] for buf in self._targets[0]] for a, b in itertools.pairwise(bounds)]
-        else:  # a slice on dim 1 is strided: one gather per save into tensors of its own
-            self._idx = [torch.tensor(t.block_ids, device=device, dtype=torch.long) for t in saves]
-            self._targets = [buffers(len(t.block_ids)) for t in saves]
-            self.outputs = self._targets
-        self._events: list[Any] = []  # one per gathered layer (the event that covers it; None on CPU)
-        self._queued: list[float] = []  # CLOCK_MONOTONIC when each layer's gather was queued
+        self.caches, self.dim, self.saves = list(caches), dim, list(saves)
+        self._events: list[Any] = []  # one per written layer (the event that covers it; None on CPU)
+        self._queued: list[float] = []  # CLOCK_MONOTONIC when each layer's event was recorded
         self._waiters: list[tuple[int, threading.Event]] = []
         self._lock = threading.Lock()
-        self._complete = threading.Event()  # the last layer's gather has run on the device
+        self._complete = threading.Event()  # the last layer's KV is on the device
         self._complete_ts = 0.0
 
     def layer(self, index: int) -> None:
-        """Gather layers up to `index` (vLLM's save_kv_layer for that layer: its KV is queued)."""
+        """Layers up to `index` are queued on the engine's stream (vLLM's save_kv_layer)."""
         start = len(self._events)
         if index < start:
             return
         end = min(index + 1, len(self.caches))
-        for li in range(start, end):
-            for idx, out in zip(self._idx, self._targets, strict=True):
-                torch.index_select(self.caches[li], self.dim, idx, out=out[li])
         ev = None
         if self.caches[0].is_cuda:
             ev = torch.cuda.Event()
@@ -105,7 +84,7 @@ class LayerwiseGather:
 
     def _stamp_completion(self, ev: Any, queued: float) -> None:
         """When the whole KV is ready: a thread of its own waits for the last event, so the stamp
-        does not depend on when a busy sender gets to look (CPU: the gather ran when queued)."""
+        does not depend on when a busy sender gets to look."""
 
         def stamp() -> None:
             ev.synchronize()
@@ -119,13 +98,13 @@ class LayerwiseGather:
             threading.Thread(target=stamp, name="pdbench-kv-ready", daemon=True).start()
 
     def finish(self) -> None:
-        """After the pass (vLLM's wait_for_save): whatever no hook gathered is gathered now."""
+        """After the pass (vLLM's wait_for_save): whatever no hook marked is written now."""
         self.layer(len(self.caches) - 1)
 
-    def wait(self, end: int, timeout_s: float) -> float:
-        """Block until layers [0, end) are gathered, on the device too; return when they were
-        ready (CLOCK_MONOTONIC). Exact to a thread switch for the last layer, which is when the
-        KV was ready; for earlier layers the time their gather was queued."""
+    def wait(self, end: int, timeout_s: float) -> tuple[Any, float]:
+        """Block until layers [0, end) are queued; return the event that covers them (None on CPU)
+        and when they were ready: for the last layer, when its event completed (exact to a thread
+        switch: the KV-ready time); for earlier ones, when their event was recorded."""
         flag = threading.Event()
         with self._lock:
             if len(self._events) < end:
@@ -134,9 +113,36 @@ class LayerwiseGather:
                 flag.set()
         if not flag.wait(timeout_s) or (end == len(self.caches) and not self._complete.wait(timeout_s)):
             raise LayerNotWritten(f"layer {end - 1} of the forward pass not written within {timeout_s:g} s")
-        if end == len(self.caches):
-            return self._complete_ts
-        ev = self._events[end - 1]
-        if ev is not None:
-            ev.synchronize()
-        return self._queued[end - 1]
+        return self._events[end - 1], (self._complete_ts if end == len(self.caches) else self._queued[end - 1])
+
+
+class SaveGather:
+    """One saved prompt's blocks of every layer, gathered on its sender's thread into tensors of
+    their own, group by group as `progress` says the layers are written. Created on that thread:
+    its block ids, buffers and gathers all go to a CUDA stream of its own."""
+
+    def __init__(self, progress: LayerProgress, k: int):
+        self.progress = progress
+        t, caches, dim = progress.saves[k], progress.caches, progress.dim
+        device = caches[0].device
+        self.stream = torch.cuda.Stream(device) if caches[0].is_cuda else None
+        with self._on_stream():
+            self.idx = torch.tensor(t.block_ids, dtype=torch.long).to(device)
+            self.layers = [torch.empty(_gathered_shape(kv, dim, len(t.block_ids)), dtype=kv.dtype, device=device) for kv in caches]
+        self.gathered = 0
+
+    def _on_stream(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def ready(self, end: int, timeout_s: float) -> float:
+        """Layers [0, end) gathered and on the device; returns when the forward had written them."""
+        ev, ts = self.progress.wait(end, timeout_s)
+        with self._on_stream():
+            if self.stream is not None and ev is not None:
+                self.stream.wait_event(ev)
+            for li in range(self.gathered, end):
+                torch.index_select(self.progress.caches[li], self.progress.dim, self.idx, out=self.layers[li])
+        if self.stream is not None:
+            self.stream.synchronize()  # the copy out of these tensors runs on another stream
+        self.gathered = end
+        return ts
