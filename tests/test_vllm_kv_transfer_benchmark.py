@@ -18,10 +18,12 @@ def test_backends_are_the_registrys_vllm_ones_given_once():
 
 
 def test_each_backend_is_timed_as_it_lets_pdbench_see_it_against_both_baselines():
-    store = [{"send_s": 0.1, "total_s": 0.1, "bytes": 2_000_000, "analytic_bytes": 2_000_000, "tokens": 10, "kv_wait_s": None}]
+    store = [{"send_s": 0.1, "total_s": 0.1, "bytes": 2_000_000, "analytic_bytes": 2_000_000, "tokens": 10, "kv_wait_s": None,
+              "ready_to_injected_s": 0.0625}]
     nixl = [{"kv_wait_s": 0.01, "bytes": None, "analytic_bytes": 2_000_000, "tokens": 10}]
     s = bench.summarise("ray-object-store", store, base_s=0.05, peer_s=0.004)
     n = bench.summarise("nixl-vllm", nixl, base_s=0.05, peer_s=0.004)
     assert s["path_s_median"] == pytest.approx(0.2) and s["ratio_pinned_over_path"] == pytest.approx(0.25) and s["bytes_measured"]
     assert n["path_s_median"] == 0.01 and n["ratio_peer_over_path"] == pytest.approx(0.4) and not n["bytes_measured"]
     assert n["bytes"] == 2_000_000 and n["stage_medians_s"] == {}
+    assert s["ratio_pinned_over_ready_to_injected"] == pytest.approx(0.8) and n["ratio_pinned_over_ready_to_injected"] is None
