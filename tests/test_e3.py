@@ -237,3 +237,21 @@ def test_headline_names_the_cell_of_each_transfer_line():
     lines = {h.label: h.value for h in E3.headline(summary)}
     assert lines["KV transfers (disaggregated-nixl-vllm)"].startswith("0/64 ok")
     assert lines["KV transfers (disaggregated-ray-object-store)"].startswith("64/64 ok")
+
+
+def test_headline_compares_each_backend_with_aggregated_not_just_the_first():
+    def m(ttft):
+        return {"ttft_s": {"p50": ttft}, "tpot_s": {"p50": 0.006}, "output_token_throughput_tps": 900.0}
+
+    summary = {
+        "cells": {
+            "aggregated": {"serving_mode": "aggregated", "metrics": m(0.124)},
+            "disaggregated-nixl-vllm": {"serving_mode": "disaggregated", "metrics": m(0.231)},
+            "disaggregated-ray-object-store": {"serving_mode": "disaggregated", "metrics": m(0.173)},
+        }
+    }
+    lines = {h.label: h.value for h in E3.headline(summary)}
+    assert lines["TTFT p50 aggregated → disaggregated-ray-object-store"] == "124 ms → 173 ms (×1.40)"
+    assert lines["TTFT p50 aggregated → disaggregated-nixl-vllm"].endswith("(×1.86)")
+    one = {"cells": {k: v for k, v in summary["cells"].items() if k != "disaggregated-nixl-vllm"}}
+    assert "TTFT p50 aggregated → disaggregated" in {h.label for h in E3.headline(one)}

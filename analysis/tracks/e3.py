@@ -135,19 +135,19 @@ class E3Analysis(TrackAnalysis):
 
     def headline(self, summary: dict[str, Any]) -> list[Headline]:
         cells = summary.get("cells", {})
-        metrics = {
-            m: next((c.get("metrics") for c in cells.values() if c.get("serving_mode") == m and c.get("metrics")), None) for m in MODES
-        }
+        agg = next((c.get("metrics") for c in cells.values() if c.get("serving_mode") == "aggregated" and c.get("metrics")), None)
+        disagg = {cid: c["metrics"] for cid, c in cells.items() if c.get("serving_mode") == "disaggregated" and c.get("metrics")}
         out = []
-        if all(metrics.values()):
+        for cid, d_metrics in disagg.items() if agg else ():
+            name = "disaggregated" if len(disagg) == 1 else cid  # one line per backend when E3 compares several
             for label, path, fmt, unit in (
                 ("TTFT p50", ("ttft_s", "p50"), ms, " ms"),
                 ("TPOT p50", ("tpot_s", "p50"), ms, " ms"),
                 ("output throughput", ("output_token_throughput_tps",), num, " tok/s"),
             ):
-                a, d = (_get(metrics[m], path) for m in MODES)
+                a, d = _get(agg, path), _get(d_metrics, path)
                 ratio = f" (×{d / a:.2f})" if a and d is not None else ""
-                out.append(Headline(f"{label} aggregated → disaggregated", f"{fmt(a)}{unit} → {fmt(d)}{unit}{ratio}"))
+                out.append(Headline(f"{label} aggregated → {name}", f"{fmt(a)}{unit} → {fmt(d)}{unit}{ratio}"))
         for cid, c in cells.items():
             t = c.get("transfers")
             if t:
