@@ -110,11 +110,13 @@ def write_parquet(path: Path, df: pd.DataFrame) -> None:
     _atomic_write(Path(path), lambda f: clean.to_parquet(f, index=False))
 
 
-def write_rows(path: Path, df: pd.DataFrame, schema: schemas.RowSchema) -> None:
+def write_rows(path: Path, df: pd.DataFrame, schema: schemas.RowSchema) -> pa.Table:
     """requests.parquet or transfers.parquet, through its schema (analysis/schemas.py): a column it
-    does not list or a value of the wrong kind is refused (SchemaError naming the column)."""
+    does not list or a value of the wrong kind is refused (SchemaError naming the column). Returns
+    the table as written (redacted, typed), for a caller that would otherwise read the file back."""
     table = schema.table(_redact_strings(df))
     _atomic_write(Path(path), lambda f: pq.write_table(table, f))
+    return table
 
 
 class PacketError(ValueError):

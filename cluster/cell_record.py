@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from analysis.errortext import MAX_LINE, first_line, one_line
 from analysis.packet import write_json, write_log, write_rows
@@ -137,17 +138,31 @@ def _settle(plan: CellPlan, result: CellResult, meta: dict[str, Any]) -> _Record
     return _Records(df, transfers, result.meta, long_errors + more)
 
 
-def _persist(plan: CellPlan, cell_dir: Path, meta: dict[str, Any], records: _Records | None, trace: str | None) -> None:
+@dataclass(frozen=True)
+class CellTables:
+    """A cell's rows as its files hold them (redacted, typed), kept by the run that wrote them: the
+    run-level files concatenate these instead of reading every cell's files back (cluster/run_files.py)."""
+
+    requests: pa.Table
+    transfers: pa.Table | None
+
+
+def _persist(
+    plan: CellPlan, cell_dir: Path, meta: dict[str, Any], records: _Records | None, trace: str | None, tables: dict[str, CellTables]
+) -> None:
     """On the file writer's thread: the cell's records, then its cell.json (resume trusts a cell by
     its cell.json, so that comes last). A records file that cannot be written fails the cell, its
-    meta changed here before cell.json and before any manifest that lists it."""
+    meta changed here before cell.json and before any manifest that lists it. The tables written
+    go to `tables` under the cell's id."""
     try:
         if records is not None:
             if records.long_errors:
                 write_log(cell_dir / "errors.log", "\n\n".join(records.long_errors))
-            write_rows(cell_dir / "requests.parquet", annotate(plan, records.requests, records.engine_meta), REQUESTS)
+            rows = write_rows(cell_dir / "requests.parquet", annotate(plan, records.requests, records.engine_meta), REQUESTS)
+            moved = None
             if records.transfers is not None:
-                write_rows(cell_dir / "transfers.parquet", records.transfers, TRANSFERS)
+                moved = write_rows(cell_dir / "transfers.parquet", records.transfers, TRANSFERS)
+            tables[plan.cell_id] = CellTables(rows, moved)
     except Exception as e:
         meta.update(status="failed", error=one_line(e), log=f"cells/{plan.cell_id}/errors.log")
         trace = traceback.format_exc()
@@ -156,8 +171,11 @@ def _persist(plan: CellPlan, cell_dir: Path, meta: dict[str, Any], records: _Rec
     write_json(cell_dir / "cell.json", meta)
 
 
-async def run_cell(ctx: CellContext, cell_dir: Path, cell_hash: str, host: HostLoadSampler, files: FileWriter) -> dict[str, Any]:
-    """Run one cell through its serving mode's runner; its cell.json contents, queued to `files`."""
+async def run_cell(
+    ctx: CellContext, cell_dir: Path, cell_hash: str, host: HostLoadSampler, files: FileWriter, tables: dict[str, CellTables]
+) -> dict[str, Any]:
+    """Run one cell through its serving mode's runner; its cell.json contents, queued to `files`
+    (the tables written kept in `tables`)."""
     clear(cell_dir)
     meta = _started(ctx, cell_hash)
     t0 = time.monotonic()
@@ -175,5 +193,5 @@ async def run_cell(ctx: CellContext, cell_dir: Path, cell_hash: str, host: HostL
     meta["wall_s"] = time.monotonic() - t0
     meta["engine_use"] = engine_use_record(ctx, len(MODES[ctx.plan.serving_mode].bundles(ctx)))
     meta["host_load"] = dataclasses.asdict(host.load(window))
-    files.submit(_persist, ctx.plan, cell_dir, meta, records, trace)
+    files.submit(_persist, ctx.plan, cell_dir, meta, records, trace, tables)
     return meta
