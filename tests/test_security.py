@@ -80,6 +80,14 @@ def test_redaction_rules_leave_ordinary_fields_alone():
     assert redact_text("AKIAIOSFODNN7EXAMPLE and ghp_" + "b" * 36, []) == f"{REDACTED} and {REDACTED}"
 
 
+def test_lists_of_numbers_come_back_untouched_and_lists_with_text_are_still_redacted():
+    secret = "hf_" + "c" * 30
+    tokens, gaps = list(range(1000)), [0.01, None, 2, True]
+    assert redact_obj(tokens, [secret]) is tokens and redact_obj(gaps, [secret]) is gaps  # one pass, the same object
+    assert redact_obj([1, 2.5, f"key {secret}", None], [secret]) == [1, 2.5, f"key {REDACTED}", None]
+    assert redact_obj((3, [f"a {secret}"]), [secret]) == (3, [f"a {REDACTED}"])
+
+
 PAYLOAD = "</script><script>alert('x')</script><img src=x onerror=alert(1)>"
 
 
@@ -142,7 +150,9 @@ def html_escaped(s: str) -> str:
     return html.escape(s)
 
 
-@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False), ("10.1.2.3", False)])
+@pytest.mark.parametrize(
+    ("host", "loopback"), [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False), ("10.1.2.3", False)]
+)
 def test_loopback_detection(host, loopback):
     from cluster.serve import is_loopback
 
