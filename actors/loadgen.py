@@ -23,7 +23,6 @@ from typing import Any
 import ray
 
 from actors.backends import Backend, Exchange, open_backend
-from actors.cell_load import CellLoad, Framing, finish
 from actors.metrics import BatchedFeed, current_actor_tags
 from workloads.requests import RequestSpec
 
@@ -130,23 +129,6 @@ class LoadGenerator:
             r["loadgen_node_id"] = node
             r["harness_hop_s"] = hop
         return records
-
-    async def run_cell(
-        self,
-        entry: Any,
-        requests: list[RequestSpec],
-        concurrency: int,
-        timeout_s: float | None,
-        progress: Any,
-        tags: dict[str, str],
-        engines: list[Any],
-        framing: Framing,
-    ) -> CellLoad:
-        """`run` for a pooled aggregated cell, finished here (actors/cell_load.py): its rows framed,
-        their metrics and the engines' memory come back in this one call."""
-        t0 = time.monotonic()
-        raws = await self.run(entry, requests, concurrency, timeout_s, progress, None, tags)
-        return await finish(raws, time.monotonic() - t0, engines, framing)
 
     async def _closed(self, backend, feed, reqs, concurrency, timeout_s) -> list[dict]:
         t0 = time.monotonic()

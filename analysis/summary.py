@@ -22,11 +22,8 @@ def build_summary(
     slo: dict[str, Any],
     params: dict[str, Any],
     transfers: pd.DataFrame | None = None,
-    metrics: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Per-cell metrics (and, for cells that moved KV, `transfers`: totals and percentiles).
-    `metrics`: cells' metrics already computed by cell_metrics on the same rows under the same SLO
-    (where the rows were made, off the driver: cluster/cells/aggregated.py); the rest are computed here."""
+    """Per-cell metrics (and, for cells that moved KV, `transfers`: totals and percentiles)."""
     s = SLO.model_validate(slo)
     out_cells: dict[str, Any] = {}
     meas = measured(requests) if not requests.empty else requests
@@ -42,7 +39,7 @@ def build_summary(
             "labels": meta.get("labels", {}),
             "serving_mode": meta.get("serving_mode"),
             "host_load": meta.get("host_load"),
-            "metrics": (metrics or {}).get(cid) or (cell_metrics(rows, s, *workload_of(meta)) if not rows.empty else None),
+            "metrics": cell_metrics(rows, s, *workload_of(meta)) if not rows.empty else None,
         }
         if meta.get("kv_connector"):
             out_cells[cid]["kv_connector"] = meta["kv_connector"]

@@ -118,7 +118,6 @@ class _Records:
     transfers: pd.DataFrame | None
     engine_meta: dict[str, Any]
     long_errors: list[str]
-    metrics: dict[str, Any] | None  # CellResult.metrics
 
 
 def _settle(plan: CellPlan, result: CellResult, meta: dict[str, Any]) -> _Records:
@@ -136,7 +135,7 @@ def _settle(plan: CellPlan, result: CellResult, meta: dict[str, Any]) -> _Record
         meta.update(status="partial", error=f"fault after the requests ran, records kept: {result.fault}")
     else:
         meta.update(status="ok", error=None)
-    return _Records(df, transfers, result.meta, long_errors + more, result.metrics)
+    return _Records(df, transfers, result.meta, long_errors + more)
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,6 @@ class CellTables:
 
     requests: pa.Table
     transfers: pa.Table | None
-    metrics: dict[str, Any] | None = None  # summary.json's metrics of the measured rows, where the cell's runner computed them
 
 
 def _persist(
@@ -164,7 +162,7 @@ def _persist(
             moved = None
             if records.transfers is not None:
                 moved = write_rows(cell_dir / "transfers.parquet", records.transfers, TRANSFERS)
-            tables[plan.cell_id] = CellTables(rows, moved, records.metrics)
+            tables[plan.cell_id] = CellTables(rows, moved)
     except Exception as e:
         meta.update(status="failed", error=one_line(e), log=f"cells/{plan.cell_id}/errors.log")
         trace = traceback.format_exc()

@@ -75,8 +75,7 @@ def assemble(
     if logs:
         write_log(run_dir / "errors.log", "\n".join(logs))
     evidence = "simulated" if cfg.simulated else "real"
-    metrics = {c: m for c in kept if c in (written or {}) and (m := (written or {})[c].metrics) is not None}
-    summary = build_summary(cfg.track, run_id, evidence, df, cells, cfg.slo.model_dump(), cfg.params, tdf, metrics)
+    summary = build_summary(cfg.track, run_id, evidence, df, cells, cfg.slo.model_dump(), cfg.params, tdf)
     write_json(run_dir / "summary.json", summary)
     # A refused cell (its backend cannot run on this machine) is an answer, not a failure; a run
     # of refused cells only measured nothing.

@@ -10,10 +10,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from analysis.summary import build_summary
-from cluster.cells.engine_pool import EnginePool, EngineUse, engine_use_record, grouped
 from cluster.config import config_hash, resolve
 from cluster.driver import Driver, RunOptions
+from cluster.cells.engine_pool import EnginePool, EngineUse, engine_use_record, grouped
 from workloads.tracks.base import CellPlan
 
 # Three cells of one engine configuration (E1's grid varies the workload only).
@@ -49,27 +48,6 @@ def test_one_engine_config_starts_one_engine(pooled):
     assert all(c["wall_s"] > 0 for c in cells.values())
     use = json.loads((d / "cells" / "in32-out4" / "cell.json").read_text())["engine_use"]
     assert use["cell_on_engine"] == 3 and use["engine_starts"] == 0 and use["load_s"] > 0
-
-
-def test_metrics_from_the_load_generator_are_those_of_the_files(pooled):
-    """A pooled cell's metrics come back with its rows from the load generator's node (actors/cell_load.py):
-    summary.json holds exactly what cell_metrics gives on the packet's files."""
-    from analysis.packet import load_packet
-
-    d, m = pooled
-    p = load_packet(d)
-    cells = {c: json.loads((d / "cells" / c / "cell.json").read_text()) for c in m["cells"]}
-    again = build_summary("e1", m["run_id"], "simulated", p.requests, cells, resolve("e1", E1_THREE).slo.model_dump(), {})
-    summary = json.loads((d / "summary.json").read_text())
-    assert all(summary["cells"][c]["metrics"]["requests"] == 2 for c in cells)
-    assert json.loads(json.dumps(again["cells"])) == summary["cells"]
-
-
-def test_summary_takes_the_metrics_it_is_given():
-    rows = pd.DataFrame({"cell_id": ["a"], "warmup": [False], "ok": [True]})
-    given = {"a": {"computed": "elsewhere"}}
-    out = build_summary("e1", "r", "simulated", rows, {"a": {"status": "failed"}, "b": {"status": "failed"}}, {}, {}, None, given)
-    assert out["cells"]["a"]["metrics"] == given["a"] and out["cells"]["b"]["metrics"] is None
 
 
 def test_fresh_engines_flag_starts_one_per_cell_with_the_same_records(pooled, fresh):

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from actors.cell_load import CellLoad, Framing
 from actors.engine_actor import EngineActor
 from actors.loadgen import LoadGenerator
 from actors.metrics import cell_tags
 from actors.router import ReplicaRouter
+from analysis.records import to_frame
 from cluster import ray_env
 from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, bounded, settle
 from cluster.cells.engine_pool import EnginePool, pool_key
@@ -101,13 +102,6 @@ async def deploy(ctx: CellContext, pool: EnginePool[EngineGroup]) -> EngineGroup
     return EngineGroup(pg, engines, entry, loadgen, list(infos), actors)
 
 
-def framing(ctx: CellContext) -> Framing:
-    """The cell's rows' identity and what their metrics need, as summary.json computes them from cell.json."""
-    identity = {"run_id": ctx.run_id, "cell_id": ctx.plan.cell_id, "serving_mode": "aggregated", "engine": ctx.engine.kind}
-    w = ctx.plan.workload
-    return Framing(identity, ctx.cfg.slo, w.steady_state, w.arrival.model_dump(mode="json").get("rate"))
-
-
 async def run_aggregated(ctx: CellContext) -> CellResult:
     n = ctx.plan.replicas
     # Without a run's pool (a cell run on its own), the cell starts and stops its own engines.
@@ -120,13 +114,10 @@ async def run_aggregated(ctx: CellContext) -> CellResult:
         reqs = ctx.plan.build_requests(info["vocab_size"], ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
         tags = cell_tags(ctx.run_id, ctx.plan.cell_id, "loadgen")
-        # One call: the load, then its rows framed, their metrics and the engines' memory, on the cell's node.
-        got: CellLoad = await d.loadgen.run_cell.remote(
-            d.entry, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, tags, d.engines, framing(ctx)
-        )
-        lease.use.load_s = got.load_s
-        faults += got.faults
-        memory = got.memory
+        t_load = time.monotonic()
+        raws = await d.loadgen.run.remote(d.entry, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, None, tags)
+        lease.use.load_s = time.monotonic() - t_load
+        memory = [await settle(f"engine{i} memory", e.memory.remote(), faults) for i, e in enumerate(d.engines)]
         if n > 1:
             counts = await settle("router counts", d.entry.counts.remote(), faults)
             meta = {"replicas": n, "requests_per_replica": counts, "nodes": [i["node"] for i in d.infos]}
@@ -134,4 +125,5 @@ async def run_aggregated(ctx: CellContext) -> CellResult:
         elif memory[0] is not None:
             meta = {"memory": memory[0]}  # memory.json and E5 hold single-engine cells
         lease.healthy = not faults
-    return CellResult(requests=got.requests, meta={"engine_info": info, **meta}, fault="; ".join(faults) or None, metrics=got.metrics)
+    df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="aggregated", engine=ctx.engine.kind)
+    return CellResult(requests=df, meta={"engine_info": info, **meta}, fault="; ".join(faults) or None)

@@ -104,9 +104,6 @@ class CellResult:
     # A fault after the requests ran (an actor died, a final stats or shutdown call failed): the
     # records measured so far are kept, and the cell says what went wrong.
     fault: str | None = None
-    # summary.json's metrics of the measured rows, computed where the rows were made (the load
-    # generator's node, actors/cell_load.py); None: computed from the files at the end of the run.
-    metrics: dict[str, Any] | None = None
 
 
 async def settle(what: str, pending: Awaitable[Any], faults: list[str], default: Any = None) -> Any:
