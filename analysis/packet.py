@@ -76,18 +76,14 @@ def _redact_column(s: pd.Series, secrets: list[str]) -> pd.Series | None:
         return pd.Series(pd.Categorical([None if pd.isna(v) else redact_value(v, secrets) for v in s]), index=s.index, name=s.name)
     if pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype) or pd.api.types.is_datetime64_any_dtype(s.dtype):
         return None
-    changed = False
-
-    def clean(v: Any) -> Any:
-        nonlocal changed
-        out = redact_value(v, secrets)
-        changed = changed or (out is not v and not (isinstance(v, str) and out == v))
-        return out
-
-    cleaned = s.map(clean)
-    if not changed:
+    # The values as one object array: redact_value walks it in a plain loop and hands back the
+    # same array where nothing changed (Series.map cost ~0.2 ms a column, most of a cell's write).
+    values = s.to_numpy(dtype=object)
+    cleaned = redact_value(values, secrets)
+    if cleaned is values:
         return None
-    return cleaned.astype(s.dtype) if isinstance(s.dtype, pd.StringDtype) else cleaned
+    out = pd.Series(cleaned, index=s.index, name=s.name, dtype=object)
+    return out.astype(s.dtype) if isinstance(s.dtype, pd.StringDtype) else out
 
 
 def _redact_strings(df: pd.DataFrame) -> pd.DataFrame:
