@@ -22,11 +22,9 @@ class ProgressCounter:
         if cell_id is not None:
             self.by_cell[cell_id] = self.by_cell.get(cell_id, 0) + done
 
-    def read(self) -> tuple[int, int]:
-        return self.done, self.failed
-
-    def read_cells(self) -> dict[str, int]:
-        return dict(self.by_cell)
+    def snapshot(self) -> tuple[int, int, dict[str, int]]:
+        """Done, failed and done per cell, in one call: the display polls every 0.5 s."""
+        return self.done, self.failed, dict(self.by_cell)
 
 
 @dataclass(frozen=True)

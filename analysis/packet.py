@@ -76,18 +76,14 @@ def _redact_column(s: pd.Series, secrets: list[str]) -> pd.Series | None:
         return pd.Series(pd.Categorical([None if pd.isna(v) else redact_value(v, secrets) for v in s]), index=s.index, name=s.name)
     if pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype) or pd.api.types.is_datetime64_any_dtype(s.dtype):
         return None
-    changed = False
-
-    def clean(v: Any) -> Any:
-        nonlocal changed
-        out = redact_value(v, secrets)
-        changed = changed or (out is not v and not (isinstance(v, str) and out == v))
-        return out
-
-    cleaned = s.map(clean)
-    if not changed:
+    # The values as one object array: redact_value walks it in a plain loop and hands back the
+    # same array where nothing changed (Series.map cost ~0.2 ms a column, most of a cell's write).
+    values = s.to_numpy(dtype=object)
+    cleaned = redact_value(values, secrets)
+    if cleaned is values:
         return None
-    return cleaned.astype(s.dtype) if isinstance(s.dtype, pd.StringDtype) else cleaned
+    out = pd.Series(cleaned, index=s.index, name=s.name, dtype=object)
+    return out.astype(s.dtype) if isinstance(s.dtype, pd.StringDtype) else out
 
 
 def _redact_strings(df: pd.DataFrame) -> pd.DataFrame:
@@ -110,11 +106,13 @@ def write_parquet(path: Path, df: pd.DataFrame) -> None:
     _atomic_write(Path(path), lambda f: clean.to_parquet(f, index=False))
 
 
-def write_rows(path: Path, df: pd.DataFrame, schema: schemas.RowSchema) -> None:
+def write_rows(path: Path, df: pd.DataFrame, schema: schemas.RowSchema) -> pa.Table:
     """requests.parquet or transfers.parquet, through its schema (analysis/schemas.py): a column it
-    does not list or a value of the wrong kind is refused (SchemaError naming the column)."""
+    does not list or a value of the wrong kind is refused (SchemaError naming the column). Returns
+    the table as written (redacted, typed), for a caller that would otherwise read the file back."""
     table = schema.table(_redact_strings(df))
     _atomic_write(Path(path), lambda f: pq.write_table(table, f))
+    return table
 
 
 class PacketError(ValueError):

@@ -34,6 +34,7 @@ def latency_cdfs(df: pd.DataFrame) -> go.Figure:
     cells = list(by_cell)
     colour = colours(cells)
     fig = make_subplots(rows=2, cols=2, subplot_titles=[f"{t} (ms)" for _, t in _CDF_PANELS], vertical_spacing=0.14)
+    traces, rows, cols = [], [], []  # added at once: one trace at a time re-checked the figure's every trace (a sweep has thousands)
     for i, (col, _title) in enumerate(_CDF_PANELS):
         r, c = divmod(i, 2)
         for cell in cells:
@@ -43,7 +44,7 @@ def latency_cdfs(df: pd.DataFrame) -> go.Figure:
                 continue
             x = np.sort(np.asarray(vals, dtype="float64")) * 1e3
             y = np.arange(1, len(x) + 1) / len(x) * 100
-            fig.add_trace(
+            traces.append(
                 go.Scatter(
                     x=x,
                     y=y,
@@ -53,12 +54,13 @@ def latency_cdfs(df: pd.DataFrame) -> go.Figure:
                     legendgroup=cell,
                     showlegend=i == 0,
                     hovertemplate="%{x:.1f} ms: p%{y:.0f}<extra>" + cell + "</extra>",
-                ),
-                r + 1,
-                c + 1,
+                )
             )
+            rows.append(r + 1)
+            cols.append(c + 1)
         fig.update_xaxes(title_text="ms", row=r + 1, col=c + 1)
         fig.update_yaxes(title_text="percentile", range=[0, 100], row=r + 1, col=c + 1)
+    fig.add_traces(traces, rows=rows, cols=cols)
     fig.update_layout(title="Latency percentile curves (CDF) per cell, measured requests", height=640)
     return fig
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from analysis.errortext import MAX_LINE, first_line, one_line
 from analysis.packet import write_json, write_log, write_rows
-from analysis.records import measured
 from analysis.schemas import REQUESTS, TRANSFERS
 from cluster.cells import MODES, CellContext, CellRefused, CellResult
 from cluster.cells.engine_pool import engine_use_record
@@ -45,23 +45,35 @@ def one_line_errors(df: pd.DataFrame | None) -> tuple[pd.DataFrame | None, list[
     first line; the whole texts come back for errors.log."""
     if df is None or "error" not in df.columns:
         return df, []
-    long = [e for e in df["error"].dropna().unique() if isinstance(e, str) and ("\n" in e.strip() or "\x1b" in e or len(e) > MAX_LINE)]
+    texts = dict.fromkeys(e for e in df["error"].to_numpy() if isinstance(e, str))  # in order of first appearance
+    long = [e for e in texts if "\n" in e.strip() or "\x1b" in e or len(e) > MAX_LINE]
     if not long:
         return df, []
     short = {e: first_line(e) for e in long}
     return df.assign(error=df["error"].map(lambda e: short.get(e, e) if isinstance(e, str) else e)), [str(e) for e in long]
 
 
+def _missing(v: Any) -> bool:
+    return v is None or (pd.api.types.is_scalar(v) and bool(pd.isna(v)))
+
+
+# The three helpers below read a cell's few columns as arrays: pandas' filters and `unique` cost the
+# driver's loop ~1.5 ms per cell for a handful of rows.
+
+
 def no_success(df: pd.DataFrame) -> str | None:
     """Why a cell measured nothing (no measured request succeeded), or None."""
-    rows = measured(df[["warmup", "ok", "error"]]) if not df.empty else df  # the columns read: filtering all is slow
-    if not rows.empty and rows["ok"].astype(bool).any():
-        return None
-    if rows.empty:
+    if df.empty:
         return "no request was measured"
-    errors = rows["error"].dropna()
-    first = f"; first error: {str(errors.iloc[0]).splitlines()[0][:200]}" if not errors.empty else ""
-    return f"no request succeeded ({len(rows)} of {len(rows)} failed){first}"
+    mine = ~df["warmup"].to_numpy().astype(bool)  # analysis.records.measured's rows
+    if not mine.any():
+        return "no request was measured"
+    if df["ok"].to_numpy()[mine].astype(bool).any():
+        return None
+    errors = [e for e in df["error"].to_numpy()[mine] if not _missing(e)]
+    first = f"; first error: {str(errors[0]).splitlines()[0][:200]}" if errors else ""
+    n = int(mine.sum())
+    return f"no request succeeded ({n} of {n} failed){first}"
 
 
 def cell_node_ids(meta: dict[str, Any], df: pd.DataFrame) -> dict[str, list[str]]:
@@ -69,7 +81,7 @@ def cell_node_ids(meta: dict[str, Any], df: pd.DataFrame) -> dict[str, list[str]
     out: dict[str, list[str]] = {}
     for col in df.columns if not df.empty else []:
         if col.endswith("_node_id"):
-            out[col.removesuffix("_node_id")] = sorted(df[col].dropna().astype(str).unique())
+            out[col.removesuffix("_node_id")] = sorted({str(v) for v in df[col].to_numpy() if not _missing(v)})
     if not out.get("engine") and (meta.get("engine_info") or {}).get("node"):
         out["engine"] = [meta["engine_info"]["node"]["node_id"]]
     return out
@@ -137,17 +149,31 @@ def _settle(plan: CellPlan, result: CellResult, meta: dict[str, Any]) -> _Record
     return _Records(df, transfers, result.meta, long_errors + more)
 
 
-def _persist(plan: CellPlan, cell_dir: Path, meta: dict[str, Any], records: _Records | None, trace: str | None) -> None:
+@dataclass(frozen=True)
+class CellTables:
+    """A cell's rows as its files hold them (redacted, typed), kept by the run that wrote them: the
+    run-level files concatenate these instead of reading every cell's files back (cluster/run_files.py)."""
+
+    requests: pa.Table
+    transfers: pa.Table | None
+
+
+def _persist(
+    plan: CellPlan, cell_dir: Path, meta: dict[str, Any], records: _Records | None, trace: str | None, tables: dict[str, CellTables]
+) -> None:
     """On the file writer's thread: the cell's records, then its cell.json (resume trusts a cell by
     its cell.json, so that comes last). A records file that cannot be written fails the cell, its
-    meta changed here before cell.json and before any manifest that lists it."""
+    meta changed here before cell.json and before any manifest that lists it. The tables written
+    go to `tables` under the cell's id."""
     try:
         if records is not None:
             if records.long_errors:
                 write_log(cell_dir / "errors.log", "\n\n".join(records.long_errors))
-            write_rows(cell_dir / "requests.parquet", annotate(plan, records.requests, records.engine_meta), REQUESTS)
+            rows = write_rows(cell_dir / "requests.parquet", annotate(plan, records.requests, records.engine_meta), REQUESTS)
+            moved = None
             if records.transfers is not None:
-                write_rows(cell_dir / "transfers.parquet", records.transfers, TRANSFERS)
+                moved = write_rows(cell_dir / "transfers.parquet", records.transfers, TRANSFERS)
+            tables[plan.cell_id] = CellTables(rows, moved)
     except Exception as e:
         meta.update(status="failed", error=one_line(e), log=f"cells/{plan.cell_id}/errors.log")
         trace = traceback.format_exc()
@@ -156,8 +182,11 @@ def _persist(plan: CellPlan, cell_dir: Path, meta: dict[str, Any], records: _Rec
     write_json(cell_dir / "cell.json", meta)
 
 
-async def run_cell(ctx: CellContext, cell_dir: Path, cell_hash: str, host: HostLoadSampler, files: FileWriter) -> dict[str, Any]:
-    """Run one cell through its serving mode's runner; its cell.json contents, queued to `files`."""
+async def run_cell(
+    ctx: CellContext, cell_dir: Path, cell_hash: str, host: HostLoadSampler, files: FileWriter, tables: dict[str, CellTables]
+) -> dict[str, Any]:
+    """Run one cell through its serving mode's runner; its cell.json contents, queued to `files`
+    (the tables written kept in `tables`)."""
     clear(cell_dir)
     meta = _started(ctx, cell_hash)
     t0 = time.monotonic()
@@ -175,5 +204,5 @@ async def run_cell(ctx: CellContext, cell_dir: Path, cell_hash: str, host: HostL
     meta["wall_s"] = time.monotonic() - t0
     meta["engine_use"] = engine_use_record(ctx, len(MODES[ctx.plan.serving_mode].bundles(ctx)))
     meta["host_load"] = dataclasses.asdict(host.load(window))
-    files.submit(_persist, ctx.plan, cell_dir, meta, records, trace)
+    files.submit(_persist, ctx.plan, cell_dir, meta, records, trace, tables)
     return meta

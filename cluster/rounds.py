@@ -117,8 +117,7 @@ class Rounds:
         return meta
 
     async def _progress(self, progress: Any) -> RunProgress:
-        sent, _failed = await progress.read.remote()
-        per_cell = await progress.read_cells.remote()
+        sent, _failed, per_cell = await progress.snapshot.remote()
 
         def state(p: CellPlan) -> CellState:
             if p.cell_id in self.metas:

@@ -155,7 +155,7 @@ def test_an_error_mid_run_still_writes_every_finished_cells_files(ray_local, tmp
 
     def slow_write(path, df, schema):  # the writer lags behind the loop: cells are queued when the run ends
         time.sleep(0.5)
-        real_write(path, df, schema)
+        return real_write(path, df, schema)
 
     monkeypatch.setattr(cr, "write_rows", slow_write)
     real_ran, ran = Driver._ran, []

@@ -32,3 +32,12 @@ def test_feed_batches_progress_and_metrics(ray_local):
 
     asyncio.run(go())
     assert metrics._IN_FLIGHT[("t", "feed", "loadgen")] == 0
+
+
+def test_the_run_counter_reads_totals_and_cells_in_one_call(ray_local):
+    from actors.progress import CellCounter, ProgressCounter
+
+    counter = ProgressCounter.remote()
+    ray_local.get([CellCounter(counter, "a").add.remote(3, 1), CellCounter(counter, "b").add.remote(2, 0), counter.add.remote(1, 0)])
+    assert ray_local.get(counter.snapshot.remote()) == (6, 1, {"a": 3, "b": 2})
+    ray_local.kill(counter)

@@ -56,6 +56,10 @@ def test_scale_benchmark_reports_warm_and_fresh_sweeps(tmp_path):
     assert out["fixed_cost_warm_over_fresh_p50"] > 0
     # Where the driver's CPU went: per cell, by thread, and a profile of the warm run's main thread.
     assert warm["driver_cpu_per_cell_ms"] > 0 and warm["driver_cpu_by_thread_s"]["main"] > 0
+    assert warm["driver_overhead_fraction"] == pytest.approx(warm["driver_cpu_s"] / warm["wall_s"])
+    phases = warm["main_cpu_by_phase_s"]
+    assert set(phases) == {"setup", "loop", "finalize"} and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) == pytest.approx(warm["driver_cpu_by_thread_s"]["main"], abs=0.1)
     assert sum(warm["driver_cpu_by_thread_s"].values()) == pytest.approx(warm["driver_cpu_s"], abs=0.1)
     stats = pstats.Stats(str(tmp_path / "driver.pstats"))
     assert any(fn == "run_cell" for _file, _line, fn in stats.stats)  # type: ignore[attr-defined]

@@ -74,6 +74,16 @@ def test_no_success_names_the_first_error_and_ignores_warmup():
     df = pd.DataFrame({"warmup": [True, False, False], "ok": [True, False, False], "error": [None, "HTTP 500: boom\nmore", "x"]})
     assert no_success(df) == "no request succeeded (2 of 2 failed); first error: HTTP 500: boom"
     assert no_success(df.assign(ok=[False, True, False])) is None
+    assert no_success(df.assign(error=[None, float("nan"), "x"])) == "no request succeeded (2 of 2 failed); first error: x"
+    assert no_success(df.assign(warmup=True)) == no_success(df.iloc[:0]) == "no request was measured"
+
+
+def test_node_ids_of_a_cell_by_role_without_missing_ones():
+    from cluster.cell_record import cell_node_ids
+
+    df = pd.DataFrame({"engine_node_id": ["b", None, "a", "b"], "loadgen_node_id": [float("nan")] * 4, "ok": [True] * 4})
+    assert cell_node_ids({}, df) == {"engine": ["a", "b"], "loadgen": []}
+    assert cell_node_ids({"engine_info": {"node": {"node_id": "n"}}}, df.drop(columns="engine_node_id")) == {"loadgen": [], "engine": ["n"]}
 
 
 # --- 4. a fault after requests ran keeps what was measured -----------------------------------

@@ -89,6 +89,9 @@ def test_a_series_keeps_its_colour_in_every_panel(tmp_path):
         by_name.setdefault(t.name, set()).add(t.line.color)
     assert all(len(c) == 1 for c in by_name.values()) and len({next(iter(c)) for c in by_name.values()}) == 2
     assert colours(["b", "a"]) == colours(["a", "b", "a"])
+    # Each panel (TTFT, TPOT, ITL, E2E) holds one curve per cell, on its own axes; the legend lists each cell once.
+    assert [(t.xaxis, t.yaxis) for t in fig.data] == [(f"x{i or ''}", f"y{i or ''}") for i in (0, 0, 2, 2, 3, 3, 4, 4)]
+    assert [t.showlegend for t in fig.data] == [True, True] + [False] * 6
 
 
 def test_timelines_sample_many_cells_across_the_load_range():

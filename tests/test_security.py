@@ -80,6 +80,37 @@ def test_redaction_rules_leave_ordinary_fields_alone():
     assert redact_text("AKIAIOSFODNN7EXAMPLE and ghp_" + "b" * 36, []) == f"{REDACTED} and {REDACTED}"
 
 
+def test_lists_of_numbers_come_back_untouched_and_lists_with_text_are_still_redacted():
+    secret = "hf_" + "c" * 30
+    tokens, gaps = list(range(1000)), [0.01, None, 2, True]
+    assert redact_obj(tokens, [secret]) is tokens and redact_obj(gaps, [secret]) is gaps  # one pass, the same object
+    assert redact_obj([1, 2.5, f"key {secret}", None], [secret]) == [1, 2.5, f"key {REDACTED}", None]
+    assert redact_obj((3, [f"a {secret}"]), [secret]) == (3, [f"a {REDACTED}"])
+
+
+def test_a_frame_is_redacted_column_by_column_in_its_own_dtypes(monkeypatch):
+    from analysis.packet import _redact_strings
+
+    secret = "plain-value-with-no-known-shape"
+    monkeypatch.setenv("MY_SERVICE_KEY", secret)
+    df = pd.DataFrame(
+        {
+            "error": pd.Series([None, f"401 for key {secret}"], dtype=object),
+            "request_id": pd.Series(["r0", "r1"], dtype="string"),
+            "text": pd.Series([f"said {secret} twice", None], dtype="string"),
+            "output_token_ids": [[1, 2], [3]],
+            "nested": [{"api_key": "x"}, {"ok": 1}],
+            "ttft_s": [0.1, 0.2],
+        }
+    )
+    out = _redact_strings(df)
+    assert out["error"].tolist() == [None, f"401 for key {REDACTED}"] and out["text"].tolist()[0] == f"said {REDACTED} twice"
+    assert out["nested"].tolist() == [{"api_key": REDACTED}, {"ok": 1}] and out["output_token_ids"].tolist() == [[1, 2], [3]]
+    assert out.dtypes.to_dict() == df.dtypes.to_dict() and pd.isna(out["text"].iloc[1])
+    clean = df.drop(columns=["error", "text", "nested"])
+    assert _redact_strings(clean) is clean  # nothing to remove: the frame itself, no copy
+
+
 PAYLOAD = "</script><script>alert('x')</script><img src=x onerror=alert(1)>"
 
 
@@ -142,7 +173,9 @@ def html_escaped(s: str) -> str:
     return html.escape(s)
 
 
-@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False), ("10.1.2.3", False)])
+@pytest.mark.parametrize(
+    ("host", "loopback"), [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False), ("10.1.2.3", False)]
+)
 def test_loopback_detection(host, loopback):
     from cluster.serve import is_loopback
 
