@@ -17,6 +17,7 @@ loop handles replies; the stamp is then taken in that thread, at the same call.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ class ActorBackend:
     def __init__(self, handle: Any):
         self.handle = handle
         self._generate = handle.generate.options(num_returns="streaming")
+        # stream() gets replies the stream has already awaited, which never blocks; Ray would warn once
+        # per process that a get inside an async actor blocks its loop (Ray Train silences it the same way).
+        os.environ.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
 
     def submit(self, request: dict[str, Any]) -> Any:
         """Thread-safe (a Ray actor call): the reply stream of the request, sent now."""
@@ -121,7 +125,7 @@ class ActorBackend:
                 call = self.handle.ping.options(num_returns="streaming")
                 t = time.monotonic()
                 async for ref in call.remote():
-                    await ref
+                    ray.get(ref)  # read as stream() reads a reply
                     rtts.append(time.monotonic() - t)
         except RayError:
             return None
