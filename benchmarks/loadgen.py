@@ -10,9 +10,11 @@ records, as summary.json would (analysis/metrics.py `schedule_metrics`). Targets
   pdbench's HTTP client
 
 Prints, per target and rate: achieved/scheduled rate, send lag p50/p99/max, whether the schedule
-was kept (docs/metrics.md `schedule_kept`), and per target the highest rate kept. Goal: 1,000 req/s
-against the null engine with send lag p99 < 1 ms on 2 cores. `--profile RATE` also shows where
-the load generator's process spends its time at that rate (cProfile, grouped by area).
+was kept (docs/metrics.md `schedule_kept`), the host's 1-minute load average (on a shared host the
+tail is other work's), and per target the highest rate kept. Goal: 1,000 req/s against the null
+engine with send lag p99 < 1 ms on 2 cores. `--profile RATE` also shows where the load
+generator's process spends its CPU at that rate: per request, by thread (event loop, sender
+thread, Ray's own threads, from /proc), and the Python threads' time by area (cProfile on CPU time).
 
     python benchmarks/loadgen.py [--targets null simulated groundtruth] [--rates 100 300 1000] [--profile 1000] [--json]
 """
@@ -22,14 +24,19 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import ray
 
+from actors.backends import ActorBackend
 from actors.engine_actor import EngineActor
 from actors.engines.spec import EngineConfig
 from actors.loadgen import LoadGenerator
@@ -53,19 +60,62 @@ class NullEntry:
 
 @ray.remote(num_cpus=0)
 class ProfiledLoadGenerator:
-    """pdbench's load generator, run under cProfile in its own actor: where its process's time goes."""
+    """pdbench's load generator, run under cProfile in its own actor: where its process's time goes.
 
-    async def run(self, entry: Any, requests: list, timeout_s: float) -> dict[str, float]:
-        lg = LoadGenerator.__ray_actor_class__()
-        prof = cProfile.Profile()
-        prof.enable()
+    Open-loop sends leave from a sender thread and replies are read on the event loop, so each of
+    the two threads gets its own profile (cProfile sees one thread), and every thread's CPU time,
+    Ray's own C++ threads included, is read from /proc per request."""
+
+    async def run(self, entry: Any, requests: list, timeout_s: float) -> dict[str, Any]:
+        lg = LoadGenerator.__ray_actor_class__()  # type: ignore[attr-defined]
+        # CPU time per thread, not wall time: a sleeping sender or an idle loop waiting on epoll is no cost.
+        loop_prof, sender_prof = cProfile.Profile(time.thread_time), cProfile.Profile(time.thread_time)
+        sender: set[int] = set()
+        submit = ActorBackend.submit
+
+        def profiled_submit(backend: ActorBackend, request: dict[str, Any]) -> Any:
+            # The sends themselves (the thread's sleeps and spins show in its CPU time below).
+            sender.add(threading.get_native_id())
+            sender_prof.enable()
+            try:
+                return submit(backend, request)
+            finally:
+                sender_prof.disable()
+
+        ActorBackend.submit = profiled_submit  # type: ignore[method-assign,assignment]  # this process is the profiler's alone
+        before = _thread_cpu_s()
+        loop_prof.enable()
         await lg.run(entry, requests, 1, timeout_s)
-        prof.disable()
+        loop_prof.disable()
+        after = _thread_cpu_s()
         shares: dict[str, float] = {}
-        for (path, _, func), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
-            shares[_area(path, func)] = shares.get(_area(path, func), 0.0) + tottime
+        for prof in (loop_prof, sender_prof):
+            for (path, _, func), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+                shares[_area(path, func)] = shares.get(_area(path, func), 0.0) + tottime
         total = sum(shares.values())
-        return {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
+        loop_id = threading.get_native_id()
+        threads: dict[str, float] = {}
+        for tid, cpu in after.items():
+            role = "event loop (replies)" if tid == loop_id else "sender thread (sends)" if tid in sender else "Ray's other threads"
+            threads[role] = threads.get(role, 0.0) + (cpu - before.get(tid, 0.0)) / len(requests) * 1e6
+        return {
+            "areas": {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
+            "cpu_us_per_request": dict(sorted(threads.items(), key=lambda kv: -kv[1])),
+        }
+
+
+def _thread_cpu_s() -> dict[int, float]:
+    """CPU seconds of every thread of this process, by native thread id."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def _area(path: str, func: str) -> str:
@@ -88,8 +138,10 @@ def _area(path: str, func: str) -> str:
 
 def run_rate(entry: Any, rate: float, seconds: float, output_tokens: int, vocab: int) -> dict[str, Any]:
     n = max(20, int(rate * seconds))
-    spec = WorkloadSpec(num_requests=n, warmup_requests=0, input_len=Fixed(value=32), output_len=Fixed(value=output_tokens), arrival=Poisson(rate=rate))
-    recs = ray.get(LoadGenerator.options(num_cpus=0).remote().run.remote(entry, synthetic_requests(spec, vocab, seed=7), 1, 120.0))
+    spec = WorkloadSpec(
+        num_requests=n, warmup_requests=0, input_len=Fixed(value=32), output_len=Fixed(value=output_tokens), arrival=Poisson(rate=rate)
+    )
+    recs = ray.get(LoadGenerator.options(num_cpus=0).remote().run.remote(entry, synthetic_requests(spec, vocab, seed=7), 1, 120.0))  # type: ignore[attr-defined]
     df = measured(to_frame(recs, cell_id="bench"))
     sch = schedule_metrics(df, rate)
     lag = sch["send_lag_s"]
@@ -104,6 +156,8 @@ def run_rate(entry: Any, rate: float, seconds: float, output_tokens: int, vocab:
         "send_lag_max_ms": lag["max"] * 1e3,
         "share_over_1ms": float((df["queue_delay_s"] > 0.001).mean()),
         "schedule_kept": sch["schedule_kept"],
+        # The box's 1-minute load average after the rate ran: on a shared host, other work shows here.
+        "host_load_1min": os.getloadavg()[0],
     }
 
 
@@ -117,21 +171,31 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args()
     ray.init(include_dashboard=False, log_to_driver=False)
-    profile = None
+    profile: dict[str, Any] | None = None
     if args.profile:
         n = max(20, int(args.profile * args.seconds))
-        spec = WorkloadSpec(num_requests=n, warmup_requests=0, input_len=Fixed(value=32), output_len=Fixed(value=args.output_tokens), arrival=Poisson(rate=args.profile))
-        profile = ray.get(ProfiledLoadGenerator.remote().run.remote(NullEntry.remote(), synthetic_requests(spec, 1000, seed=7), 120.0))
+        spec = WorkloadSpec(
+            num_requests=n,
+            warmup_requests=0,
+            input_len=Fixed(value=32),
+            output_len=Fixed(value=args.output_tokens),
+            arrival=Poisson(rate=args.profile),
+        )
+        profiled: Any = ProfiledLoadGenerator.remote()  # type: ignore[attr-defined]
+        profile = ray.get(profiled.run.remote(NullEntry.remote(), synthetic_requests(spec, 1000, seed=7), 120.0))  # type: ignore[attr-defined,assignment]
     results: dict[str, list[dict[str, Any]]] = {}
     for target in args.targets:
         server = None
         if target == "null":
-            entry, vocab = NullEntry.remote(), 1000
+            entry, vocab = NullEntry.remote(), 1000  # type: ignore[attr-defined]
         elif target == "simulated":
-            entry = EngineActor.options(num_cpus=0).remote(EngineConfig(kind="simulated").model_dump())
+            entry = EngineActor.options(num_cpus=0).remote(EngineConfig(kind="simulated").model_dump())  # type: ignore[attr-defined]
             vocab = ray.get(entry.start.remote())["vocab_size"]
         else:
-            server = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "groundtruth_server.py")], stdout=subprocess.PIPE, text=True)
+            server = subprocess.Popen(
+                [sys.executable, str(ROOT / "benchmarks" / "groundtruth_server.py")], stdout=subprocess.PIPE, text=True
+            )
+            assert server.stdout is not None  # stdout=PIPE
             port = int(server.stdout.readline().split()[1])
             entry, vocab = TargetSpec(base_url=f"http://127.0.0.1:{port}", model="gt", vocab_size=1000), 1000
         try:
@@ -144,26 +208,43 @@ def main() -> None:
                 ray.get(entry.shutdown.remote())
     highest = {t: max((r["rate_rps"] for r in rows if r["schedule_kept"]), default=None) for t, rows in results.items()}
     null_1000 = next((r for r in results.get("null", []) if r["rate_rps"] == 1000), None)
-    goal = (
-        "goal null engine 1,000 req/s send lag p99 < 1 ms: "
-        + ("not run" if null_1000 is None else ("met" if null_1000["send_lag_p99_ms"] < 1 else "NOT met") + f" ({null_1000['send_lag_p99_ms']:.3f} ms)")
+    goal = "goal null engine 1,000 req/s send lag p99 < 1 ms: " + (
+        "not run"
+        if null_1000 is None
+        else ("met" if null_1000["send_lag_p99_ms"] < 1 else "NOT met") + f" ({null_1000['send_lag_p99_ms']:.3f} ms)"
     )
     if args.json:
         print(json.dumps({"results": results, "highest_rate_kept_rps": highest, "goal": goal, "profile": profile}, indent=1))
         return
-    print(f"{'target':>12} {'rate':>7} {'sched':>8} {'sent':>8} {'lag p50 ms':>10} {'p99':>8} {'max':>8} {'>1ms':>6} {'kept':>5} {'failed':>6}")
+    head = ("target", "rate", "sched", "sent", "lag p50 ms", "p99", "max", ">1ms", "kept", "failed", "load")
+    widths = (12, 7, 8, 8, 10, 8, 8, 6, 5, 6, 5)
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)))
     for t, rows in results.items():
         for r in rows:
-            print(
-                f"{t:>12} {r['rate_rps']:>7.0f} {r['scheduled_rate_rps']:>8.1f} {r['achieved_rate_rps']:>8.1f} {r['send_lag_p50_ms']:>10.3f} "
-                f"{r['send_lag_p99_ms']:>8.3f} {r['send_lag_max_ms']:>8.3f} {r['share_over_1ms']:>6.1%} {'yes' if r['schedule_kept'] else 'NO':>5} {r['failed']:>6}"
+            cells = (
+                t,
+                f"{r['rate_rps']:.0f}",
+                f"{r['scheduled_rate_rps']:.1f}",
+                f"{r['achieved_rate_rps']:.1f}",
+                f"{r['send_lag_p50_ms']:.3f}",
+                f"{r['send_lag_p99_ms']:.3f}",
+                f"{r['send_lag_max_ms']:.3f}",
+                f"{r['share_over_1ms']:.1%}",
+                "yes" if r["schedule_kept"] else "NO",
+                str(r["failed"]),
+                f"{r['host_load_1min']:.1f}",
             )
+            print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
         print(f"{t:>12} highest rate with the schedule kept: {highest[t]}")
     print(goal)
     if profile:
-        print(f"where the load generator's time goes at {args.profile:.0f} req/s (null target, share of profiled CPU time):")
-        for area, share in profile.items():
-            print(f"  {share:>6.1%}  {area}")
+        print(f"where the load generator's time goes at {args.profile:.0f} req/s (null target)")
+        print("  CPU per request, by thread:")
+        for role, us in profile["cpu_us_per_request"].items():
+            print(f"  {us:>8.0f} us  {role}")
+        print("  share of the Python threads' profiled time, by area:")
+        for area, share in profile["areas"].items():
+            print(f"  {share:>8.1%}  {area}")
 
 
 if __name__ == "__main__":

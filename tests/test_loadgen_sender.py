@@ -1,0 +1,135 @@
+"""The open-loop sender thread: sends keep their schedule whatever the event loop is doing.
+
+The backends here are in-process fakes: what is tested is when the load generator hands each
+request over and what it records, not a transport.
+"""
+
+import asyncio
+import gc
+import threading
+import time
+from typing import Any
+
+import pytest
+import ray
+
+from actors import loadgen
+from actors.backends import ActorBackend, Exchange, ThreadSend
+from actors.loadgen import LoadGenerator, _send
+from actors.metrics import BatchedFeed
+from actors.openai_client import OpenAIBackend
+from actors.target import TargetSpec
+from workloads.arrivals import Poisson
+from workloads.requests import WorkloadSpec, synthetic_requests
+
+
+def _done(t: float) -> dict[str, Any]:
+    return {"token_ids": [1], "token_s": [], "finished": True, "error": None, "server": None, "t_recv": t}
+
+
+class BlockingReplies:
+    """Reading the first reply blocks the event loop until every request has been sent (or 10 s)."""
+
+    def __init__(self, n: int, fail: str | None = None):
+        self.n, self.fail = n, fail
+        self.sent: list[tuple[str, float]] = []
+        self.all_sent = threading.Event()
+        self.loop_blocked_until_all_sent: bool | None = None
+        self.frozen_while_measured: list[int] = []
+
+    def submit(self, request: dict[str, Any]) -> str:
+        self.sent.append((request["request_id"], time.monotonic()))
+        if len(self.sent) == self.n:
+            self.all_sent.set()
+        if request["request_id"] == self.fail:
+            raise ValueError("cannot serialize this request")
+        return request["request_id"]
+
+    async def stream(self, request: dict[str, Any], exchange: Exchange | None = None):
+        self.frozen_while_measured.append(gc.get_freeze_count())
+        if exchange is not None and exchange.submit_error is not None:
+            raise exchange.submit_error
+        assert exchange is not None and exchange.submitted == request["request_id"]
+        if self.loop_blocked_until_all_sent is None:
+            self.loop_blocked_until_all_sent = self.all_sent.wait(timeout=10)  # holds the loop, not the GIL
+        yield _done(time.monotonic())
+
+    async def hop_s(self, calls: int) -> float | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _poisson(n: int, rate: float = 200.0):
+    return synthetic_requests(WorkloadSpec(num_requests=n, warmup_requests=0, arrival=Poisson(rate=rate)), 100, seed=2)
+
+
+def _open(backend, reqs) -> list[dict]:
+    lg = LoadGenerator.__ray_actor_class__()
+    return asyncio.run(lg._open(backend, BatchedFeed({"run": "t", "cell": "t", "role": "loadgen"}), reqs, 30.0))
+
+
+def test_actor_backend_sends_from_a_thread_and_http_from_the_loop():
+    assert isinstance(BlockingReplies(1), ThreadSend) and issubclass(ActorBackend, ThreadSend)
+    assert not isinstance(OpenAIBackend(TargetSpec(base_url="http://127.0.0.1:1", model="m", vocab_size=10)), ThreadSend)
+
+
+def test_sends_keep_the_schedule_while_the_loop_is_held_by_a_reply():
+    reqs = _poisson(20)
+    backend = BlockingReplies(len(reqs))
+    recs = _open(backend, reqs)
+    # Every request went out while the first reply held the event loop: the loop does not send.
+    assert backend.loop_blocked_until_all_sent is True
+    assert [rid for rid, _ in backend.sent] == [r.request_id for r in sorted(reqs, key=lambda r: r.t_scheduled)]
+    by_id = {r["request_id"]: r for r in recs}
+    for spec in reqs:
+        rec = by_id[spec.request_id]
+        assert rec["ok"] and rec["t_scheduled"] == spec.t_scheduled
+        assert rec["t_sent"] >= rec["t_scheduled"]  # never early
+    # t_sent is the stamp taken in the sender thread right before the send, on the records' clock
+    t0 = min(t for _, t in backend.sent) - min(r["t_sent"] for r in recs)
+    for rid, t in backend.sent:
+        assert by_id[rid]["t_sent"] == pytest.approx(t - t0, abs=1e-4)
+
+
+def test_a_send_that_raises_fails_its_request_as_never_sent_and_the_schedule_goes_on():
+    reqs = _poisson(6)
+    bad = sorted(reqs, key=lambda r: r.t_scheduled)[2].request_id
+    recs = _open(BlockingReplies(len(reqs), fail=bad), reqs)
+    by_id = {r["request_id"]: r for r in recs}
+    assert by_id[bad]["error"] == "ValueError: cannot serialize this request" and not by_id[bad]["ok"]
+    assert by_id[bad]["t_sent"] == by_id[bad]["t_scheduled"]  # never sent: counts as sent when due
+    assert all(r["ok"] for rid, r in by_id.items() if rid != bad)
+
+
+def test_the_measured_phase_runs_with_the_heap_frozen(ray_local, monkeypatch):
+    reqs = _poisson(4)
+    backend = BlockingReplies(len(reqs))
+    monkeypatch.setattr(loadgen, "open_backend", lambda entry, api_key: backend)
+    lg = LoadGenerator.__ray_actor_class__()
+    recs = asyncio.run(lg.run(None, reqs, 1))
+    assert len(recs) == 4 and all(r["ok"] for r in recs)
+    assert min(backend.frozen_while_measured) > 0 and gc.get_freeze_count() == 0
+
+
+@ray.remote(num_cpus=0)
+class SilentAfterLast:
+    """Sends its finished message, then keeps the stream open without another message."""
+
+    async def generate(self, request: dict[str, Any]):
+        yield {"token_ids": [7], "token_s": [0.0], "finished": True, "error": None, "server": {}}
+        await asyncio.sleep(60)
+
+
+def test_actor_replies_end_at_the_finished_message(ray_local):
+    """The finished message is the last by the entry's contract; the request ends there, without
+    waiting for the end of the stream (here 60 s away, past the request's 10 s timeout)."""
+    spec = _poisson(1)[0]
+
+    async def one() -> dict:
+        backend = ActorBackend(SilentAfterLast.remote())
+        return await _send(backend, BatchedFeed({"run": "t", "cell": "t", "role": "loadgen"}), spec, time.monotonic(), 0.0, 10.0)
+
+    rec = asyncio.run(one())
+    assert rec["ok"] and rec["error"] is None and rec["output_token_ids"] == [7]
