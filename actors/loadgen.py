@@ -40,19 +40,8 @@ def _request(spec: RequestSpec) -> dict[str, Any]:
     return {"request_id": spec.request_id, "prompt_token_ids": list(spec.prompt_token_ids), "max_tokens": spec.max_tokens}
 
 
-async def _send(
-    backend: Backend,
-    feed: BatchedFeed,
-    spec: RequestSpec,
-    t0: float,
-    t_scheduled: float,
-    timeout_s: float | None,
-    ex: Exchange | None = None,
-    req: dict[str, Any] | None = None,
-) -> dict:
-    """One request; `ex` carries an open-loop request's send time (`not_before`) or the reply stream
-    of a request a sender thread already sent; None to send now."""
-    rec: dict[str, Any] = {
+def _new_record(spec: RequestSpec, t_scheduled: float) -> dict[str, Any]:
+    return {
         "request_id": spec.request_id,
         "warmup": spec.warmup,
         "input_tokens": len(spec.prompt_token_ids),
@@ -66,6 +55,21 @@ async def _send(
         "error": None,
         "server": None,
     }
+
+
+async def _send(
+    backend: Backend,
+    feed: BatchedFeed,
+    spec: RequestSpec,
+    t0: float,
+    t_scheduled: float,
+    timeout_s: float | None,
+    ex: Exchange | None = None,
+    req: dict[str, Any] | None = None,
+) -> dict:
+    """One request; `ex` carries an open-loop request's send time (`not_before`) or the reply stream
+    of a request a sender thread already sent; None to send now."""
+    rec = _new_record(spec, t_scheduled)
     req = req if req is not None else _request(spec)
     ex = ex if ex is not None else Exchange()
     feed.started(len(spec.prompt_token_ids))
