@@ -1,11 +1,12 @@
 """The vLLM adapter's pure parts (no GPU needed): engine arguments and stats conversion."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
 
 from actors.engines.spec import EngineConfig
-from actors.engines.vllm_engine import WORKER_EXTENSION, VllmEngine, engine_args
+from actors.engines.vllm_engine import WORKER_EXTENSION, VllmEngine, engine_args, materialise
 
 
 def test_dummy_weights_for_architecture_configs():
@@ -235,3 +236,17 @@ def test_with_prefill_tells_the_directory_when_the_prefill_fails_and_recomputes(
     assert [c[0] for c in engine.calls] == ["r2", "r2:recompute"]  # the load failed, then a full prefill here
     s = out[-1]["server"]
     assert s["kv_transfer_ok"] is False and [tok for d in out for tok in d["token_ids"]] == [1, 2, 3]
+
+
+def test_engines_built_alike_share_one_model_folder(tmp_path, monkeypatch):
+    """NIXL's handshake compares the model path: two engines of one architecture must name one folder."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    arch = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2}
+    a, b = materialise(dict(arch)), materialise(dict(reversed(list(arch.items()))))
+    other = materialise({**arch, "num_hidden_layers": 3})
+    assert a == b != other and a.startswith(str(tmp_path))
+    assert json.loads((tmp_path / a / "config.json").read_text()) == arch
+    assert not list((tmp_path / a).glob("*.part"))

@@ -186,3 +186,53 @@ def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray, save):
         assert r["tokens"] == (300 - 1) // block * block and r["bytes"] == r["analytic_bytes"]
     assert all(d["server"]["kv_transfer_ok"] and d["server"]["transfer_s"] > 0 for _, d in got)
     ray.kill(directory)
+
+
+def test_nixl_vllm_pair_matches_aggregated_and_moves_the_kv(gpu_ray):
+    """vLLM's own NixlConnector between two pdbench engine actors: every request's prompt KV is
+    read over NIXL (the decode engine computes only what was not moved) and the greedy tokens are
+    the aggregated engine's. If a read fails, vLLM's log says why: `NIXL transfer failure` in the
+    Ray session's worker logs."""
+    import asyncio
+
+    import ray
+
+    from actors.disaggregated import DecodeActor, PrefillActor
+    from actors.engine_actor import EngineActor
+    from actors.engines.spec import EngineConfig
+    from actors.handoffs.nixl_vllm import refusal
+    from actors.handoffs.spec import KVHandoffConfig
+    from actors.kv.directory import directory_actor
+    from workloads.lengths import Fixed
+    from workloads.requests import WorkloadSpec, synthetic_requests
+
+    assert ray.get(ray.remote(num_gpus=1)(refusal).remote()) is None
+    cfg = EngineConfig(kind="vllm", model=MODEL, dtype="bfloat16", max_model_len=2048, max_batch_size=16,
+                       vllm={"gpu_memory_utilization": 0.5, "enforce_eager": True}).model_dump()
+    kv = KVHandoffConfig(backend="nixl-vllm").model_dump()
+    directory = directory_actor("gpu-test-kvdir-nixl")
+    prefill = PrefillActor.options(num_gpus=1).remote(cfg, kv, "gpu-test-kvdir-nixl", "t", "nixl")
+    decode = DecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, "gpu-test-kvdir-nixl", "t", "nixl")
+    ray.get([prefill.start.remote(), decode.start.remote()])
+    spec = WorkloadSpec(num_requests=4, warmup_requests=0, input_len=Fixed(value=300), output_len=Fixed(value=24))
+    reqs = [{"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
+            for r in synthetic_requests(spec, 151936, seed=0)]
+
+    async def run(actor):
+        return [await _tokens(actor.generate.options(num_returns="streaming").remote(r)) for r in reqs]
+
+    got = asyncio.run(run(decode))
+    rows = ray.get(decode.transfers.remote())
+    ray.get([decode.shutdown.remote(), prefill.shutdown.remote()])
+    for a in (decode, prefill, directory):
+        ray.kill(a)
+    agg = EngineActor.options(num_gpus=1).remote(cfg)
+    ray.get(agg.start.remote())
+    want = [t for t, _ in asyncio.run(run(agg))]
+    ray.get(agg.shutdown.remote())
+    ray.kill(agg)
+
+    assert all(r["ok"] for r in rows), rows
+    assert all(0 < r["tokens"] < 300 and r["kv_wait_s"] is not None for r in rows), rows
+    assert all(d["server"]["kv_transfer_ok"] for _, d in got), [d["server"] for _, d in got]
+    assert [t for t, _ in got] == want

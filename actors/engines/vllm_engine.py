@@ -13,6 +13,7 @@ them are kept.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -70,10 +71,20 @@ def memory_report(raw: dict[str, Any]) -> MemoryReport:
     )
 
 
-def _materialise(arch: dict[str, Any]) -> str:
-    """vLLM reads a model folder: write the architecture config into a private one."""
-    d = Path(tempfile.mkdtemp(prefix="pdbench-model-"))
-    (d / "config.json").write_text(json.dumps(arch, indent=1))
+def materialise(arch: dict[str, Any]) -> str:
+    """vLLM reads a model folder: write the architecture config into one named by its content.
+
+    Engines built alike must name the same folder: vLLM's NixlConnector hashes the model path into
+    the compatibility check of its handshake, so a private folder per engine made every NIXL
+    transfer between two pdbench engines fail. The write is atomic (a file renamed into place), so
+    engines starting at once on one node never read half a config."""
+    text = json.dumps(arch, indent=1, sort_keys=True)
+    d = Path(tempfile.gettempdir()) / "pdbench-models" / hashlib.sha256(text.encode()).hexdigest()[:16]
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "config.json").is_file():
+        with tempfile.NamedTemporaryFile("w", dir=d, suffix=".part", delete=False) as f:
+            f.write(text)
+        os.replace(f.name, d / "config.json")
     return str(d)
 
 
@@ -99,7 +110,7 @@ class VllmEngine(EngineAdapter):
         dummy = weights is None
         if weights is None:
             assert raw is not None, "resolve_model gives an architecture wherever it gives no weights"
-            model_dir = _materialise(raw)
+            model_dir = materialise(raw)
         else:
             model_dir = weights
         t0 = time.monotonic()
