@@ -49,6 +49,14 @@ def check_pair(p_info: dict[str, Any], d_info: dict[str, Any]) -> None:
         raise RuntimeError(f"prefill and decode engines hold different weights ({p_sum} vs {d_sum})")
 
 
+def first_decode_s(t_first: float, reply_at: float, transfer_s: float | None) -> float:
+    """From KV in the decode engine to its first token. Zero, not negative, when that token came
+    before the prefill's reply reached the decode actor: with KV sent layer by layer and the decode
+    request submitted beside the prefill, the decode engine can finish while the reply is still
+    on its way, and that hop is then part of no engine stage (the breakdown's `other`)."""
+    return max(0.0, t_first - reply_at - (transfer_s or 0.0))
+
+
 @dataclasses.dataclass(frozen=True)
 class Pair:
     directory: Any
@@ -197,7 +205,7 @@ class DecodeActor(HopProbe):
         if o.ok and p.reply is not None:
             server = {k: p.reply["server"].get(k) for k in ("server_queue_s", "prefill_s")}
             server["transfer_s"] = o.transfer_s
-            server["first_decode_s"] = t_first - p.at - (o.transfer_s or 0.0)
+            server["first_decode_s"] = first_decode_s(t_first, p.at, o.transfer_s)
         else:  # recomputed here: this engine's own queue and prefill stand, as in aggregated
             server = {k: own.get(k) for k in ("server_queue_s", "prefill_s", "first_decode_s")}
             server["transfer_s"] = o.transfer_s

@@ -235,3 +235,12 @@ def test_a_pair_whose_kv_is_not_interchangeable_is_refused():
         check_pair(info, {**info, "dtype": "float16"})
     with pytest.raises(RuntimeError, match="architecture or dtype"):
         check_pair(info, {**info, "architecture": {"hash": "b"}})
+
+
+def test_first_decode_is_never_negative():
+    """KV sent layer by layer can let the decode engine's first token beat the prefill's reply."""
+    from actors.disaggregated import first_decode_s
+
+    assert first_decode_s(t_first=10.05, reply_at=10.0, transfer_s=0.02) == pytest.approx(0.03)
+    assert first_decode_s(t_first=10.05, reply_at=10.0, transfer_s=None) == pytest.approx(0.05)
+    assert first_decode_s(t_first=9.99, reply_at=10.0, transfer_s=0.0) == 0.0

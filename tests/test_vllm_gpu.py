@@ -190,7 +190,7 @@ def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray, save):
 
 def test_nixl_vllm_pair_matches_aggregated_and_moves_the_kv(gpu_ray):
     """vLLM's own NixlConnector between two pdbench engine actors: every request's prompt KV is
-    read over NIXL (the decode engine computes only what was not moved) and the greedy tokens are
+    read over NIXL (the decode engine computes none of the prompt) and the greedy tokens are
     the aggregated engine's. If a read fails, vLLM's log says why: `NIXL transfer failure` in the
     Ray session's worker logs."""
     import asyncio
@@ -233,6 +233,8 @@ def test_nixl_vllm_pair_matches_aggregated_and_moves_the_kv(gpu_ray):
     ray.kill(agg)
 
     assert all(r["ok"] for r in rows), rows
-    assert all(0 < r["tokens"] < 300 and r["kv_wait_s"] is not None for r in rows), rows
+    # vLLM counts the whole prompt as not computed (num_cached_tokens = 300 on 2x H200, 0.26.0):
+    # NIXL reads the last, partial block too.
+    assert [(r["tokens"], r["kv_wait_s"] is not None) for r in rows] == [(300, True)] * len(rows), rows
     assert all(d["server"]["kv_transfer_ok"] for _, d in got), [d["server"] for _, d in got]
     assert [t for t, _ in got] == want
