@@ -103,3 +103,23 @@ def test_check_names_what_is_missing():
     assert [r.ok for r in results] == [True, True, False]
     text = report(results)
     assert "missing module 'no_such_module_for_gpu_kit'" in text and "2/3 ok" in text
+
+
+def test_batches_leave_room_for_the_tree_that_travels(tmp_path):
+    """The batch size follows the tree: tracked and untracked-not-ignored files travel, ignored ones do not."""
+    from cluster.gpu_kit.pack import batch_budget_mib, travelling_bytes
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text(".whl/\n")
+    (repo / "tracked.bin").write_bytes(b"x" * 3 * 2**20)
+    subprocess.run(["git", "-C", str(repo), "add", "tracked.bin", ".gitignore"], check=True)
+    (repo / "new.bin").write_bytes(b"y" * 2**20)
+    (repo / ".whl").mkdir()
+    (repo / ".whl" / "big.whl").write_bytes(b"z" * 5 * 2**20)
+    tree = travelling_bytes(repo)
+    assert 4 * 2**20 <= tree < 4 * 2**20 + 100
+    assert batch_budget_mib(tree) == 57.0  # 64 - 2 margin - (4 MiB + .gitignore), rounded down
+    with pytest.raises(ValueError, match="too little room"):
+        batch_budget_mib(60 * 2**20)

@@ -62,7 +62,7 @@ def cmd_fetch(a: argparse.Namespace) -> None:
     from packaging.version import Version
 
     from cluster.gpu_kit.closure import carried, wheel_metadata
-    from cluster.gpu_kit.pack import pack
+    from cluster.gpu_kit.pack import batch_budget_mib, pack, travelling_bytes
 
     whl = _repo_root() / ".whl"
     dl = whl / "dl"
@@ -74,8 +74,9 @@ def cmd_fetch(a: argparse.Namespace) -> None:
         name, version, _ = wheel_metadata(w)
         if pins.get(canonicalize_name(name)) != Version(version):
             w.unlink()
-    p = pack(whl, a.pack, a.batch_mib)
-    print(f"gpu_kit: {p.wheels} wheels, {p.total_bytes / 2**20:.0f} MiB in {len(p.batches)} batches of <= {a.batch_mib} MiB:")
+    batch_mib = a.batch_mib or batch_budget_mib(travelling_bytes(_repo_root()))
+    p = pack(whl, a.pack, batch_mib)
+    print(f"gpu_kit: {p.wheels} wheels, {p.total_bytes / 2**20:.0f} MiB in {len(p.batches)} batches of <= {batch_mib} MiB:")
     for i, b in enumerate(p.batches, 1):
         last = " --need-complete" if i == len(p.batches) else ""
         print(f'  call {i}: carry ["{b.relative_to(whl.parent)}"]  command: bash cluster/gpu_kit/install-on-device.sh{last}')
@@ -139,7 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument(
         "--pack", choices=["raw", "xz"], default="raw", help="raw: wheels as published (seconds); xz: ~25%% fewer bytes (minutes)"
     )
-    f.add_argument("--batch-mib", type=float, default=52.0, help="batch size; the tracked tree travels too and a call carries <= 64 MiB")
+    f.add_argument(
+        "--batch-mib",
+        type=float,
+        default=None,
+        help="batch size; default: what one call (64 MiB) leaves beside the tree that travels with it, less 2 MiB",
+    )
     f.set_defaults(fn=cmd_fetch)
     p = sub.add_parser("pin", help="download NAME[==VERSION] for the machine and pin it with its sha256")
     p.add_argument("specs", nargs="+")

@@ -26,6 +26,27 @@ MANIFEST = "MANIFEST"
 MANIFEST_ROOM = 64 * 1024
 
 
+CALL_LIMIT_MIB = 64.0  # what one call to the machine carries: the travelling tree plus its carried batch
+MARGIN_MIB = 2.0
+
+
+def travelling_bytes(repo: Path) -> int:
+    """Bytes of what travels with every call: tracked files and untracked ones git does not ignore."""
+    out = subprocess.run(
+        ["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True, check=True
+    ).stdout
+    return sum((repo / name).stat().st_size for name in out.decode().split("\0") if name and (repo / name).is_file())
+
+
+def batch_budget_mib(tree_bytes: int) -> float:
+    """The largest batch that still fits one call beside a tree of `tree_bytes` (docs/evidence grows
+    the tree: a fixed batch size stopped fitting once it passed 12 MiB)."""
+    room = CALL_LIMIT_MIB - MARGIN_MIB - tree_bytes / 2**20
+    if room < 8:
+        raise ValueError(f"the tree that travels with every call is {tree_bytes / 2**20:.1f} MiB: too little room is left for wheels")
+    return float(int(room))
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
