@@ -154,6 +154,25 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[dict] | str:
     return rows
 
 
+def progress_line(backend: str, rows: list[dict] | str, wall_s: float) -> str:
+    """What one backend gave, printed as soon as it is done: a call cut short by its time limit
+    still shows the backends that finished (two backends start four engines: minutes)."""
+    if isinstance(rows, str):
+        return f"[{wall_s:.0f} s] {backend}: refused: {rows}"
+    times = [t for r in rows if (t := path_s(backend, r)) is not None]
+    median = f", {statistics.median(times) * 1e3:.1f} ms per transfer (median)" if times else ""
+    return f"[{wall_s:.0f} s] {backend}: {sum(bool(r['ok']) for r in rows)}/{len(rows)} transfers ok{median}"
+
+
+def run_all(args: argparse.Namespace) -> dict[str, list[dict] | str]:
+    runs: dict[str, list[dict] | str] = {}
+    for b in args.backend:
+        t0 = time.monotonic()
+        runs[b] = run_backend(b, args)
+        print(progress_line(b, runs[b], time.monotonic() - t0), flush=True)
+    return runs
+
+
 def summarise(backend: str, rows: list[dict], base_s: float, peer_s: float | None) -> dict:
     times = [t for r in rows if (t := path_s(backend, r)) is not None]
     path = statistics.median(times) if times else None
@@ -190,7 +209,7 @@ def main() -> int:
     from cluster.ray_env import object_store_options
 
     ray.init(address="local", namespace="pdbench", include_dashboard=False, log_to_driver=False, **object_store_options())
-    runs = {b: run_backend(b, args) for b in args.backend}
+    runs = run_all(args)
     ray.shutdown()
     measured = {b: rows for b, rows in runs.items() if isinstance(rows, list)}
     bad = {b: [r["error"] for r in rows if not r["ok"]] for b, rows in measured.items()}

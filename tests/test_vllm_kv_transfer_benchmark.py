@@ -27,3 +27,10 @@ def test_each_backend_is_timed_as_it_lets_pdbench_see_it_against_both_baselines(
     assert n["path_s_median"] == 0.01 and n["ratio_peer_over_path"] == pytest.approx(0.4) and not n["bytes_measured"]
     assert n["bytes"] == 2_000_000 and n["stage_medians_s"] == {}
     assert s["ratio_pinned_over_ready_to_injected"] == pytest.approx(0.8) and n["ratio_pinned_over_ready_to_injected"] is None
+
+
+def test_each_backend_says_what_it_gave_as_soon_as_it_is_done():
+    rows = [{"ok": True, "send_s": 0.01, "total_s": 0.02}, {"ok": False, "send_s": 0.03, "total_s": 0.04}]
+    assert bench.progress_line("ray-object-store", rows, 61.2) == "[61 s] ray-object-store: 1/2 transfers ok, 50.0 ms per transfer (median)"
+    assert bench.progress_line("nixl-vllm", [{"ok": True, "kv_wait_s": None}], 5.0) == "[5 s] nixl-vllm: 1/1 transfers ok"
+    assert bench.progress_line("nixl-vllm", "no UCX here", 1.0) == "[1 s] nixl-vllm: refused: no UCX here"
