@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from analysis.records import HARNESS_COLUMNS, SERVER_COLUMNS
 from workloads.arrivals import SteadyState
 
 PERCENTILES = (50, 90, 95, 99)
@@ -77,7 +78,7 @@ def distribution(values: Any) -> dict[str, float | None]:
 # Columns the metrics read as float64 (NaN where missing): a cell's rows are taken as these arrays
 # once (CellRows), since pandas' per-column filters cost ~5 ms a cell for a handful of rows (seconds at
 # the end of a 1,000-cell sweep, on the driver).
-FLOAT_COLUMNS = (
+NUMBER_COLUMNS = (
     "t_scheduled",
     "t_sent",
     "t_last_token",
@@ -88,16 +89,10 @@ FLOAT_COLUMNS = (
     "input_tokens",
     "output_tokens",
     "harness_hop_s",
-    "harness_ttft_s",
-    "harness_tpot_s",
-    "harness_e2e_s",
     "client_send_s",
-    "server_queue_s",
-    "prefill_s",
-    "transfer_s",
-    "first_decode_s",
+    *HARNESS_COLUMNS,
+    *SERVER_COLUMNS,
 )
-SERVER_METRICS = ("server_queue_s", "prefill_s", "transfer_s", "first_decode_s")
 
 
 def _floats(s: pd.Series) -> np.ndarray:
@@ -110,7 +105,7 @@ def _floats(s: pd.Series) -> np.ndarray:
 @dataclass(frozen=True)
 class CellRows:
     """One cell's requests as arrays, the columns the metrics read (those the frame has): `ok`
-    (bool), `itl_s` (a list of gaps per request) and FLOAT_COLUMNS."""
+    (bool), `itl_s` (a list of gaps per request) and NUMBER_COLUMNS."""
 
     n: int
     cols: dict[str, np.ndarray]
@@ -128,7 +123,7 @@ class CellRows:
 
     @staticmethod
     def of(df: pd.DataFrame) -> CellRows:
-        cols = {c: _floats(df[c]) for c in FLOAT_COLUMNS if c in df}
+        cols = {c: _floats(df[c]) for c in NUMBER_COLUMNS if c in df}
         if "ok" in df:
             cols["ok"] = np.asarray(df["ok"]).astype(bool)
         if "itl_s" in df:
@@ -326,7 +321,7 @@ def cell_metrics(rows: Rows, slo: SLO, steady: SteadyState | None = None, target
     out["steady_state"] = steady_metrics(df, steady or SteadyState())
     if (harness := harness_metrics(done)) is not None:
         out["harness"] = harness
-    for col in SERVER_METRICS:
+    for col in SERVER_COLUMNS:
         if _any(done, col):
             out[col] = distribution(done[col])
     return out
