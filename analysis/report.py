@@ -22,6 +22,9 @@ from analysis.workload import workload_table
 
 SMALL_SAMPLE = 100  # below this many requests a p99 is one of the largest two values
 MAX_TIMELINES = 6  # cells with a timeline figure; more are sampled across the load range
+# Cells drawn as curves (percentile curves, throughput); more are sampled across the load range: a
+# curve per cell of a 1,000-cell sweep is unreadable and cost the driver ~5 ms per cell to draw.
+MAX_CURVES = 24
 
 
 def _fmt(x: Any) -> str:
@@ -90,14 +93,44 @@ def _config(packet: Packet) -> dict[str, Any]:
     return (yaml.safe_load(f.read_text()) or {}) if f.is_file() else {}
 
 
-def timeline_cells(summary: dict[str, Any], cells: list[str]) -> list[str]:
-    """Every cell when few; else cells spread from the least to the most loaded (by request rate)."""
-    if len(cells) <= MAX_TIMELINES:
+def spread_cells(summary: dict[str, Any], cells: list[str], most: int) -> list[str]:
+    """Every cell when at most `most`; else `most` cells spread from the least to the most loaded (by request rate)."""
+    if len(cells) <= most:
         return cells
     rate = {c: ((summary.get("cells", {}).get(c) or {}).get("metrics") or {}).get("request_throughput_rps") or 0.0 for c in cells}
     ordered = sorted(cells, key=lambda c: (rate[c], c))
-    step = (len(ordered) - 1) / (MAX_TIMELINES - 1)
-    return [ordered[round(i * step)] for i in range(MAX_TIMELINES)]
+    step = (len(ordered) - 1) / (most - 1)
+    return [ordered[round(i * step)] for i in range(most)]
+
+
+def curves_left_out(drawn: list[str], cells: list[str]) -> str:
+    """What the curve figures leave out of a run with more cells than MAX_CURVES."""
+    return (
+        f"This run has {len(cells):,} cells: the curves here and under Throughput are {len(drawn)} of them, spread from the "
+        f"least to the most loaded by request rate ({', '.join(drawn)}). The other {len(cells) - len(drawn):,} cells are left "
+        "out of these figures; every cell's percentiles are in the Cells table."
+    )
+
+
+def _curve_sections(packet: Packet) -> list[Section]:
+    """Percentile curves and throughput, one curve per cell, at most MAX_CURVES cells."""
+    df = packet.requests
+    cells = sorted(df["cell_id"].astype(str).unique())
+    drawn = spread_cells(packet.summary, cells, MAX_CURVES)
+    note = [curves_left_out(drawn, cells)] if len(drawn) < len(cells) else []
+    if note:
+        df = df[df["cell_id"].astype(str).isin(drawn)]
+    return [
+        Section(
+            title="Latency percentiles",
+            text=[
+                "Each curve is one cell: the share of requests (y) at or below a latency (x). ITL counts every gap between tokens.",
+                *note,
+            ],
+            figures=[plots.latency_cdfs(df)],
+        ),
+        Section(title="Throughput", text=["The same cells as the percentile curves."] if note else [], figures=[plots.throughput(df)]),
+    ]
 
 
 def lead_sections(packet: Packet) -> list[Section]:
@@ -153,15 +186,8 @@ def sections(packet: Packet) -> list[Section]:
             )
         )
     if not df.empty:
-        out.append(
-            Section(
-                title="Latency percentiles",
-                text=["Each curve is one cell: the share of requests (y) at or below a latency (x). ITL counts every gap between tokens."],
-                figures=[plots.latency_cdfs(df)],
-            )
-        )
-        out.append(Section(title="Throughput", figures=[plots.throughput(df)]))
-        cells = timeline_cells(packet.summary, sorted(df["cell_id"].astype(str).unique()))
+        out += _curve_sections(packet)
+        cells = spread_cells(packet.summary, sorted(df["cell_id"].astype(str).unique()), MAX_TIMELINES)
         out.append(
             Section(
                 title="Request timelines",
@@ -242,22 +268,23 @@ def html_document(
     return "\n".join(parts)
 
 
-def render_markdown(packet: Packet, secs: list[Section]) -> str:
+def render_markdown(packet: Packet, secs: list[Section], lead: list[Section] | None = None) -> str:
     m = packet.manifest
     warning = "**SIMULATED RUN** — analytic latency law, no real engine. Not comparable with real runs." if packet.simulated else None
     title = f"pdbench report — {m.get('track', '?').upper()} `{m.get('run_id')}`"
-    return markdown_document(title, warning, _facts(packet), secs, lead_sections(packet))
+    return markdown_document(title, warning, _facts(packet), secs, lead if lead is not None else lead_sections(packet))
 
 
-def render_html(packet: Packet, secs: list[Section], plotly_js: str = "inline") -> str:
+def render_html(packet: Packet, secs: list[Section], plotly_js: str = "inline", lead: list[Section] | None = None) -> str:
     m = packet.manifest
     evidence = str(m.get("evidence"))
     banner = f"SIMULATED RUN — evidence: {evidence}" if packet.simulated else f"evidence: {evidence}"
     title = f"pdbench {m.get('track')} {m.get('run_id')}"
-    return html_document(title, banner, packet.simulated, _facts(packet), secs, plotly_js, lead_sections(packet))
+    lead = lead if lead is not None else lead_sections(packet)
+    return html_document(title, banner, packet.simulated, _facts(packet), secs, plotly_js, lead)
 
 
 def write_reports(packet: Packet, plotly_js: str = "inline") -> None:
-    secs = sections(packet)
-    write_text(packet.root / "report.md", render_markdown(packet, secs))
-    write_text(packet.root / "report.html", render_html(packet, secs, plotly_js))
+    secs, lead = sections(packet), lead_sections(packet)  # built once for both documents (a table row per cell)
+    write_text(packet.root / "report.md", render_markdown(packet, secs, lead))
+    write_text(packet.root / "report.html", render_html(packet, secs, plotly_js, lead))

@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.metrics import SLO, cell_metrics, workload_of
+from analysis.metrics import SLO, CellRows, cell_metrics, workload_of
 from analysis.records import measured
 from analysis.schemas import SCHEMA_VERSION
 from analysis.tracks import get_analysis
@@ -30,16 +30,16 @@ def build_summary(
     moved = None
     if transfers is not None and not transfers.empty:
         moved = with_stall_ratio(measured_transfers(transfers), meas)
-    by_cell = dict(tuple(meas.groupby("cell_id", sort=False))) if not meas.empty else {}  # one pass, not one per cell
+    by_cell = CellRows.by_cell(meas)  # columns taken as arrays once, not one frame per cell
     for cid, meta in sorted(cells.items()):
-        rows = by_cell.get(cid, meas.iloc[:0])
+        rows = by_cell.get(cid)
         out_cells[cid] = {
             "status": meta.get("status"),
             "error": meta.get("error"),
             "labels": meta.get("labels", {}),
             "serving_mode": meta.get("serving_mode"),
             "host_load": meta.get("host_load"),
-            "metrics": cell_metrics(rows, s, *workload_of(meta)) if not rows.empty else None,
+            "metrics": cell_metrics(rows, s, *workload_of(meta)) if rows is not None else None,
         }
         if meta.get("kv_connector"):
             out_cells[cid]["kv_connector"] = meta["kv_connector"]

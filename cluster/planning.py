@@ -53,6 +53,8 @@ def for_target(cfg: ExperimentConfig, plans: list[CellPlan]) -> list[CellPlan]:
 
 
 def cell_engine(cfg: ExperimentConfig, plan: CellPlan) -> EngineConfig:
+    if not plan.engine_overrides:  # the run's engine, validated with the config (frozen): the driver asks ~9 times a cell
+        return cfg.engine
     return EngineConfig.model_validate({**cfg.engine.model_dump(), **plan.engine_overrides})
 
 

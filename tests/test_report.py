@@ -8,7 +8,7 @@ import yaml
 
 from analysis.packet import load_packet, write_json, write_parquet
 from analysis.plots import colours, latency_cdfs
-from analysis.report import render_markdown, sections, timeline_cells
+from analysis.report import MAX_CURVES, render_markdown, sections, spread_cells
 from analysis.summary import build_summary
 from analysis.tracks.e2 import E2Analysis, offered_vs_achieved, points
 from analysis.tracks.e3 import counts_text, evidence
@@ -36,12 +36,13 @@ def _rows(cell, n=6, warm=2, slow=1.0):
     return rows
 
 
-def packet(tmp_path, track="e0"):
-    df = pd.DataFrame(_rows("rep0") + _rows("rep1", slow=1.1))
+def packet(tmp_path, track="e0", n_cells=2):
+    names = [f"rep{i}" for i in range(n_cells)]
+    df = pd.DataFrame([r for i, c in enumerate(names) for r in _rows(c, slow=1 + 0.1 * i)])
     cells = {c: {"status": "ok", "serving_mode": "aggregated", "config_hash": "h", "labels": {"repeat": i},
                  "host_load": {"cores": 2, "wall_s": 5.0, "load_avg_1m": 1.5, "cpu_busy_percent": 80.0, "cpu_steal_percent": 0.0,
                                "other_processes_cpu_percent": 20.0}}
-             for i, c in enumerate(("rep0", "rep1"))}
+             for i, c in enumerate(names)}
     summary = build_summary(track, "r", "real", df, cells, CONFIG["slo"], CONFIG["params"])
     write_parquet(tmp_path / "requests.parquet", df)
     write_json(tmp_path / "summary.json", summary)
@@ -94,9 +95,28 @@ def test_a_series_keeps_its_colour_in_every_panel(tmp_path):
     assert [t.showlegend for t in fig.data] == [True, True] + [False] * 6
 
 
+def test_many_cells_draw_a_bounded_number_of_curves_and_say_which(tmp_path):
+    p = packet(tmp_path, n_cells=MAX_CURVES + 6)
+    secs = {s.title: s for s in sections(p)}
+    cdf, tput = secs["Latency percentiles"], secs["Throughput"]
+    drawn = {t.name for t in cdf.figures[0].data}
+    assert len(drawn) == MAX_CURVES and {t.name for t in tput.figures[0].data} == drawn
+    assert len([t for t in cdf.figures[0].data if t.xaxis == "x"]) == MAX_CURVES, "one curve per drawn cell in each panel"
+    slowest, fastest = f"rep{MAX_CURVES + 5}", "rep0"  # the least and the most loaded (request rate) are kept
+    assert {slowest, fastest} <= drawn
+    note = cdf.text[1]
+    assert f"This run has {MAX_CURVES + 6} cells" in note and "The other 6 cells are left out" in note
+    assert all(c in note for c in drawn) and "same cells" in tput.text[0]
+    md = render_markdown(p, sections(p))
+    assert note in md
+    # A run of few cells draws every cell and says nothing more (test_percentile_curves_and_a_timeline_for_every_cell).
+    few = {s.title: s for s in sections(packet(tmp_path / "few"))}
+    assert len(few["Latency percentiles"].text) == 1 and few["Throughput"].text == []
+
+
 def test_timelines_sample_many_cells_across_the_load_range():
     cells = {f"c{i}": {"metrics": {"request_throughput_rps": float(i)}} for i in range(10)}
-    picked = timeline_cells({"cells": cells}, sorted(cells))
+    picked = spread_cells({"cells": cells}, sorted(cells), 6)
     assert len(picked) == 6 and picked[0] == "c0" and picked[-1] == "c9"
 
 

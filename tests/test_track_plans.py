@@ -3,7 +3,7 @@
 import pytest
 
 from cluster.config import ConfigError, resolve
-from cluster.planning import cell_hash, plan_cells
+from cluster.planning import cell_engine, cell_hash, plan_cells
 from workloads.arrivals import ClosedLoop, Gamma, Poisson
 from workloads.tracks import CellOutcome, get_track
 
@@ -172,3 +172,10 @@ def test_e6_ladder_yarn_per_rung_and_exact_prompt_lengths():
         assert len([r for r in c.requests if not r.warmup]) == 4
     with pytest.raises(ConfigError, match=r"params.depths.0: Input should be less than or equal to 1"):
         resolve("e6", {"params": {"depths": [1.5]}})
+
+
+def test_a_cell_without_engine_overrides_runs_the_configs_engine():
+    cfg = resolve("e1", {"params": {"input_lens": [10, 20], "output_lens": [3]}})
+    assert all(cell_engine(cfg, c) is cfg.engine for c in plan_cells(cfg)), "no copy validated per call"
+    cfg = resolve("e6", {"params": {"native_context": 300, "multipliers": [1, 2], "depths": [0.5], "samples_per_depth": 1}})
+    assert [cell_engine(cfg, c).max_model_len for c in plan_cells(cfg)] == [300, 600], "a cell's own engine settings still apply"
