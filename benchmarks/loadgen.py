@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @ray.remote(num_cpus=0)
 class NullEntry:
-    """Answers at once: one message with one token, finished."""
+    """Answers at once: one message with one token, finished. A plain generator on the actor's own
+    thread: an async actor's hand-over to its event loop cost ~0.2 ms more CPU per request (0.85
+    against 0.65 ms measured), on the cores the load generator shares."""
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield {"token_ids": [0], "token_s": [0.0], "finished": True, "error": None, "server": {}}
 
 

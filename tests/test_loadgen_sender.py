@@ -6,6 +6,7 @@ request over and what it records, not a transport.
 
 import asyncio
 import gc
+import os
 import threading
 import time
 from typing import Any
@@ -133,3 +134,70 @@ def test_actor_replies_end_at_the_finished_message(ray_local):
 
     rec = asyncio.run(one())
     assert rec["ok"] and rec["error"] is None and rec["output_token_ids"] == [7]
+
+
+class Watched(BlockingReplies):
+    """Records the sender thread's scheduling policy at each send and the event loop thread's nice
+    value while it reads replies."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.policies: list[int] = []
+        self.loop_nice: list[int] = []
+
+    def submit(self, request: dict[str, Any]) -> str:
+        self.policies.append(os.sched_getscheduler(0))
+        return super().submit(request)
+
+    async def stream(self, request: dict[str, Any], exchange: Exchange | None = None):
+        self.loop_nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        async for d in super().stream(request, exchange):
+            yield d
+
+
+def _may_raise_priority() -> bool:
+    with loadgen._realtime() as rt, loadgen._niced(loadgen.OPEN_LOOP_NICE) as niced:
+        return rt and niced
+
+
+def test_open_loop_sends_real_time_with_the_process_niced_and_leaves_both_as_they_were():
+    reqs = _poisson(8)
+    backend = Watched(len(reqs))
+    nice_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    recs = _open(backend, reqs)
+    assert all(r["ok"] for r in recs)
+    raised = _may_raise_priority()
+    assert set(backend.policies) == {os.SCHED_FIFO if raised else os.SCHED_OTHER}
+    assert set(backend.loop_nice) == {min(nice_before, loadgen.OPEN_LOOP_NICE) if raised else nice_before}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == nice_before
+
+
+def test_the_sender_thread_is_real_time_only_inside_the_block():
+    seen: list[tuple[bool, int, int]] = []
+
+    def thread() -> None:
+        with loadgen._realtime() as raised:
+            inside = os.sched_getscheduler(0)
+        seen.append((raised, inside, os.sched_getscheduler(0)))
+
+    t = threading.Thread(target=thread)
+    t.start()
+    t.join()
+    raised, inside, after = seen[0]
+    assert inside == (os.SCHED_FIFO if raised else os.SCHED_OTHER) and after == os.SCHED_OTHER
+
+
+def test_without_permission_to_raise_priority_the_schedule_is_kept_and_the_log_says_so(monkeypatch, caplog):
+    def refuse(*args: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    monkeypatch.setattr(os, "setpriority", refuse)
+    reqs = _poisson(6)
+    backend = Watched(len(reqs))
+    nice_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with caplog.at_level("WARNING", logger="actors.loadgen"):
+        recs = _open(backend, reqs)
+    assert all(r["ok"] for r in recs) and len(backend.sent) == 6
+    assert set(backend.policies) == {os.SCHED_OTHER} and set(backend.loop_nice) == {nice_before}
+    assert "normal priority" in caplog.text
