@@ -10,7 +10,9 @@ IPC or NVLink between the GPUs of one host, RDMA or TCP across hosts) before vLL
 prompt's last token and the first output token. Each engine's scheduler serves its NIXL metadata
 on a ZMQ side channel at VLLM_NIXL_SIDE_CHANNEL_HOST:PORT, read from the environment of vLLM's
 EngineCore process: the side sets both in its actor before the engine starts (the node's address,
-a port free there), so pairs on one host never collide.
+a port free there), so pairs on one host never collide. Both engines must name one model path: the
+handshake refuses a peer whose hash of model path, vLLM version, dtype and attention backend differs
+(actors/engines/vllm_engine.py `materialise` gives engines built alike one folder).
 
 What pdbench sees from outside: the prefill engine's queue and prefill times; on the decode
 engine, vLLM's own clock from the request queued to it scheduled (the KV read, plus any wait
