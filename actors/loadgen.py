@@ -186,18 +186,25 @@ class LoadGenerator:
         return out
 
     async def _open(self, backend, feed, reqs, timeout_s) -> list[dict]:
-        with _niced(OPEN_LOOP_NICE):
+        """Open loop at raised priority where permitted; each record says whether it was
+        (`loadgen_priority_raised`: the send lag of a run at normal priority is not comparable)."""
+        with _niced(OPEN_LOOP_NICE) as niced:
             if isinstance(backend, ThreadSend):
-                return await self._open_from_thread(backend, feed, reqs, timeout_s)
-            return await self._open_on_loop(backend, feed, reqs, timeout_s)
+                records, realtime = await self._open_from_thread(backend, feed, reqs, timeout_s)
+            else:  # sent from the event loop: no sender thread to make real-time
+                records, realtime = await self._open_on_loop(backend, feed, reqs, timeout_s), True
+        for r in records:
+            r["loadgen_priority_raised"] = niced and realtime
+        return records
 
     async def _open_from_thread(
         self, backend: ThreadSend, feed: BatchedFeed, reqs: list[RequestSpec], timeout_s: float | None
-    ) -> list[dict]:
+    ) -> tuple[list[dict], bool]:
         """A sender thread sleeps to each scheduled time and sends there (a Ray actor call may be
         made from any thread); the event loop only reads replies. On the loop, a send was late by
         whatever reply handling held the loop when it fell due (51 ms p99 at 1,000 req/s); the
-        thread waits at most for the GIL, which the loop hands over within the switch interval."""
+        thread waits at most for the GIL, which the loop hands over within the switch interval.
+        Also returns whether the thread ran real-time."""
         loop = asyncio.get_running_loop()
         # Measured open-loop requests all carry t_scheduled (workloads/requests.py); bodies are built
         # before the clock starts, off the send path.
@@ -205,6 +212,7 @@ class LoadGenerator:
         t0 = time.monotonic() + LEAD_S
         tasks: list[asyncio.Task] = []
         stop = threading.Event()
+        realtime: list[bool] = []
 
         def read_replies(i: int, ex: Exchange) -> None:
             t_scheduled, spec, body = plan[i]
@@ -212,6 +220,7 @@ class LoadGenerator:
 
         def sender() -> None:
             with _realtime() as raised:
+                realtime.append(raised)
                 if not raised:
                     log.warning("load generator: the sender thread runs at normal priority (no permission to raise it)")
                 for i, (t_scheduled, _, body) in enumerate(plan):
@@ -232,7 +241,7 @@ class LoadGenerator:
             await asyncio.to_thread(sender)
         finally:
             stop.set()
-        return list(await asyncio.gather(*tasks))
+        return list(await asyncio.gather(*tasks)), all(realtime)
 
     async def _open_on_loop(self, backend, feed, reqs, timeout_s) -> list[dict]:
         """One dispatcher walks the schedule in order, so the event loop holds one timer, not one

@@ -289,6 +289,7 @@ REQUEST_COLUMNS: tuple[Column, ...] = (
         ("prefill_node_id", "disaggregated: Ray node of the prefill side"),
         ("decode_node_id", "disaggregated: Ray node of the decode side"),
     ),
+    Column("loadgen_priority_raised", BOOL, "open loop: the load generator sent real-time and read replies at raised priority"),
     Column("kv_transfer_ok", BOOL, "disaggregated: the KV arrived (false: the decode side recomputed the prefill)"),
     Column("kv_wait_s", FLOAT, "vLLM disaggregated: the request's wait for its KV inside the decode engine"),
     Column("decode_retry_reason", TEXT, "vLLM disaggregated: why the decode engine ran the request again without a transfer"),

@@ -170,6 +170,7 @@ def test_open_loop_sends_real_time_with_the_process_niced_and_leaves_both_as_the
     assert set(backend.policies) == {os.SCHED_FIFO if raised else os.SCHED_OTHER}
     assert set(backend.loop_nice) == {min(nice_before, loadgen.OPEN_LOOP_NICE) if raised else nice_before}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == nice_before
+    assert {r["loadgen_priority_raised"] for r in recs} == {raised}
 
 
 def test_the_sender_thread_is_real_time_only_inside_the_block():
@@ -201,3 +202,4 @@ def test_without_permission_to_raise_priority_the_schedule_is_kept_and_the_log_s
     assert all(r["ok"] for r in recs) and len(backend.sent) == 6
     assert set(backend.policies) == {os.SCHED_OTHER} and set(backend.loop_nice) == {nice_before}
     assert "normal priority" in caplog.text
+    assert {r["loadgen_priority_raised"] for r in recs} == {False}
