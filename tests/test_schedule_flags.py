@@ -11,7 +11,7 @@ from cluster.driver import Driver, RunOptions
 
 
 def test_overloaded_open_loop_cell_is_flagged(ray_local, tmp_path):
-    # 20,000 req/s is past what the load generator can send and 200 prompts of 64 tokens queue for
+    # 200,000 req/s (5 us apart) is past what the load generator can send and 200 prompts of 64 tokens queue for
     # ~1.7 s of serial prefill on the simulated engine: the schedule slips and TTFT climbs.
     cfg = resolve(
         "e0",
@@ -23,7 +23,7 @@ def test_overloaded_open_loop_cell_is_flagged(ray_local, tmp_path):
                 "warmup_requests": 2,
                 "input_len": {"kind": "fixed", "value": 64},
                 "output_len": {"kind": "fixed", "value": 4},
-                "arrival": {"kind": "poisson", "rate": 20000},
+                "arrival": {"kind": "poisson", "rate": 200000},
             },
         },
     )
@@ -31,7 +31,7 @@ def test_overloaded_open_loop_cell_is_flagged(ray_local, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     for cell in summary["cells"].values():
         m = cell["metrics"]
-        assert m["schedule"]["target_rate_rps"] == 20000
+        assert m["schedule"]["target_rate_rps"] == 200000
         assert m["schedule"]["achieved_rate_rps"] < 0.95 * m["schedule"]["scheduled_rate_rps"]
         assert m["schedule"]["schedule_kept"] is False
         q = m["steady_state"]["ttft_p50_by_quartile_s"]
