@@ -152,13 +152,8 @@ def _rows(rows: Rows) -> CellRows:
     return rows if isinstance(rows, CellRows) else CellRows.of(rows)
 
 
-def _span(x: np.ndarray) -> float:
-    """max - min of the non-NaN values (NaN where there are none), as pandas' max() - min()."""
-    x = x[~np.isnan(x)]
-    return float(x.max() - x.min()) if x.size else float("nan")
-
-
 def _least(x: np.ndarray) -> float:
+    """min of the non-NaN values, NaN where there are none (pandas' min(); np.nanmin warns there)."""
     x = x[~np.isnan(x)]
     return float(x.min()) if x.size else float("nan")
 
@@ -166,6 +161,10 @@ def _least(x: np.ndarray) -> float:
 def _most(x: np.ndarray) -> float:
     x = x[~np.isnan(x)]
     return float(x.max()) if x.size else float("nan")
+
+
+def _span(x: np.ndarray) -> float:
+    return _most(x) - _least(x)
 
 
 def _median(x: np.ndarray) -> float | None:

@@ -36,6 +36,23 @@ def gpu_ray():
     ray.shutdown()
 
 
+def _engine_cfg() -> dict:
+    from actors.engines.spec import EngineConfig
+
+    return EngineConfig(kind="vllm", model=MODEL, dtype="bfloat16", max_model_len=2048, max_batch_size=16,
+                        vllm={"gpu_memory_utilization": 0.5, "enforce_eager": True}).model_dump()
+
+
+def _requests(vocab_size: int) -> list[dict]:
+    """Four 300-token prompts, 24 tokens out each, as the actors take them."""
+    from workloads.lengths import Fixed
+    from workloads.requests import WorkloadSpec, synthetic_requests
+
+    spec = WorkloadSpec(num_requests=4, warmup_requests=0, input_len=Fixed(value=300), output_len=Fixed(value=24))
+    return [{"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
+            for r in synthetic_requests(spec, vocab_size, seed=0)]
+
+
 async def _tokens(stream):
     out, last = [], None
     async for ref in stream:
@@ -102,23 +119,17 @@ def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray, save):
 
     from actors.disaggregated import DecodeActor, PrefillActor
     from actors.engine_actor import EngineActor
-    from actors.engines.spec import EngineConfig
     from actors.kv.directory import directory_actor
     from actors.kv.spec import KVTransferConfig
-    from workloads.lengths import Fixed
-    from workloads.requests import WorkloadSpec, synthetic_requests
 
-    cfg = EngineConfig(kind="vllm", model=MODEL, dtype="bfloat16", max_model_len=2048, max_batch_size=16,
-                       vllm={"gpu_memory_utilization": 0.5, "enforce_eager": True}).model_dump()
+    cfg = _engine_cfg()
     kv = KVTransferConfig(save=save).model_dump()
     directory = directory_actor(f"gpu-test-kvdir-{save}")
     prefill = PrefillActor.options(num_gpus=1).remote(cfg, kv, f"gpu-test-kvdir-{save}", "t", "c")
     decode = DecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, f"gpu-test-kvdir-{save}", "t", "c")
     p_info, d_info = ray.get([prefill.start.remote(), decode.start.remote()])
     assert p_info["extra"]["weight_checksum"] == d_info["extra"]["weight_checksum"]
-    spec = WorkloadSpec(num_requests=4, warmup_requests=0, input_len=Fixed(value=300), output_len=Fixed(value=24))
-    reqs = [{"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
-            for r in synthetic_requests(spec, d_info["vocab_size"], seed=0)]
+    reqs = _requests(d_info["vocab_size"])
 
     async def disagg():
         return [await _tokens(decode.generate.options(num_returns="streaming").remote(r)) for r in reqs]
@@ -199,24 +210,18 @@ def test_nixl_vllm_pair_matches_aggregated_and_moves_the_kv(gpu_ray):
 
     from actors.disaggregated import DecodeActor, PrefillActor
     from actors.engine_actor import EngineActor
-    from actors.engines.spec import EngineConfig
     from actors.handoffs.nixl_vllm import refusal
     from actors.handoffs.spec import KVHandoffConfig
     from actors.kv.directory import directory_actor
-    from workloads.lengths import Fixed
-    from workloads.requests import WorkloadSpec, synthetic_requests
 
     assert ray.get(ray.remote(num_gpus=1)(refusal).remote()) is None
-    cfg = EngineConfig(kind="vllm", model=MODEL, dtype="bfloat16", max_model_len=2048, max_batch_size=16,
-                       vllm={"gpu_memory_utilization": 0.5, "enforce_eager": True}).model_dump()
+    cfg = _engine_cfg()
     kv = KVHandoffConfig(backend="nixl-vllm").model_dump()
     directory = directory_actor("gpu-test-kvdir-nixl")
     prefill = PrefillActor.options(num_gpus=1).remote(cfg, kv, "gpu-test-kvdir-nixl", "t", "nixl")
     decode = DecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, "gpu-test-kvdir-nixl", "t", "nixl")
     ray.get([prefill.start.remote(), decode.start.remote()])
-    spec = WorkloadSpec(num_requests=4, warmup_requests=0, input_len=Fixed(value=300), output_len=Fixed(value=24))
-    reqs = [{"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
-            for r in synthetic_requests(spec, 151936, seed=0)]
+    reqs = _requests(151936)  # qwen3-0.6b's vocabulary
 
     async def run(actor):
         return [await _tokens(actor.generate.options(num_returns="streaming").remote(r)) for r in reqs]
