@@ -1,13 +1,15 @@
 """KV transfer backends between two vLLM engines vs plain copies of the same bytes (two GPUs).
 
 `--backend` names one or more KV backends (kv_transfer.backend), each run in turn on the same
-model, prompts and GPUs: `ray-object-store` (RayObjectStoreConnector), `nixl-vllm` (vLLM's own
+model, prompts and GPUs: `ray-object-store` (RayObjectStoreConnector), `ray-rdt-nixl` (the same
+connector, each layer group moved GPU to GPU by Ray Direct Transport over NIXL, the same records
+and stages), `nixl-vllm` (vLLM's own
 NixlConnector; pdbench sees its transfer time as the decode engine's queued → scheduled, vLLM's
 clock, and its bytes only as tokens × KV bytes per token). A backend that cannot run here is
 printed as refused, with its reason. Two baselines of the same bytes, measured once beside them:
 pinned (GPU 0 → pinned host → GPU 1) and peer (GPU 0 → GPU 1 directly, peer access or not).
 
-For ray-object-store:
+For ray-object-store and ray-rdt-nixl:
 
 A vLLM prefill engine (GPU 0) and decode engine (GPU 1) move each request's prompt KV through the
 Ray object store; the connector's own records give bytes and stage times. Requests run one at a
@@ -21,7 +23,7 @@ The baseline copies the same number of bytes GPU 0 → pinned host → GPU 1 wit
 (serial D2H then H2D). Prints per-stage medians and both ratios (baseline time ÷ path time).
 
     PDBENCH_OBJECT_STORE_GB=8 python benchmarks/vllm_kv_transfer.py --model qwen3-8b --tokens 8192 --requests 6
-    python benchmarks/vllm_kv_transfer.py --backend ray-object-store nixl-vllm --json /tmp/kv.json
+    python benchmarks/vllm_kv_transfer.py --backend ray-object-store ray-rdt-nixl nixl-vllm --json /tmp/kv.json
 """
 
 from __future__ import annotations
@@ -79,8 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     vllm_backends = [b for b in KV_BACKENDS.names() if "vllm" in KV_BACKENDS.get(b).engines]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", nargs="+", choices=vllm_backends, default=["ray-object-store"],
-                    help="KV transfer backends to run in turn, against the same baselines")
+    ap.add_argument(
+        "--backend",
+        nargs="+",
+        choices=vllm_backends,
+        default=["ray-object-store"],
+        help="KV transfer backends to run in turn, against the same baselines",
+    )
     ap.add_argument("--model", default="qwen3-8b")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--requests", type=int, default=6)
@@ -89,10 +96,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--copy-threads", type=int, default=4, help="kv_transfer.host_copy_threads on the decode side")
     ap.add_argument("--h2d", choices=("registered", "staged"), default="registered", help="kv_transfer.host_to_device")
     ap.add_argument("--decode-submit", choices=("after_prefill", "with_prefill"), default="after_prefill", help="kv_transfer.decode_submit")
-    ap.add_argument("--save", choices=("after_forward", "layerwise"), default="after_forward",
-                    help="kv_transfer.save: publish after the prefill's forward pass, or layer group by group during it")
-    ap.add_argument("--share-gpu", action="store_true",
-                    help="both engines on one GPU (0.4 of its memory each, started one after the other): a one-GPU machine")
+    ap.add_argument(
+        "--save",
+        choices=("after_forward", "layerwise"),
+        default="after_forward",
+        help="kv_transfer.save: publish after the prefill's forward pass, or layer group by group during it",
+    )
+    ap.add_argument(
+        "--share-gpu",
+        action="store_true",
+        help="both engines on one GPU (0.4 of its memory each, started one after the other): a one-GPU machine",
+    )
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     if len(set(args.backend)) != len(args.backend):
@@ -102,9 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def path_s(backend: str, r: dict) -> float | None:
     """One transfer's time as the backend lets pdbench see it (docs/metrics.md)."""
-    if backend == "ray-object-store":
-        return r["send_s"] + r["total_s"]
-    return r.get("kv_wait_s")  # nixl-vllm: the decode engine's queued → scheduled
+    if backend == "nixl-vllm":
+        return r.get("kv_wait_s")  # vLLM moves the KV: the decode engine's queued → scheduled
+    return r["send_s"] + r["total_s"]  # pdbench's own transport (bytes in the object store, or by NIXL RDT)
 
 
 def run_backend(backend: str, args: argparse.Namespace) -> list[dict] | str:
@@ -123,11 +137,23 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[dict] | str:
     reason = ray.get(ray.remote(refusal).options(num_gpus=share).remote(backend, "vllm"))
     if reason:
         return reason
-    cfg = EngineConfig(kind="vllm", model=args.model, dtype="bfloat16", max_model_len=args.tokens + 64,
-                       max_batch_size=8, vllm={"gpu_memory_utilization": 0.4 if args.share_gpu else 0.8}).model_dump()
-    kv = KVHandoffConfig(backend=backend, max_group_bytes=args.max_group_mib << 20, host_copy_threads=args.copy_threads,
-                         host_to_device=args.h2d, put_threads=args.put_threads, decode_submit=args.decode_submit,
-                         save=args.save).model_dump()
+    cfg = EngineConfig(
+        kind="vllm",
+        model=args.model,
+        dtype="bfloat16",
+        max_model_len=args.tokens + 64,
+        max_batch_size=8,
+        vllm={"gpu_memory_utilization": 0.4 if args.share_gpu else 0.8},
+    ).model_dump()
+    kv = KVHandoffConfig(
+        backend=backend,
+        max_group_bytes=args.max_group_mib << 20,
+        host_copy_threads=args.copy_threads,
+        host_to_device=args.h2d,
+        put_threads=args.put_threads,
+        decode_submit=args.decode_submit,
+        save=args.save,
+    ).model_dump()
     dir_name = f"bench-kvdir-{backend}"
     directory = directory_actor(dir_name)  # held: an unreferenced actor is collected
     prefill = PrefillActor.options(num_gpus=share).remote(cfg, kv, dir_name, "bench", "kv")
@@ -138,8 +164,10 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[dict] | str:
     else:
         _, info = ray.get([prefill.start.remote(), decode.start.remote()])
     spec = WorkloadSpec(num_requests=args.requests, warmup_requests=1, input_len=Fixed(value=args.tokens), output_len=Fixed(value=2))
-    reqs = [{"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
-            for r in synthetic_requests(spec, info["vocab_size"], seed=0)]
+    reqs = [
+        {"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
+        for r in synthetic_requests(spec, info["vocab_size"], seed=0)
+    ]
 
     async def all_sequential():
         for r in reqs:  # one at a time: the transfer alone, not contention, is measured
@@ -222,10 +250,18 @@ def main() -> int:
     peer_s = peer_copy_s(nbytes) if nbytes else None
     res = {
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "model": args.model, "copy_threads": args.copy_threads, "put_threads": args.put_threads, "host_to_device": args.h2d,
-        "decode_submit": args.decode_submit, "save": args.save, "shared_gpu": args.share_gpu, "baseline_bytes": nbytes,
-        "pinned_d2h_h2d_s": base_s, "pinned_gb_s": nbytes / base_s / 1e9 if base_s else None,
-        "peer_copy_s": peer_s, "peer_gb_s": nbytes / peer_s / 1e9 if peer_s else None,
+        "model": args.model,
+        "copy_threads": args.copy_threads,
+        "put_threads": args.put_threads,
+        "host_to_device": args.h2d,
+        "decode_submit": args.decode_submit,
+        "save": args.save,
+        "shared_gpu": args.share_gpu,
+        "baseline_bytes": nbytes,
+        "pinned_d2h_h2d_s": base_s,
+        "pinned_gb_s": nbytes / base_s / 1e9 if base_s else None,
+        "peer_copy_s": peer_s,
+        "peer_gb_s": nbytes / peer_s / 1e9 if peer_s else None,
         "backends": {b: summarise(b, rows, base_s, peer_s) if isinstance(rows, list) else {"refused": rows} for b, rows in runs.items()},
     }
     print(json.dumps(res, indent=2))
@@ -237,11 +273,15 @@ def main() -> int:
             print(f"{b}: refused: {r['refused']}")
         elif r["path_s_median"]:
             peer_ratio = f", peer/path {r['ratio_peer_over_path']:.3f}" if r["ratio_peer_over_path"] else ""
-            print(f"{b}: {r['path_s_median'] * 1e3:.1f} ms per transfer ({r['path_gb_s']:.2f} GB/s"
-                  f"{'' if r['bytes_measured'] else ', analytic bytes'}): pinned/path {r['ratio_pinned_over_path']:.3f}{peer_ratio}")
+            print(
+                f"{b}: {r['path_s_median'] * 1e3:.1f} ms per transfer ({r['path_gb_s']:.2f} GB/s"
+                f"{'' if r['bytes_measured'] else ', analytic bytes'}): pinned/path {r['ratio_pinned_over_path']:.3f}{peer_ratio}"
+            )
             if r["ratio_pinned_over_ready_to_injected"]:
-                print(f"{b}: KV ready -> injected {r['ready_to_injected_s_median'] * 1e3:.1f} ms (median): "
-                      f"pinned/ready->injected {r['ratio_pinned_over_ready_to_injected']:.3f} (goal 0.8)")
+                print(
+                    f"{b}: KV ready -> injected {r['ready_to_injected_s_median'] * 1e3:.1f} ms (median): "
+                    f"pinned/ready->injected {r['ratio_pinned_over_ready_to_injected']:.3f} (goal 0.8)"
+                )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

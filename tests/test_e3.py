@@ -26,7 +26,10 @@ SMALL = {
 def test_e3_plans_both_modes_on_equal_engine_counts():
     cfg = resolve("e3")
     plans = plan_cells(cfg)
-    assert [(p.cell_id, p.serving_mode, p.replicas) for p in plans] == [("aggregated", "aggregated", 2), ("disaggregated", "disaggregated", 1)]
+    assert [(p.cell_id, p.serving_mode, p.replicas) for p in plans] == [
+        ("aggregated", "aggregated", 2),
+        ("disaggregated", "disaggregated", 1),
+    ]
     assert plans[0].workload == plans[1].workload and plans[0].seed_offset == plans[1].seed_offset
     assert cfg.kv_transfer.max_group_bytes == 256 * 1024
     # Replica count and KV transfer settings are part of what a cell's hash covers.
@@ -100,19 +103,46 @@ def _requests(tokens_agg, tokens_dis, ok_dis=True):
     for mode, toks in (("aggregated", tokens_agg), ("disaggregated", tokens_dis)):
         for i, t in enumerate(toks):
             rows.append(
-                {"cell_id": mode, "serving_mode": mode, "request_id": f"r{i}", "ok": ok_dis or mode == "aggregated",
-                 "output_token_ids": t, "e2e_s": 2.0, "warmup": False}
+                {
+                    "cell_id": mode,
+                    "serving_mode": mode,
+                    "request_id": f"r{i}",
+                    "ok": ok_dis or mode == "aggregated",
+                    "output_token_ids": t,
+                    "e2e_s": 2.0,
+                    "warmup": False,
+                }
             )
     return pd.DataFrame(rows)
 
 
 def _transfers(n, ok=True, extra_bytes=0):
     return transfers_frame(
-        [{"run_id": "x", "cell_id": "disaggregated", "request_id": f"r{i}", "key": f"r{i}/k", "tokens": 10, "groups": 2,
-         "bytes": 400 + extra_bytes, "analytic_bytes": 400, "extract_s": 0.01, "put_s": 0.02, "wait_ref_s": 0.1,
-         "fetch_s": 0.1, "get_s": 0.01, "inject_s": 0.02, "total_s": 0.3, "stall_s": 0.2, "src_node": "a", "dst_node": "b",
-         "ok": ok, "error": None if ok else "KVUnavailable: no reference"}
-        for i in range(n)],
+        [
+            {
+                "run_id": "x",
+                "cell_id": "disaggregated",
+                "request_id": f"r{i}",
+                "key": f"r{i}/k",
+                "tokens": 10,
+                "groups": 2,
+                "bytes": 400 + extra_bytes,
+                "analytic_bytes": 400,
+                "extract_s": 0.01,
+                "put_s": 0.02,
+                "wait_ref_s": 0.1,
+                "fetch_s": 0.1,
+                "get_s": 0.01,
+                "inject_s": 0.02,
+                "total_s": 0.3,
+                "stall_s": 0.2,
+                "src_node": "a",
+                "dst_node": "b",
+                "ok": ok,
+                "error": None if ok else "KVUnavailable: no reference",
+            }
+            for i in range(n)
+        ],
         {},
     )
 
@@ -168,7 +198,9 @@ def test_e3_backends_give_one_disaggregated_cell_each_with_its_own_hash():
     cfg = resolve("e3", {"params": {"backends": ["ray-object-store", "nixl-vllm"]}})
     plans = plan_cells(cfg)
     assert [(p.cell_id, p.kv_backend) for p in plans] == [
-        ("aggregated", None), ("disaggregated-ray-object-store", "ray-object-store"), ("disaggregated-nixl-vllm", "nixl-vllm")
+        ("aggregated", None),
+        ("disaggregated-ray-object-store", "ray-object-store"),
+        ("disaggregated-nixl-vllm", "nixl-vllm"),
     ]
     assert len({p.workload for p in plans}) == 1 and len({p.seed_offset for p in plans}) == 1
     assert cell_hash(cfg, plans[1]) != cell_hash(cfg, plans[2])
@@ -184,29 +216,39 @@ def test_e3_backends_must_be_distinct_and_not_empty(backends, needle):
 
 def test_an_unknown_backend_cell_is_refused_before_anything_runs():
     cfg = resolve("e3", {"params": {"backends": ["carrier-pigeon"]}})
-    with pytest.raises(ConfigError, match=re.escape("params.backends: cell disaggregated-carrier-pigeon asks for KV backend 'carrier-pigeon'")):
+    with pytest.raises(
+        ConfigError, match=re.escape("params.backends: cell disaggregated-carrier-pigeon asks for KV backend 'carrier-pigeon'")
+    ):
         preflight(cfg, plan_cells(cfg))
 
 
-def test_e3_run_with_two_backends_refuses_nixl_on_the_reference_engine_and_judges_the_object_store(ray_local, tmp_path):
-    cfg = resolve("e3", {**SMALL, "params": {"backends": ["ray-object-store", "nixl-vllm"]}})
+def test_e3_run_with_three_backends_refuses_nixl_vllm_on_the_reference_engine_and_judges_the_others(ray_local, tmp_path):
+    backends = ["ray-object-store", "ray-rdt-nixl", "nixl-vllm"]
+    cfg = resolve("e3", {**SMALL, "params": {"backends": backends}})
     run_dir = Driver(cfg, RunOptions(out_dir=tmp_path, progress=False)).run()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     cells = manifest["cells"]
     assert manifest["status"] == "complete", cells
     assert cells["disaggregated-ray-object-store"]["status"] == "ok"
+    assert cells["disaggregated-ray-rdt-nixl"]["status"] == "ok", cells["disaggregated-ray-rdt-nixl"]
     refused = cells["disaggregated-nixl-vllm"]
     assert refused["status"] == "refused"
     assert refused["error"] == "engine.kind: the nixl-vllm KV backend moves the KV of vllm engines, not 'reference'"
     v = summary["verdicts"]
-    assert v["verdict"] == "identical" and list(v["backends"]) == ["disaggregated-ray-object-store"]
-    assert v["backends"]["disaggregated-ray-object-store"]["backend"] == "ray-object-store"
+    assert v["verdict"] == "identical" and list(v["backends"]) == ["disaggregated-ray-object-store", "disaggregated-ray-rdt-nixl"]
+    assert v["backends"]["disaggregated-ray-rdt-nixl"]["backend"] == "ray-rdt-nixl"
+    # pdbench's own transport either way: every byte counted against the analytic size, per backend
+    assert all(c["ok"] for c in v["backends"]["disaggregated-ray-rdt-nixl"]["checks"])
+    assert any("bytes moved" in c["check"] for c in v["backends"]["disaggregated-ray-rdt-nixl"]["checks"])
     t = pd.read_parquet(run_dir / "transfers.parquet")
-    assert (t["backend"] == "ray-object-store").all() and set(t["cell_id"]) == {"disaggregated-ray-object-store"}
+    assert set(t["backend"]) == {"ray-object-store", "ray-rdt-nixl"} and t["ok"].all()
+    rdt = t[t["backend"] == "ray-rdt-nixl"]
+    assert (rdt["bytes"] == rdt["analytic_bytes"]).all() and rdt["get_s"].notna().all()
     report = (run_dir / "report.md").read_text()
     assert "Refused cells" in report and "not 'reference'" in report
     assert "disaggregated-nixl-vllm" in report and "nixl-vllm / refused" in report and "ray-object-store / ok" in report
+    assert "ray-rdt-nixl / ok" in report
 
 
 def test_verdict_per_backend_and_the_run_takes_the_worst():

@@ -36,11 +36,15 @@ def test_every_backend_side_implements_the_handoff_interface():
 
 
 def test_the_object_store_moves_reference_and_vllm_kv_and_nixl_only_vllm():
-    assert KV_BACKENDS.names() == ["nixl-vllm", "ray-object-store"]
+    assert KV_BACKENDS.names() == ["nixl-vllm", "ray-object-store", "ray-rdt-nixl"]
     check_backend("ray-object-store", "reference")
     check_backend("ray-object-store", "vllm")
+    check_backend("ray-rdt-nixl", "reference")
+    check_backend("ray-rdt-nixl", "vllm")
     check_backend("nixl-vllm", "vllm")
-    with pytest.raises(ValueError, match=re.escape("ray-object-store KV backend moves the KV of reference or vllm engines, not 'simulated'")):
+    with pytest.raises(
+        ValueError, match=re.escape("ray-object-store KV backend moves the KV of reference or vllm engines, not 'simulated'")
+    ):
         check_backend("ray-object-store", "simulated")
     with pytest.raises(ValueError, match=re.escape("engine.kind: the nixl-vllm KV backend moves the KV of vllm engines, not 'reference'")):
         check_backend("nixl-vllm", "reference")
@@ -49,7 +53,9 @@ def test_the_object_store_moves_reference_and_vllm_kv_and_nixl_only_vllm():
 def test_an_unknown_backend_is_one_line_naming_the_field_and_the_choices():
     with pytest.raises(ConfigError) as e:
         resolve("e3", {"kv_transfer": {"backend": "carrier-pigeon"}})
-    assert "kv_transfer.backend" in str(e.value) and "choose one of: nixl-vllm, ray-object-store" in str(e.value), str(e.value)
+    assert "kv_transfer.backend" in str(e.value) and "choose one of: nixl-vllm, ray-object-store, ray-rdt-nixl" in str(e.value), str(
+        e.value
+    )
     assert resolve("e3", {}).kv_transfer.backend == DEFAULT_BACKEND
 
 
@@ -59,10 +65,42 @@ def test_the_transport_settings_leave_the_backend_name_out():
     assert kv.transport() == KVTransferConfig(put_threads=3)
 
 
+def test_only_the_rdt_backend_moves_its_groups_by_tensor_transport():
+    assert KVHandoffConfig().tensor_transport() is None
+    assert KVHandoffConfig(backend="ray-rdt-nixl").tensor_transport() == "nixl"
+    assert KVHandoffConfig(backend="nixl-vllm").tensor_transport() is None
+
+
+def test_the_vllm_connector_is_told_the_tensor_transport(ray_local):
+    from actors.handoffs.vllm_object_store import connector_config
+
+    engine = EngineConfig(kind="vllm", model="qwen3-8b")
+    rdt = connector_config(engine, KVHandoffConfig(backend="ray-rdt-nixl"), "dir", "run", "cell")["kv_connector_extra_config"]
+    store = connector_config(engine, KVHandoffConfig(), "dir", "run", "cell")["kv_connector_extra_config"]
+    assert rdt["tensor_transport"] == "nixl" and store["tensor_transport"] is None
+    assert "backend" not in rdt["kv_transfer"]  # the connector validates its settings without the backend name
+
+
 # --- refusals: a backend says in one line why it cannot run here -----------------------------------
 def test_refusal_names_the_engine_kind_first_then_what_the_backend_lacks():
     assert refusal("ray-object-store", "reference") is None
     assert refusal("nixl-vllm", "reference") == "engine.kind: the nixl-vllm KV backend moves the KV of vllm engines, not 'reference'"
+
+
+def test_ray_rdt_nixl_runs_wherever_ray_can_start_a_nixl_agent():
+    """nixl is a test dependency: on this CPU box Ray's NIXL transport starts over UCX."""
+    assert refusal("ray-rdt-nixl", "reference") is None
+    assert (
+        refusal("ray-rdt-nixl", "simulated")
+        == "engine.kind: the ray-rdt-nixl KV backend moves the KV of reference or vllm engines, not 'simulated'"
+    )
+
+
+def test_ray_rdt_nixl_refuses_in_one_line_without_nixl(monkeypatch):
+    from actors.handoffs import rdt
+
+    monkeypatch.setattr(rdt.importlib.util, "find_spec", lambda name: None)
+    assert rdt.refusal() == "ray-rdt-nixl: nixl is not installed on this node (pip install nixl; the GPU kit carries it)"
 
 
 def test_nixl_vllm_refuses_on_this_cpu_box_with_its_reason():
@@ -79,8 +117,16 @@ def test_nixl_vllm_is_available_on_a_gpu_node_with_the_kit():
 
 
 # --- nixl-vllm: vLLM's handshake, forwarded by pdbench (a stand-in engine plays vLLM's part) -------
-REMOTE = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[3, 4]], "remote_engine_id": "e/p",
-          "remote_request_id": "r0:prefill-1234abcd", "remote_host": "10.0.0.1", "remote_port": 5601, "tp_size": 1}
+REMOTE = {
+    "do_remote_prefill": True,
+    "do_remote_decode": False,
+    "remote_block_ids": [[3, 4]],
+    "remote_engine_id": "e/p",
+    "remote_request_id": "r0:prefill-1234abcd",
+    "remote_host": "10.0.0.1",
+    "remote_port": 5601,
+    "tp_size": 1,
+}
 
 
 class _FakeVllm:

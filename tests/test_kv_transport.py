@@ -346,8 +346,20 @@ def test_metrics_are_tagged_by_run_cell_and_role(monkeypatch):
     monkeypatch.setattr(accounting, "_metrics", fakes)
     accounting.observe_send(accounting.SendStats("k", 10, 2, 4096, 0.25, 0.5, 0.8, "n1"), "run1", "cellA")
     rec = TransferRecord(
-        "run1", "cellA", "r1", "k", tokens=10, groups=2, bytes=4096, wait_ref_s=0.1, fetch_s=0.2, get_s=0.01,
-        inject_s=0.02, total_s=0.4, stall_s=0.3, ok=True,
+        "run1",
+        "cellA",
+        "r1",
+        "k",
+        tokens=10,
+        groups=2,
+        bytes=4096,
+        wait_ref_s=0.1,
+        fetch_s=0.2,
+        get_s=0.01,
+        inject_s=0.02,
+        total_s=0.4,
+        stall_s=0.3,
+        ok=True,
     )
     accounting.observe_receive(rec)
     assert fakes["bytes"].calls == [
@@ -357,8 +369,14 @@ def test_metrics_are_tagged_by_run_cell_and_role(monkeypatch):
     assert fakes["transfers"].calls == [(1.0, {"run": "run1", "cell": "cellA", "role": "decode", "ok": "true"})]
     stages = {(t["role"], t["stage"]): v for v, t in fakes["stage"].calls}
     assert stages == {
-        ("prefill", "extract"): 0.25, ("prefill", "put"): 0.5, ("decode", "wait_ref"): 0.1, ("decode", "fetch"): 0.2,
-        ("decode", "get"): 0.01, ("decode", "inject"): 0.02, ("decode", "total"): 0.4, ("decode", "stall"): 0.3,
+        ("prefill", "extract"): 0.25,
+        ("prefill", "put"): 0.5,
+        ("decode", "wait_ref"): 0.1,
+        ("decode", "fetch"): 0.2,
+        ("decode", "get"): 0.01,
+        ("decode", "inject"): 0.02,
+        ("decode", "total"): 0.4,
+        ("decode", "stall"): 0.3,
     }
     assert fakes["size"].calls == [(4096.0, {"run": "run1", "cell": "cellA", "role": "decode"})]
 
@@ -385,3 +403,47 @@ def test_metrics_reach_the_ray_metrics_endpoint(directory):
         time.sleep(1)
     assert any('role="prefill"' in line and line.endswith(" 16896.0") for line in found), found
     assert any('role="decode"' in line and line.endswith(" 16896.0") for line in found), found
+
+
+# --- Ray Direct Transport (NIXL): the same pipeline and accounting, the bytes outside the object store
+def _rdt_objects_held() -> int:
+    """RDT objects this process still holds (the sender's side of every NIXL put it made)."""
+    store = ray.worker.global_worker.rdt_manager.rdt_store
+    return sum(1 for q in store._rdt_store.values() if q)
+
+
+@ray.remote(num_cpus=0)
+def _receive_elsewhere(name, k, shapes, dtype, cfg):
+    """A receiver in another process, so NIXL, not the sender's own RDT store, hands over the bytes."""
+    dst = [torch.empty(s, dtype=dtype) for s in shapes]
+    rec = receive(find_directory(name), k, CopyInto(dst), cfg, **IDENT)
+    return rec, dst
+
+
+def test_nixl_tensor_transport_is_bit_exact_accounted_and_freed(directory):
+    src = kv_layers(dtype=torch.bfloat16)
+    k = key()
+    before = _store_bytes_used()
+    sent = publish(directory, k, src, tokens=33, cfg=FAST, tensor_transport="nixl")
+    assert _store_bytes_used() - before < sent.bytes  # descriptors in the object store, not the KV
+    rec, dst = ray.get(_receive_elsewhere.remote(_directory_name(directory), k, [t.shape for t in src], torch.bfloat16, FAST))
+    assert rec.ok, rec.error
+    assert all(torch.equal(a, b) for a, b in zip(src, dst))
+    assert rec.groups == sent.groups == 2 and rec.bytes == sent.bytes == 5 * LAYER_BYTES // 2
+    assert rec.put_s == pytest.approx(sent.put_s) and rec.get_s > 0 and rec.src_node == rec.dst_node
+    assert ray.get(directory.stats.remote())["groups"] == 0
+    deadline = time.monotonic() + 10  # the sender's buffers go once the last reference is gone
+    while _rdt_objects_held() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _rdt_objects_held() == 0
+
+
+def test_nixl_kv_nobody_takes_is_freed_with_its_key(directory):
+    k = key()
+    publish(directory, k, kv_layers(), tokens=33, cfg=FAST, tensor_transport="nixl")
+    assert _rdt_objects_held() > 0
+    ray.get(directory.drop.remote(k))
+    deadline = time.monotonic() + 10
+    while _rdt_objects_held() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _rdt_objects_held() == 0

@@ -39,8 +39,14 @@ def gpu_ray():
 def _engine_cfg() -> dict:
     from actors.engines.spec import EngineConfig
 
-    return EngineConfig(kind="vllm", model=MODEL, dtype="bfloat16", max_model_len=2048, max_batch_size=16,
-                        vllm={"gpu_memory_utilization": 0.5, "enforce_eager": True}).model_dump()
+    return EngineConfig(
+        kind="vllm",
+        model=MODEL,
+        dtype="bfloat16",
+        max_model_len=2048,
+        max_batch_size=16,
+        vllm={"gpu_memory_utilization": 0.5, "enforce_eager": True},
+    ).model_dump()
 
 
 def _requests(vocab_size: int) -> list[dict]:
@@ -49,8 +55,10 @@ def _requests(vocab_size: int) -> list[dict]:
     from workloads.requests import WorkloadSpec, synthetic_requests
 
     spec = WorkloadSpec(num_requests=4, warmup_requests=0, input_len=Fixed(value=300), output_len=Fixed(value=24))
-    return [{"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
-            for r in synthetic_requests(spec, vocab_size, seed=0)]
+    return [
+        {"request_id": r.request_id, "prompt_token_ids": list(r.prompt_token_ids), "max_tokens": r.max_tokens}
+        for r in synthetic_requests(spec, vocab_size, seed=0)
+    ]
 
 
 async def _tokens(stream):
@@ -92,7 +100,9 @@ def _flip(directory, key):
         if meta.index == 0:
             layers[0].view(torch.uint8)[0] ^= 0x40
         buf, _ = pack(layers)
-        assert ray.get(directory.register.remote(key, meta.index, meta.groups, meta, [ray.put(buf.numpy())]))
+        tt = meta.tensor_transport  # the group travels back the way it came: NIXL from a GPU, or plasma bytes
+        ref = ray.put(buf.cuda(), _tensor_transport=tt) if tt else ray.put(buf.numpy())
+        assert ray.get(directory.register.remote(key, meta.index, meta.groups, meta, [ref]))
 
 
 def _tamper(directory, key):
@@ -111,22 +121,25 @@ def _tamper(directory, key):
         assert ray.get(directory.register.remote(key, meta.index, meta.groups, meta, refs))
 
 
-@pytest.mark.parametrize("save", ["after_forward", "layerwise"])
-def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray, save):
+@pytest.mark.parametrize(
+    "save,backend", [("after_forward", "ray-object-store"), ("layerwise", "ray-object-store"), ("after_forward", "ray-rdt-nixl")]
+)
+def test_disaggregated_pair_matches_aggregated_and_uses_the_kv(gpu_ray, save, backend):
+    """pdbench's own connector, its KV as object-store bytes or by Ray Direct Transport (NIXL, GPU to GPU)."""
     import asyncio
 
     import ray
 
     from actors.disaggregated import DecodeActor, PrefillActor
     from actors.engine_actor import EngineActor
+    from actors.handoffs.spec import KVHandoffConfig
     from actors.kv.directory import directory_actor
-    from actors.kv.spec import KVTransferConfig
 
     cfg = _engine_cfg()
-    kv = KVTransferConfig(save=save).model_dump()
-    directory = directory_actor(f"gpu-test-kvdir-{save}")
-    prefill = PrefillActor.options(num_gpus=1).remote(cfg, kv, f"gpu-test-kvdir-{save}", "t", "c")
-    decode = DecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, f"gpu-test-kvdir-{save}", "t", "c")
+    kv = KVHandoffConfig(save=save, backend=backend).model_dump()
+    directory = directory_actor(f"gpu-test-kvdir-{save}-{backend}")
+    prefill = PrefillActor.options(num_gpus=1).remote(cfg, kv, f"gpu-test-kvdir-{save}-{backend}", "t", "c")
+    decode = DecodeActor.options(num_gpus=1).remote(cfg, kv, prefill, f"gpu-test-kvdir-{save}-{backend}", "t", "c")
     p_info, d_info = ray.get([prefill.start.remote(), decode.start.remote()])
     assert p_info["extra"]["weight_checksum"] == d_info["extra"]["weight_checksum"]
     reqs = _requests(d_info["vocab_size"])

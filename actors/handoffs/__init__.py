@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class KVBackend:
     engines: Mapping[str, Callable[[], Sides]]  # engine.kind → loader of its prefill and decode sides
+    # pdbench's own transport only: None moves layer groups as object-store bytes, "nixl" by Ray
+    # Direct Transport (the same sides, accounting and stages; actors/kv/transport.py)
+    tensor_transport: str | None = None
 
     def check(self, name: str, kind: str) -> None:
         problem = self.serves(name, kind)
@@ -46,6 +49,18 @@ def _object_store_vllm() -> Sides:
     return SIDES
 
 
+def _rdt_reference() -> Sides:
+    from actors.handoffs.rdt import REFERENCE_SIDES
+
+    return REFERENCE_SIDES
+
+
+def _rdt_vllm() -> Sides:
+    from actors.handoffs.rdt import VLLM_SIDES
+
+    return VLLM_SIDES
+
+
 def _nixl_vllm() -> Sides:
     from actors.handoffs.nixl_vllm import SIDES
 
@@ -55,6 +70,7 @@ def _nixl_vllm() -> Sides:
 KV_BACKENDS: Registry[KVBackend] = Registry("kv_transfer.backend")
 KV_BACKENDS.add("ray-object-store", KVBackend({"reference": _object_store_reference, "vllm": _object_store_vllm}))
 KV_BACKENDS.add("nixl-vllm", KVBackend({"vllm": _nixl_vllm}))
+KV_BACKENDS.add("ray-rdt-nixl", KVBackend({"reference": _rdt_reference, "vllm": _rdt_vllm}, tensor_transport="nixl"))
 
 
 def check_backend(backend: str, kind: str) -> None:

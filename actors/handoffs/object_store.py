@@ -64,7 +64,16 @@ class ObjectStorePrefill:
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self._pool,
-                lambda: publish(self.directory, key, out.layers, out.num_tokens, ctx.kv, run_id=ctx.run_id, cell_id=ctx.cell_id),
+                lambda: publish(
+                    self.directory,
+                    key,
+                    out.layers,
+                    out.num_tokens,
+                    ctx.kv,
+                    run_id=ctx.run_id,
+                    cell_id=ctx.cell_id,
+                    tensor_transport=ctx.kv.tensor_transport(),
+                ),
             )
         except Exception as e:  # the receiver learns why instead of waiting for its timeout
             await self.directory.fail.remote(key, reason_of(e))

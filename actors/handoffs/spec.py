@@ -25,6 +25,13 @@ class KVHandoffConfig(KVTransferConfig):
             raise ValueError(f"unknown KV transfer backend {name!r}; choose one of: {', '.join(KV_BACKENDS.names())}")
         return name
 
+    def tensor_transport(self) -> str | None:
+        """How the backend's layer groups travel: None, as bytes in the object store; else the Ray
+        Direct Transport that moves them device to device (actors/kv/transport.py)."""
+        from actors.handoffs import KV_BACKENDS
+
+        return KV_BACKENDS.get(self.backend).tensor_transport
+
     def transport(self) -> KVTransferConfig:
         """The transport's own settings, for code that validates them on their own (the vLLM connector)."""
         return KVTransferConfig.model_validate(self.model_dump(include=set(KVTransferConfig.model_fields)))

@@ -61,6 +61,8 @@ def connector_config(
             # The decode engine receives: it registers the object store with CUDA at start-up.
             "receiver": role == "decode",
             "kv_transfer": transport.model_dump(),
+            # Ray Direct Transport instead of object-store bytes (backend ray-rdt-nixl), or None.
+            "tensor_transport": kv.tensor_transport() if isinstance(kv, KVHandoffConfig) else None,
             "kv_bytes_per_token": arch_kv_bytes_per_token(architecture(raw), cfg.dtype) if raw else None,
         },
     }

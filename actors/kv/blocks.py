@@ -188,6 +188,7 @@ class BlockInjector(Injector):
         self.layers = len(self.caches)
         self.dim = dim
         device = self.caches[0].device
+        self.device = device
         self.stream = None
         self.h2d = None
         self.registration = registration
@@ -230,7 +231,8 @@ class BlockInjector(Injector):
 
     def group(self, flat: torch.Tensor, meta: Any) -> None:
         reg = self.registration
-        if self.stream is None or reg is None or not reg.covers(flat.data_ptr(), flat.numel()):
+        on_device = flat.is_cuda  # a tensor transport (NIXL) read it onto this GPU already
+        if self.stream is None or not (on_device or (reg is not None and reg.covers(flat.data_ptr(), flat.numel()))):
             super().group(flat, meta)
             return
         from actors.kv.transport import unpack
@@ -238,15 +240,18 @@ class BlockInjector(Injector):
         layers = enumerate(zip(meta.shapes, meta.dtypes, strict=True))
         dsts = [self._check(meta.first_layer + j, shape, getattr(torch, dt)) for j, (shape, dt) in layers]
         with torch.cuda.stream(self.stream):
-            dev = torch.empty(flat.numel(), dtype=torch.uint8, device=self.idx.device)
-            dev.copy_(flat, non_blocking=True)  # a DMA: the store's pages are registered
+            dev = flat
+            if not on_device:
+                dev = torch.empty(flat.numel(), dtype=torch.uint8, device=self.idx.device)
+                dev.copy_(flat, non_blocking=True)  # a DMA: the store's pages are registered
             for dst, layer in zip(dsts, unpack(dev, meta), strict=True):
                 dst.index_copy_(self.dim, self.idx, layer)
             done = torch.cuda.Event()
             done.record(self.stream)
         self._held = [(e, f) for e, f in self._held if not e.query()]
         self._held.append((done, flat))
-        self.direct += 1
+        if not on_device:
+            self.direct += 1
         self._seen.update(range(meta.first_layer, meta.first_layer + len(meta.shapes)))
         self._expect(meta)
 

@@ -53,8 +53,10 @@ class ConnectorWorker:
         kv_bytes_per_token: int | None = None,
         registration: Callable[[], Any] = lambda: None,
         store: dict[str, Any] | None = None,
+        tensor_transport: str | None = None,
     ):
         self.cfg = cfg
+        self.tensor_transport = tensor_transport  # None: KV bytes through the object store; "nixl": Ray Direct Transport
         self.directory = directory
         self.run_id, self.cell_id, self.engine = run_id, cell_id, engine
         self.kv_bytes_per_token = kv_bytes_per_token
@@ -245,7 +247,17 @@ class ConnectorWorker:
                             release()
                         return ts
 
-                    publish(self.directory, t.key, gather.layers, t.tokens, self.cfg, run_id=self.run_id, cell_id=self.cell_id, ready=ready)
+                    publish(
+                        self.directory,
+                        t.key,
+                        gather.layers,
+                        t.tokens,
+                        self.cfg,
+                        run_id=self.run_id,
+                        cell_id=self.cell_id,
+                        ready=ready,
+                        tensor_transport=self.tensor_transport,
+                    )
                     return
                 stream = torch.cuda.Stream(self.caches[0].device) if ev is not None else None
                 if ev is not None:
@@ -256,7 +268,17 @@ class ConnectorWorker:
                     if stream is not None:
                         stream.synchronize()
                     release()  # the gathered copy holds the KV: vLLM may reuse the blocks
-                    publish(self.directory, t.key, layers, t.tokens, self.cfg, run_id=self.run_id, cell_id=self.cell_id, ready_ts=ready_ts)
+                    publish(
+                        self.directory,
+                        t.key,
+                        layers,
+                        t.tokens,
+                        self.cfg,
+                        run_id=self.run_id,
+                        cell_id=self.cell_id,
+                        ready_ts=ready_ts,
+                        tensor_transport=self.tensor_transport,
+                    )
         except Exception as e:  # the decode side learns why from the directory and recomputes
             log.warning("pdbench: KV save %s failed: %s", t.key, reason_of(e))
             self.directory.fail.remote(t.key, reason_of(e))

@@ -10,6 +10,14 @@ registered), then per group `ray.wait(fetch_local=True)` to make the bytes local
 apart from deserialising), `ray.get` (get; zero-copy on the same node), copy each layer into the
 engine's memory (inject; into a GPU through pinned staging, actors/kv/staging.py).
 
+With a tensor transport (`tensor_transport="nixl"`: Ray Direct Transport, the `ray-rdt-nixl`
+backend) a group is packed into a fresh buffer on the KV's own device (a GPU-to-GPU gather, no
+host copy), `ray.put(..., _tensor_transport="nixl")` leaves the bytes where they are and puts only
+their NIXL descriptors into the object store, and the receiver's `ray.get` reads them with NIXL
+(UCX: CUDA IPC or NVLink between GPUs of one host, RDMA across hosts) straight into a buffer on its
+own device. The stages and their names stay the same: put_s includes NIXL's memory registration,
+get_s the NIXL read. The sender's buffer lives until the last reference to its object is gone.
+
 A group travels as one flat uint8 array plus the layers' offsets, shapes and dtypes: the bytes move
 unchanged whatever the dtype (bfloat16 and float8, which numpy lacks, included), and Ray serialises
 one buffer per object (each extra out-of-band buffer costs about a millisecond: on a 2-core box one
@@ -31,6 +39,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.experimental import set_target_device_for_ref
 
 from actors.kv.accounting import SendStats, TransferRecord, observe_receive, observe_send
 from actors.kv.spec import KVTransferConfig
@@ -61,6 +70,7 @@ class GroupMeta:
     src_node: str
     checksum: int | None = None  # kv_checksum of the group's layers on the sender (None: not computed)
     ready_ts: float | None = None  # sender's CLOCK_MONOTONIC when the KV was ready (host-wide on Linux)
+    tensor_transport: str | None = None  # None: the bytes are the object; "nixl": Ray Direct Transport
 
 
 _CHECKSUM_CHUNK = 1 << 22  # int32 words per step: bounds the int64 temporaries (32 MiB each)
@@ -115,6 +125,7 @@ class Injector:
     each group's checksum (when the sender sent one) with the bytes that `landed` holds."""
 
     layers: int
+    device: torch.device  # where a group that travels by tensor transport is fetched to
     direct = 0  # groups copied straight from registered object-store memory (BlockInjector on a GPU)
 
     def __init__(self) -> None:
@@ -177,6 +188,7 @@ class CopyInto(Injector):
         super().__init__()
         self.dsts = list(dsts)
         self.layers = len(self.dsts)
+        self.device = self.dsts[0].device if self.dsts else torch.device("cpu")
         gpus = {d.device for d in self.dsts if d.is_cuda}
         self._h2d = {dev: host_to_device(dev, threads) for dev in gpus}
         for h in self._h2d.values():
@@ -188,7 +200,9 @@ class CopyInto(Injector):
         dst = self.dsts[layer]
         if dst.shape != host.shape or dst.dtype != host.dtype:
             raise ValueError(f"layer {layer}: received {tuple(host.shape)} {host.dtype}, destination is {tuple(dst.shape)} {dst.dtype}")
-        if dst.is_cuda:
+        if host.device == dst.device:  # a tensor transport brought it here already
+            dst.copy_(host)
+        elif dst.is_cuda:
             h2d = self._h2d[dst.device]
             staged = h2d.upload(host)
             with torch.cuda.stream(h2d.stream):
@@ -203,6 +217,20 @@ class CopyInto(Injector):
     def settle(self) -> None:
         for h in self._h2d.values():
             h.synchronize()
+
+
+_RDT_STREAMS: dict[torch.device, Any] = {}
+
+
+def _quiet_rdt_stream(device: torch.device) -> None:
+    """Give Ray's NIXL transport a stream of its own to synchronise before it registers a buffer.
+    Without one it synchronises the whole device, i.e. waits for the engine's next forward pass;
+    the sender has already waited for its own copies, so an idle stream is all there is to wait for."""
+    if device not in _RDT_STREAMS:
+        from ray.experimental import set_nixl_cuda_stream
+
+        _RDT_STREAMS[device] = torch.cuda.Stream(device)
+        set_nixl_cuda_stream(_RDT_STREAMS[device])
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -251,8 +279,11 @@ def pack(layers: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> tup
     return buf, offsets
 
 
-def as_bytes(buf: np.ndarray) -> torch.Tensor:
-    """An object-store buffer as a flat uint8 tensor over the same (read-only) memory."""
+def as_bytes(buf: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """An object-store buffer as a flat uint8 tensor over the same (read-only) memory; a group
+    that came by tensor transport is that tensor already."""
+    if isinstance(buf, torch.Tensor):
+        return buf
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only numpy memory
         return torch.from_numpy(buf)
@@ -303,16 +334,22 @@ class _Sender:
         tokens: int,
         ready_ts: float | None,
         ready: Callable[[int], float] | None = None,
+        tensor_transport: str | None = None,
     ):
         self.directory, self.key, self.layers, self.cfg, self.tokens, self.ready_ts = directory, key, layers, cfg, tokens, ready_ts
         self.ready = ready
+        self.tensor_transport = tensor_transport
         self.group_ready: dict[int, float] = {}
         self.spans = layer_groups(layers, cfg.max_group_bytes)
         self.pinned = any(t.is_cuda for t in layers)
         self.overlap = self.pinned and len(self.spans) > 1
         nbuf = min(len(self.spans), cfg.put_threads + (1 if self.overlap else 0))
         size = max(layout(layers[a:b])[1] for a, b in self.spans)
-        self.staging = [STAGING.take(size, self.pinned) for _ in range(nbuf)]
+        # A tensor transport keeps each group's buffer until its object is freed: a fresh one per
+        # group, on the KV's device; the object store copies out of reused host staging.
+        self.staging = [] if tensor_transport else [STAGING.take(size, self.pinned) for _ in range(nbuf)]
+        if tensor_transport and self.pinned:
+            _quiet_rdt_stream(layers[0].device)
         pooled = (cfg.put_threads > 1 or ready is not None) and len(self.spans) > 1
         self.pool = ThreadPoolExecutor(cfg.put_threads, thread_name_prefix="pdbench-put") if pooled else None
         self.copies: dict[int, tuple[torch.Tensor, tuple[int, ...], list[Any], float]] = {}
@@ -347,10 +384,14 @@ class _Sender:
         if self.ready is not None:  # waiting for the forward pass is not extraction
             self.group_ready[gi] = self.ready(self.spans[gi][1])
         t0 = time.perf_counter()
-        if gi - len(self.staging) in self.puts:
-            self.puts[gi - len(self.staging)].result()  # its buffer is ours again
         a, b = self.spans[gi]
-        self.copies[gi] = (*_pack_start(self.layers[a:b], self.staging[gi % len(self.staging)]), time.perf_counter() - t0)
+        if self.tensor_transport:
+            out = torch.empty(layout(self.layers[a:b])[1], dtype=torch.uint8, device=self.layers[a].device)
+        else:
+            if gi - len(self.staging) in self.puts:
+                self.puts[gi - len(self.staging)].result()  # its buffer is ours again
+            out = self.staging[gi % len(self.staging)]
+        self.copies[gi] = (*_pack_start(self.layers[a:b], out), time.perf_counter() - t0)
 
     def _put(self, gi: int, buf: torch.Tensor, offsets: tuple[int, ...], extract_s: float, checksum: int | None) -> None:
         first, end = self.spans[gi]
@@ -358,7 +399,7 @@ class _Sender:
 
         def put() -> tuple[GroupMeta, Any]:
             t1 = time.perf_counter()
-            ref = ray.put(buf.numpy())
+            ref = ray.put(buf, _tensor_transport=self.tensor_transport) if self.tensor_transport else ray.put(buf.numpy())
             t2 = time.perf_counter()
             meta = GroupMeta(
                 index=gi,
@@ -375,6 +416,7 @@ class _Sender:
                 src_node=self.src_node,
                 checksum=checksum,
                 ready_ts=self.group_ready.get(gi, self.ready_ts),
+                tensor_transport=self.tensor_transport,
             )
             return meta, self.directory.register.remote(self.key, gi, len(self.spans), meta, [ref])
 
@@ -411,6 +453,7 @@ def publish(
     cell_id: str = "",
     ready_ts: float | None = None,
     ready: Callable[[int], float] | None = None,
+    tensor_transport: str | None = None,
 ) -> SendStats:
     """Put `layers` (one request's KV, one tensor per layer) into the object store under `key`.
 
@@ -420,9 +463,10 @@ def publish(
     sees that). `ready_ts` (CLOCK_MONOTONIC) is when the KV was complete on the sender; it travels
     with every group so a receiver on the same host can time KV ready → KV injected. With `ready`,
     `layers` are still being written: `ready(end)` blocks until layers [0, end) hold their KV and
-    returns when they did, each group's own ready time (the last group's is the KV's).
+    returns when they did, each group's own ready time (the last group's is the KV's). With
+    `tensor_transport` ("nixl") the groups travel by Ray Direct Transport (module docstring).
     """
-    sender = _Sender(directory, key, layers, cfg, tokens, ready_ts, ready)
+    sender = _Sender(directory, key, layers, cfg, tokens, ready_ts, ready, tensor_transport)
     try:
         sent = sender.run()
     finally:
@@ -514,6 +558,9 @@ class _Receiver:
         `ray.get` (each is a round trip to the raylet, ~0.7 ms per object on a 2-core box when made
         group by group), then injected in order, each group's bytes released once injected."""
         refs = [r for _, rs in batch for r in rs]
+        for meta, rs in batch:
+            if meta.tensor_transport:  # NIXL reads the bytes straight onto the engine's device
+                set_target_device_for_ref(rs[0], str(self.inject.device))
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.fetch_timeout_s, fetch_local=True)
         self.lap("fetch_s")
         if len(ready) < len(refs):

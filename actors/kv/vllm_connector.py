@@ -122,9 +122,13 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         if not ray.is_initialized():
             ray.init(address=self.extra["ray_address"], namespace=NAMESPACE, log_to_driver=False)
         cfg = KVTransferConfig.model_validate(self.extra.get("kv_transfer", {}))
-        registers = self.extra.get("receiver", False) and cfg.host_to_device == "registered" and caches[0].is_cuda
+        # With a tensor transport the KV never enters the object store's memory: nothing to register or fault in.
+        tensor_transport = self.extra.get("tensor_transport")
+        registers = self.extra.get("receiver", False) and cfg.host_to_device == "registered" and caches[0].is_cuda and not tensor_transport
         store: dict[str, Any] = {}
-        if registers:  # once per process, before the first request (seconds for a large store)
+        if tensor_transport:
+            store = {"tensor_transport": tensor_transport}
+        elif registers:  # once per process, before the first request (seconds for a large store)
             reg = plasma.registered()
             store = {"registered_s": reg.seconds if reg else None, "registration_error": plasma.registration_error()}
         elif not self.extra.get("receiver", False):  # the sender's puts must not fault pages in
@@ -138,6 +142,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
             kv_bytes_per_token=self.extra.get("kv_bytes_per_token"),
             registration=plasma.registered if registers else (lambda: None),
             store=store,
+            tensor_transport=tensor_transport,
         )
         self.worker.register(caches, dim)
         log.info("pdbench connector: %d KV layers %s, blocks on dim %d", len(caches), tuple(caches[0].shape), dim)
