@@ -33,9 +33,11 @@ MODULES = (
     "vllm.entrypoints.openai.api_server",
     "vllm.benchmarks.serve",
     "vllm.benchmarks.datasets",
-    # NIXL, for the nixl-vllm KV backend: vLLM's NixlConnector and the nixl API it loads.
+    # NIXL, for the nixl-vllm KV backend: vLLM's NixlConnector and the nixl API it loads ...
     "nixl._api",
     "vllm.distributed.kv_transfer.kv_connector.v1.nixl",
+    # ... and for the ray-rdt-nixl backend: Ray Direct Transport's NIXL transport.
+    "ray.experimental.rdt.nixl_tensor_transport",
     # pdbench
     "cluster.cli",
     "cluster.serve",
