@@ -20,7 +20,7 @@ from actors.engines.batching import BatchingEngine, Prefilled
 from actors.handoffs.base import Handoff, Outcome, PairContext, PrefillReply, Sides
 from actors.kv.accounting import TransferRecord
 from actors.kv.directory import find_directory
-from actors.kv.transport import CopyInto, publish, reason_of, receive
+from actors.kv.transport import CopyInto, publish, reason_of, receive, start_tensor_transport
 
 # Publishing and receiving block (ray.put, ray.get, waits on the directory), so they run in
 # threads; one per request in flight, lest a waiting receive hold up another request's transfer.
@@ -50,6 +50,7 @@ class ObjectStorePrefill:
     async def start(self) -> EngineInfo:
         info = await self.engine.start()
         self.directory = find_directory(self.ctx.directory)
+        start_tensor_transport(self.ctx.kv.tensor_transport())
         return info
 
     async def prefill(self, req: EngineRequest, key: str) -> PrefillReply:
@@ -98,6 +99,7 @@ class ObjectStoreDecode:
         info = await self.engine.start()
         self.kv_bytes_per_token = info.kv_bytes_per_token
         self.directory = find_directory(self.ctx.directory)
+        start_tensor_transport(self.ctx.kv.tensor_transport())
         return info
 
     def overlaps_prefill(self, req: EngineRequest) -> bool:

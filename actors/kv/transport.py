@@ -222,6 +222,19 @@ class CopyInto(Injector):
 _RDT_STREAMS: dict[torch.device, Any] = {}
 
 
+def start_tensor_transport(name: str | None) -> None:
+    """Build Ray's NIXL agent now, on the calling thread, before transfers run in many threads.
+
+    Ray 2.60 builds it lazily on first use without a lock: on 2x H200 the decode engine's first
+    concurrent receives built four agents, registered buffers with one and read or deregistered
+    through another (NIXL_ERR_NOT_FOUND), and a quarter of the transfers failed."""
+    if name == "nixl":
+        from ray.experimental.rdt.util import get_tensor_transport_manager
+
+        manager: Any = get_tensor_transport_manager("NIXL")  # its NIXL class; the declared type is the base
+        manager.get_nixl_agent()
+
+
 def _quiet_rdt_stream(device: torch.device) -> None:
     """Give Ray's NIXL transport a stream of its own to synchronise before it registers a buffer.
     Without one it synchronises the whole device, i.e. waits for the engine's next forward pass;

@@ -111,6 +111,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         from actors.kv.directory import NAMESPACE, find_directory
         from actors.kv.jobs import ConnectorWorker
         from actors.kv.spec import KVTransferConfig
+        from actors.kv.transport import start_tensor_transport
 
         # Layers come in model order; both engines of a pair build the same model.
         caches = list(kv_caches.values())
@@ -127,6 +128,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         registers = self.extra.get("receiver", False) and cfg.host_to_device == "registered" and caches[0].is_cuda and not tensor_transport
         store: dict[str, Any] = {}
         if tensor_transport:
+            start_tensor_transport(tensor_transport)
             store = {"tensor_transport": tensor_transport}
         elif registers:  # once per process, before the first request (seconds for a large store)
             reg = plasma.registered()
