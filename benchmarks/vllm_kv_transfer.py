@@ -202,6 +202,7 @@ def run_all(args: argparse.Namespace) -> dict[str, list[dict] | str]:
 
 
 def summarise(backend: str, rows: list[dict], base_s: float, peer_s: float | None) -> dict:
+    rows = [r for r in rows if r["ok"]] or rows  # the times of transfers that happened (failures: `failed`)
     times = [t for r in rows if (t := path_s(backend, r)) is not None]
     path = statistics.median(times) if times else None
     nbytes = int(statistics.median(r["bytes"] if r.get("bytes") is not None else r["analytic_bytes"] for r in rows))
@@ -240,10 +241,10 @@ def main() -> int:
     runs = run_all(args)
     ray.shutdown()
     measured = {b: rows for b, rows in runs.items() if isinstance(rows, list)}
+    # Failed transfers are a result too: printed, kept in the JSON (per_request, failed), exit 1 at the end.
     bad = {b: [r["error"] for r in rows if not r["ok"]] for b, rows in measured.items()}
     if any(bad.values()):
         print("failed transfers:", {b: e for b, e in bad.items() if e})
-        return 1
     any_rows = next((rows for rows in measured.values() if rows), None)
     nbytes = int(any_rows[0]["bytes"] or any_rows[0]["analytic_bytes"]) if any_rows else 0
     base_s = pinned_copy_s(nbytes) if nbytes else None
@@ -263,6 +264,7 @@ def main() -> int:
         "peer_copy_s": peer_s,
         "peer_gb_s": nbytes / peer_s / 1e9 if peer_s else None,
         "backends": {b: summarise(b, rows, base_s, peer_s) if isinstance(rows, list) else {"refused": rows} for b, rows in runs.items()},
+        "failed": bad,
     }
     print(json.dumps(res, indent=2))
     if base_s:
@@ -285,7 +287,7 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
-    return 0
+    return 1 if any(bad.values()) else 0
 
 
 if __name__ == "__main__":

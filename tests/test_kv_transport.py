@@ -1,6 +1,7 @@
 """The KV transport on a real local Ray: bytes arrive unchanged, every failure is a recorded reason,
 and nothing stays behind in the directory or the object store."""
 
+import asyncio
 import dataclasses
 import secrets
 import sys
@@ -447,3 +448,75 @@ def test_nixl_kv_nobody_takes_is_freed_with_its_key(directory):
     while _rdt_objects_held() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _rdt_objects_held() == 0
+
+
+@ray.remote(num_cpus=0)
+class PoolSender:
+    """A sender process of its own, so its NIXL pool (one per process, made at the first put) has
+    the size this test gives it. Like the reference pair's prefill actor, it publishes in a thread
+    while its event loop stays free: Ray frees an actor's RDT objects with a task on the actor."""
+
+    def __init__(self):
+        self.one_at_a_time = asyncio.Lock()  # as one engine's prompts: each publish is whole before the next
+
+    async def publish(self, directory_name, k, cfg):
+        def send():
+            publish(find_directory(directory_name), k, kv_layers(), tokens=33, cfg=cfg, tensor_transport="nixl")
+
+        try:
+            async with self.one_at_a_time:
+                await asyncio.to_thread(send)
+            return None
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+
+def test_a_put_into_a_full_nixl_pool_waits_for_room_until_its_deadline(monkeypatch):
+    """Receivers free pool blocks as they take their groups: a full pool is waited out, not failed at once."""
+    from actors.kv import rdt
+
+    class NixlOutOfMemoryError(RuntimeError):
+        pass
+
+    calls = []
+
+    def put(value, _tensor_transport=None):
+        calls.append(_tensor_transport)
+        if len(calls) < 3:
+            raise NixlOutOfMemoryError("NIXL memory pool out of memory: cannot allocate 1 tensor(s)")
+        return "ref"
+
+    monkeypatch.setattr(rdt, "_prepare", lambda device, pool_bytes: None)
+    monkeypatch.setattr(rdt.ray, "put", put)
+    assert rdt.put(torch.zeros(4), 2**20, time.monotonic() + 5) == "ref" and calls == ["nixl"] * 3
+    calls.clear()
+    with pytest.raises(NixlOutOfMemoryError):
+        rdt.put(torch.zeros(4), 2**20, time.monotonic() - 1)  # past its deadline: the reason goes to the receiver
+    monkeypatch.setattr(rdt.ray, "put", lambda value, _tensor_transport=None: (_ for _ in ()).throw(ValueError("other")))
+    with pytest.raises(ValueError, match="other"):
+        rdt.put(torch.zeros(4), 2**20, time.monotonic() + 5)  # anything else is not waited out
+
+
+def test_a_nixl_pool_that_stays_full_fails_the_send_with_its_reason(directory):
+    name = _directory_name(directory)
+    cfg = FAST.model_copy(update={"rdt_pool_bytes": 2**20, "ref_timeout_s": 0.5})
+    sender = PoolSender.remote()
+    keys = [key() for _ in range(2 + 2**20 // (5 * LAYER_BYTES))]
+    errors = ray.get([sender.publish.remote(name, k, cfg) for k in keys])
+    assert None in errors and any(e and "out of memory" in e for e in errors), errors  # some fit, the rest gave up
+    for k in keys:
+        ray.get(directory.drop.remote(k))
+    ray.kill(sender)
+
+
+def test_a_failure_reason_keeps_the_cause_ray_puts_on_later_lines():
+    from actors.kv.transport import reason_of
+
+    e = RuntimeError(
+        "The NIXL transfer failed for object id: 00ab.\nThe exception thrown from nixl transfer was:\n  NIXL_ERR_REMOTE_DISCONNECT\n"
+    )
+    assert (
+        reason_of(e)
+        == "RuntimeError: The NIXL transfer failed for object id: 00ab. The exception thrown from nixl transfer was: NIXL_ERR_REMOTE_DISCONNECT"
+    )
+    assert len(reason_of(RuntimeError("x" * 5000))) == 600

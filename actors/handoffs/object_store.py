@@ -20,7 +20,8 @@ from actors.engines.batching import BatchingEngine, Prefilled
 from actors.handoffs.base import Handoff, Outcome, PairContext, PrefillReply, Sides
 from actors.kv.accounting import TransferRecord
 from actors.kv.directory import find_directory
-from actors.kv.transport import CopyInto, publish, reason_of, receive, start_tensor_transport
+from actors.kv.rdt import start_tensor_transport
+from actors.kv.transport import CopyInto, publish, reason_of, receive
 
 # Publishing and receiving block (ray.put, ray.get, waits on the directory), so they run in
 # threads; one per request in flight, lest a waiting receive hold up another request's transfer.

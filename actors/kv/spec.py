@@ -73,6 +73,14 @@ class KVTransferConfig(BaseModel):
         "only the last group's path is left when the pass ends (the prefill engine's CUDA graphs become "
         "piecewise, as vLLM requires of layer-by-layer connectors)",
     )
+    rdt_pool_bytes: int = Field(
+        default=2 * 2**30,
+        ge=2**20,
+        description="kv_transfer.backend ray-rdt-nixl: the memory each sender registers with NIXL once, on its KV's "
+        "device (a GPU, or host memory for CPU engines), that layer groups are copied into until their receiver "
+        "took them; a put waits while it is full. Registering each buffer on its own, as before, failed every "
+        "8K-token transfer on 2x H200",
+    )
     gil_switch_interval_ms: float = Field(
         default=0.5,
         gt=0,

@@ -15,8 +15,9 @@ backend) a group is packed into a fresh buffer on the KV's own device (a GPU-to-
 host copy), `ray.put(..., _tensor_transport="nixl")` leaves the bytes where they are and puts only
 their NIXL descriptors into the object store, and the receiver's `ray.get` reads them with NIXL
 (UCX: CUDA IPC or NVLink between GPUs of one host, RDMA across hosts) straight into a buffer on its
-own device. The stages and their names stay the same: put_s includes NIXL's memory registration,
-get_s the NIXL read. The sender's buffer lives until the last reference to its object is gone.
+own device (actors/kv/rdt.py: one agent and one registered pool per process). The stages and their
+names stay the same: put_s includes the copy into the pool, get_s the NIXL read. The pool's block
+is free again once the last reference to its object is gone.
 
 A group travels as one flat uint8 array plus the layers' offsets, shapes and dtypes: the bytes move
 unchanged whatever the dtype (bfloat16 and float8, which numpy lacks, included), and Ray serialises
@@ -41,11 +42,12 @@ import ray
 import torch
 from ray.experimental import set_target_device_for_ref
 
+from actors.kv import rdt
 from actors.kv.accounting import SendStats, TransferRecord, observe_receive, observe_send
 from actors.kv.spec import KVTransferConfig
 from actors.kv.staging import STAGING, host_to_device
 
-_ERROR_CHARS = 300
+_ERROR_CHARS = 600
 
 
 class KVUnavailable(RuntimeError):
@@ -219,33 +221,6 @@ class CopyInto(Injector):
             h.synchronize()
 
 
-_RDT_STREAMS: dict[torch.device, Any] = {}
-
-
-def start_tensor_transport(name: str | None) -> None:
-    """Build Ray's NIXL agent now, on the calling thread, before transfers run in many threads.
-
-    Ray 2.60 builds it lazily on first use without a lock: on 2x H200 the decode engine's first
-    concurrent receives built four agents, registered buffers with one and read or deregistered
-    through another (NIXL_ERR_NOT_FOUND), and a quarter of the transfers failed."""
-    if name == "nixl":
-        from ray.experimental.rdt.util import get_tensor_transport_manager
-
-        manager: Any = get_tensor_transport_manager("NIXL")  # its NIXL class; the declared type is the base
-        manager.get_nixl_agent()
-
-
-def _quiet_rdt_stream(device: torch.device) -> None:
-    """Give Ray's NIXL transport a stream of its own to synchronise before it registers a buffer.
-    Without one it synchronises the whole device, i.e. waits for the engine's next forward pass;
-    the sender has already waited for its own copies, so an idle stream is all there is to wait for."""
-    if device not in _RDT_STREAMS:
-        from ray.experimental import set_nixl_cuda_stream
-
-        _RDT_STREAMS[device] = torch.cuda.Stream(device)
-        set_nixl_cuda_stream(_RDT_STREAMS[device])
-
-
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
@@ -361,8 +336,6 @@ class _Sender:
         # A tensor transport keeps each group's buffer until its object is freed: a fresh one per
         # group, on the KV's device; the object store copies out of reused host staging.
         self.staging = [] if tensor_transport else [STAGING.take(size, self.pinned) for _ in range(nbuf)]
-        if tensor_transport and self.pinned:
-            _quiet_rdt_stream(layers[0].device)
         pooled = (cfg.put_threads > 1 or ready is not None) and len(self.spans) > 1
         self.pool = ThreadPoolExecutor(cfg.put_threads, thread_name_prefix="pdbench-put") if pooled else None
         self.copies: dict[int, tuple[torch.Tensor, tuple[int, ...], list[Any], float]] = {}
@@ -412,7 +385,10 @@ class _Sender:
 
         def put() -> tuple[GroupMeta, Any]:
             t1 = time.perf_counter()
-            ref = ray.put(buf, _tensor_transport=self.tensor_transport) if self.tensor_transport else ray.put(buf.numpy())
+            if self.tensor_transport:
+                ref = rdt.put(buf, self.cfg.rdt_pool_bytes, time.monotonic() + self.cfg.ref_timeout_s)
+            else:
+                ref = ray.put(buf.numpy())
             t2 = time.perf_counter()
             meta = GroupMeta(
                 index=gi,
@@ -504,9 +480,10 @@ def publish(
 
 
 def reason_of(e: BaseException) -> str:
-    """One line naming an exception, short enough for a parquet column."""
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}"[:_ERROR_CHARS]
+    """One line naming an exception, short enough for a parquet column. Its lines are joined: Ray's
+    NIXL errors put the cause on the lines after "The exception thrown from nixl transfer was:"."""
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+    return f"{type(e).__name__}: {text}"[:_ERROR_CHARS]
 
 
 class Cancelled(KVUnavailable):

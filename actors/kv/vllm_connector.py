@@ -110,8 +110,8 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
         from actors.kv import plasma
         from actors.kv.directory import NAMESPACE, find_directory
         from actors.kv.jobs import ConnectorWorker
+        from actors.kv.rdt import start_tensor_transport
         from actors.kv.spec import KVTransferConfig
-        from actors.kv.transport import start_tensor_transport
 
         # Layers come in model order; both engines of a pair build the same model.
         caches = list(kv_caches.values())

@@ -1,0 +1,78 @@
+"""Ray Direct Transport (NIXL) for the KV transport: one agent, one registered pool per device.
+
+The bytes of a layer group stay on the sender's device; `ray.put(..., _tensor_transport="nixl")`
+puts their NIXL descriptors into the object store and the receiver's `ray.get` reads them with
+NIXL. Three things Ray 2.60 leaves to the caller, each learnt on 2x H200:
+- the NIXL agent is built lazily without a lock, so threads that put or get at once each built
+  one (`start_tensor_transport` builds it up front, on one thread);
+- without a pool every put registers its buffer with NIXL and every free deregisters it, which
+  changes the agent's metadata while receivers read other buffers of the same agent, and with the
+  caching allocator a new buffer may sit where a deregistered one was. Every 8K-token transfer
+  (19 groups) failed that way or some related way ("The NIXL transfer failed"), unverified which;
+  a pool registered once (`register_nixl_memory_pool`) keeps the registrations fixed: a put copies
+  the group into it (a device-local copy), and the block returns when the object is freed;
+- before registering, Ray synchronises the whole device unless given a stream: the engine's
+  forward pass would hold every put.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Any
+
+import ray
+import torch
+
+_lock = threading.Lock()
+_pools: set[torch.device] = set()
+_streams: dict[torch.device, Any] = {}
+_FULL_POLL_S = 0.002
+
+
+def start_tensor_transport(name: str | None) -> None:
+    """Build Ray's NIXL agent now, on the calling thread, before transfers run in many threads."""
+    if name == "nixl":
+        from ray.experimental.rdt.util import get_tensor_transport_manager
+
+        manager: Any = get_tensor_transport_manager("NIXL")  # its NIXL class; the declared type is the base
+        manager.get_nixl_agent()
+
+
+def _prepare(device: torch.device, pool_bytes: int) -> Any:
+    """This process's pool on `device` (one per process: Ray keeps one) and, on a GPU, the stream
+    its copies run on; created once."""
+    with _lock:
+        if device not in _pools:
+            from ray.experimental import register_nixl_memory_pool, set_nixl_cuda_stream
+
+            if _pools:
+                raise RuntimeError(f"Ray keeps one NIXL pool per process: it is on {next(iter(_pools))}, not {device}")
+            register_nixl_memory_pool(pool_bytes, device)
+            _pools.add(device)
+            if device.type == "cuda":
+                _streams[device] = torch.cuda.Stream(device)
+                set_nixl_cuda_stream(_streams[device])
+        return _streams.get(device)
+
+
+def _pool_full(e: BaseException) -> bool:
+    return type(e).__name__ == "NixlOutOfMemoryError" or "memory pool out of memory" in str(e)
+
+
+def put(buf: torch.Tensor, pool_bytes: int, deadline: float) -> Any:
+    """`ray.put` of one packed group by NIXL, through the pool; waits (until the monotonic
+    `deadline`) while the pool is full, since receivers free blocks as they take their groups."""
+    stream = _prepare(buf.device, pool_bytes)
+    while True:
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                ref = ray.put(buf, _tensor_transport="nixl")
+            if stream is not None:
+                stream.synchronize()  # the copy into the pool is done before anyone can read it
+            return ref
+        except Exception as e:
+            if not _pool_full(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(_FULL_POLL_S)
