@@ -74,3 +74,20 @@ def test_serve_overhead_benchmark_reports_every_layer_and_hop():
     assert out["hops_ms"]["ray actor hop (actor)"] == rows["actor"]["overhead_p50_ms"]
     assert out["serve_overhead_ratio_to_default_thread"] > 0
     assert out["in_process_ms"]["tokenize_ms"] > 0 and out["evidence"].startswith("simulated")
+
+
+def test_put_gil_benchmark_measures_the_loop_beside_each_copy(tmp_path):
+    out_file = tmp_path / "pg.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "put_gil.py"), "--mib", "4", "--seconds", "0.3", "--json", str(out_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(out_file.read_text())
+    assert set(out) >= {"alone", "ray_put", "ray_put_other_process", "np_copyto"} and out["mib"] == 4
+    assert out["ray_put"]["ops"] > 0 and out["np_copyto"]["ops"] > 0  # the copies ran beside the loop
+    assert all(0 <= out[k]["held_share"] <= 1 and out[k]["longest_gap_ms"] > 0 for k in ("alone", "ray_put", "np_copyto"))
+    assert "longest gap beside ray.put / in another process beside it" in proc.stdout
