@@ -226,6 +226,20 @@ class ConnectorWorker:
                 self._loads_done[t.request_id] = bad
         self.directory.report.remote(t.key, rec.row())
 
+    def _publish(self, t: Transfer, layers: list[torch.Tensor], **when: Any) -> None:
+        """`publish` of one save; `when` says when its KV is ready (ready_ts, or ready for layer-wise)."""
+        publish(
+            self.directory,
+            t.key,
+            layers,
+            t.tokens,
+            self.cfg,
+            run_id=self.run_id,
+            cell_id=self.cell_id,
+            tensor_transport=self.tensor_transport,
+            **when,
+        )
+
     def _save(self, t: Transfer, ev: Any, progress: LayerProgress | None, k: int) -> None:
         released = False
 
@@ -247,17 +261,7 @@ class ConnectorWorker:
                             release()
                         return ts
 
-                    publish(
-                        self.directory,
-                        t.key,
-                        gather.layers,
-                        t.tokens,
-                        self.cfg,
-                        run_id=self.run_id,
-                        cell_id=self.cell_id,
-                        ready=ready,
-                        tensor_transport=self.tensor_transport,
-                    )
+                    self._publish(t, gather.layers, ready=ready)
                     return
                 stream = torch.cuda.Stream(self.caches[0].device) if ev is not None else None
                 if ev is not None:
@@ -268,17 +272,7 @@ class ConnectorWorker:
                     if stream is not None:
                         stream.synchronize()
                     release()  # the gathered copy holds the KV: vLLM may reuse the blocks
-                    publish(
-                        self.directory,
-                        t.key,
-                        layers,
-                        t.tokens,
-                        self.cfg,
-                        run_id=self.run_id,
-                        cell_id=self.cell_id,
-                        ready_ts=ready_ts,
-                        tensor_transport=self.tensor_transport,
-                    )
+                    self._publish(t, layers, ready_ts=ready_ts)
         except Exception as e:  # the decode side learns why from the directory and recomputes
             log.warning("pdbench: KV save %s failed: %s", t.key, reason_of(e))
             self.directory.fail.remote(t.key, reason_of(e))
