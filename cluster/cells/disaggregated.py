@@ -64,7 +64,10 @@ async def _refuse_where_unable(ctx: CellContext, pg: Any) -> None:
     """Ask the KV backend, in the decode engine's bundle (its node, its GPU), whether it can run
     there; a reason ends the cell as refused before any engine starts."""
     b = ctx.engine_bundle()
-    probe = ray.remote(refusal).options(num_cpus=b["CPU"], num_gpus=b.get("GPU", 0), scheduling_strategy=ray_env.in_bundle(pg, DECODE))
+    # One call per worker: a NIXL agent started by the check keeps a core busy while its process lives.
+    probe = ray.remote(max_calls=1)(refusal).options(
+        num_cpus=b["CPU"], num_gpus=b.get("GPU", 0), scheduling_strategy=ray_env.in_bundle(pg, DECODE)
+    )
     what = f"the {ctx.cfg.kv_transfer.backend} backend's check on the engine's node"
     reason = await bounded(probe.remote(ctx.cfg.kv_transfer.backend, ctx.engine.kind), _REFUSAL_CHECK_TIMEOUT_S, what)
     if reason:
