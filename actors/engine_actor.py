@@ -1,4 +1,10 @@
-"""The aggregated engine actor: one engine, prefill and decode, streaming token deltas."""
+"""The aggregated engine: one engine, prefill and decode, streaming token deltas.
+
+`EngineHost` is the engine with what pdbench adds around it (request ids per cell, live metrics,
+the serving node in each last delta). `EngineActor` runs it as a Ray actor, the entry the load
+generator calls; `pdbench serve` runs it inside its Serve replica instead, so an HTTP request reaches
+the engine without a Ray hop (cluster/serve.py).
+"""
 
 from __future__ import annotations
 
@@ -30,9 +36,8 @@ def node_facts() -> dict[str, Any]:
     }
 
 
-@ray.remote
-class EngineActor(HopProbe):
-    """Async actor: many `generate` streams share one engine, which batches them itself."""
+class EngineHost(HopProbe):
+    """Many `generate` streams share one engine, which batches them itself (async: one event loop)."""
 
     def __init__(self, engine_cfg: dict[str, Any], role: str = "engine"):
         self.cfg = EngineConfig.model_validate(engine_cfg)
@@ -81,3 +86,8 @@ class EngineActor(HopProbe):
 
     async def shutdown(self) -> None:
         await self.engine.shutdown()
+
+
+@ray.remote
+class EngineActor(EngineHost):
+    """EngineHost as an async Ray actor: the aggregated cell's entry."""

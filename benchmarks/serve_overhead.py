@@ -6,9 +6,11 @@ behind four layers, each started once and driven at concurrency 1, request by re
 so background load hits each alike:
 
 - `actor`: the engine actor's streaming `generate`, called from this process through Ray
-- `handle`: a Serve deployment that owns an entry actor as `pdbench serve`'s replica does, called
-  through a Serve deployment handle (no HTTP, no ASGI)
+- `handle`: a Serve deployment holding the engine in its replica as `pdbench serve`'s aggregated
+  replica does, called through a Serve deployment handle (no HTTP, no ASGI)
 - `http-serve`: `pdbench serve`'s own app (cluster/serve.py) over HTTP through Serve's proxy
+- `http-direct`: the same app at its replica's own port (Serve's direct ingress, as `pdbench
+  serve` starts it: cluster/serve.py direct_ingress_env), no proxy hop
 - `http-serve-thread`: the same app with Serve's default replica threading (user code on a second
   event loop in its own thread), which `pdbench serve` turns off (cluster/serve.py REPLICA_ENV)
 - `http-plain`: the same request handling (openai_api checks, ChunkWriter, SSE framing) in a bare
@@ -50,7 +52,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 MODEL = "tiny-qwen3"
 VOCAB = 2048
 LAW = {"prefill_fixed_s": 0.001, "prefill_s_per_token": 0.0, "decode_fixed_s": 0.005, "decode_s_per_seq": 0.0}
-LAYERS = ("http-plain", "actor", "handle", "http-serve", "http-serve-thread")
+LAYERS = ("http-plain", "actor", "handle", "http-serve", "http-direct", "http-serve-thread")
 
 
 def engine_config() -> Any:
@@ -117,12 +119,11 @@ def serve_plain(tokenizer_dir: str) -> None:
 def handle_deployment() -> Any:
     from ray import serve
 
-    from actors.backends import ActorBackend
     from cluster.serve import SERVE_ENTRIES, ServeSpec
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
     class HandleEntry:
-        """A replica owning its entry actor, as cluster/serve.py's Completions does, minus ASGI."""
+        """A replica holding its entry (the engine itself), as cluster/serve.py's Completions does, minus ASGI."""
 
         async def __init__(self, spec: dict[str, Any]) -> None:
             s = ServeSpec.model_validate(spec)
@@ -130,7 +131,7 @@ def handle_deployment() -> Any:
             self.entry = await SERVE_ENTRIES[s.mode](s, f"serve-{s.app_name}", replica)
 
         async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-            async for d in ActorBackend(self.entry.handle).stream(request):
+            async for d in self.entry.stream(request):
                 yield d
 
     return HandleEntry
@@ -158,7 +159,7 @@ async def stamped(items: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[st
         yield {**d, "t_recv": time.monotonic()}
 
 
-async def measure(args: argparse.Namespace, tokenizer_dir: str, plain_port: int) -> dict[str, dict[str, list[float]]]:
+async def measure(args: argparse.Namespace, tokenizer_dir: str, plain_port: int, http_port: int) -> dict[str, dict[str, list[float]]]:
     import ray
     from ray import serve
 
@@ -166,11 +167,10 @@ async def measure(args: argparse.Namespace, tokenizer_dir: str, plain_port: int)
     from actors.engine_actor import EngineActor
     from actors.openai_client import OpenAIBackend
     from actors.target import TargetSpec
-    from cluster.serve import Completions, ServeSpec, deploy
+    from cluster.serve import Completions, ServeSpec, deploy, replica_urls
 
     cfg = engine_config()
     spec = ServeSpec(engine=cfg, tokenizer=tokenizer_dir, app_name="overhead")
-    http_port = free_port()
     serve_url = await asyncio.to_thread(deploy, spec, "127.0.0.1", http_port)
     handle = serve.run(
         handle_deployment().bind(spec.model_copy(update={"app_name": "overhead-handle"}).model_dump(mode="json")),
@@ -183,10 +183,12 @@ async def measure(args: argparse.Namespace, tokenizer_dir: str, plain_port: int)
     actor = EngineActor.options(num_cpus=0).remote(cfg.model_dump(mode="json"))  # type: ignore[attr-defined]
     await actor.start.remote()
     await wait_ready(serve_url)
+    (direct_url,) = replica_urls(spec, "127.0.0.1", http_port)
 
     clients = {
         "http-plain": OpenAIBackend(TargetSpec(base_url=f"http://127.0.0.1:{plain_port}", model=MODEL, vocab_size=VOCAB)),
         "http-serve": OpenAIBackend(TargetSpec(base_url=serve_url, model=MODEL, vocab_size=VOCAB)),
+        "http-direct": OpenAIBackend(TargetSpec(base_url=direct_url, model=MODEL, vocab_size=VOCAB)),
         "http-serve-thread": OpenAIBackend(TargetSpec(base_url=f"{serve_url}/thread", model=MODEL, vocab_size=VOCAB)),
     }
     backend = ActorBackend(actor)
@@ -285,8 +287,10 @@ def hops(rows: list[dict[str, Any]]) -> dict[str, float]:
     by = {r["layer"]: r["overhead_p50_ms"] for r in rows}
     return {
         "ray actor hop (actor)": by["actor"],
-        "serve replica + handle router (handle - actor)": by["handle"] - by["actor"],
+        "serve handle + router to the replica holding the engine (handle)": by["handle"],
         "serve proxy + ASGI in replica (http-serve - handle)": by["http-serve"] - by["handle"],
+        "the proxy's hop (http-serve - http-direct)": by["http-serve"] - by["http-direct"],
+        "pdbench serve direct over a plain server (http-direct - http-plain)": by["http-direct"] - by["http-plain"],
         "all of serve over a plain server (http-serve - http-plain)": by["http-serve"] - by["http-plain"],
         "serve's default replica thread (http-serve-thread - http-serve)": by["http-serve-thread"] - by["http-serve"],
     }
@@ -308,6 +312,7 @@ def main() -> int:
     import ray
     from ray import serve
 
+    from cluster.serve import direct_ingress_env
     from workloads.word_tokenizer import save_word_tokenizer
 
     t_start = time.monotonic()
@@ -317,10 +322,12 @@ def main() -> int:
         try:
             assert plain.stdout is not None
             plain_port = int(plain.stdout.readline().split()[1])
+            http_port = free_port()
+            os.environ.update(direct_ingress_env(http_port))  # before Ray starts, as `pdbench serve` does
             ray.init(address="local", num_cpus=8, namespace="pdbench", include_dashboard=False, log_to_driver=False)
             try:
                 asyncio.run(wait_ready(f"http://127.0.0.1:{plain_port}"))
-                out = asyncio.run(measure(args, tok, plain_port))
+                out = asyncio.run(measure(args, tok, plain_port, http_port))
             finally:
                 serve.shutdown()
                 ray.shutdown()

@@ -92,14 +92,16 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """Where clients go: `pdbench serve`'s replica on its own port (Serve's direct ingress, the
+        proxy's port + 1: no proxy hop, as `vllm serve` has none); the readiness check waits on it."""
+        return f"http://127.0.0.1:{self.port + 1 if self.kind == 'pdbench' else self.port}"
 
 
 def servers(names: list[str], base_port: int) -> list[Server]:
     known = {
         "vllm": Server("vllm", "vllm", "aggregated", "0", base_port),
-        "pdbench": Server("pdbench", "pdbench", "aggregated", "0", base_port + 1),
-        "pdbench-pd": Server("pdbench-pd", "pdbench", "disaggregated", "0,1", base_port + 2),
+        "pdbench": Server("pdbench", "pdbench", "aggregated", "0", base_port + 10),
+        "pdbench-pd": Server("pdbench-pd", "pdbench", "disaggregated", "0,1", base_port + 20),
     }
     bad = [n for n in names if n not in known]
     if bad:

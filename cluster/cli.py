@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -209,7 +210,7 @@ def serve(
     """
     from cluster import ray_env
     from cluster.config import load_yaml
-    from cluster.serve import check_listen, is_loopback, serve_spec
+    from cluster.serve import check_listen, direct_ingress_env, is_loopback, serve_spec
 
     if detach and not address:
         _fail("--detach needs --address: an embedded Ray ends with this command")
@@ -227,6 +228,8 @@ def serve(
         _fail(str(e))
     if not is_loopback(host):
         console.print(f"[bold yellow]warning:[/] listening on {host}: anyone who reaches it can use the engines (no authentication)")
+    if address is None:  # the Ray started here gets Serve's direct ingress; a cluster has its own setting
+        os.environ.update(direct_ingress_env(port))
     try:
         ray_env.connect(address)
     except ConnectionError:
@@ -240,7 +243,7 @@ def _serve_until_stopped(spec: ServeSpec, host: str, port: int, detach: bool) ->
     import signal
     import time
 
-    from cluster.serve import deploy, undeploy
+    from cluster.serve import deploy, replica_urls, undeploy
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt
@@ -253,8 +256,15 @@ def _serve_until_stopped(spec: ServeSpec, host: str, port: int, detach: bool) ->
         except RuntimeError as e:
             _fail(str(e))
         where = f"{url}/v1/completions and /v1/chat/completions"
-        console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {where}")
+        console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {where} (Serve's proxy, all replicas)")
+        direct = replica_urls(spec, host, port)
+        for u in direct:
+            console.print(f"  one replica, without the proxy's hop: {u}")
+        if not direct:
+            console.print("  no direct replica URLs: Serve on this cluster runs without RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
         typer.echo(url)
+        for u in direct:
+            typer.echo(u)
         if detach:
             return
         while True:

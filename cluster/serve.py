@@ -24,11 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from actors.backends import ActorBackend
-from actors.engine_actor import EngineActor, actor_name
+from actors.engine_actor import EngineHost, actor_name
 from actors.engines.models import model_path_problem
 from actors.engines.spec import EngineConfig
 from actors.handoffs import check_backend
 from actors.handoffs.spec import KVHandoffConfig
+from actors.metrics import cell_tags
 from actors.openai_api import (
     ApiError,
     ChatCompletionRequest,
@@ -97,23 +98,25 @@ def serve_spec(file_data: dict[str, Any], overrides: dict[str, Any]) -> ServeSpe
 # --- entry actors per serving mode ---------------------------------------------------------
 @dataclass
 class Entry:
-    """A started entry actor (streaming `generate(request)`), its engine info, the actors it owns."""
+    """A started serving mode: its request stream (`generate(request)` deltas), its engine info,
+    the actors it owns, and how to stop what runs in the replica itself."""
 
-    handle: Any
+    stream: Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
     info: dict[str, Any]
     owned: list[Any]
     # Called now and then while serving (e.g. to hand over records an actor would otherwise keep).
     housekeeping: Callable[[], Awaitable[Any]] | None = None
+    close: Callable[[], Awaitable[None]] | None = None
 
 
 async def _aggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
-    engine = EngineActor.options(  # type: ignore[attr-defined]  # a Ray actor class
-        name=actor_name(run, cell, "engine"),
-        num_cpus=spec.placement.cpus_per_engine,
-        num_gpus=spec.gpus_per_engine(),
-    ).remote(spec.engine.model_dump(mode="json"), role="engine")
-    info = await asyncio.wait_for(engine.start.remote(), ENGINE_START_TIMEOUT_S)
-    return Entry(handle=engine, info=info, owned=[engine])
+    """The engine inside the replica's own process, as `vllm serve` runs it beside its HTTP server:
+    a request reaches it without a Ray hop (3-4 ms of time to first token each on 2 CPU cores,
+    benchmarks/serve_overhead.py). The replica holds the engine's GPUs (replica_options)."""
+    host = EngineHost(spec.engine.model_dump(mode="json"))
+    host.tags = cell_tags(run, cell, "engine")
+    info = await asyncio.wait_for(host.start(), ENGINE_START_TIMEOUT_S)
+    return Entry(stream=host.generate, info=info, owned=[], close=host.shutdown)
 
 
 async def _disaggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
@@ -144,7 +147,10 @@ async def _disaggregated_entry(spec: ServeSpec, run: str, cell: str) -> Entry:
     # The decode actor keeps one transfer record per request for a cell to collect; a server
     # has no cell end, so they are handed over and dropped (the Ray metrics keep the story).
     return Entry(
-        handle=pair.decode, info=d_info, owned=[pair.decode, pair.prefill, pair.directory], housekeeping=pair.decode.transfers.remote
+        stream=ActorBackend(pair.decode).stream,
+        info=d_info,
+        owned=[pair.decode, pair.prefill, pair.directory],
+        housekeeping=pair.decode.transfers.remote,
     )
 
 
@@ -186,10 +192,14 @@ async def _events(deltas: AsyncIterator[dict[str, Any]], writer: ChunkWriter, us
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
-def replica_options(job_env: dict[str, Any]) -> dict[str, Any]:
-    """The replica's actor options: the job's runtime env plus REPLICA_ENV. Serve gives a deployment
-    that names its own runtime env only the job's working_dir, so the rest is carried over here."""
+def replica_options(spec: ServeSpec, job_env: dict[str, Any]) -> dict[str, Any]:
+    """The replica's actor options: an aggregated replica holds its engine, so it takes the engine's
+    CPUs and GPUs (a disaggregated one only relays to its decode actor); the runtime env is the job's
+    plus REPLICA_ENV (Serve gives a deployment that names its own runtime env only the job's
+    working_dir, so the rest is carried over here)."""
     env = {**job_env, "env_vars": {**job_env.get("env_vars", {}), **REPLICA_ENV}}
+    if spec.mode == "aggregated":
+        return {"num_cpus": spec.placement.cpus_per_engine, "num_gpus": spec.gpus_per_engine(), "runtime_env": env}
     return {"num_cpus": 0, "runtime_env": env}
 
 
@@ -216,10 +226,13 @@ class Completions:
             await asyncio.sleep(HOUSEKEEPING_EVERY_S)
             await housekeeping()
 
-    def __del__(self) -> None:
-        # Serve's shutdown hook: free the engine's GPU now rather than when the owner is reaped.
-        for actor in getattr(getattr(self, "entry", None), "owned", []):
+    async def __del__(self) -> None:
+        # Serve's shutdown hook: free the engines' GPUs now rather than when the owner is reaped.
+        entry = getattr(self, "entry", None)
+        for actor in getattr(entry, "owned", []):
             ray.kill(actor)
+        if entry is not None and entry.close is not None:
+            await entry.close()
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
@@ -261,7 +274,7 @@ class Completions:
             return JSONResponse(e.body(), status_code=e.status)
         rid = uuid.uuid4().hex
         writer = ChunkWriter(rid, self.spec.model_name, len(ids), self.tokenizer, chat=isinstance(body, ChatCompletionRequest))
-        deltas = ActorBackend(self.entry.handle).stream({"request_id": rid, "prompt_token_ids": ids, "max_tokens": n_out})
+        deltas = self.entry.stream({"request_id": rid, "prompt_token_ids": ids, "max_tokens": n_out})
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_events(deltas, writer, usage), media_type="text/event-stream")
@@ -309,6 +322,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Environment for a Ray that `pdbench serve` starts itself: Serve's direct ingress, where each
+    ingress replica runs its own HTTP server (ports from port + 1 up) next to the proxy on `port`.
+    A request to a replica's own port skips the proxy's hop: 6-7 ms of time to first token on 2 CPU
+    cores, against 0.3 ms over a bare uvicorn server (benchmarks/serve_overhead.py). Serve reads
+    these variables when its controller and replicas start, so they must be in Ray's environment
+    before Ray starts (on a cluster: in ray_cluster.yaml's `ray start` commands)."""
+    first = port + 1
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(min(first + 999, 65535)),
+    }
+
+
+def replica_urls(spec: ServeSpec, host: str, proxy_port: int) -> list[str]:
+    """Each replica's own HTTP address under direct ingress ([] where Serve runs without it: then
+    only the proxy serves). Read from the controller's target groups, the list Serve itself keeps
+    for load balancers (no public call returns it in Ray 2.60)."""
+    client = serve.context._get_global_client()
+    assert client is not None  # deploy() started Serve
+    groups = ray.get(client._controller.get_target_groups.remote(spec.app_name))
+    ports = sorted({t.port for g in groups if g.protocol == "HTTP" for t in g.targets} - {proxy_port})
+    shown = f"[{host}]" if ":" in host else host
+    return [f"http://{shown}:{p}{spec.route_prefix.rstrip('/')}" for p in ports]
+
+
 def deploy(spec: ServeSpec, host: str = LOOPBACK, port: int = 8000) -> str:
     """Start Serve's HTTP proxy on host:port and run the app; return its base URL.
 
@@ -325,7 +365,7 @@ def deploy(spec: ServeSpec, host: str = LOOPBACK, port: int = 8000) -> str:
             f"--host/--port: Serve already runs on this cluster at {actual.host}:{actual.port}; "
             f"shut it down (`serve shutdown`) or pass --host {actual.host} --port {actual.port}"
         )
-    options = replica_options(dict(ray.get_runtime_context().runtime_env))
+    options = replica_options(spec, dict(ray.get_runtime_context().runtime_env))
     deployment = Completions.options(num_replicas=spec.replicas, ray_actor_options=options)  # type: ignore[attr-defined]  # a Serve deployment
     app = deployment.bind(spec.model_dump(mode="json"))
     serve.run(app, name=spec.app_name, route_prefix=spec.route_prefix, blocking=False)

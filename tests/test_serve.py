@@ -279,7 +279,8 @@ def test_disaggregated_endpoint_streams_the_aggregated_tokens(served):
 
 
 def test_cli_serve_defaults_to_loopback(tmp_path):
-    """`pdbench serve` as a user runs it: embedded Ray, default host, Ctrl-C stops it."""
+    """`pdbench serve` as a user runs it: embedded Ray, default host, Ctrl-C stops it. The replica
+    also answers on its own port (Serve's direct ingress, port + 1): same tokens, loopback only."""
     port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -289,10 +290,15 @@ def test_cli_serve_defaults_to_loopback(tmp_path):
     try:
         url = proc.stdout.readline().strip()  # printed once the app is deployed and serving
         assert url == f"http://127.0.0.1:{port}", proc.communicate()[1][-3000:] if proc.poll() is not None else url
+        direct = proc.stdout.readline().strip()
+        assert direct == f"http://127.0.0.1:{port + 1}"
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200
-        assert listening_hosts(port) == {"127.0.0.1"}
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": MODEL, "prompt": [7, 8, 9], "max_tokens": 3}, timeout=60)
-        assert len(r.json()["choices"][0]["token_ids"]) == 3
+        assert listening_hosts(port) == {"127.0.0.1"} and listening_hosts(port + 1) == {"127.0.0.1"}
+        tokens = []
+        for base in (url, direct):
+            r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": [7, 8, 9], "max_tokens": 3}, timeout=60)
+            tokens.append(r.json()["choices"][0]["token_ids"])
+        assert len(tokens[0]) == 3 and tokens[0] == tokens[1]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -349,9 +355,31 @@ def test_replica_runs_its_code_on_the_replica_loop(served):
 
 
 def test_replica_options_keep_the_job_runtime_env():
-    from cluster.serve import REPLICA_ENV, replica_options
+    from cluster.serve import REPLICA_ENV, replica_options, serve_spec
 
+    spec = serve_spec({}, {})
     job = {"pip": ["x==1"], "working_dir": "/w", "env_vars": {"A": "1"}}
-    opts = replica_options(job)
+    opts = replica_options(spec, job)
     assert opts["runtime_env"] == {"pip": ["x==1"], "working_dir": "/w", "env_vars": {"A": "1", **REPLICA_ENV}}
-    assert replica_options({})["runtime_env"] == {"env_vars": REPLICA_ENV}
+    assert replica_options(spec, {})["runtime_env"] == {"env_vars": REPLICA_ENV}
+
+
+def test_an_aggregated_replica_takes_its_engines_resources_a_disaggregated_one_none():
+    from cluster.serve import replica_options, serve_spec
+
+    agg = serve_spec({}, {"engine": {"kind": "vllm", "model": "qwen3-8b"}, "placement": {"cpus_per_engine": 2}})
+    assert (replica_options(agg, {})["num_cpus"], replica_options(agg, {})["num_gpus"]) == (2, 1)
+    pd = serve_spec({}, {"mode": "disaggregated", "engine": {"kind": "vllm", "model": "qwen3-8b"}})
+    assert replica_options(pd, {})["num_cpus"] == 0 and "num_gpus" not in replica_options(pd, {})
+
+
+def test_the_aggregated_engine_runs_in_the_replica_without_an_engine_actor(served):
+    """No Ray hop between the HTTP handler and the engine: no engine actor exists for the app, and
+    the replica's process serves (the endpoint answers, the engine is the replica's own)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert any(n.startswith("SERVE_REPLICA::pdbench-test#Completions#") for n in names)
+    assert not [n for n in names if n.startswith("pdbench:serve-pdbench-test:")], names
+    r = _post(served[0], prompt=[1, 2, 3], max_tokens=2)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
