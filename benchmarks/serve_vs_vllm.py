@@ -116,7 +116,14 @@ def engine_config(model_dir: Path, a: argparse.Namespace) -> EngineConfig:
         dtype="bfloat16" if a.engine == "vllm" else "float32",
         max_model_len=a.max_model_len,
         max_batch_size=a.max_batch_size,
-        vllm={"gpu_memory_utilization": a.gpu_memory_utilization, **({"enforce_eager": True} if a.eager else {})},
+        vllm={
+            "gpu_memory_utilization": a.gpu_memory_utilization,
+            # Stated, not left to vLLM: its default per-step token budget depends on how the engine
+            # is started (`vllm serve` on a >= 70 GiB GPU: 8192; AsyncLLM from engine args, as in
+            # pdbench: 2048), and at concurrency 8 the budget decides how prefills share steps.
+            "max_num_batched_tokens": a.max_num_batched_tokens,
+            **({"enforce_eager": True} if a.eager else {}),
+        },
     )
 
 
@@ -395,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.28, help="per engine; GPU 0 holds up to three")
+    ap.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=8192,
+        help="vLLM's per-step token budget, the same for every server (default: `vllm serve`'s own on an H100/H200)",
+    )
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs on any engine")
     ap.add_argument(
         "--engine", choices=["vllm", "reference"], default="vllm",

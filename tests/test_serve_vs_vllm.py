@@ -22,7 +22,7 @@ FIXTURE = ROOT / "tests" / "data" / "vllm_bench_serve_0.26.json"
 
 
 def _cfg(model: Path = Path("/m"), **kw):
-    a = Namespace(engine="vllm", max_model_len=4096, max_batch_size=64, gpu_memory_utilization=0.28, eager=False)
+    a = Namespace(engine="vllm", max_model_len=4096, max_batch_size=64, gpu_memory_utilization=0.28, max_num_batched_tokens=8192, eager=False)
     return svv.engine_config(model, Namespace(**{**vars(a), **kw}))
 
 
@@ -31,7 +31,8 @@ def test_vllm_serve_gets_pdbenchs_engine_arguments_flag_for_flag():
     assert cmd[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "/m"]
     flags = " ".join(cmd[5:])
     for f in ("--dtype bfloat16", "--max-model-len 4096", "--max-num-seqs 64", "--seed 0", "--no-enable-prefix-caching",
-              "--load-format dummy", "--gpu-memory-utilization 0.28", "--served-model-name qwen3-8b", "--tokenizer /m", "--port 8100"):
+              "--load-format dummy", "--gpu-memory-utilization 0.28", "--served-model-name qwen3-8b", "--tokenizer /m", "--port 8100",
+              "--max-num-batched-tokens 8192"):
         assert f in flags, f
     # store_true-only flags have no --no- form in vLLM; pdbench-only arguments stay out.
     assert "disable-log-stats" not in flags and "worker-extension" not in flags and "skip-tokenizer" not in flags
@@ -60,6 +61,10 @@ def test_servers_and_placement():
     s = {x.name: x for x in svv.servers(["vllm", "pdbench", "pdbench-pd"], 8100)}
     assert (s["vllm"].gpus, s["pdbench"].gpus, s["pdbench-pd"].gpus) == ("0", "0", "0,1")
     assert s["pdbench-pd"].mode == "disaggregated" and len({x.port for x in s.values()}) == 3
+    # Clients reach pdbench's replica on its own port (direct ingress: proxy port + 1), vllm at its port;
+    # no two servers' proxy or replica ports collide.
+    assert s["pdbench"].url == f"http://127.0.0.1:{s['pdbench'].port + 1}" and s["vllm"].url == "http://127.0.0.1:8100"
+    assert len({x.port for x in s.values()} | {x.port + 1 for x in s.values() if x.kind == "pdbench"}) == 5
     with pytest.raises(ValueError, match="--servers"):
         svv.servers(["sglang"], 8100)
     cmd = svv.pdbench_serve_command(Path("c.yaml"), s["pdbench-pd"])

@@ -250,3 +250,13 @@ def test_engines_built_alike_share_one_model_folder(tmp_path, monkeypatch):
     assert a == b != other and a.startswith(str(tmp_path))
     assert json.loads((tmp_path / a / "config.json").read_text()) == arch
     assert not list((tmp_path / a).glob("*.part"))
+
+
+def test_scheduler_settings_read_what_vllm_resolved():
+    from actors.engines.vllm_engine import scheduler_settings
+
+    old = SimpleNamespace(max_num_batched_tokens=2048, max_num_seqs=64, enable_chunked_prefill=True)  # no async_scheduling field
+    assert scheduler_settings(old) == {"max_num_batched_tokens": 2048, "max_num_seqs": 64, "enable_chunked_prefill": True,
+                                       "async_scheduling": None}
+    new = SimpleNamespace(max_num_batched_tokens=8192, max_num_seqs=1024, enable_chunked_prefill=True, async_scheduling=True)
+    assert scheduler_settings(new)["async_scheduling"] is True and scheduler_settings(new)["max_num_batched_tokens"] == 8192

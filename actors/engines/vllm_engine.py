@@ -51,6 +51,18 @@ def engine_args(cfg: EngineConfig, model_dir: str, dummy: bool, kv_transfer_conf
     return args
 
 
+def scheduler_settings(sched: Any) -> dict[str, Any]:
+    """The scheduler budget vLLM resolved: its defaults depend on how an engine is started (per-step
+    tokens: 2048 for AsyncLLM from engine args, as here, but 8192 under `vllm serve` on a >= 70 GiB
+    GPU), so a comparison with another server reads the values here, not the arguments."""
+    return {
+        "max_num_batched_tokens": sched.max_num_batched_tokens,
+        "max_num_seqs": sched.max_num_seqs,
+        "enable_chunked_prefill": sched.enable_chunked_prefill,
+        "async_scheduling": getattr(sched, "async_scheduling", None),
+    }
+
+
 def memory_report(raw: dict[str, Any]) -> MemoryReport:
     """weights and activation peak as vLLM's profiler measured them; KV = the allocated block
     pool; other = non-torch memory (CUDA context, NCCL/cuBLAS workspaces) + CUDA graphs."""
@@ -136,6 +148,7 @@ class VllmEngine(EngineAdapter):
                 "vllm_memory": mem["detail"],
                 "weight_checksum": checksum,
                 "engine_args": {k: v for k, v in engine_args(self.cfg, model_dir, dummy).items() if k != "model"},
+                "scheduler": scheduler_settings(self.llm.vllm_config.scheduler_config),
             },
         )
         return self.info_
