@@ -434,6 +434,19 @@ def _receive_elsewhere(name, k, shapes, dtype, cfg):
     return rec, dst
 
 
+@ray.remote(num_cpus=0, max_calls=1)
+def _receive_twice_elsewhere(name, keys, shapes, dtype, cfg):
+    """Two receives in one process, and how many NIXL receive buffers it had registered after each."""
+    from actors.kv import rdt
+
+    out = []
+    for k in keys:
+        dst = [torch.empty(s, dtype=dtype) for s in shapes]
+        rec = receive(find_directory(name), k, CopyInto(dst), cfg, **IDENT)
+        out.append((rec, dst, rdt.RECEIVE.count()))
+    return out
+
+
 def _all_freed(sender) -> int:
     deadline = time.monotonic() + 10  # the sender's buffers go once the last reference is gone
     while (n := ray.get(sender.held.remote())) and time.monotonic() < deadline:
@@ -456,6 +469,47 @@ def test_nixl_tensor_transport_is_bit_exact_accounted_and_freed(directory):
     assert ray.get(directory.stats.remote())["groups"] == 0
     assert _all_freed(sender) == 0
     ray.kill(sender)
+
+
+def test_nixl_receive_buffers_are_registered_once_and_reused(directory):
+    src = kv_layers()
+    name, keys, sender = _directory_name(directory), [key(), key()], NixlSender.remote()
+    for k in keys:
+        ray.get(sender.publish.remote(name, k, FAST))
+    got = ray.get(_receive_twice_elsewhere.remote(name, keys, [t.shape for t in src], torch.float32, FAST))
+    for rec, dst, _ in got:
+        assert rec.ok, rec.error
+        assert all(torch.equal(a, b) for a, b in zip(src, dst, strict=True))
+    assert 0 < got[0][2] <= got[0][0].groups and got[1][2] == got[0][2]  # the second transfer made no new buffer
+    assert _all_freed(sender) == 0
+    ray.kill(sender)
+
+
+def test_a_receive_buffer_comes_back_only_after_its_fence(monkeypatch):
+    """No NIXL here: registration is recorded, not done (an agent would keep a core of this process busy)."""
+    import ray.experimental
+
+    from actors.kv import rdt
+
+    registered = []
+    monkeypatch.setattr(ray.experimental, "register_nixl_memory", registered.append)
+
+    class Fence:
+        done = False
+
+        def query(self):
+            return self.done
+
+    pool, cpu = rdt.ReceiveBuffers(), torch.device("cpu")
+    a = pool.take(cpu, 64)
+    fence = Fence()
+    pool.give(a, fence)
+    b = pool.take(cpu, 64)  # a's reads are still queued: a new buffer
+    assert b is not a and len(registered) == pool.count() == 2
+    fence.done = True
+    assert pool.take(cpu, 64) is a  # now a is free again, no new registration
+    pool.give(b, None)
+    assert pool.take(cpu, 32) is not b and pool.take(cpu, 64) is b and pool.count() == 3  # sizes do not mix
 
 
 def test_nixl_kv_nobody_takes_is_freed_with_its_key(directory):

@@ -271,6 +271,13 @@ class BlockInjector(Injector):
         with torch.cuda.stream(self.stream):  # the checksums read the blocks on this stream
             super().finish()
 
+    def fence(self) -> Any:
+        if self.stream is None:
+            return None
+        done = torch.cuda.Event()
+        done.record(self.stream)  # after the group copies and checksums queued on it
+        return done
+
     def settle(self) -> None:
         if self.stream is not None:
             self.stream.synchronize()

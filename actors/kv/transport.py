@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.experimental import set_target_device_for_ref
+from ray.experimental import set_target_for_ref
 
 from actors.kv import rdt
 from actors.kv.accounting import SendStats, TransferRecord, observe_receive, observe_send
@@ -159,6 +159,11 @@ class Injector:
     def settle(self) -> None:
         """Wait for outstanding copies (a receive that failed halfway: nothing may still be writing
         into memory its owner frees next)."""
+
+    def fence(self) -> Any:
+        """An event after which nothing queued so far reads a group's received bytes (None: every
+        read is done when `group` returns, as here: copies out of the bytes are synchronous)."""
+        return None
 
     def finish(self) -> None:
         self.settle()
@@ -546,11 +551,24 @@ class _Receiver:
     def _batch(self, gi: int, batch: list[Any]) -> int:
         """The groups one take handed over: made local with one `ray.wait` and mapped with one
         `ray.get` (each is a round trip to the raylet, ~0.7 ms per object on a 2-core box when made
-        group by group), then injected in order, each group's bytes released once injected."""
+        group by group), then injected in order, each group's bytes released once injected. Groups
+        that travel by NIXL land in receive buffers registered once (rdt.ReceiveBuffers), which go
+        back for reuse once the injector's copies out of them are done."""
+        held: list[torch.Tensor] = []
+        try:
+            for meta, rs in batch:
+                if meta.tensor_transport:  # NIXL reads the bytes straight onto the engine's device
+                    held.append(rdt.RECEIVE.take(self.inject.device, meta.bytes))
+                    set_target_for_ref(rs[0], [held[-1]])
+            return self._inject_batch(gi, batch)
+        finally:
+            if held:
+                fence = self.inject.fence()
+                for buf in held:
+                    rdt.RECEIVE.give(buf, fence)
+
+    def _inject_batch(self, gi: int, batch: list[Any]) -> int:
         refs = [r for _, rs in batch for r in rs]
-        for meta, rs in batch:
-            if meta.tensor_transport:  # NIXL reads the bytes straight onto the engine's device
-                set_target_device_for_ref(rs[0], str(self.inject.device))
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.fetch_timeout_s, fetch_local=True)
         self.lap("fetch_s")
         if len(ready) < len(refs):
