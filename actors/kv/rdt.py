@@ -14,8 +14,9 @@ NIXL. Three things Ray 2.60 leaves to the caller, each learnt on 2x H200:
 - before registering, Ray synchronises the whole device unless given a stream: the engine's
   forward pass would hold every put;
 - a receiver that only names a target device gets a buffer allocated, registered with NIXL and
-  deregistered again for every get (a 1.2 GB transfer between two engines on one H200 took 2.7 s,
-  0.4 GB/s); `ReceiveBuffers` registers each receive buffer once and reuses it.
+  deregistered again for every get; `ReceiveBuffers` registers each receive buffer once and reuses
+  it (benchmarks/rdt_nixl.py: 3.3x faster reads over host memory on the CPU box; on one H200 the
+  reads ran at 0.5 GB/s either way, a transport limit of that machine, not the registrations).
 A NIXL agent's UCX progress thread keeps one core busy for as long as its process lives (3.0 CPU-s
 per 3 s idle on the CI box): probes run in one-call tasks, and tests never start one in their own
 process.
