@@ -257,11 +257,16 @@ def _serve_until_stopped(spec: ServeSpec, host: str, port: int, detach: bool) ->
             _fail(str(e))
         where = f"{url}/v1/completions and /v1/chat/completions"
         console.print(f"serving {spec.model_name!r} ({spec.mode}, engine {spec.engine.kind}) at {where} (Serve's proxy, all replicas)")
-        direct = replica_urls(spec, host, port)
+        try:
+            direct = replica_urls(spec, host, port)
+        except RuntimeError as e:
+            direct, why = [], str(e)
+        else:
+            why = "Serve on this cluster runs without RAY_SERVE_ENABLE_DIRECT_INGRESS=1"
         for u in direct:
             console.print(f"  one replica, without the proxy's hop: {u}")
         if not direct:
-            console.print("  no direct replica URLs: Serve on this cluster runs without RAY_SERVE_ENABLE_DIRECT_INGRESS=1")
+            console.print(f"  only the proxy serves: {why}")
         typer.echo(url)
         for u in direct:
             typer.echo(u)

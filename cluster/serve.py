@@ -343,7 +343,10 @@ def replica_urls(spec: ServeSpec, host: str, proxy_port: int) -> list[str]:
     for load balancers (no public call returns it in Ray 2.60)."""
     client = serve.context._get_global_client()
     assert client is not None  # deploy() started Serve
-    groups = ray.get(client._controller.get_target_groups.remote(spec.app_name))
+    try:
+        groups = ray.get(client._controller.get_target_groups.remote(spec.app_name), timeout=30)
+    except Exception as e:  # a private call: another Ray version may lack it
+        raise RuntimeError(f"Serve's controller did not list the replicas' ports ({type(e).__name__}: {e})") from e
     ports = sorted({t.port for g in groups if g.protocol == "HTTP" for t in g.targets} - {proxy_port})
     shown = f"[{host}]" if ":" in host else host
     return [f"http://{shown}:{p}{spec.route_prefix.rstrip('/')}" for p in ports]

@@ -383,3 +383,17 @@ def test_the_aggregated_engine_runs_in_the_replica_without_an_engine_actor(serve
     assert not [n for n in names if n.startswith("pdbench:serve-pdbench-test:")], names
     r = _post(served[0], prompt=[1, 2, 3], max_tokens=2)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_replica_urls_say_why_when_serve_cannot_list_them(monkeypatch):
+    from cluster import serve as srv
+
+    class Controller:
+        class get_target_groups:  # noqa: N801 (Ray's method name)
+            @staticmethod
+            def remote(_):
+                raise AttributeError("no get_target_groups in this Ray")
+
+    monkeypatch.setattr(srv.serve.context, "_get_global_client", lambda: type("C", (), {"_controller": Controller})())
+    with pytest.raises(RuntimeError, match="did not list the replicas' ports .*no get_target_groups"):
+        srv.replica_urls(srv.serve_spec({}, {}), "127.0.0.1", 8000)
