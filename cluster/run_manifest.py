@@ -56,6 +56,8 @@ def _model(cfg: ExperimentConfig, info: dict[str, Any]) -> dict[str, Any]:
         "kv_bytes_per_token": info.get("kv_bytes_per_token"),
         "device": info.get("device"),
         "random_weights": info.get("random_weights"),
+        # vLLM's per-step budget as it resolved it (its defaults depend on how an engine starts).
+        "scheduler": (info.get("extra") or {}).get("scheduler"),
     }
 
 

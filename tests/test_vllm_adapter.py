@@ -260,3 +260,13 @@ def test_scheduler_settings_read_what_vllm_resolved():
                                        "async_scheduling": None}
     new = SimpleNamespace(max_num_batched_tokens=8192, max_num_seqs=1024, enable_chunked_prefill=True, async_scheduling=True)
     assert scheduler_settings(new)["async_scheduling"] is True and scheduler_settings(new)["max_num_batched_tokens"] == 8192
+
+
+def test_the_run_manifest_carries_the_scheduler_the_engine_resolved():
+    from cluster.config import resolve
+    from cluster.run_manifest import _model
+
+    cfg = resolve("e0", {})
+    sched = {"max_num_batched_tokens": 2048, "max_num_seqs": 64, "enable_chunked_prefill": True, "async_scheduling": None}
+    assert _model(cfg, {"extra": {"scheduler": sched}})["scheduler"] == sched
+    assert _model(cfg, {"extra": {}})["scheduler"] is None  # engines other than vLLM have none
