@@ -23,13 +23,15 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
 from actors.backends import Backend, Exchange, ThreadSend, open_backend
 from actors.metrics import BatchedFeed, current_actor_tags
+from analysis.errortext import one_line
 from workloads.requests import RequestSpec
 
 HOP_PROBE_CALLS = 20
@@ -125,8 +127,66 @@ async def _send(
     return rec
 
 
+class EngineRefused(RuntimeError):
+    """A warm engine could not begin a cell (an earlier cell's request still in it, a dead actor);
+    nothing of the cell was sent, so the cell may take another engine."""
+
+
+@dataclass
+class CellLoad:
+    """An aggregated cell's one call (`LoadGenerator.run_cell`): its records and what was read
+    around them, each stage timed on the load generator's clock."""
+
+    records: list[dict[str, Any]]
+    begin_s: float  # the engines made ready for the cell (the reset of a warm engine)
+    load_s: float  # `run`: warm-up, hop probe, measured requests
+    memory: list[dict[str, Any] | None]  # each engine's memory report after the load; None where the read failed
+    counts: list[int] | None = None  # requests per replica (a router's), None for one engine
+    faults: list[str] = field(default_factory=list)  # reads after the load that failed: the records stay
+
+
+async def _settle(what: str, pending: Awaitable[Any], faults: list[str]) -> Any:
+    """A read after the requests ran: a failure is noted, never raised (the records are measured)."""
+    try:
+        return await pending
+    except Exception as e:
+        faults.append(f"{what}: {one_line(e)}")
+        return None
+
+
 @ray.remote(num_cpus=0)
 class LoadGenerator:
+    async def run_cell(
+        self,
+        engines: list[Any],
+        router: Any,
+        requests: list[RequestSpec],
+        concurrency: int,
+        timeout_s: float | None,
+        progress: Any,
+        tags: dict[str, str],
+    ) -> CellLoad:
+        """An aggregated cell in one call from the driver: the engines begun for the cell (`tags`
+        name it), the load (`run`, through `router` where there is one, else the engine), then
+        each engine's memory and the router's counts. Three driver round trips a cell cost the
+        cell ~0.3 s each with 32 virtual nodes on 2 cores, and the driver's loop a turn each; the
+        load generator sits beside the engines. Raises EngineRefused where an engine cannot begin."""
+        t0 = time.monotonic()
+        try:
+            await asyncio.gather(*(e.begin_cell.remote(tags["run"], tags["cell"]) for e in engines))
+            if router is not None:
+                await router.reset.remote()
+        except Exception as e:
+            raise EngineRefused(f"the engine could not begin the cell: {one_line(e)}") from None
+        t1 = time.monotonic()
+        entry = router if router is not None else engines[0]
+        records = await self.run(entry, requests, concurrency, timeout_s, progress, None, tags)
+        t2 = time.monotonic()
+        faults: list[str] = []
+        memory = await asyncio.gather(*(_settle(f"engine{i} memory", e.memory.remote(), faults) for i, e in enumerate(engines)))
+        counts = await _settle("router counts", router.counts.remote(), faults) if router is not None else None
+        return CellLoad(records, t1 - t0, t2 - t1, list(memory), counts, faults)
+
     async def run(
         self,
         entry: Any,

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from cluster.cells.engine_pool import EnginePool, EngineUse, engine_use_record, grouped
 from cluster.config import config_hash, resolve
 from cluster.driver import Driver, RunOptions
-from cluster.cells.engine_pool import EnginePool, EngineUse, engine_use_record, grouped
 from workloads.tracks.base import CellPlan
 
 # Three cells of one engine configuration (E1's grid varies the workload only).
@@ -163,3 +163,25 @@ def test_a_disaggregated_cell_evicts_idle_warm_engines_that_hold_what_it_needs(r
     m = json.loads((d / "manifest.json").read_text())
     assert m["status"] == "complete", {c: v["status"] for c, v in m["cells"].items()}
     assert [m["cells"][c]["engine"] for c in ("aggregated", "disaggregated")] == ["fresh", "fresh"]
+
+
+def test_a_warm_engine_that_cannot_begin_the_cell_gives_way_and_a_fresh_one_that_cannot_fails_it(monkeypatch):
+    from actors.loadgen import EngineRefused
+    from cluster.cells import aggregated
+
+    engines = iter(["reused", "fresh", "fresh"])
+
+    async def on_lease(ctx, pool):  # each lease: the pool's engine for it refuses, or the cell runs
+        ctx.engine_use = SimpleNamespace(engine=next(engines))
+        if len(tried) < 2:
+            tried.append(ctx.engine_use.engine)
+            raise EngineRefused("the engine could not begin the cell: 1 request(s) of an earlier cell are still in the engine")
+        return "ran"
+
+    monkeypatch.setattr(aggregated, "_on_lease", on_lease)
+    tried: list[str] = []
+    with pytest.raises(EngineRefused):  # the warm engine gave way; the fresh one that refused fails the cell
+        asyncio.run(aggregated.run_aggregated(SimpleNamespace(pool=object(), engine_use=None)))  # type: ignore[arg-type]
+    assert tried == ["reused", "fresh"]
+    engines, tried = iter(["reused", "fresh"]), ["reused"]
+    assert asyncio.run(aggregated.run_aggregated(SimpleNamespace(pool=object(), engine_use=None))) == "ran"  # type: ignore[arg-type]

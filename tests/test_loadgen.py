@@ -5,7 +5,7 @@ import ray
 
 from actors.engine_actor import EngineActor
 from actors.engines.spec import EngineConfig
-from actors.loadgen import LoadGenerator
+from actors.loadgen import EngineRefused, LoadGenerator
 from analysis.metrics import SLO, cell_metrics
 from analysis.records import measured, to_frame
 from workloads.arrivals import ClosedLoop, Poisson
@@ -84,7 +84,23 @@ def test_one_user_matches_the_simulated_law_once_the_harness_share_is_out(ray_lo
         f"harness share p50: TTFT {h['ttft_s']['p50'] * 1e3:.2f} ms ({h['share_of_ttft_p50']:.1%}), "
         f"TPOT {h['tpot_s']['p50'] * 1e3:.3f} ms, E2E {h['e2e_s']['p50'] * 1e3:.2f} ms; bare hop {h['hop_s'] * 1e3:.2f} ms"
     )
-    assert 0 < h["hop_s"] and 0 < h["ttft_s"]["p50"]
+    assert h["hop_s"] > 0 and h["ttft_s"]["p50"] > 0
     assert h["ttft_s_net"]["p50"] == pytest.approx(ttft, abs=max(0.01 * ttft, 0.0005))
     assert h["tpot_s_net"]["p50"] == pytest.approx(tpot, abs=max(0.01 * tpot, 0.0005))
     assert h["e2e_s_net"]["p50"] == pytest.approx(e2e, abs=max(0.01 * e2e, 0.0005))
+
+
+def test_run_cell_begins_the_engine_runs_and_reads_memory_in_one_call(ray_local):
+    engine = EngineActor.options(num_cpus=0).remote(SIM)
+    info = ray.get(engine.start.remote())
+    spec = WorkloadSpec(num_requests=3, warmup_requests=1, output_len=Fixed(value=4), arrival=ClosedLoop(concurrency=1))
+    reqs = synthetic_requests(spec, info["vocab_size"], seed=1)
+    lg = LoadGenerator.remote()
+    tags = {"run": "r", "cell": "c2", "role": "loadgen"}
+    got = ray.get(lg.run_cell.remote([engine], None, reqs, 1, 60.0, None, tags))
+    assert [r["ok"] for r in got.records] == [True] * 4 and got.faults == [] and got.counts is None
+    assert got.begin_s > 0 and got.load_s > 0
+    assert got.memory[0] is not None and got.memory[0] == ray.get(engine.memory.remote())
+    ray.kill(engine)
+    with pytest.raises(EngineRefused, match="could not begin the cell"):  # nothing sent: the cell may take another engine
+        ray.get(lg.run_cell.remote([engine], None, reqs, 1, 60.0, None, tags))

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
 from actors.engine_actor import EngineActor
-from actors.loadgen import LoadGenerator
+from actors.loadgen import CellLoad, EngineRefused, LoadGenerator
 from actors.metrics import cell_tags
 from actors.router import ReplicaRouter
 from analysis.records import to_frame
 from cluster import ray_env
-from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, bounded, settle
+from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, bounded
 from cluster.cells.engine_pool import EnginePool, pool_key
 
 SHUTDOWN_TIMEOUT_S = 120.0
@@ -51,9 +50,13 @@ class EngineGroup:
         return len(self.engines)
 
     async def begin(self, ctx: CellContext) -> None:
-        await asyncio.gather(*(e.begin_cell.remote(ctx.run_id, ctx.plan.cell_id) for e in self.engines))
-        if self.entry is not self.engines[0]:
-            await self.entry.reset.remote()
+        """Nothing from the driver: the load generator begins the cell in the cell's one call
+        (LoadGenerator.run_cell); an engine that refuses there fails the lease (run_aggregated)."""
+
+    @property
+    def router(self) -> Any:
+        """The entry where it is a router in front of the engines, else None."""
+        return self.entry if self.entry is not self.engines[0] else None
 
     async def close(self) -> None:
         """Engines stop first (a vLLM engine left running keeps its EngineCore process alive); one
@@ -103,27 +106,35 @@ async def deploy(ctx: CellContext, pool: EnginePool[EngineGroup]) -> EngineGroup
 
 
 async def run_aggregated(ctx: CellContext) -> CellResult:
-    n = ctx.plan.replicas
     # Without a run's pool (a cell run on its own), the cell starts and stops its own engines.
     pool: EnginePool[EngineGroup] = ctx.pool if ctx.pool is not None else EnginePool(reuse=False)
+    while True:
+        try:
+            return await _on_lease(ctx, pool)
+        except EngineRefused:
+            # The lease ended with the error: the pool dropped that engine. A warm one may have been
+            # left unfit by its last cell; the next lease takes another or starts one. A fresh one: the cell fails.
+            if ctx.engine_use is None or ctx.engine_use.engine != "reused":
+                raise
+
+
+async def _on_lease(ctx: CellContext, pool: EnginePool[EngineGroup]) -> CellResult:
+    n = ctx.plan.replicas
     meta: dict[str, Any] = {}
-    faults: list[str] = []
     async with pool.lease(ctx, pool_key(ctx, bundles(ctx)), lambda: deploy(ctx, pool)) as lease:
         d = lease.deployment
         info = d.infos[0]
         reqs = ctx.plan.build_requests(info["vocab_size"], ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
         tags = cell_tags(ctx.run_id, ctx.plan.cell_id, "loadgen")
-        t_load = time.monotonic()
-        raws = await d.loadgen.run.remote(d.entry, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, None, tags)
-        lease.use.load_s = time.monotonic() - t_load
-        memory = [await settle(f"engine{i} memory", e.memory.remote(), faults) for i, e in enumerate(d.engines)]
+        got: CellLoad = await d.loadgen.run_cell.remote(d.engines, d.router, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, tags)
+        lease.use.setup_s += got.begin_s
+        lease.use.load_s = got.load_s
         if n > 1:
-            counts = await settle("router counts", d.entry.counts.remote(), faults)
-            meta = {"replicas": n, "requests_per_replica": counts, "nodes": [i["node"] for i in d.infos]}
-            meta["memory_per_replica"] = list(memory)
-        elif memory[0] is not None:
-            meta = {"memory": memory[0]}  # memory.json and E5 hold single-engine cells
-        lease.healthy = not faults
-    df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="aggregated", engine=ctx.engine.kind)
-    return CellResult(requests=df, meta={"engine_info": info, **meta}, fault="; ".join(faults) or None)
+            meta = {"replicas": n, "requests_per_replica": got.counts, "nodes": [i["node"] for i in d.infos]}
+            meta["memory_per_replica"] = got.memory
+        elif got.memory[0] is not None:
+            meta = {"memory": got.memory[0]}  # memory.json and E5 hold single-engine cells
+        lease.healthy = not got.faults
+    df = to_frame(got.records, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="aggregated", engine=ctx.engine.kind)
+    return CellResult(requests=df, meta={"engine_info": info, **meta}, fault="; ".join(got.faults) or None)
