@@ -140,6 +140,7 @@ class CellLoad:
     records: list[dict[str, Any]]
     begin_s: float  # the engines made ready for the cell (the reset of a warm engine)
     load_s: float  # `run`: warm-up, hop probe, measured requests
+    after_s: float  # the reads after the load (memory, router counts)
     memory: list[dict[str, Any] | None]  # each engine's memory report after the load; None where the read failed
     counts: list[int] | None = None  # requests per replica (a router's), None for one engine
     faults: list[str] = field(default_factory=list)  # reads after the load that failed: the records stay
@@ -185,7 +186,7 @@ class LoadGenerator:
         faults: list[str] = []
         memory = await asyncio.gather(*(_settle(f"engine{i} memory", e.memory.remote(), faults) for i, e in enumerate(engines)))
         counts = await _settle("router counts", router.counts.remote(), faults) if router is not None else None
-        return CellLoad(records, t1 - t0, t2 - t1, list(memory), counts, faults)
+        return CellLoad(records, t1 - t0, t2 - t1, time.monotonic() - t2, list(memory), counts, faults)
 
     async def run(
         self,

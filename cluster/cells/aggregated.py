@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,9 +128,11 @@ async def _on_lease(ctx: CellContext, pool: EnginePool[EngineGroup]) -> CellResu
         reqs = ctx.plan.build_requests(info["vocab_size"], ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
         tags = cell_tags(ctx.run_id, ctx.plan.cell_id, "loadgen")
+        t_call = time.monotonic()
         got: CellLoad = await d.loadgen.run_cell.remote(d.engines, d.router, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, tags)
-        lease.use.setup_s += got.begin_s
-        lease.use.load_s = got.load_s
+        use = lease.use
+        use.setup_s, use.load_s, use.after_s = use.setup_s + got.begin_s, got.load_s, got.after_s
+        use.hops_s = max(0.0, time.monotonic() - t_call - got.begin_s - got.load_s - got.after_s)
         if n > 1:
             meta = {"replicas": n, "requests_per_replica": got.counts, "nodes": [i["node"] for i in d.infos]}
             meta["memory_per_replica"] = got.memory
