@@ -128,8 +128,8 @@ async def _send(
 
 
 class EngineRefused(RuntimeError):
-    """A warm engine could not begin a cell (an earlier cell's request still in it, a dead actor);
-    nothing of the cell was sent, so the cell may take another engine."""
+    """An engine could not serve a cell (a dead actor, one that refused to begin it): no request of
+    the cell succeeded, so the cell may run again on another engine."""
 
 
 @dataclass
@@ -138,12 +138,13 @@ class CellLoad:
     around them, each stage timed on the load generator's clock."""
 
     records: list[dict[str, Any]]
-    begin_s: float  # the engines made ready for the cell (the reset of a warm engine)
+    begin_s: float  # the engines made ready for the cell (the reset of a warm engine), on the engine's clock
     load_s: float  # `run`: warm-up, hop probe, measured requests
     after_s: float  # the reads after the load (memory, router counts)
     memory: list[dict[str, Any] | None]  # each engine's memory report after the load; None where the read failed
     counts: list[int] | None = None  # requests per replica (a router's), None for one engine
     faults: list[str] = field(default_factory=list)  # reads after the load that failed: the records stay
+    engines_busy: int = 0  # requests still in the engines after the load (timed out): not fit for another cell
 
 
 async def _settle(what: str, pending: Awaitable[Any], faults: list[str]) -> Any:
@@ -167,26 +168,32 @@ class LoadGenerator:
         progress: Any,
         tags: dict[str, str],
     ) -> CellLoad:
-        """An aggregated cell in one call from the driver: the engines begun for the cell (`tags`
-        name it), the load (`run`, through `router` where there is one, else the engine), then
-        each engine's memory and the router's counts. Three driver round trips a cell cost the
-        cell ~0.3 s each with 32 virtual nodes on 2 cores, and the driver's loop a turn each; the
-        load generator sits beside the engines. Raises EngineRefused where an engine cannot begin."""
+        """An aggregated cell in one call from the driver: the load (`run`, through `router` where
+        there is one, else the engine), its requests marked with the cell so that each engine
+        begins it on the first (EngineHost.generate), then each engine's report (memory, its begin,
+        requests left in it) and the router's counts. A call per stage cost the cell ~0.3 s each
+        with 32 virtual nodes on 2 cores, and the driver's loop a turn each. Raises EngineRefused
+        where no request succeeded and an engine could not report: a dead or refusing engine."""
+        cell = (tags["run"], tags["cell"])
         t0 = time.monotonic()
-        try:
-            await asyncio.gather(*(e.begin_cell.remote(tags["run"], tags["cell"]) for e in engines))
-            if router is not None:
-                await router.reset.remote()
-        except Exception as e:
-            raise EngineRefused(f"the engine could not begin the cell: {one_line(e)}") from None
-        t1 = time.monotonic()
         entry = router if router is not None else engines[0]
-        records = await self.run(entry, requests, concurrency, timeout_s, progress, None, tags)
-        t2 = time.monotonic()
+        records = await self.run(entry, requests, concurrency, timeout_s, progress, None, tags, cell)
+        t1 = time.monotonic()
         faults: list[str] = []
-        memory = await asyncio.gather(*(_settle(f"engine{i} memory", e.memory.remote(), faults) for i, e in enumerate(engines)))
+        reports = await asyncio.gather(*(_settle(f"engine{i} report", e.cell_report.remote(*cell), faults) for i, e in enumerate(engines)))
         counts = await _settle("router counts", router.counts.remote(), faults) if router is not None else None
-        return CellLoad(records, t1 - t0, t2 - t1, time.monotonic() - t2, list(memory), counts, faults)
+        if faults and not any(r["ok"] for r in records):
+            raise EngineRefused(f"the engine could not serve the cell: {faults[0]}")
+        return CellLoad(
+            records,
+            begin_s=max((r["begin_s"] for r in reports if r), default=0.0),
+            load_s=t1 - t0,
+            after_s=time.monotonic() - t1,
+            memory=[r["memory"] if r else None for r in reports],
+            counts=counts,
+            faults=faults,
+            engines_busy=sum(r["in_flight"] for r in reports if r),
+        )
 
     async def run(
         self,
@@ -197,18 +204,20 @@ class LoadGenerator:
         progress: Any = None,
         api_key: str | None = None,
         tags: dict[str, str] | None = None,
+        cell: tuple[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         """Warm-up requests first (closed loop, excluded later), the hop probe, then the measured phase.
 
         `entry` is an entry actor handle or a TargetSpec (HTTP server; `api_key` authenticates).
         `concurrency` is the number of closed-loop users; requests with `t_scheduled` set are
         sent open loop at t0 + t_scheduled whatever the server is doing. `tags`: the live metrics'
-        run/cell where a warm load generator serves another cell than its name says.
+        run/cell where a warm load generator serves another cell than its name says. `cell` (run id,
+        cell id) marks every request to an entry actor: the engine begins that cell on its first.
         """
         # This process is the load generator's alone: a thread holding the GIL (Ray's own) must not
         # hold a stamp back for the default 5 ms switch interval.
         sys.setswitchinterval(GIL_SWITCH_S)
-        backend = open_backend(entry, api_key)
+        backend = open_backend(entry, api_key, cell)
         warm = [r for r in requests if r.warmup]
         measured = [r for r in requests if not r.warmup]
         try:

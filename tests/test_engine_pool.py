@@ -185,3 +185,28 @@ def test_a_warm_engine_that_cannot_begin_the_cell_gives_way_and_a_fresh_one_that
     assert tried == ["reused", "fresh"]
     engines, tried = iter(["reused", "fresh"]), ["reused"]
     assert asyncio.run(aggregated.run_aggregated(SimpleNamespace(pool=object(), engine_use=None))) == "ran"  # type: ignore[arg-type]
+
+
+def test_an_engine_begins_a_cell_on_its_first_marked_request_and_counts_it_out_at_its_last(ray_local):
+    from actors.engine_actor import EngineHost
+    from actors.engines.spec import EngineConfig
+
+    async def go():
+        host = EngineHost(EngineConfig(kind="simulated").model_dump())
+        await host.start()
+
+        async def send(cell, rid):
+            request = {"request_id": rid, "prompt_token_ids": [1, 2, 3], "max_tokens": 2, "cell": cell}
+            async for delta in host.generate(request):
+                if delta["finished"]:
+                    busy = host.in_flight  # the client stops reading here: nothing of its cell is left counted
+            return busy
+
+        await asyncio.gather(send(("r", "a"), "x"), send(("r", "a"), "y"))
+        assert (host.cell, host.cells, host.tags["cell"]) == (("r", "a"), 1, "a")  # one begin for both requests
+        assert await send(("r", "b"), "x") == 0 and (host.cell, host.cells) == (("r", "b"), 2)  # the only request: 0 left
+        report = await host.cell_report("r", "c")  # a replica no request of cell c reached begins it to report
+        assert (host.cell, host.cells, report["in_flight"]) == (("r", "c"), 3, 0) and report["memory"]
+        await host.shutdown()
+
+    asyncio.run(go())

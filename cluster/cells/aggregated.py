@@ -51,8 +51,9 @@ class EngineGroup:
         return len(self.engines)
 
     async def begin(self, ctx: CellContext) -> None:
-        """Nothing from the driver: the load generator begins the cell in the cell's one call
-        (LoadGenerator.run_cell); an engine that refuses there fails the lease (run_aggregated)."""
+        """Nothing to call: each engine begins the cell on the cell's first request to it, which the
+        load generator marks (LoadGenerator.run_cell); an engine that cannot serve it fails the lease
+        (EngineRefused, run_aggregated), one left busy by its cell is not kept (`engines_busy`)."""
 
     @property
     def router(self) -> Any:
@@ -113,8 +114,8 @@ async def run_aggregated(ctx: CellContext) -> CellResult:
         try:
             return await _on_lease(ctx, pool)
         except EngineRefused:
-            # The lease ended with the error: the pool dropped that engine. A warm one may have been
-            # left unfit by its last cell; the next lease takes another or starts one. A fresh one: the cell fails.
+            # The lease ended with the error: the pool dropped that engine. A warm one may have died
+            # since its last cell; the next lease takes another or starts one. A fresh one: the cell fails.
             if ctx.engine_use is None or ctx.engine_use.engine != "reused":
                 raise
 
@@ -138,6 +139,6 @@ async def _on_lease(ctx: CellContext, pool: EnginePool[EngineGroup]) -> CellResu
             meta["memory_per_replica"] = got.memory
         elif got.memory[0] is not None:
             meta = {"memory": got.memory[0]}  # memory.json and E5 hold single-engine cells
-        lease.healthy = not got.faults
+        lease.healthy = not got.faults and not got.engines_busy
     df = to_frame(got.records, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="aggregated", engine=ctx.engine.kind)
     return CellResult(requests=df, meta={"engine_info": info, **meta}, fault="; ".join(got.faults) or None)
