@@ -27,11 +27,13 @@ from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 import ray
 
 from actors.backends import Backend, Exchange, ThreadSend, open_backend
 from actors.metrics import BatchedFeed, current_actor_tags
 from analysis.errortext import one_line
+from analysis.records import to_frame
 from workloads.requests import RequestSpec
 
 HOP_PROBE_CALLS = 20
@@ -137,7 +139,7 @@ class CellLoad:
     """An aggregated cell's one call (`LoadGenerator.run_cell`): its records and what was read
     around them, each stage timed on the load generator's clock."""
 
-    records: list[dict[str, Any]]
+    requests: pd.DataFrame  # the records as rows (analysis/records.py), made here rather than on the driver's loop
     begin_s: float  # the engines made ready for the cell (the reset of a warm engine), on the engine's clock
     load_s: float  # `run`: warm-up, hop probe, measured requests
     after_s: float  # the reads after the load (memory, router counts)
@@ -145,6 +147,7 @@ class CellLoad:
     counts: list[int] | None = None  # requests per replica (a router's), None for one engine
     faults: list[str] = field(default_factory=list)  # reads after the load that failed: the records stay
     engines_busy: int = 0  # requests still in the engines after the load (timed out): not fit for another cell
+    t_start: float = 0.0  # time.monotonic() as the call began here (the host's clock: the driver's, on one host)
 
 
 async def _settle(what: str, pending: Awaitable[Any], faults: list[str]) -> Any:
@@ -167,15 +170,17 @@ class LoadGenerator:
         timeout_s: float | None,
         progress: Any,
         tags: dict[str, str],
+        identity: dict[str, str],
     ) -> CellLoad:
         """An aggregated cell in one call from the driver: the load (`run`, through `router` where
         there is one, else the engine), its requests marked with the cell so that each engine
         begins it on the first (EngineHost.generate), then each engine's report (memory, its begin,
         requests left in it) and the router's counts. A call per stage cost the cell ~0.3 s each
-        with 32 virtual nodes on 2 cores, and the driver's loop a turn each. Raises EngineRefused
+        with 32 virtual nodes on 2 cores, and the driver's loop a turn each. The records come back
+        as rows stamped with `identity` (to_frame). Raises EngineRefused
         where no request succeeded and an engine could not report: a dead or refusing engine."""
-        cell = (tags["run"], tags["cell"])
         t0 = time.monotonic()
+        cell = (tags["run"], tags["cell"])
         entry = router if router is not None else engines[0]
         records = await self.run(entry, requests, concurrency, timeout_s, progress, None, tags, cell)
         t1 = time.monotonic()
@@ -185,7 +190,7 @@ class LoadGenerator:
         if faults and not any(r["ok"] for r in records):
             raise EngineRefused(f"the engine could not serve the cell: {faults[0]}")
         return CellLoad(
-            records,
+            to_frame(records, **identity),
             begin_s=max((r["begin_s"] for r in reports if r), default=0.0),
             load_s=t1 - t0,
             after_s=time.monotonic() - t1,
@@ -193,6 +198,7 @@ class LoadGenerator:
             counts=counts,
             faults=faults,
             engines_busy=sum(r["in_flight"] for r in reports if r),
+            t_start=t0,
         )
 
     async def run(

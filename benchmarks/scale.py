@@ -149,7 +149,8 @@ class RunScale:
     fixed_warm_s: Spread | None  # ... cells on a warm engine
     fixed_fresh_s: Spread | None  # ... cells that started their engine
     # p50 over warm cells of each part of the fixed cost: setup (the reset), after (the reads after the load),
-    # hops (the driver's call to the load generator and its reply), driver (the rest: the driver's own work and waits)
+    # call and reply (the driver's call reaching the load generator, its reply reaching the driver's loop),
+    # driver (the rest: the driver's own work and waits)
     fixed_warm_stages_p50_s: dict[str, float] | None
 
 
@@ -215,8 +216,9 @@ def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
         warm = [(c, u) for c, u in uses if u and u["engine"] == "reused"]
         if not warm:
             return None
-        parts = {k: [u.get(f"{k}_s", 0.0) for _, u in warm] for k in ("setup", "after", "hops")}
-        parts["driver"] = [c["wall_s"] - u["load_s"] - u["setup_s"] - u.get("after_s", 0.0) - u.get("hops_s", 0.0) for c, u in warm]
+        names = ("setup", "after", "call", "reply")
+        parts = {k: [u.get(f"{k}_s", 0.0) for _, u in warm] for k in names}
+        parts["driver"] = [c["wall_s"] - u["load_s"] - sum(u.get(f"{k}_s", 0.0) for k in names) for c, u in warm]
         return {k: round(float(np.percentile(v, 50)), 4) for k, v in parts.items()}
 
     return RunScale(

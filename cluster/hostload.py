@@ -101,7 +101,7 @@ class HostLoadSampler:
     A cell's window runs from the last sample at or before its start to the last one at its end; a
     cell shorter than an interval gets the last full interval. `HostLoad.wall_s` is the window."""
 
-    def __init__(self, interval_s: float = 1.0, budget: float = 0.005) -> None:
+    def __init__(self, interval_s: float = 1.0, budget: float = 0.002) -> None:
         self.interval_s, self.budget = interval_s, budget
         self._lock = threading.Lock()  # psutil's process walk is not made for two threads at once
         self._stop = threading.Event()

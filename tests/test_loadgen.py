@@ -97,11 +97,13 @@ def test_run_cell_begins_the_engine_runs_and_reads_memory_in_one_call(ray_local)
     reqs = synthetic_requests(spec, info["vocab_size"], seed=1)
     lg = LoadGenerator.remote()
     for cell in ("c1", "c2"):  # the second on the engine the first warmed
-        got = ray.get(lg.run_cell.remote([engine], None, reqs, 2, 60.0, None, {"run": "r", "cell": cell, "role": "loadgen"}))
-        assert [r["ok"] for r in got.records] == [True] * 4 and got.faults == [] and got.counts is None
+        tags, identity = {"run": "r", "cell": cell, "role": "loadgen"}, {"run_id": "r", "cell_id": cell}
+        got = ray.get(lg.run_cell.remote([engine], None, reqs, 2, 60.0, None, tags, identity))
+        assert got.requests["ok"].tolist() == [True] * 4 and set(got.requests["cell_id"]) == {cell}
+        assert got.faults == [] and got.counts is None
         assert got.begin_s > 0 and got.load_s > 0 and got.after_s > 0 and got.engines_busy == 0
         assert got.memory[0] is not None and got.memory[0] == ray.get(engine.memory.remote())
     assert ray.get(engine.cell_report.remote("r", "c2"))["begin_s"] == got.begin_s  # c2 was begun once, by its first request
     ray.kill(engine)
     with pytest.raises(EngineRefused, match="could not serve the cell: engine0 report"):  # the cell may run on another engine
-        ray.get(lg.run_cell.remote([engine], None, reqs, 1, 60.0, None, {"run": "r", "cell": "c3", "role": "loadgen"}))
+        ray.get(lg.run_cell.remote([engine], None, reqs, 1, 60.0, None, {"run": "r", "cell": "c3", "role": "loadgen"}, {}))

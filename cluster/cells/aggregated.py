@@ -23,7 +23,6 @@ from actors.engine_actor import EngineActor
 from actors.loadgen import CellLoad, EngineRefused, LoadGenerator
 from actors.metrics import cell_tags
 from actors.router import ReplicaRouter
-from analysis.records import to_frame
 from cluster import ray_env
 from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, bounded
 from cluster.cells.engine_pool import EnginePool, pool_key
@@ -130,15 +129,19 @@ async def _on_lease(ctx: CellContext, pool: EnginePool[EngineGroup]) -> CellResu
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
         tags = cell_tags(ctx.run_id, ctx.plan.cell_id, "loadgen")
         t_call = time.monotonic()
-        got: CellLoad = await d.loadgen.run_cell.remote(d.engines, d.router, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, tags)
+        identity = {"run_id": ctx.run_id, "cell_id": ctx.plan.cell_id, "serving_mode": "aggregated", "engine": ctx.engine.kind}
+        got: CellLoad = await d.loadgen.run_cell.remote(
+            d.engines, d.router, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, tags, identity
+        )
         use = lease.use
         use.setup_s, use.load_s, use.after_s = use.setup_s + got.begin_s, got.load_s, got.after_s
-        use.hops_s = max(0.0, time.monotonic() - t_call - got.begin_s - got.load_s - got.after_s)
+        hops = max(0.0, time.monotonic() - t_call - got.load_s - got.after_s)  # the call and its reply
+        use.call_s = min(hops, max(0.0, got.t_start - t_call))
+        use.reply_s = hops - use.call_s
         if n > 1:
             meta = {"replicas": n, "requests_per_replica": got.counts, "nodes": [i["node"] for i in d.infos]}
             meta["memory_per_replica"] = got.memory
         elif got.memory[0] is not None:
             meta = {"memory": got.memory[0]}  # memory.json and E5 hold single-engine cells
         lease.healthy = not got.faults and not got.engines_busy
-    df = to_frame(got.records, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="aggregated", engine=ctx.engine.kind)
-    return CellResult(requests=df, meta={"engine_info": info, **meta}, fault="; ".join(got.faults) or None)
+    return CellResult(requests=got.requests, meta={"engine_info": info, **meta}, fault="; ".join(got.faults) or None)
