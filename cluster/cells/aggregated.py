@@ -134,7 +134,8 @@ async def _on_lease(ctx: CellContext, pool: EnginePool[EngineGroup]) -> CellResu
             d.engines, d.router, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, tags, identity
         )
         use = lease.use
-        use.setup_s, use.load_s, use.after_s = use.setup_s + got.begin_s, got.load_s, got.after_s
+        # The engines begin the cell inside its first requests: that reset is setup, not load.
+        use.setup_s, use.load_s, use.after_s = use.setup_s + got.begin_s, got.load_s - got.begin_s, got.after_s
         hops = max(0.0, time.monotonic() - t_call - got.load_s - got.after_s)  # the call and its reply
         use.call_s = min(hops, max(0.0, got.t_start - t_call))
         use.reply_s = hops - use.call_s
