@@ -276,7 +276,7 @@ def start_cluster(nodes: int, worker_niceness: int) -> Any:
     from ray.cluster_utils import Cluster
 
     # Read by every raylet started below (Ray's config from the environment): the nice value of its workers.
-    os.environ["RAY_worker_niceness"] = str(worker_niceness)
+    os.environ["RAY_worker_niceness"] = str(worker_niceness)  # noqa: SIM112  # Ray spells its config keys so
     c = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "object_store_memory": STORE_BYTES, "include_dashboard": False},
