@@ -22,17 +22,10 @@ cells with a fresh engine per cell (`fresh_engines`). Reports, per run:
   time minus load time), p50/p90/max, warm and fresh apart;
 - cells per node and engine starts (from the manifest).
 
-The cluster's workers (engines, load generators) run at nice `--worker-niceness`, 0 by default.
-Ray starts them at 15 below its daemons (a raylet, a dashboard agent and a runtime-env agent per node,
-at 0): on a real node a few daemons, here three per virtual node, ~100 at 32 nodes, sharing 2 cores.
-Each of them wants a little CPU, and at nice 15 a worker woken for a cell's call waited behind all of
-them: ~0.2-0.4 s per call on a 32-node cluster, the bulk of a warm cell's fixed cost, for a share of
-the cores that no real node gives them. `--worker-niceness 15` measures Ray's default.
-
 Goal (2 cores, 24 GiB): `--nodes 32 --cells 1000` completes, driver overhead (driver_overhead_fraction) < 2% of wall,
 cells spread over all nodes, fixed cost per cell with warm engines < 0.2 s.
 
-    python benchmarks/scale.py [--nodes 4] [--cells 40] [--requests 2] [--fresh-cells N] [--worker-niceness 0] [--json] [--profile FILE]
+    python benchmarks/scale.py [--nodes 4] [--cells 40] [--requests 2] [--fresh-cells N] [--json] [--profile FILE]
 
 The evidence is simulated (the simulated engine on virtual nodes sharing one machine's cores).
 """
@@ -272,11 +265,9 @@ def profiled(path: Path | None) -> Iterator[None]:
         prof.dump_stats(path)
 
 
-def start_cluster(nodes: int, worker_niceness: int) -> Any:
+def start_cluster(nodes: int) -> Any:
     from ray.cluster_utils import Cluster
 
-    # Read by every raylet started below (Ray's config from the environment): the nice value of its workers.
-    os.environ["RAY_worker_niceness"] = str(worker_niceness)  # noqa: SIM112  # Ray spells its config keys so
     c = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "object_store_memory": STORE_BYTES, "include_dashboard": False},
@@ -293,12 +284,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--cells", type=int, default=40, help="cells of the sweep (an E1 grid)")
     ap.add_argument("--requests", type=int, default=2, help="measured requests per cell (plus 1 warm-up)")
     ap.add_argument("--fresh-cells", type=int, default=None, help="cells run again with fresh engines, side by side (default: 2 × nodes)")
-    ap.add_argument(
-        "--worker-niceness",
-        type=int,
-        default=0,
-        help="nice value of the cluster's worker processes (Ray's own default is 15; see the module docstring)",
-    )
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--profile", type=Path, default=None, help="write a cProfile (pstats) of the driver's warm run to this file")
     a = ap.parse_args(argv)
@@ -307,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fresh_cells = min(a.cells, 2 * a.nodes if a.fresh_cells is None else a.fresh_cells)
     load0 = os.getloadavg()
     t0 = time.monotonic()
-    cluster = start_cluster(a.nodes, a.worker_niceness)
+    cluster = start_cluster(a.nodes)
     start_s = time.monotonic() - t0
     runs: list[RunScale] = []
     try:
@@ -332,7 +317,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "nodes": a.nodes,
         "cells": a.cells,
         "requests_per_cell": a.requests,
-        "worker_niceness": a.worker_niceness,
         "cluster_start_s": start_s,
         "load_average_before": list(load0),
         "load_average_after": list(os.getloadavg()),
@@ -352,10 +336,7 @@ def _s(sp: dict[str, float] | None) -> str:
 
 
 def print_table(r: dict[str, Any]) -> None:
-    print(
-        f"simulated: {r['nodes']} virtual nodes of 1 CPU, {r['cells']} cells × {r['requests_per_cell']} requests, "
-        f"workers at nice {r['worker_niceness']}"
-    )
+    print(f"simulated: {r['nodes']} virtual nodes of 1 CPU, {r['cells']} cells × {r['requests_per_cell']} requests")
     load = r["load_average_before"][0], r["load_average_after"][0]
     print(f"cluster start {r['cluster_start_s']:.1f} s; load average before {load[0]:.2f}, after {load[1]:.2f}")
     for run in r["runs"]:

@@ -46,8 +46,12 @@ def test_one_engine_config_starts_one_engine(pooled):
     cells = m["cells"]
     assert [cells[c]["engine"] for c in ("in16-out4", "in24-out4", "in32-out4")] == ["fresh", "reused", "reused"]
     assert all(c["wall_s"] > 0 for c in cells.values())
-    use = json.loads((d / "cells" / "in32-out4" / "cell.json").read_text())["engine_use"]
+    cell = json.loads((d / "cells" / "in32-out4" / "cell.json").read_text())
+    use = cell["engine_use"]
     assert use["cell_on_engine"] == 3 and use["engine_starts"] == 0 and use["load_s"] > 0
+    # The fixed cost's stages are parts of the cell's wall time, the driver's own work the rest.
+    stages = [use[k] for k in ("setup_s", "after_s", "call_s", "reply_s")]
+    assert all(v >= 0 for v in stages) and use["after_s"] > 0 and sum(stages) + use["load_s"] <= cell["wall_s"]
 
 
 def test_fresh_engines_flag_starts_one_per_cell_with_the_same_records(pooled, fresh):
