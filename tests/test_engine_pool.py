@@ -169,26 +169,22 @@ def test_a_disaggregated_cell_evicts_idle_warm_engines_that_hold_what_it_needs(r
     assert [m["cells"][c]["engine"] for c in ("aggregated", "disaggregated")] == ["fresh", "fresh"]
 
 
-def test_a_warm_engine_that_cannot_begin_the_cell_gives_way_and_a_fresh_one_that_cannot_fails_it(monkeypatch):
-    from actors.loadgen import EngineRefused
+def test_a_dead_warm_engine_gives_way_and_a_fresh_one_keeps_the_failed_records(monkeypatch):
     from cluster.cells import aggregated
+    from cluster.cells.base import CellResult
 
-    engines = iter(["reused", "fresh", "fresh"])
+    engines = iter(["reused", "reused", "fresh"])
+    tried: list[str] = []
 
-    async def on_lease(ctx, pool):  # each lease: the pool's engine for it refuses, or the cell runs
+    async def on_lease(ctx, pool):  # each lease: the pool's engine for it could not serve the cell
         ctx.engine_use = SimpleNamespace(engine=next(engines))
-        if len(tried) < 2:
-            tried.append(ctx.engine_use.engine)
-            raise EngineRefused("the engine could not begin the cell: 1 request(s) of an earlier cell are still in the engine")
-        return "ran"
+        tried.append(ctx.engine_use.engine)
+        raise aggregated.EngineRefused(CellResult(requests=pd.DataFrame({"ok": [False]}), fault=f"engine0 memory: dead {len(tried)}"))
 
     monkeypatch.setattr(aggregated, "_on_lease", on_lease)
-    tried: list[str] = []
-    with pytest.raises(EngineRefused):  # the warm engine gave way; the fresh one that refused fails the cell
-        asyncio.run(aggregated.run_aggregated(SimpleNamespace(pool=object(), engine_use=None)))  # type: ignore[arg-type]
-    assert tried == ["reused", "fresh"]
-    engines, tried = iter(["reused", "fresh"]), ["reused"]
-    assert asyncio.run(aggregated.run_aggregated(SimpleNamespace(pool=object(), engine_use=None))) == "ran"  # type: ignore[arg-type]
+    got = asyncio.run(aggregated.run_aggregated(SimpleNamespace(pool=object(), engine_use=None)))  # type: ignore[arg-type]
+    assert tried == ["reused", "reused", "fresh"]  # each warm one gave way; the fresh one's result is the cell's
+    assert got.fault == "engine0 memory: dead 3" and got.requests["ok"].tolist() == [False]
 
 
 def test_an_engine_begins_a_cell_on_its_first_marked_request_and_counts_it_out_at_its_last(ray_local):
