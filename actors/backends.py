@@ -82,16 +82,17 @@ class HopProbe:
 class ActorBackend:
     """An entry actor exposing the streaming `generate(request)` of EngineActor."""
 
-    def __init__(self, handle: Any):
+    def __init__(self, handle: Any, cell: tuple[str, str] | None = None):
         self.handle = handle
         self._generate = handle.generate.options(num_returns="streaming")
+        self.cell = cell  # marked on every request: the engine begins the cell on its first (EngineHost.generate)
         # stream() gets replies the stream has already awaited, which never blocks; Ray would warn once
         # per process that a get inside an async actor blocks its loop (Ray Train silences it the same way).
         os.environ.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
 
     def submit(self, request: dict[str, Any]) -> Any:
         """Thread-safe (a Ray actor call): the reply stream of the request, sent now."""
-        return self._generate.remote(request)
+        return self._generate.remote(request if self.cell is None else {**request, "cell": self.cell})
 
     async def stream(self, request: dict[str, Any], exchange: Exchange | None = None) -> AsyncIterator[dict[str, Any]]:
         if exchange is not None and exchange.submit_error is not None:
@@ -135,11 +136,11 @@ class ActorBackend:
         return None
 
 
-def open_backend(entry: Any, api_key: str | None = None) -> Backend:
-    """An actor handle → ActorBackend; a TargetSpec → OpenAIBackend (HTTP)."""
+def open_backend(entry: Any, api_key: str | None = None, cell: tuple[str, str] | None = None) -> Backend:
+    """An actor handle → ActorBackend (its requests marked with `cell` where given); a TargetSpec → OpenAIBackend (HTTP)."""
     from actors.openai_client import OpenAIBackend
     from actors.target import TargetSpec
 
     if isinstance(entry, TargetSpec):
         return OpenAIBackend(entry, api_key)
-    return ActorBackend(entry)
+    return ActorBackend(entry, cell)

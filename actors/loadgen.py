@@ -23,13 +23,17 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 import ray
 
 from actors.backends import Backend, Exchange, ThreadSend, open_backend
 from actors.metrics import BatchedFeed, current_actor_tags
+from analysis.errortext import one_line
+from analysis.records import to_frame
 from workloads.requests import RequestSpec
 
 HOP_PROBE_CALLS = 20
@@ -125,8 +129,70 @@ async def _send(
     return rec
 
 
+@dataclass
+class CellLoad:
+    """An aggregated cell's one call (`LoadGenerator.run_cell`): its records and what was read
+    around them, each stage timed on the load generator's clock."""
+
+    requests: pd.DataFrame  # the records as rows (analysis/records.py), made here rather than on the driver's loop
+    begin_s: float  # the engines made ready for the cell (the reset of a warm engine), on the engine's clock
+    load_s: float  # `run`: warm-up, hop probe, measured requests
+    after_s: float  # the reads after the load (memory, router counts)
+    memory: list[dict[str, Any] | None]  # each engine's memory report after the load; None where the read failed
+    counts: list[int] | None = None  # requests per replica (a router's), None for one engine
+    faults: list[str] = field(default_factory=list)  # reads after the load that failed: the records stay
+    engines_busy: int = 0  # requests still in the engines after the load (timed out): not fit for another cell
+    t_start: float = 0.0  # time.monotonic() as the call began here (the host's clock: the driver's, on one host)
+
+
+async def _settle(what: str, pending: Awaitable[Any], faults: list[str]) -> Any:
+    """A read after the requests ran: a failure is noted, never raised (the records are measured)."""
+    try:
+        return await pending
+    except Exception as e:
+        faults.append(f"{what}: {one_line(e)}")
+        return None
+
+
 @ray.remote(num_cpus=0)
 class LoadGenerator:
+    async def run_cell(
+        self,
+        engines: list[Any],
+        router: Any,
+        requests: list[RequestSpec],
+        concurrency: int,
+        timeout_s: float | None,
+        progress: Any,
+        tags: dict[str, str],
+        identity: dict[str, str],
+    ) -> CellLoad:
+        """An aggregated cell in one call from the driver: the load (`run`, through `router` where
+        there is one, else the engine), its requests marked with the cell so that each engine
+        begins it on the first (EngineHost.generate), then each engine's report (memory, its begin,
+        requests left in it) and the router's counts. A call per stage cost the cell ~0.3 s each
+        with 32 virtual nodes on 2 cores, and the driver's loop a turn each. The records come back
+        as rows stamped with `identity` (to_frame); a read that failed is a fault, never raised."""
+        t0 = time.monotonic()
+        cell = (tags["run"], tags["cell"])
+        entry = router if router is not None else engines[0]
+        records = await self.run(entry, requests, concurrency, timeout_s, progress, None, tags, cell)
+        t1 = time.monotonic()
+        faults: list[str] = []
+        reports = await asyncio.gather(*(_settle(f"engine{i} memory", e.cell_report.remote(*cell), faults) for i, e in enumerate(engines)))
+        counts = await _settle("router counts", router.counts.remote(), faults) if router is not None else None
+        return CellLoad(
+            to_frame(records, **identity),
+            begin_s=max((r["begin_s"] for r in reports if r), default=0.0),
+            load_s=t1 - t0,
+            after_s=time.monotonic() - t1,
+            memory=[r["memory"] if r else None for r in reports],
+            counts=counts,
+            faults=faults,
+            engines_busy=sum(r["in_flight"] for r in reports if r),
+            t_start=t0,
+        )
+
     async def run(
         self,
         entry: Any,
@@ -136,18 +202,20 @@ class LoadGenerator:
         progress: Any = None,
         api_key: str | None = None,
         tags: dict[str, str] | None = None,
+        cell: tuple[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         """Warm-up requests first (closed loop, excluded later), the hop probe, then the measured phase.
 
         `entry` is an entry actor handle or a TargetSpec (HTTP server; `api_key` authenticates).
         `concurrency` is the number of closed-loop users; requests with `t_scheduled` set are
         sent open loop at t0 + t_scheduled whatever the server is doing. `tags`: the live metrics'
-        run/cell where a warm load generator serves another cell than its name says.
+        run/cell where a warm load generator serves another cell than its name says. `cell` (run id,
+        cell id) marks every request to an entry actor: the engine begins that cell on its first.
         """
         # This process is the load generator's alone: a thread holding the GIL (Ray's own) must not
         # hold a stamp back for the default 5 ms switch interval.
         sys.setswitchinterval(GIL_SWITCH_S)
-        backend = open_backend(entry, api_key)
+        backend = open_backend(entry, api_key, cell)
         warm = [r for r in requests if r.warmup]
         measured = [r for r in requests if not r.warmup]
         try:

@@ -27,6 +27,7 @@ class ReplicaRouter(HopProbe):
         self.in_flight = [0] * len(replicas)
         self.served = [0] * len(replicas)
         self._next = 0
+        self.cell: tuple[str, ...] | None = None  # the cell its requests' mark named last (EngineHost.generate)
 
     def _pick(self) -> int:
         n = len(self.replicas)
@@ -35,6 +36,9 @@ class ReplicaRouter(HopProbe):
         return i
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if (cell := request.get("cell")) is not None and tuple(cell) != self.cell:  # a new cell's first request
+            self.reset()
+            self.cell = tuple(cell)
         i = self._pick()
         self.in_flight[i] += 1
         self.served[i] += 1

@@ -148,6 +148,10 @@ class RunScale:
     fixed_s: Spread | None  # cell wall - load, all cells
     fixed_warm_s: Spread | None  # ... cells on a warm engine
     fixed_fresh_s: Spread | None  # ... cells that started their engine
+    # p50 over warm cells of each part of the fixed cost: setup (the reset), after (the reads after the load),
+    # call and reply (the driver's call reaching the load generator, its reply reaching the driver's loop),
+    # driver (the rest: the driver's own work and waits)
+    fixed_warm_stages_p50_s: dict[str, float] | None
 
 
 def thread_cpu() -> dict[str, float]:
@@ -208,6 +212,15 @@ def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
     def fixed(which: str | None) -> list[float]:
         return [c["wall_s"] - u["load_s"] for c, u in uses if u and (which is None or u["engine"] == which)]
 
+    def stages() -> dict[str, float] | None:
+        warm = [(c, u) for c, u in uses if u and u["engine"] == "reused"]
+        if not warm:
+            return None
+        names = ("setup", "after", "call", "reply")
+        parts = {k: [u.get(f"{k}_s", 0.0) for _, u in warm] for k in names}
+        parts["driver"] = [c["wall_s"] - u["load_s"] - sum(u.get(f"{k}_s", 0.0) for k in names) for c, u in warm]
+        return {k: round(float(np.percentile(v, 50)), 4) for k, v in parts.items()}
+
     return RunScale(
         engines="fresh" if cfg.fresh_engines else "warm",
         cells=len(metas),
@@ -233,6 +246,7 @@ def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
         fixed_s=Spread.of(fixed(None)),
         fixed_warm_s=Spread.of(fixed("reused")),
         fixed_fresh_s=Spread.of(fixed("fresh")),
+        fixed_warm_stages_p50_s=stages(),
     )
 
 
@@ -343,6 +357,8 @@ def print_table(r: dict[str, Any]) -> None:
         print("  per cell p50/p90/max (s):")
         for k in ("scheduling_s", "scheduling_warm_s", "load_s", "fixed_s", "fixed_warm_s", "fixed_fresh_s"):
             print(f"    {k:<18} {_s(run[k])}")
+        if run["fixed_warm_stages_p50_s"]:
+            print("  warm fixed cost by stage, p50 (s): " + ", ".join(f"{k} {v:.3f}" for k, v in run["fixed_warm_stages_p50_s"].items()))
         cpn = list(run["cells_per_node"].values())
         if cpn:
             print(f"  cells per node: min {min(cpn)}, max {max(cpn)}")

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from cluster.cells.engine_pool import EnginePool, EngineUse, engine_use_record, grouped
 from cluster.config import config_hash, resolve
 from cluster.driver import Driver, RunOptions
-from cluster.cells.engine_pool import EnginePool, EngineUse, engine_use_record, grouped
 from workloads.tracks.base import CellPlan
 
 # Three cells of one engine configuration (E1's grid varies the workload only).
@@ -46,8 +46,12 @@ def test_one_engine_config_starts_one_engine(pooled):
     cells = m["cells"]
     assert [cells[c]["engine"] for c in ("in16-out4", "in24-out4", "in32-out4")] == ["fresh", "reused", "reused"]
     assert all(c["wall_s"] > 0 for c in cells.values())
-    use = json.loads((d / "cells" / "in32-out4" / "cell.json").read_text())["engine_use"]
+    cell = json.loads((d / "cells" / "in32-out4" / "cell.json").read_text())
+    use = cell["engine_use"]
     assert use["cell_on_engine"] == 3 and use["engine_starts"] == 0 and use["load_s"] > 0
+    # The fixed cost's stages are parts of the cell's wall time, the driver's own work the rest.
+    stages = [use[k] for k in ("setup_s", "after_s", "call_s", "reply_s")]
+    assert all(v >= 0 for v in stages) and use["after_s"] > 0 and sum(stages) + use["load_s"] <= cell["wall_s"]
 
 
 def test_fresh_engines_flag_starts_one_per_cell_with_the_same_records(pooled, fresh):
@@ -163,3 +167,46 @@ def test_a_disaggregated_cell_evicts_idle_warm_engines_that_hold_what_it_needs(r
     m = json.loads((d / "manifest.json").read_text())
     assert m["status"] == "complete", {c: v["status"] for c, v in m["cells"].items()}
     assert [m["cells"][c]["engine"] for c in ("aggregated", "disaggregated")] == ["fresh", "fresh"]
+
+
+def test_a_dead_warm_engine_gives_way_and_a_fresh_one_keeps_the_failed_records(monkeypatch):
+    from cluster.cells import aggregated
+    from cluster.cells.base import CellResult
+
+    engines = iter(["reused", "reused", "fresh"])
+    tried: list[str] = []
+
+    async def on_lease(ctx, pool):  # each lease: the pool's engine for it could not serve the cell
+        ctx.engine_use = SimpleNamespace(engine=next(engines))
+        tried.append(ctx.engine_use.engine)
+        raise aggregated.EngineRefused(CellResult(requests=pd.DataFrame({"ok": [False]}), fault=f"engine0 memory: dead {len(tried)}"))
+
+    monkeypatch.setattr(aggregated, "_on_lease", on_lease)
+    got = asyncio.run(aggregated.run_aggregated(SimpleNamespace(pool=object(), engine_use=None)))  # type: ignore[arg-type]
+    assert tried == ["reused", "reused", "fresh"]  # each warm one gave way; the fresh one's result is the cell's
+    assert got.fault == "engine0 memory: dead 3" and got.requests["ok"].tolist() == [False]
+
+
+def test_an_engine_begins_a_cell_on_its_first_marked_request_and_counts_it_out_at_its_last(ray_local):
+    from actors.engine_actor import EngineHost
+    from actors.engines.spec import EngineConfig
+
+    async def go():
+        host = EngineHost(EngineConfig(kind="simulated").model_dump())
+        await host.start()
+
+        async def send(cell, rid):
+            request = {"request_id": rid, "prompt_token_ids": [1, 2, 3], "max_tokens": 2, "cell": cell}
+            async for delta in host.generate(request):
+                if delta["finished"]:
+                    busy = host.in_flight  # the client stops reading here: nothing of its cell is left counted
+            return busy
+
+        await asyncio.gather(send(("r", "a"), "x"), send(("r", "a"), "y"))
+        assert (host.cell, host.cells, host.tags["cell"]) == (("r", "a"), 1, "a")  # one begin for both requests
+        assert await send(("r", "b"), "x") == 0 and (host.cell, host.cells) == (("r", "b"), 2)  # the only request: 0 left
+        report = await host.cell_report("r", "c")  # a replica no request of cell c reached begins it to report
+        assert (host.cell, host.cells, report["in_flight"]) == (("r", "c"), 3, 0) and report["memory"]
+        await host.shutdown()
+
+    asyncio.run(go())

@@ -73,3 +73,23 @@ def test_a_costly_sample_stretches_the_interval_to_the_budget(monkeypatch):
     finally:
         host.close()
     assert ends[0] is not None and ends[1].t - ends[0].t >= 0.15
+
+
+def test_the_procfs_walk_counts_what_psutil_counts():
+    import os
+
+    import psutil
+
+    import cluster.hostload as hl
+
+    burner = subprocess.Popen([sys.executable, "-c", "import time; t=time.time()\nwhile time.time()-t<0.6: pass"])
+    try:
+        time.sleep(0.5)  # the child has CPU time of its own to count
+        me = psutil.Process(os.getpid())
+        t = me.cpu_times()
+        kids = sum(c.cpu_times().user + c.cpu_times().system for c in me.children(recursive=True))
+        want = t.user + t.system + t.children_user + t.children_system + kids
+        got = hl._our_cpu_s_procfs()
+    finally:
+        burner.wait()
+    assert want > 0.2 and abs(got - want) < 0.1  # clock ticks and the time between the two reads

@@ -84,7 +84,26 @@ def test_one_user_matches_the_simulated_law_once_the_harness_share_is_out(ray_lo
         f"harness share p50: TTFT {h['ttft_s']['p50'] * 1e3:.2f} ms ({h['share_of_ttft_p50']:.1%}), "
         f"TPOT {h['tpot_s']['p50'] * 1e3:.3f} ms, E2E {h['e2e_s']['p50'] * 1e3:.2f} ms; bare hop {h['hop_s'] * 1e3:.2f} ms"
     )
-    assert 0 < h["hop_s"] and 0 < h["ttft_s"]["p50"]
+    assert h["hop_s"] > 0 and h["ttft_s"]["p50"] > 0
     assert h["ttft_s_net"]["p50"] == pytest.approx(ttft, abs=max(0.01 * ttft, 0.0005))
     assert h["tpot_s_net"]["p50"] == pytest.approx(tpot, abs=max(0.01 * tpot, 0.0005))
     assert h["e2e_s_net"]["p50"] == pytest.approx(e2e, abs=max(0.01 * e2e, 0.0005))
+
+
+def test_run_cell_begins_the_engine_runs_and_reads_memory_in_one_call(ray_local):
+    engine = EngineActor.options(num_cpus=0).remote(SIM)
+    info = ray.get(engine.start.remote())
+    spec = WorkloadSpec(num_requests=3, warmup_requests=1, output_len=Fixed(value=4), arrival=ClosedLoop(concurrency=2))
+    reqs = synthetic_requests(spec, info["vocab_size"], seed=1)
+    lg = LoadGenerator.remote()
+    for cell in ("c1", "c2"):  # the second on the engine the first warmed
+        tags, identity = {"run": "r", "cell": cell, "role": "loadgen"}, {"run_id": "r", "cell_id": cell}
+        got = ray.get(lg.run_cell.remote([engine], None, reqs, 2, 60.0, None, tags, identity))
+        assert got.requests["ok"].tolist() == [True] * 4 and set(got.requests["cell_id"]) == {cell}
+        assert got.faults == [] and got.counts is None
+        assert got.begin_s > 0 and got.load_s > 0 and got.after_s > 0 and got.engines_busy == 0
+        assert got.memory[0] is not None and got.memory[0] == ray.get(engine.memory.remote())
+    assert ray.get(engine.cell_report.remote("r", "c2"))["begin_s"] == got.begin_s  # c2 was begun once, by its first request
+    ray.kill(engine)
+    dead = ray.get(lg.run_cell.remote([engine], None, reqs, 1, 60.0, None, {"run": "r", "cell": "c3", "role": "loadgen"}, {}))
+    assert not dead.requests["ok"].any() and dead.memory == [None] and dead.faults[0].startswith("engine0 memory: ")

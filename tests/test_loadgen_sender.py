@@ -107,7 +107,7 @@ def test_a_send_that_raises_fails_its_request_as_never_sent_and_the_schedule_goe
 def test_the_measured_phase_runs_with_the_heap_frozen(ray_local, monkeypatch):
     reqs = _poisson(4)
     backend = BlockingReplies(len(reqs))
-    monkeypatch.setattr(loadgen, "open_backend", lambda entry, api_key: backend)
+    monkeypatch.setattr(loadgen, "open_backend", lambda entry, api_key, cell=None: backend)
     lg = LoadGenerator.__ray_actor_class__()
     recs = asyncio.run(lg.run(None, reqs, 1))
     assert len(recs) == 4 and all(r["ok"] for r in recs)

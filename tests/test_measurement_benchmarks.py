@@ -54,6 +54,10 @@ def test_scale_benchmark_reports_warm_and_fresh_sweeps(tmp_path):
     assert warm["loop_busy_s"] <= warm["loop_s"] <= warm["wall_s"]
     assert warm["fixed_warm_s"]["p50"] <= warm["fixed_warm_s"]["max"] and fresh["fixed_warm_s"] is None
     assert out["fixed_cost_warm_over_fresh_p50"] > 0
+    # The warm fixed cost by stage (setup, reads after the load, the call and its reply, the driver's own): each a share of it.
+    stages = warm["fixed_warm_stages_p50_s"]
+    assert set(stages) == {"setup", "after", "call", "reply", "driver"} and all(v >= 0 for v in stages.values())
+    assert fresh["fixed_warm_stages_p50_s"] is None
     # Where the driver's CPU went: per cell, by thread, and a profile of the warm run's main thread.
     assert warm["driver_cpu_per_cell_ms"] > 0 and warm["driver_cpu_by_thread_s"]["main"] > 0
     assert warm["driver_overhead_fraction"] == pytest.approx(warm["driver_cpu_s"] / warm["wall_s"])

@@ -20,13 +20,12 @@ from typing import Any
 import ray
 
 from actors.engine_actor import EngineActor
-from actors.loadgen import LoadGenerator
+from actors.loadgen import CellLoad, LoadGenerator
 from actors.metrics import cell_tags
 from actors.router import ReplicaRouter
-from analysis.records import to_frame
 from cluster import ray_env
-from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, bounded, settle
-from cluster.cells.engine_pool import EnginePool, pool_key
+from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, bounded
+from cluster.cells.engine_pool import EnginePool, EngineUse, pool_key
 
 SHUTDOWN_TIMEOUT_S = 120.0
 
@@ -51,9 +50,14 @@ class EngineGroup:
         return len(self.engines)
 
     async def begin(self, ctx: CellContext) -> None:
-        await asyncio.gather(*(e.begin_cell.remote(ctx.run_id, ctx.plan.cell_id) for e in self.engines))
-        if self.entry is not self.engines[0]:
-            await self.entry.reset.remote()
+        """Nothing to call: each engine begins the cell on the cell's first request to it, which the
+        load generator marks (LoadGenerator.run_cell); an engine that cannot serve it fails the lease
+        (EngineRefused, run_aggregated), one left busy by its cell is not kept (`engines_busy`)."""
+
+    @property
+    def router(self) -> Any:
+        """The entry where it is a router in front of the engines, else None."""
+        return self.entry if self.entry is not self.engines[0] else None
 
     async def close(self) -> None:
         """Engines stop first (a vLLM engine left running keeps its EngineCore process alive); one
@@ -102,28 +106,60 @@ async def deploy(ctx: CellContext, pool: EnginePool[EngineGroup]) -> EngineGroup
     return EngineGroup(pg, engines, entry, loadgen, list(infos), actors)
 
 
+class EngineRefused(RuntimeError):
+    """A warm engine could not serve a cell (it died since its last cell: none of the cell's requests
+    succeeded and it could not report); carries the cell's result, kept where the cell cannot run again."""
+
+    def __init__(self, result: CellResult):
+        super().__init__(result.fault)
+        self.result = result
+
+
 async def run_aggregated(ctx: CellContext) -> CellResult:
-    n = ctx.plan.replicas
     # Without a run's pool (a cell run on its own), the cell starts and stops its own engines.
     pool: EnginePool[EngineGroup] = ctx.pool if ctx.pool is not None else EnginePool(reuse=False)
+    while True:
+        try:
+            return await _on_lease(ctx, pool)
+        except EngineRefused as e:
+            # The lease ended with the error: the pool dropped that engine. A warm one may have died
+            # since its last cell: the next lease takes another or starts one. A fresh one: the cell
+            # keeps what it measured (its failed requests), as any cell whose requests all failed.
+            if ctx.engine_use is None or ctx.engine_use.engine != "reused":
+                return e.result
+
+
+def _stages(use: EngineUse, got: CellLoad, t_call: float) -> None:
+    """engine_use's stages of the cell's fixed cost, from the load generator's times and the call's."""
+    # The engines begin the cell inside its first requests: that reset is setup, not load.
+    use.setup_s, use.load_s, use.after_s = use.setup_s + got.begin_s, got.load_s - got.begin_s, got.after_s
+    hops = max(0.0, time.monotonic() - t_call - got.load_s - got.after_s)  # the call and its reply
+    use.call_s = min(hops, max(0.0, got.t_start - t_call))
+    use.reply_s = hops - use.call_s
+
+
+async def _on_lease(ctx: CellContext, pool: EnginePool[EngineGroup]) -> CellResult:
+    n = ctx.plan.replicas
     meta: dict[str, Any] = {}
-    faults: list[str] = []
     async with pool.lease(ctx, pool_key(ctx, bundles(ctx)), lambda: deploy(ctx, pool)) as lease:
         d = lease.deployment
         info = d.infos[0]
         reqs = ctx.plan.build_requests(info["vocab_size"], ctx.seed)
         conc = getattr(ctx.plan.workload.arrival, "concurrency", 1)
         tags = cell_tags(ctx.run_id, ctx.plan.cell_id, "loadgen")
-        t_load = time.monotonic()
-        raws = await d.loadgen.run.remote(d.entry, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, None, tags)
-        lease.use.load_s = time.monotonic() - t_load
-        memory = [await settle(f"engine{i} memory", e.memory.remote(), faults) for i, e in enumerate(d.engines)]
+        identity = {"run_id": ctx.run_id, "cell_id": ctx.plan.cell_id, "serving_mode": "aggregated", "engine": ctx.engine.kind}
+        t_call = time.monotonic()
+        got: CellLoad = await d.loadgen.run_cell.remote(
+            d.engines, d.router, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, tags, identity
+        )
+        _stages(lease.use, got, t_call)
         if n > 1:
-            counts = await settle("router counts", d.entry.counts.remote(), faults)
-            meta = {"replicas": n, "requests_per_replica": counts, "nodes": [i["node"] for i in d.infos]}
-            meta["memory_per_replica"] = list(memory)
-        elif memory[0] is not None:
-            meta = {"memory": memory[0]}  # memory.json and E5 hold single-engine cells
-        lease.healthy = not faults
-    df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="aggregated", engine=ctx.engine.kind)
-    return CellResult(requests=df, meta={"engine_info": info, **meta}, fault="; ".join(faults) or None)
+            meta = {"replicas": n, "requests_per_replica": got.counts, "nodes": [i["node"] for i in d.infos]}
+            meta["memory_per_replica"] = got.memory
+        elif got.memory[0] is not None:
+            meta = {"memory": got.memory[0]}  # memory.json and E5 hold single-engine cells
+        result = CellResult(requests=got.requests, meta={"engine_info": info, **meta}, fault="; ".join(got.faults) or None)
+        if got.faults and not got.requests["ok"].any():  # a dead engine: dropped (the lease ends with the error)
+            raise EngineRefused(result)
+        lease.healthy = not got.faults and not got.engines_busy
+    return result

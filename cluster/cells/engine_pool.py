@@ -72,6 +72,10 @@ class EngineUse:
     cell_on_engine: int  # 1 for the deployment's first cell, 2 for the next, ...
     setup_s: float  # cell start to its engines ready (placement + start, or the reset between cells)
     load_s: float = 0.0  # the load generator's run (warm-up, hop probe, measured requests)
+    # Where the rest of an aggregated cell's fixed cost (wall_s - load_s) goes, beside setup_s and the driver's own work:
+    after_s: float = 0.0  # the reads after the load (engine memory, router counts)
+    call_s: float = 0.0  # the driver's one call reaching the load generator (on one host; where the clocks differ: with reply_s)
+    reply_s: float = 0.0  # its reply reaching the driver's loop, from the end of the reads
 
 
 def pool_key(ctx: CellContext, bundles: list[dict[str, float]]) -> str:
