@@ -2,7 +2,7 @@
 
 One engine law whose own latency is known and tiny (the simulated engine: 1 ms prefill, 5 ms decode
 steps; stamped `simulated` below, and only the difference between layers is read from it) sits
-behind four layers, each started once and driven at concurrency 1, request by request in rotation
+behind six layers, each started once and driven at concurrency 1, request by request in rotation
 so background load hits each alike:
 
 - `actor`: the engine actor's streaming `generate`, called from this process through Ray
