@@ -1,10 +1,12 @@
-"""`pdbench serve`: pdbench's engine actors behind OpenAI-compatible `/v1/completions` and
+"""`pdbench serve`: pdbench's engines behind OpenAI-compatible `/v1/completions` and
 `/v1/chat/completions` (Ray Serve).
 
-External clients (`vllm bench serve`, aiperf, GuideLLM, curl) then drive the very actors pdbench
-benchmarks. Each Serve replica starts its own entry actor for the chosen serving mode (the actor
-fate-shares with its replica) and streams that actor's `generate(request)` deltas as SSE chunks.
-The HTTP proxy listens on 127.0.0.1 unless told otherwise: the endpoint has no authentication.
+External clients (`vllm bench serve`, aiperf, GuideLLM, curl) then drive the very engines pdbench
+benchmarks. Each Serve replica starts its own entry for the chosen serving mode and streams its
+`generate(request)` deltas as SSE chunks: an aggregated replica holds the engine in its own process
+(EngineHost), a disaggregated one starts a prefill/decode pair that fate-shares with it. Clients
+reach a replica through Serve's proxy (`--port`) or, under direct ingress, at its own port. Both
+listen on 127.0.0.1 unless told otherwise: the endpoint has no authentication.
 """
 
 import asyncio
@@ -95,7 +97,7 @@ def serve_spec(file_data: dict[str, Any], overrides: dict[str, Any]) -> ServeSpe
     return spec
 
 
-# --- entry actors per serving mode ---------------------------------------------------------
+# --- entries per serving mode --------------------------------------------------------------
 @dataclass
 class Entry:
     """A started serving mode: its request stream (`generate(request)` deltas), its engine info,
@@ -325,8 +327,8 @@ def is_loopback(host: str) -> bool:
 def direct_ingress_env(port: int) -> dict[str, str]:
     """Environment for a Ray that `pdbench serve` starts itself: Serve's direct ingress, where each
     ingress replica runs its own HTTP server (ports from port + 1 up) next to the proxy on `port`.
-    A request to a replica's own port skips the proxy's hop: 6-7 ms of time to first token on 2 CPU
-    cores, against 0.3 ms over a bare uvicorn server (benchmarks/serve_overhead.py). Serve reads
+    A request to a replica's own port skips the proxy's hop: ~5 ms of time to first token on 2 CPU
+    cores; what is left is 0.4 ms over a bare uvicorn server (benchmarks/serve_overhead.py). Serve reads
     these variables when its controller and replicas start, so they must be in Ray's environment
     before Ray starts (on a cluster: in ray_cluster.yaml's `ray start` commands)."""
     first = port + 1
