@@ -62,6 +62,7 @@ def small_sample_warning(summary: dict[str, Any]) -> str | None:
 
 def _facts(packet: Packet) -> dict[str, Any]:
     m = packet.manifest
+    pool = {"engine starts": _engine_starts(m.get("engine_pool") or {}), "cell wall times": _cell_walls(m.get("cells") or {})}
     return {
         "run id": m.get("run_id"),
         "track": m.get("track"),
@@ -75,7 +76,25 @@ def _facts(packet: Packet) -> dict[str, Any]:
         "hardware": m.get("hardware", {}).get("summary"),
         "started": m.get("started_at"),
         "ended": m.get("ended_at"),
-    }
+    } | {k: v for k, v in pool.items() if v is not None}
+
+
+def _engine_starts(pool: dict[str, Any]) -> str | None:
+    """Says how many engines the run started: with warm engines a sweep pays one start per engine config."""
+    if "engine_starts" not in pool:
+        return None
+    policy = "warm engines reused" if pool.get("reuse") else "a fresh engine per cell"
+    return f"{pool['engine_starts']} ({pool.get('cells_on_warm_engines', 0)} cells on warm engines; {policy})"
+
+
+def _cell_walls(cells: dict[str, Any]) -> str | None:
+    """Per-cell wall time beside whether the cell started its engine: what an engine start costs, read off the run."""
+    walls = [
+        f"{name} {c['wall_s']:.1f} s" + (f" ({c['engine']})" if c.get("engine") else "")
+        for name, c in cells.items()
+        if isinstance(c.get("wall_s"), (int, float))
+    ]
+    return ", ".join(walls) or None
 
 
 def _model(model: dict[str, Any]) -> str | None:

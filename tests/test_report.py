@@ -163,3 +163,17 @@ def test_cells_sort_by_the_numbers_in_their_ids():
 
     cells = {c: {"status": "ok", "metrics": {}} for c in ("poisson-r26.88", "poisson-r8.961", "closed-c16", "closed-c4", "poisson-r17.92")}
     assert list(cell_rows({"cells": cells})["cell"]) == ["closed-c4", "closed-c16", "poisson-r8.961", "poisson-r17.92", "poisson-r26.88"]
+
+
+def test_run_facts_count_engine_starts_and_each_cells_wall(tmp_path):
+    p = packet(tmp_path)
+    p.manifest["engine_pool"] = {"reuse": True, "engine_starts": 1, "cells_on_warm_engines": 1}
+    p.manifest["cells"] = {"rep0": {"wall_s": 97.48, "engine": "fresh"}, "rep1": {"wall_s": 19.5, "engine": "reused"}}
+    md = render_markdown(p, sections(p))
+    assert "| engine starts | 1 (1 cells on warm engines; warm engines reused) |" in md
+    assert "| cell wall times | rep0 97.5 s (fresh), rep1 19.5 s (reused) |" in md
+
+
+def test_run_facts_leave_out_engine_starts_when_the_manifest_has_none(tmp_path):
+    md = render_markdown(packet(tmp_path), sections(packet(tmp_path)))
+    assert "engine starts" not in md and "cell wall times" not in md
