@@ -156,6 +156,19 @@ async def _settle(what: str, pending: Awaitable[Any], faults: list[str]) -> Any:
 
 @ray.remote(num_cpus=0)
 class LoadGenerator:
+    _heap_frozen = False
+
+    def _freeze_heap(self) -> None:
+        """The process's heap (Ray, the modules, the first warm-up) out of the collector's sight from
+        the first measured phase on: a full collection over it held the GIL, and every send, ~90 ms.
+        Once per load generator, and kept: a warm one serves many cells, and a collection before
+        each cost ~0.2 s of CPU per cell (with 32 virtual nodes on 2 cores, the largest part of a
+        small cell's cost). Objects made later are collected as usual."""
+        if not self._heap_frozen:
+            gc.collect()
+            gc.freeze()
+            self._heap_frozen = True
+
     async def run_cell(
         self,
         engines: list[Any],
@@ -222,16 +235,12 @@ class LoadGenerator:
             async with BatchedFeed(tags or current_actor_tags("loadgen"), progress) as feed:
                 records = await self._closed(backend, feed, warm, concurrency, timeout_s)
                 hop = await backend.hop_s(HOP_PROBE_CALLS)
-                # The process's own heap (Ray, the modules, the warm-up) out of the collector's sight for
-                # the measured phase: a full collection over it held the GIL, and every send, ~90 ms.
-                gc.collect()
-                gc.freeze()
+                self._freeze_heap()
                 if measured and measured[0].t_scheduled is not None:
                     records += await self._open(backend, feed, measured, timeout_s)
                 else:
                     records += await self._closed(backend, feed, measured, concurrency, timeout_s)
         finally:
-            gc.unfreeze()
             await backend.aclose()
         node = ray.get_runtime_context().get_node_id()
         for r in records:

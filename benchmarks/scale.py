@@ -20,7 +20,13 @@ cells with a fresh engine per cell (`fresh_engines`). Reports, per run:
 - per cell: scheduling latency (cell start to its engines ready: placement and engine start, or
   the reset of a warm engine), load time (the load generator's run) and fixed cost (cell wall
   time minus load time), p50/p90/max, warm and fresh apart;
-- cells per node and engine starts (from the manifest).
+- cells per node and engine starts (from the manifest);
+- the whole box's CPU over the run by role (`box_cpu_by_role_s`): pdbench's actors by class, Ray's
+  own processes (raylets, GCS, agents, workers that hold no actor), the driver, and everything else.
+  N virtual nodes on 2 cores each bring their own raylet, agents and actor processes, and every
+  Ray process spends CPU when idle (an idle actor ~0.8% of a core on this box): at 32 nodes they
+  fill the box, and a cell's fixed cost then measures waiting for a core, not pdbench's work. Read
+  the fixed cost beside this row.
 
 Goal (2 cores, 24 GiB): `--nodes 32 --cells 1000` completes, driver overhead (driver_overhead_fraction) < 2% of wall,
 cells spread over all nodes, fixed cost per cell with warm engines < 0.2 s.
@@ -37,6 +43,7 @@ import asyncio
 import contextlib
 import cProfile
 import json
+import multiprocessing as mp
 import os
 import selectors
 import tempfile
@@ -152,6 +159,82 @@ class RunScale:
     # call and reply (the driver's call reaching the load generator, its reply reaching the driver's loop),
     # driver (the rest: the driver's own work and waits)
     fixed_warm_stages_p50_s: dict[str, float] | None
+    box_cpu_by_role_s: dict[str, float]  # the box's CPU over the run by role (box_cpu_roles); processes that ended are not counted
+    box_cpu_share_of_cores: float  # the box's CPU over the run (all roles) / (wall × cores)
+
+
+_RAY_OWN = (
+    ("raylet", "ray: raylets"),
+    ("gcs_server", "ray: GCS"),
+    ("ray::DashboardAgent", "ray: dashboard agents"),
+    ("ray::RuntimeEnvAgent", "ray: runtime-env agents"),
+    ("log_monitor", "ray: log monitor"),
+    ("monitor.py", "ray: monitor"),
+)
+
+
+_NO_ACTOR = "ray: workers without an actor"
+
+
+def role_of(cmd: str, driver_pid: int, pid: int) -> str:
+    """A process's role from its command line: Ray titles an actor's process `ray::[name:]Class[.method]`."""
+    if pid == driver_pid:
+        return "driver"
+    own = next((name for key, name in _RAY_OWN if key in cmd), None)
+    if own:
+        return own
+    if cmd.startswith("ray::"):
+        cls = cmd.split()[0][5:].rsplit(":", 1)[-1].split(".")[0]
+        return _NO_ACTOR if cls == "IDLE" else f"pdbench: {cls}"
+    return _NO_ACTOR if "default_worker.py" in cmd else "other processes"
+
+
+def _poll_box(stop: Any, out: Any, driver_pid: int, every_s: float) -> None:
+    """In its own process (its CPU is not the driver's): every process's CPU, first and last seen,
+    so a process that ends during the run (the run's actors end with it) keeps what it spent."""
+    seen: dict[int, list[Any]] = {}  # pid → [CPU when first seen, CPU when last seen, role by title]
+    first = True
+    while True:
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                cpu = t.user + t.system
+                role = role_of(" ".join(p.info["cmdline"] or []), driver_pid, p.pid)
+                if p.pid not in seen:
+                    seen[p.pid] = [cpu if first else 0.0, cpu, role]
+                else:  # a worker becomes an actor's process (its title changes) and stays one
+                    seen[p.pid][1:] = [cpu, role if role != _NO_ACTOR else seen[p.pid][2]]
+        if first:
+            out.send("ready")
+        first = False
+        if stop.wait(every_s):
+            break
+    out.send({pid: (c1 - c0, role) for pid, (c0, c1, role) in seen.items()})
+
+
+class BoxCPU:
+    """The box's CPU by role over a block (box_cpu_by_role_s), polled by a process of its own."""
+
+    def __init__(self, every_s: float = 2.0) -> None:
+        ctx = mp.get_context("spawn")
+        self._stop, (self._recv, send) = ctx.Event(), ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_poll_box, args=(self._stop, send, os.getpid(), every_s), daemon=True)
+        self._proc.start()
+        self._recv.recv()  # its first sweep is the baseline: the block starts after it
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds by role. An actor's process is known by the cluster's actor table (dead actors
+        included): between calls Ray titles an async actor's process `ray::IDLE`, like a worker's."""
+        from ray._private import state
+
+        self._stop.set()
+        spent: dict[int, tuple[float, str]] = self._recv.recv()
+        self._proc.join()
+        actors = {a["Pid"]: a["ActorClassName"] for a in state.actors().values() if a.get("Pid")}
+        roles: Counter[str] = Counter()
+        for pid, (cpu, role) in spent.items():
+            roles[f"pdbench: {actors[pid]}" if pid in actors else role] += cpu
+        return {k: round(v, 2) for k, v in sorted(roles.items(), key=lambda kv: -kv[1])}
 
 
 def thread_cpu() -> dict[str, float]:
@@ -177,7 +260,7 @@ def thread_cpu() -> dict[str, float]:
 def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
     policy = TimedLoops()
     asyncio.set_event_loop_policy(policy)
-    threads0 = thread_cpu()
+    threads0, box = thread_cpu(), BoxCPU()
     cpu0, t0, main0 = time.process_time(), time.monotonic(), time.thread_time()
     driver = Driver(cfg, RunOptions(out_dir=out, address=address, progress=False))
     # The loop's own span: from the driver's first cell task to the last cell's end (asyncio.run).
@@ -199,6 +282,7 @@ def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
     finally:
         asyncio.set_event_loop_policy(None)
     wall, cpu, main1 = time.monotonic() - t0, time.process_time() - cpu0, time.thread_time()
+    roles = box.stop()
     phases = {"setup": marks[0] - main0, "loop": marks[1] - marks[0], "finalize": main1 - marks[1]}
     by_thread = {k: v - threads0.get(k, 0.0) for k, v in thread_cpu().items()}
     by_thread["ended during the run"] = cpu - sum(by_thread.values())
@@ -247,6 +331,8 @@ def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
         fixed_warm_s=Spread.of(fixed("reused")),
         fixed_fresh_s=Spread.of(fixed("fresh")),
         fixed_warm_stages_p50_s=stages(),
+        box_cpu_by_role_s=roles,
+        box_cpu_share_of_cores=sum(roles.values()) / (wall * (os.cpu_count() or 1)),
     )
 
 
@@ -359,6 +445,10 @@ def print_table(r: dict[str, Any]) -> None:
             print(f"    {k:<18} {_s(run[k])}")
         if run["fixed_warm_stages_p50_s"]:
             print("  warm fixed cost by stage, p50 (s): " + ", ".join(f"{k} {v:.3f}" for k, v in run["fixed_warm_stages_p50_s"].items()))
+        print(
+            f"  box CPU over the run: {100 * run['box_cpu_share_of_cores']:.0f}% of {os.cpu_count()} cores; by role (s): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in run["box_cpu_by_role_s"].items())
+        )
         cpn = list(run["cells_per_node"].values())
         if cpn:
             print(f"  cells per node: min {min(cpn)}, max {max(cpn)}")

@@ -67,6 +67,10 @@ def test_scale_benchmark_reports_warm_and_fresh_sweeps(tmp_path):
     assert sum(warm["driver_cpu_by_thread_s"].values()) == pytest.approx(warm["driver_cpu_s"], abs=0.1)
     stats = pstats.Stats(str(tmp_path / "driver.pstats"))
     assert any(fn == "run_cell" for _file, _line, fn in stats.stats)  # type: ignore[attr-defined]
+    # The box's CPU by role over the warm run: the run's own actors, Ray's processes, the driver.
+    roles = warm["box_cpu_by_role_s"]
+    assert {"driver", "pdbench: EngineActor", "pdbench: LoadGenerator", "ray: raylets"} <= set(roles)
+    assert roles["pdbench: LoadGenerator"] > 0 and 0 < warm["box_cpu_share_of_cores"] <= 1.05
 
 
 @pytest.mark.slow  # starts its own Ray and Serve
@@ -95,3 +99,17 @@ def test_put_gil_benchmark_measures_the_loop_beside_each_copy(tmp_path):
     assert out["ray_put"]["ops"] > 0 and out["np_copyto"]["ops"] > 0  # the copies ran beside the loop
     assert all(0 <= out[k]["held_share"] <= 1 and out[k]["longest_gap_ms"] > 0 for k in ("alone", "ray_put", "np_copyto"))
     assert "longest gap beside ray.put / in another process beside it" in proc.stdout
+
+
+def test_scale_benchmark_tells_each_process_role_from_its_title():
+    from benchmarks import scale
+
+    def role(cmd: str, pid: int = 7) -> str:
+        return scale.role_of(cmd, driver_pid=1, pid=pid)
+
+    assert role("anything", pid=1) == "driver"
+    assert role("ray::pdbench:e1-20261129-x:in36-out4:engine:EngineActor.__init__") == "pdbench: EngineActor"
+    assert role("ray::LoadGenerator.run_cell") == "pdbench: LoadGenerator" and role("ray::TelemetrySampler") == "pdbench: TelemetrySampler"
+    assert role("ray::IDLE") == role("/x/python /x/ray/_private/workers/default_worker.py --a") == "ray: workers without an actor"
+    assert role("/x/ray/core/src/ray/raylet/raylet --node") == "ray: raylets" and role("ray::DashboardAgent") == "ray: dashboard agents"
+    assert role("/usr/bin/bash") == "other processes"
