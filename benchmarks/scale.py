@@ -231,9 +231,10 @@ class BoxCPU:
         spent: dict[int, tuple[float, str]] = self._recv.recv()
         self._proc.join()
         actors = {a["Pid"]: a["ActorClassName"] for a in state.actors().values() if a.get("Pid")}
-        roles: Counter[str] = Counter()
+        roles: dict[str, float] = {}
         for pid, (cpu, role) in spent.items():
-            roles[f"pdbench: {actors[pid]}" if pid in actors else role] += cpu
+            key = f"pdbench: {actors[pid]}" if pid in actors else role
+            roles[key] = roles.get(key, 0.0) + cpu
         return {k: round(v, 2) for k, v in sorted(roles.items(), key=lambda kv: -kv[1])}
 
 
