@@ -37,6 +37,7 @@ import numpy as np
 import ray
 import torch
 
+from actors.kv import putter
 from actors.kv.directory import directory_actor, find_directory
 from actors.kv.plasma import prefault
 from actors.kv.spec import KVTransferConfig
@@ -59,6 +60,8 @@ def kv(tokens: int, device: str = "cpu") -> list[torch.Tensor]:
 class Sender:
     def __init__(self, directory: str, cfg: KVTransferConfig):
         prefault()  # as the vLLM connector's sender does: puts never fault pages in
+        if cfg.put_process:  # and its putter, when the puts are its
+            putter.client(cfg.put_threads).prefault()
         self.directory = find_directory(directory)
         self.cfg = cfg
         self.layers: list[torch.Tensor] = []

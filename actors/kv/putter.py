@@ -64,6 +64,13 @@ class Putter:
         self.puts += 1
         return os.getpid(), np.frombuffer(self._maps[seg], dtype=np.uint8, count=nbytes)
 
+    def prefault(self) -> float | None:
+        """Fault the store's pages into this process once (actors/kv/plasma.py: a put onto pages its
+        process never touched pays the faults inside the put)."""
+        from actors.kv import plasma
+
+        return plasma.prefault()
+
     def stats(self) -> dict[str, int]:
         return {"pid": os.getpid(), "puts": self.puts, "segments": len(self._maps)}
 
@@ -97,6 +104,10 @@ class PutterClient:
         self._next = 0
         self._lock = threading.Lock()
         self._refused: str | None = None
+
+    def prefault(self) -> float | None:
+        """The putter's `prefault` (seconds, None where it could not): at start-up, before a put waits for it."""
+        return ray.get(self.actor.prefault.remote())
 
     def take(self, nbytes: int, pinned: bool) -> torch.Tensor:
         with self._lock:
