@@ -156,19 +156,21 @@ def putter_gone(actor, timeout_s=30.0) -> bool:
     return False
 
 
-def test_the_putter_goes_away_when_the_engine_closes(directory):
-    src = kv_layers()
-    cfg = FAST.model_copy(update={"put_process": True})
+def test_the_putter_goes_away_when_the_engine_closes_and_its_objects_stay(directory):
+    """Closing kills the putter; the objects it wrote are the engine's (the caller's) and outlive it."""
+    src = kv_layers(tokens=2000)  # 1 MiB groups: in the object store, not inline in the reply
+    cfg = FAST.model_copy(update={"put_process": True, "max_group_bytes": 1 << 20})
     for _ in range(2):  # a putter running since an earlier test (or started now), then one started by the first publish
         k = key()
-        publish(directory, k, src, tokens=33, cfg=cfg)
-        dst = empty_like(src)
-        assert receive(directory, k, CopyInto(dst), cfg, **IDENT).ok
-        assert all(torch.equal(a, b) for a, b in zip(src, dst, strict=True))
+        publish(directory, k, src, tokens=2000, cfg=cfg)
         actor = putter.client(1).actor
         assert ray.get(actor.stats.remote())["segments"] >= 1
         putter.close()
         assert putter_gone(actor)
+        dst = empty_like(src)
+        rec = receive(directory, k, CopyInto(dst), cfg, **IDENT)
+        assert rec.ok, rec.error
+        assert all(torch.equal(a, b) for a, b in zip(src, dst, strict=True))
 
 
 def test_put_process_is_a_validated_switch_that_reaches_the_connector():
