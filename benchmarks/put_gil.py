@@ -20,12 +20,13 @@ step loop for as long as the copy takes: the likeliest reason the prefill engine
 with pdbench's connector (docs/evidence/e3b-vllm-qwen3-8b-2xh200-rdt: 121 ms against 88 with vLLM's
 NixlConnector, which copies on the GPU without the interpreter).
 
-Through the putter (same box, same run, 64 MiB, three runs): the loop was held 10-12% of the wall
-with longest gaps of 4.5-8 ms where beside `ray.put` it was held 34-41% with gaps of 159-162 ms
-(ratios 2.9-4.1x held, 19-36x longest gap); the objects went at 0.36-0.99x ray.put's rate: the
-putter's copy now competes for the box's two cores with the spinning loop (and the other tenants)
-instead of running while the loop waits for the GIL. A third run, with the box loaded (np.copyto's
-row held 55%), had 45% against 66% and 77 against 248 ms.
+Through the putter (same box, 64 MiB, five runs): with the box otherwise quiet (np.copyto's row held
+under a third of the wall) the loop was held 10-12% of the wall with longest gaps of 4.5-8 ms, where
+beside `ray.put` in the same runs it was held 34-41% with gaps of 159-162 ms; in three runs on a
+loaded box, 15-45% against 60-74%, and 60-77 ms against 161-277 ms (the other-process control's gaps
+reached 39-46 ms there: the scheduler, not the GIL). Objects went at 0.31-1.07x `ray.put`'s rate:
+the putter's copy competes for the two cores with the spinning loop (and the other tenants) instead
+of running while the loop waits for the GIL.
 
     python benchmarks/put_gil.py [--mib 64] [--seconds 2] [--switch-ms 0.5] [--json out.json]
 """

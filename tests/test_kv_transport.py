@@ -3,6 +3,7 @@ and nothing stays behind in the directory or the object store."""
 
 import asyncio
 import dataclasses
+import errno
 import os
 import secrets
 import sys
@@ -171,6 +172,20 @@ def test_the_putter_goes_away_when_the_engine_closes_and_its_objects_stay(direct
         rec = receive(directory, k, CopyInto(dst), cfg, **IDENT)
         assert rec.ok, rec.error
         assert all(torch.equal(a, b) for a, b in zip(src, dst, strict=True))
+
+
+def test_a_full_dev_shm_is_one_line_naming_the_fix(directory, monkeypatch):
+    """A segment /dev/shm cannot hold fails its publish at once (not as a SIGBUS inside the copy) and leaves no file."""
+    putter.close()  # a fresh putter: no segment to reuse
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(putter.os, "posix_fallocate", full)
+    cfg = FAST.model_copy(update={"put_process": True})
+    with pytest.raises(RuntimeError, match=r"^kv_transfer.put_process: /dev/shm cannot hold a .* turn kv_transfer.put_process off$"):
+        publish(directory, key(), kv_layers(), tokens=33, cfg=cfg)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"pdbench-kv-{os.getpid()}-")]
 
 
 def test_put_process_is_a_validated_switch_that_reaches_the_connector():

@@ -22,6 +22,7 @@ group do pass the engine's process (as a message, not a GIL-held copy of the gro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -124,8 +125,18 @@ class PutterClient:
 
     def _create(self, seg_id: int, size: int, pinned: bool) -> _Segment:
         path = os.path.join(_SHM_DIR, f"pdbench-kv-{os.getpid()}-{seg_id}")
-        with open(path, "wb") as f:
-            f.truncate(size)
+        try:
+            with open(path, "wb") as f:
+                # Allocated now: a segment larger than what /dev/shm has left fails here, not as a
+                # SIGBUS when the copy into it reaches the missing pages.
+                os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise RuntimeError(
+                f"kv_transfer.put_process: {_SHM_DIR} cannot hold a {size >> 20} MiB put segment ({e.strerror}); "
+                "give it more room (docker --shm-size) or turn kv_transfer.put_process off"
+            ) from e
         try:
             tensor = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
             self.pid = ray.get(self.actor.attach.remote(seg_id, path, size))
