@@ -17,10 +17,13 @@ so first-touch page faults (which make a cold `ray.put` several times slower) ar
 store is sized (`--store-gib`) and prefaulted by both actors at start, as the vLLM connector's
 sender does (actors/kv/plasma.py). The KV checksum is off: this measures transport. Where torch sees a CUDA GPU, the device stages
 are measured too: the transport's device→host extract against a plain copy into a preallocated
-pinned buffer, and its host→device inject against a plain pinned→device copy.
+pinned buffer, and its host→device inject against a plain pinned→device copy. With `--put-process`
+the host table runs again with `kv_transfer.put_process` (a putter actor writes each group into
+the store from shared memory, actors/kv/putter.py) and the ratios with/without are printed.
 
     python benchmarks/kv_transfer.py                   # 1 MiB … 1 GiB
     python benchmarks/kv_transfer.py --max-mib 64 --repeats 5 --max-group-mib 8
+    python benchmarks/kv_transfer.py --max-mib 256 --put-process
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 import ray
 import torch
 
+from actors.kv import putter
 from actors.kv.directory import directory_actor, find_directory
 from actors.kv.plasma import prefault
 from actors.kv.spec import KVTransferConfig
@@ -56,6 +60,8 @@ def kv(tokens: int, device: str = "cpu") -> list[torch.Tensor]:
 class Sender:
     def __init__(self, directory: str, cfg: KVTransferConfig):
         prefault()  # as the vLLM connector's sender does: puts never fault pages in
+        if cfg.put_process:  # and its putter, when the puts are its
+            putter.client(cfg.put_threads).prefault()
         self.directory = find_directory(directory)
         self.cfg = cfg
         self.layers: list[torch.Tensor] = []
@@ -163,6 +169,16 @@ def print_host_row(r: dict) -> None:
     print(f"{r['mib']:8.1f} {raw:9.2f} {store:10.2f} {store / raw:6.2f} {path:9.2f} {path / raw:6.2f}   {ms}", flush=True)
 
 
+def putter_table(sizes_mib: list[int], repeats: int, cfg: KVTransferConfig, without: list[dict]) -> None:
+    """The host table again through the putter, and its ratios to the rows `without` it."""
+    print("\nthrough the putter (kv_transfer.put_process):")
+    print_host_header()
+    rows = host_table(sizes_mib, repeats, cfg.model_copy(update={"put_process": True}))
+    print(f"\n{'MiB':>8} {'put_s putter/in-process':>24} {'store GB/s putter/in-process':>29} {'path GB/s putter/in-process':>28}")
+    for a, b in zip(without, rows, strict=True):
+        print(f"{a['mib']:8.1f} {b['put_s'] / a['put_s']:24.2f} {a['store_s'] / b['store_s']:29.2f} {a['path_s'] / b['path_s']:28.2f}")
+
+
 def gpu_table(sizes_mib: list[int], repeats: int) -> None:
     """Device stages of the transport against plain pinned copies of the same bytes."""
     dev = torch.device("cuda")
@@ -213,6 +229,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per size; the best is kept")
     ap.add_argument("--max-group-mib", type=int, default=GROUP_MIB, help="most MiB per object (kv_transfer.max_group_bytes)")
     ap.add_argument("--store-gib", type=float, default=3.0, help="object store size; both actors prefault it at start")
+    ap.add_argument("--put-process", action="store_true", help="also send through the putter (kv_transfer.put_process); print the ratios")
     args = ap.parse_args()
     # The transport alone: the KV checksum (on by default) is compute, not transport, and on a
     # CPU sender it would cost more than the copy it checks.
@@ -235,6 +252,8 @@ def main() -> None:
         print(f"goal store/raw ≥ {GOAL} from {GOAL_FROM_MIB} MiB: {'met' if min(big) >= GOAL else 'NOT met'} (lowest {min(big):.2f})")
     else:
         print(f"goal store/raw ≥ {GOAL} from {GOAL_FROM_MIB} MiB: no size that large was run")
+    if args.put_process:
+        putter_table(sizes, args.repeats, cfg, rows)
     ray.shutdown()
     if torch.cuda.is_available():
         gpu_table(sizes, args.repeats)

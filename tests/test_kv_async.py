@@ -27,11 +27,13 @@ import pytest
 import ray
 import torch
 
+from actors.kv import putter
 from actors.kv.blocks import TransferBook, transferable_tokens
 from actors.kv.directory import directory_actor
 from actors.kv.jobs import ConnectorWorker
 from actors.kv.spec import KVTransferConfig
 from actors.kv.transport import as_bytes, pack, unpack
+from tests.test_kv_transport import putter_gone
 
 BS, LAYERS, BLOCKS = 4, 3, 96
 PROMPT = 5 * BS + 1  # 5 whole blocks move, the last token is computed by the decode engine
@@ -191,6 +193,7 @@ def run(engines, until, timeout_s=30.0) -> None:
 
 
 LAYERWISE = CFG.model_copy(update={"save": "layerwise"})
+PUT_PROCESS = LAYERWISE.model_copy(update={"put_process": True, "put_threads": 2})
 
 
 @pytest.fixture
@@ -208,10 +211,11 @@ def key(i: int) -> str:
     return f"r{i}/k"
 
 
-@pytest.mark.parametrize("pair", [CFG, LAYERWISE], ids=["after_forward", "layerwise"], indirect=True)
+@pytest.mark.parametrize("pair", [CFG, LAYERWISE, PUT_PROCESS], ids=["after_forward", "layerwise", "put_process"], indirect=True)
 def test_loads_and_saves_run_off_the_step_and_report_once(pair):
     d, p, dec = pair
     n = 6
+    puts_before = ray.get(putter.client(1).actor.stats.remote())["puts"] if p.worker.cfg.put_process else 0
     for i in range(n):
         p.add(f"r{i}:prefill", {"pdbench_role": "producer", "key": key(i)}, max_tokens=1)
     dec.add("busy", {}, max_tokens=10_000)  # keeps decoding all along
@@ -238,6 +242,11 @@ def test_loads_and_saves_run_off_the_step_and_report_once(pair):
     engines = ray.get(d.engines.remote())
     assert engines["decode"]["loads"] == n and engines["prefill"]["saves"] == n
     assert 0 < engines["decode"]["blocked_s"] < 1.0
+    if p.worker.cfg.put_process:  # the saves went through the putter, which goes with the engine
+        actor = putter.client(1).actor
+        assert ray.get(actor.stats.remote())["puts"] - puts_before == n * LAYERS
+        p.worker.shutdown()
+        assert putter_gone(actor)
 
 
 @pytest.mark.parametrize("pair", [LAYERWISE], ids=["layerwise"], indirect=True)

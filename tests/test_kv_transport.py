@@ -3,6 +3,8 @@ and nothing stays behind in the directory or the object store."""
 
 import asyncio
 import dataclasses
+import errno
+import os
 import secrets
 import sys
 import threading
@@ -10,11 +12,12 @@ import time
 import typing
 
 import pyarrow as pa
+import pydantic
 import pytest
 import ray
 import torch
 
-from actors.kv import accounting
+from actors.kv import accounting, putter
 from actors.kv.accounting import TransferRecord
 from actors.kv.directory import directory_actor, find_directory
 from actors.kv.spec import KVTransferConfig
@@ -78,32 +81,34 @@ def test_roundtrip_is_bit_exact_and_fully_accounted(directory, dtype, groups):
     assert ray.get(directory.stats.remote())["groups"] == 0
 
 
+@pytest.mark.parametrize("put_process", [False, True], ids=["in_process", "putter"])
 @pytest.mark.parametrize("put_threads", [2, 3])
-def test_parallel_puts_stay_bit_exact_and_bounded(directory, monkeypatch, put_threads):
-    """Several groups are put at once, never more than put_threads, and no staging buffer is refilled
-    while its put is still running (each put waits before copying: a reused buffer would show as
-    wrong bytes on the receiver)."""
+def test_parallel_puts_stay_bit_exact_and_bounded(directory, monkeypatch, put_threads, put_process):
+    """Several groups are put at once, never more than put_threads, and no staging buffer (a shared
+    segment, with the putter) is refilled while its put is still running (each put waits before
+    copying: a reused buffer would show as wrong bytes on the receiver)."""
     from actors.kv import transport
 
-    real_put, lock, running, peak = ray.put, threading.Lock(), [0], [0]
+    owner, name = (putter.PutterClient, "put") if put_process else (transport.ray, "put")
+    real_put, lock, running, peak = getattr(owner, name), threading.Lock(), [0], [0]
 
-    def slow_put(value):
+    def slow_put(*args):
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
         time.sleep(0.05)
         try:
-            return real_put(value)
+            return real_put(*args)
         finally:
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(transport.ray, "put", slow_put)
+    monkeypatch.setattr(owner, name, slow_put)
     src = kv_layers(layers=9)
-    cfg = FAST.model_copy(update={"put_threads": put_threads})
+    cfg = FAST.model_copy(update={"put_threads": put_threads, "put_process": put_process})
     k = key()
     sent = publish(directory, k, src, tokens=33, cfg=cfg)
-    monkeypatch.setattr(transport.ray, "put", real_put)
+    monkeypatch.setattr(owner, name, real_put)
     dst = empty_like(src)
     rec = receive(directory, k, CopyInto(dst), cfg, **IDENT)
     assert rec.ok, rec.error
@@ -112,6 +117,84 @@ def test_parallel_puts_stay_bit_exact_and_bounded(directory, monkeypatch, put_th
     assert peak[0] == put_threads
     assert sent.send_s < sent.put_s  # the puts' times overlapped: their sum exceeds the wall
     assert ray.get(directory.stats.remote())["groups"] == 0
+
+
+def test_the_putter_moves_the_same_bytes_and_the_engine_process_puts_none(directory, monkeypatch):
+    """With put_process the groups (1 MiB: in the object store, not inline in the putter's reply)
+    arrive exactly as without it, checksums compared, and every one was written by the putter:
+    another process, while ray.put in this one raises."""
+    from actors.kv import transport
+
+    src = kv_layers(tokens=2000)  # 512 KiB a layer: groups of 2, 2 and 1 layers
+    cfg = FAST.model_copy(update={"max_group_bytes": 1 << 20})
+    got, puts_before = {}, ray.get(putter.client(1).actor.stats.remote())["puts"]
+    for put_process in (False, True):
+        if put_process:
+            monkeypatch.setattr(transport.ray, "put", lambda *a, **kw: pytest.fail("ray.put in the engine's process"))
+        k = key()
+        sent = publish(directory, k, src, tokens=2000, cfg=cfg.model_copy(update={"put_process": put_process}))
+        monkeypatch.undo()
+        dst = empty_like(src)
+        rec = receive(directory, k, CopyInto(dst), cfg, **IDENT)
+        assert rec.ok, rec.error
+        assert sent.groups == rec.groups == 3 and rec.put_s == pytest.approx(sent.put_s)
+        got[put_process] = dst
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(src, got[False], got[True], strict=True))
+    stats = ray.get(putter.client(1).actor.stats.remote())
+    assert stats["pid"] != os.getpid() and stats["puts"] - puts_before == 3
+    assert ray.get(directory.stats.remote())["groups"] == 0
+
+
+def putter_gone(actor, timeout_s=30.0) -> bool:
+    """Whether calls to `actor` fail within `timeout_s` (ray.kill takes effect asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.stats.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_putter_goes_away_when_the_engine_closes_and_its_objects_stay(directory):
+    """Closing kills the putter; the objects it wrote are the engine's (the caller's) and outlive it."""
+    src = kv_layers(tokens=2000)  # 1 MiB groups: in the object store, not inline in the reply
+    cfg = FAST.model_copy(update={"put_process": True, "max_group_bytes": 1 << 20})
+    for _ in range(2):  # a putter running since an earlier test (or started now), then one started by the first publish
+        k = key()
+        publish(directory, k, src, tokens=2000, cfg=cfg)
+        actor = putter.client(1).actor
+        assert ray.get(actor.stats.remote())["segments"] >= 1
+        putter.close()
+        assert putter_gone(actor)
+        dst = empty_like(src)
+        rec = receive(directory, k, CopyInto(dst), cfg, **IDENT)
+        assert rec.ok, rec.error
+        assert all(torch.equal(a, b) for a, b in zip(src, dst, strict=True))
+
+
+def test_a_full_dev_shm_is_one_line_naming_the_fix(directory, monkeypatch):
+    """A segment /dev/shm cannot hold fails its publish at once (not as a SIGBUS inside the copy) and leaves no file."""
+    putter.close()  # a fresh putter: no segment to reuse
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(putter.os, "posix_fallocate", full)
+    cfg = FAST.model_copy(update={"put_process": True})
+    with pytest.raises(RuntimeError, match=r"^kv_transfer.put_process: /dev/shm cannot hold a .* turn kv_transfer.put_process off$"):
+        publish(directory, key(), kv_layers(), tokens=33, cfg=cfg)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"pdbench-kv-{os.getpid()}-")]
+
+
+def test_put_process_is_a_validated_switch_that_reaches_the_connector():
+    from actors.handoffs.spec import KVHandoffConfig
+
+    assert KVTransferConfig().put_process is False
+    assert KVHandoffConfig(put_process=True).transport().put_process is True
+    with pytest.raises(pydantic.ValidationError, match="put_process"):
+        KVTransferConfig(put_process="sometimes")
 
 
 def test_groups_taken_together_are_fetched_with_one_wait(directory, monkeypatch):
@@ -229,8 +312,8 @@ def test_receiver_waits_for_a_sender_that_comes_later(directory):
 class Owner:
     """A separate process that owns the objects it publishes (like a prefill actor)."""
 
-    def publish(self, directory_name, k, tokens):
-        publish(find_directory(directory_name), k, kv_layers(tokens=tokens), tokens=tokens, cfg=FAST)
+    def publish(self, directory_name, k, tokens, cfg=FAST):
+        publish(find_directory(directory_name), k, kv_layers(tokens=tokens), tokens=tokens, cfg=cfg)
         return True
 
 
@@ -238,12 +321,15 @@ def _directory_name(directory):
     return ray.get(directory.__ray_call__.remote(lambda self: ray.get_runtime_context().get_actor_name()))
 
 
-def test_lost_object_when_its_owner_dies(directory):
+@pytest.mark.parametrize("put_process", [False, True], ids=["in_process", "putter"])
+def test_lost_object_when_its_owner_dies(directory, put_process):
+    """The sender's process owns its objects, also when its putter wrote them: they go with it."""
     owner = Owner.remote()
     ray.get(owner.__ray_ready__.remote())
     k = key()
     before = _store_bytes_used()
-    ray.get(owner.publish.remote(_directory_name(directory), k, 2000))  # 2000 tokens: 1 MiB objects in plasma
+    cfg = FAST.model_copy(update={"put_process": put_process})
+    ray.get(owner.publish.remote(_directory_name(directory), k, 2000, cfg))  # 2000 tokens: 1 MiB objects in plasma
     assert _store_bytes_used() > before
     ray.kill(owner)
     # Until Ray notices the owner is gone its objects may still be read; wait until they are freed.

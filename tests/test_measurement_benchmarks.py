@@ -95,10 +95,11 @@ def test_put_gil_benchmark_measures_the_loop_beside_each_copy(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(out_file.read_text())
-    assert set(out) >= {"alone", "ray_put", "ray_put_other_process", "np_copyto"} and out["mib"] == 4
-    assert out["ray_put"]["ops"] > 0 and out["np_copyto"]["ops"] > 0  # the copies ran beside the loop
-    assert all(0 <= out[k]["held_share"] <= 1 and out[k]["longest_gap_ms"] > 0 for k in ("alone", "ray_put", "np_copyto"))
+    assert set(out) >= {"alone", "ray_put", "putter", "ray_put_other_process", "np_copyto"} and out["mib"] == 4
+    assert out["ray_put"]["ops"] > 0 and out["putter"]["ops"] > 0 and out["np_copyto"]["ops"] > 0  # the copies ran beside the loop
+    assert all(0 <= out[k]["held_share"] <= 1 and out[k]["longest_gap_ms"] > 0 for k in ("alone", "ray_put", "putter", "np_copyto"))
     assert "longest gap beside ray.put / in another process beside it" in proc.stdout
+    assert "longest gap beside ray.put / beside puts through the putter" in proc.stdout
 
 
 def test_scale_benchmark_tells_each_process_role_from_its_title():

@@ -18,6 +18,7 @@ from typing import Any
 from actors.engines import EngineConfig, EngineInfo, EngineRequest, TokenDelta, build_engine
 from actors.engines.batching import BatchingEngine, Prefilled
 from actors.handoffs.base import Handoff, Outcome, PairContext, PrefillReply, Sides
+from actors.kv import putter
 from actors.kv.accounting import TransferRecord
 from actors.kv.directory import find_directory
 from actors.kv.rdt import start_tensor_transport
@@ -83,6 +84,7 @@ class ObjectStorePrefill:
     async def shutdown(self) -> None:
         if self._publishing:
             await asyncio.gather(*self._publishing, return_exceptions=True)
+        putter.close()
         await self.engine.shutdown()
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from actors.kv import putter
 from actors.kv.accounting import TransferRecord
 from actors.kv.blocks import BlockInjector, StepPlan, Transfer, gather_blocks
 from actors.kv.layerwise import LayerProgress, SaveGather
@@ -184,6 +185,7 @@ class ConnectorWorker:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
+        putter.close()  # no save is left that could still put through it
         self._report()
 
     # ------------------------------------------------------------------ job threads

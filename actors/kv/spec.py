@@ -30,6 +30,14 @@ class KVTransferConfig(BaseModel):
         "(creating and sealing the object) besides its copy; with more than one, device-to-host copies run "
         "ahead into as many pinned staging buffers (one per group in flight)",
     )
+    put_process: bool = Field(
+        default=False,
+        description="object-store senders: write each layer group into the object store from a putter process "
+        "of the sender's own (a Ray actor on its node, actors/kv/putter.py) instead of from the engine's process, "
+        "whose step loop a ray.put stalls while it copies under the GIL; the group is packed into shared memory "
+        "both map (registered with CUDA on a GPU) and the object stays owned by the engine's process. Off until "
+        "a GPU run shows it pays; put_s then includes the call to the putter",
+    )
     host_copy_threads: int = Field(
         default=4,
         ge=1,

@@ -19,6 +19,11 @@ own device (actors/kv/rdt.py: one agent and one registered pool per process). Th
 names stay the same: put_s includes the copy into the pool, get_s the NIXL read. The pool's block
 is free again once the last reference to its object is gone.
 
+With `put_process` (kv_transfer.put_process, actors/kv/putter.py) the host staging buffers are shared
+memory and a putter process on the same node writes each group into the object store, so the copy
+does not hold the engine process's GIL; the object is still owned by the sender's process, and
+put_s is the call to the putter (submit, its copy, its reply).
+
 A group travels as one flat uint8 array plus the layers' offsets, shapes and dtypes: the bytes move
 unchanged whatever the dtype (bfloat16 and float8, which numpy lacks, included), and Ray serialises
 one buffer per object (each extra out-of-band buffer costs about a millisecond: on a 2-core box one
@@ -42,10 +47,10 @@ import ray
 import torch
 from ray.experimental import set_target_for_ref
 
-from actors.kv import rdt
+from actors.kv import putter, rdt
 from actors.kv.accounting import SendStats, TransferRecord, observe_receive, observe_send
 from actors.kv.spec import KVTransferConfig
-from actors.kv.staging import STAGING, host_to_device
+from actors.kv.staging import STAGING, Staging, host_to_device
 
 _ERROR_CHARS = 600
 
@@ -339,8 +344,11 @@ class _Sender:
         nbuf = min(len(self.spans), cfg.put_threads + (1 if self.overlap else 0))
         size = max(layout(layers[a:b])[1] for a, b in self.spans)
         # A tensor transport keeps each group's buffer until its object is freed: a fresh one per
-        # group, on the KV's device; the object store copies out of reused host staging.
-        self.staging = [] if tensor_transport else [STAGING.take(size, self.pinned) for _ in range(nbuf)]
+        # group, on the KV's device; the object store copies out of reused host staging, with
+        # `put_process` shared memory that the putter process copies from (actors/kv/putter.py).
+        self.putter = putter.client(cfg.put_threads) if cfg.put_process and not tensor_transport else None
+        self.store: Staging | putter.PutterClient = self.putter or STAGING
+        self.staging = [] if tensor_transport else [self.store.take(size, self.pinned) for _ in range(nbuf)]
         pooled = (cfg.put_threads > 1 or ready is not None) and len(self.spans) > 1
         self.pool = ThreadPoolExecutor(cfg.put_threads, thread_name_prefix="pdbench-put") if pooled else None
         self.copies: dict[int, tuple[torch.Tensor, tuple[int, ...], list[Any], float]] = {}
@@ -392,6 +400,8 @@ class _Sender:
             t1 = time.perf_counter()
             if self.tensor_transport:
                 ref = rdt.put(buf, self.cfg.rdt_pool_bytes, time.monotonic() + self.cfg.ref_timeout_s)
+            elif self.putter is not None:
+                ref = self.putter.put(buf)
             else:
                 ref = ray.put(buf.numpy())
             t2 = time.perf_counter()
@@ -433,7 +443,7 @@ class _Sender:
             for stream in streams:
                 stream.synchronize()
         for buf in self.staging:
-            STAGING.give(buf, self.pinned)
+            self.store.give(buf, self.pinned)
 
 
 def publish(

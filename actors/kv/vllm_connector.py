@@ -107,7 +107,7 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         import ray
 
-        from actors.kv import plasma
+        from actors.kv import plasma, putter
         from actors.kv.directory import NAMESPACE, find_directory
         from actors.kv.jobs import ConnectorWorker
         from actors.kv.rdt import start_tensor_transport
@@ -135,6 +135,8 @@ class RayObjectStoreConnector(KVConnectorBase_V1):
             store = {"registered_s": reg.seconds if reg else None, "registration_error": plasma.registration_error()}
         elif not self.extra.get("receiver", False):  # the sender's puts must not fault pages in
             store = {"prefault_s": plasma.prefault()}
+            if cfg.put_process:  # nor its putter's (started now rather than by the first save)
+                store["putter_prefault_s"] = putter.client(cfg.put_threads).prefault()
         self.worker = ConnectorWorker(
             cfg,
             find_directory(self.extra["directory"]),
