@@ -40,3 +40,20 @@ def test_staging_reuses_two_buffers_per_kind():
     got = {s.take(50, False).data_ptr(), s.take(50, False).data_ptr()}
     assert got == {a.data_ptr(), b.data_ptr()}
     assert s.take(200, False).numel() == 200  # none large enough: a new one
+
+
+def test_staging_of_another_kind_allocates_through_its_hook_and_releases_what_it_does_not_keep():
+    made, dropped = [], []
+
+    def allocate(nbytes: int, pinned: bool) -> torch.Tensor:
+        made.append(nbytes)
+        return torch.zeros(nbytes, dtype=torch.uint8)
+
+    pool = Staging(allocate, dropped.append)
+    bufs = [pool.take(16 + i, False) for i in range(Staging.KEPT + 2)]
+    assert made == [16 + i for i in range(Staging.KEPT + 2)]
+    for b in bufs:
+        pool.give(b, False)
+    # The largest KEPT stay for reuse; the two smallest go back through `drop`.
+    assert sorted(b.numel() for b in dropped) == [16, 17]
+    assert pool.take(20, False).numel() >= 20 and len(made) == Staging.KEPT + 2

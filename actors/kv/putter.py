@@ -35,6 +35,8 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.kv.staging import Staging
+
 log = logging.getLogger("pdbench.putter")
 
 _SHM_DIR = "/dev/shm"
@@ -85,13 +87,9 @@ class _Segment:
 
 
 class PutterClient:
-    """One process's putter and its shared segments: `take`/`give` as actors/kv/staging.py's
-    `Staging` (the sender packs into what `take` hands out), and `put` of a packed buffer.
-
-    Segments are reused (fresh pages and CUDA registrations cost more than the copy); up to `KEPT`
-    free ones are kept, as `Staging` keeps its buffers."""
-
-    KEPT = 8
+    """One process's putter and its shared segments: `take`/`give` reuse them through a `Staging`
+    pool (actors/kv/staging.py; fresh pages and CUDA registrations cost more than the copy), and
+    `put` hands a packed one to the putter."""
 
     def __init__(self, max_concurrency: int) -> None:
         ctx = ray.get_runtime_context()
@@ -100,30 +98,26 @@ class PutterClient:
         actor = ray.remote(Putter).options(num_cpus=0, max_concurrency=max_concurrency, scheduling_strategy=strategy)
         self.actor: Any = actor.remote()
         self.pid: int | None = None
-        self._free: list[_Segment] = []
-        self._used: dict[int, _Segment] = {}  # by the segment's address
+        self._segments: dict[int, _Segment] = {}  # every live segment, by its address
         self._next = 0
         self._lock = threading.Lock()
         self._refused: str | None = None
+        self._pool = Staging(self._create, self._drop)
 
     def prefault(self) -> float | None:
         """The putter's `prefault` (seconds, None where it could not): at start-up, before a put waits for it."""
         return ray.get(self.actor.prefault.remote())
 
     def take(self, nbytes: int, pinned: bool) -> torch.Tensor:
-        with self._lock:
-            for i, seg in enumerate(self._free):
-                if seg.pinned == pinned and seg.tensor.numel() >= nbytes:
-                    self._free.pop(i)
-                    self._used[seg.tensor.data_ptr()] = seg
-                    return seg.tensor
-            seg_id, self._next = self._next, self._next + 1
-        seg = self._create(seg_id, -(-nbytes // _PAGE) * _PAGE, pinned)
-        with self._lock:
-            self._used[seg.tensor.data_ptr()] = seg
-        return seg.tensor
+        return self._pool.take(nbytes, pinned)
 
-    def _create(self, seg_id: int, size: int, pinned: bool) -> _Segment:
+    def give(self, buf: torch.Tensor, pinned: bool) -> None:
+        self._pool.give(buf, pinned)
+
+    def _create(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        with self._lock:
+            seg_id, self._next = self._next, self._next + 1
+        size = -(-nbytes // _PAGE) * _PAGE
         path = os.path.join(_SHM_DIR, f"pdbench-kv-{os.getpid()}-{seg_id}")
         try:
             with open(path, "wb") as f:
@@ -142,7 +136,10 @@ class PutterClient:
             self.pid = ray.get(self.actor.attach.remote(seg_id, path, size))
         finally:
             os.unlink(path)  # both processes map it: nothing is left in /dev/shm if either dies
-        return _Segment(seg_id, tensor, pinned, pinned and self._register(tensor))
+        seg = _Segment(seg_id, tensor, pinned, pinned and self._register(tensor))
+        with self._lock:
+            self._segments[tensor.data_ptr()] = seg
+        return tensor
 
     def _register(self, tensor: torch.Tensor) -> bool:
         """Pin the segment for DMA, as actors/kv/plasma.py pins the store's mapping; a refusal is
@@ -154,16 +151,9 @@ class PutterClient:
             log.warning("pdbench: %s; device-to-host copies into it are pageable", self._refused)
         return code == 0
 
-    def give(self, buf: torch.Tensor, pinned: bool) -> None:
+    def _drop(self, tensor: torch.Tensor) -> None:
         with self._lock:
-            seg = self._used.pop(buf.data_ptr())
-            self._free.append(seg)
-            self._free.sort(key=lambda s: s.tensor.numel(), reverse=True)
-            dropped, self._free = self._free[self.KEPT :], self._free[: self.KEPT]
-        for seg in dropped:
-            self._drop(seg)
-
-    def _drop(self, seg: _Segment) -> None:
+            seg = self._segments.pop(tensor.data_ptr())
         if seg.registered:
             torch.cuda.cudart().cudaHostUnregister(seg.tensor.data_ptr())
         self.actor.detach.remote(seg.id)
@@ -171,14 +161,14 @@ class PutterClient:
     def put(self, buf: torch.Tensor) -> ray.ObjectRef:
         """`buf` (the first bytes of a segment `take` handed out) as an object owned by this process,
         written by the putter; returns once the bytes are in the store (the segment is free again)."""
-        seg = self._used[buf.data_ptr()]
+        seg = self._segments[buf.data_ptr()]
         pid, ref = self.actor.put.remote(seg.id, buf.numel())
         ray.get(pid)  # raises if the putter died; waits without the GIL
         return ref
 
     def close(self) -> None:
         with self._lock:
-            segs, self._free = self._free, []
+            segs, self._segments = list(self._segments.values()), {}
         for seg in segs:
             if seg.registered:
                 torch.cuda.cudart().cudaHostUnregister(seg.tensor.data_ptr())

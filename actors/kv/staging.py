@@ -12,6 +12,7 @@ threads fill the other buffer.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,13 +25,20 @@ class Staging:
     packing 1 GiB into new buffers ran at 2 GB/s, into reused ones at memcpy speed) and, for GPUs,
     pinned allocations (a fresh pinned buffer costs milliseconds). A GPU sender fills one buffer
     while the other is put, and the vLLM connector runs up to `kv_transfer.worker_threads` senders
-    at once: eight buffers per kind are kept (the largest seen)."""
+    at once: eight buffers per kind are kept (the largest seen). `allocate` and `drop` make and
+    release a buffer of another kind (the putter's shared segments, actors/kv/putter.py)."""
 
     KEPT = 8
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        allocate: Callable[[int, bool], torch.Tensor] | None = None,
+        drop: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
         self._free: dict[bool, list[torch.Tensor]] = {False: [], True: []}
         self._lock = threading.Lock()
+        self._allocate = allocate or (lambda nbytes, pinned: torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned))
+        self._drop = drop
 
     def take(self, nbytes: int, pinned: bool) -> torch.Tensor:
         with self._lock:
@@ -38,14 +46,18 @@ class Staging:
             for i, buf in enumerate(free):
                 if buf.numel() >= nbytes:
                     return free.pop(i)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        return self._allocate(nbytes, pinned)
 
     def give(self, buf: torch.Tensor, pinned: bool) -> None:
         with self._lock:
             free = self._free[pinned]
             free.append(buf)
             free.sort(key=lambda b: b.numel(), reverse=True)
+            dropped = free[self.KEPT :]
             del free[self.KEPT :]
+        if self._drop is not None:
+            for b in dropped:
+                self._drop(b)
 
 
 STAGING = Staging()
