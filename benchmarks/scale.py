@@ -177,7 +177,10 @@ _NO_ACTOR = "ray: workers without an actor"
 
 
 def role_of(cmd: str, driver_pid: int, pid: int) -> str:
-    """A process's role from its command line: Ray titles an actor's process `ray::[name:]Class[.method]`."""
+    """A process's role from its command line. Ray titles a worker `ray::[name:]Class-or-function[.method]`
+    while it runs something (a task, or an actor's call) and an async actor's between calls `ray::IDLE`,
+    so the run's actors are named by the cluster's actor table instead (BoxCPU.stop); what is left
+    titled is a task's worker (`ray worker: hardware`)."""
     if pid == driver_pid:
         return "driver"
     own = next((name for key, name in _RAY_OWN if key in cmd), None)
@@ -185,7 +188,7 @@ def role_of(cmd: str, driver_pid: int, pid: int) -> str:
         return own
     if cmd.startswith("ray::"):
         cls = cmd.split()[0][5:].rsplit(":", 1)[-1].split(".")[0]
-        return _NO_ACTOR if cls == "IDLE" else f"pdbench: {cls}"
+        return _NO_ACTOR if cls == "IDLE" else f"ray worker: {cls}"
     return _NO_ACTOR if "default_worker.py" in cmd else "other processes"
 
 

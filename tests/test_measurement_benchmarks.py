@@ -109,8 +109,9 @@ def test_scale_benchmark_tells_each_process_role_from_its_title():
         return scale.role_of(cmd, driver_pid=1, pid=pid)
 
     assert role("anything", pid=1) == "driver"
-    assert role("ray::pdbench:e1-20261129-x:in36-out4:engine:EngineActor.__init__") == "pdbench: EngineActor"
-    assert role("ray::LoadGenerator.run_cell") == "pdbench: LoadGenerator" and role("ray::TelemetrySampler") == "pdbench: TelemetrySampler"
+    # By title alone, a worker is named by what it runs (the run's actors are named by the actor table instead).
+    assert role("ray::pdbench:e1-20261129-x:in36-out4:engine:EngineActor.__init__") == "ray worker: EngineActor"
+    assert role("ray::hardware") == "ray worker: hardware" and role("ray::TelemetrySampler") == "ray worker: TelemetrySampler"
     assert role("ray::IDLE") == role("/x/python /x/ray/_private/workers/default_worker.py --a") == "ray: workers without an actor"
     assert role("/x/ray/core/src/ray/raylet/raylet --node") == "ray: raylets" and role("ray::DashboardAgent") == "ray: dashboard agents"
     assert role("/usr/bin/bash") == "other processes"
