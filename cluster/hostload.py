@@ -133,13 +133,14 @@ class HostLoadSampler:
         if begin is None:  # no interval sampled yet (a run's first cell, shorter than one): sample now
             begin, end = end, self._take()
         span = max(end.total_s - begin.total_s, 1e-9)  # CPU seconds summed over all cores
-        busy = end.busy_s - begin.busy_s
+        # Differences of large float sums: over a millisecond window an idle host reads -1e-7, not 0.
+        busy = max(end.busy_s - begin.busy_s, 0.0)
         return HostLoad(
             cores=self.cores,
             wall_s=end.t - begin.t,
             load_avg_1m=os.getloadavg()[0],
             cpu_busy_percent=100.0 * busy / span,
-            cpu_steal_percent=100.0 * (end.steal_s - begin.steal_s) / span,
+            cpu_steal_percent=100.0 * max(end.steal_s - begin.steal_s, 0.0) / span,
             other_processes_cpu_percent=100.0 * max(busy - max(end.ours_s - begin.ours_s, 0.0), 0.0) / span,
         )
 

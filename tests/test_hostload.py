@@ -93,3 +93,18 @@ def test_the_procfs_walk_counts_what_psutil_counts():
     finally:
         burner.wait()
     assert want > 0.2 and abs(got - want) < 0.1  # clock ticks and the time between the two reads
+
+
+def test_an_idle_millisecond_reads_zero_not_a_rounding_error_below_it():
+    from cluster.hostload import _Sample
+
+    host = HostLoadSampler(interval_s=60.0)
+    try:
+        big = 123456.789  # cumulative CPU seconds: their difference over an idle moment rounds below 0
+        begin = _Sample(t=1.0, total_s=big, busy_s=big / 3, steal_s=big / 7, ours_s=0.0)
+        end = _Sample(t=1.002, total_s=big + 0.004, busy_s=big / 3 - 1.5e-9, steal_s=big / 7 - 1e-9, ours_s=0.0)
+        host._pair = (begin, end)
+        load = host.load(begin)
+    finally:
+        host.close()
+    assert load.cpu_busy_percent == 0.0 and load.cpu_steal_percent == 0.0 and load.other_processes_cpu_percent == 0.0
