@@ -19,6 +19,8 @@ ENGINE = {"kind": "reference", "model": "tiny-qwen3", "cpu_threads": 1, "max_bat
 GROUP = 48 * 1024  # the tiny model's KV is 1 KiB per layer and token: 1 to 4 objects per request
 KV = {"max_group_bytes": GROUP}
 SHORT = {"max_group_bytes": GROUP, "ref_timeout_s": 1.0, "fetch_timeout_s": 1.0}
+# Time enough for Ray to report a dead owner to the fetch on a loaded box (1 s was not, once in CI).
+PATIENT = {**SHORT, "fetch_timeout_s": 30.0}
 HALF = {"num_cpus": 0.5}  # ray_local has 4 CPUs; other tests' actors must still fit beside these
 
 
@@ -45,7 +47,8 @@ def stream(actor, method, *args):
 @pytest.fixture(scope="module")
 def pair(ray_local):
     """A directory, a prefill actor, a decode actor; an aggregated engine for the oracle; and a
-    second prefill actor (the victim) with a decode actor of short timeouts bound to it."""
+    second prefill actor (the victim) with two decode actors bound to it: one of short timeouts,
+    one that waits for a fetch long enough to hear that its owner died."""
     run, cell = "test", f"pair{secrets.token_hex(3)}"
     name = f"pdbench:{run}:{cell}:kvdir"
     directory = directory_actor(name)
@@ -53,10 +56,12 @@ def pair(ray_local):
     decode = DecodeActor.options(**HALF).remote(ENGINE, KV, prefill, name, run, cell)
     victim = PrefillActor.options(num_cpus=0).remote(ENGINE, KV, name, run, cell)
     fragile = DecodeActor.options(num_cpus=0).remote(ENGINE, SHORT, victim, name, run, cell)
+    patient = DecodeActor.options(num_cpus=0).remote(ENGINE, PATIENT, victim, name, run, cell)
     engine = EngineActor.options(**HALF).remote(ENGINE)
-    actors = [directory, prefill, decode, victim, fragile, engine]
+    actors = [directory, prefill, decode, victim, fragile, patient, engine]
     ray.get([a.start.remote() for a in actors[1:]])
-    yield {"directory": directory, "prefill": prefill, "decode": decode, "victim": victim, "fragile": fragile, "engine": engine}
+    roles = {"directory": directory, "prefill": prefill, "decode": decode, "victim": victim, "fragile": fragile, "patient": patient}
+    yield roles | {"engine": engine}
     for a in actors:
         ray.kill(a)
 
@@ -159,18 +164,18 @@ def test_lost_kv_owner_died_recomputes_and_records_the_reason(pair):
     ray.kill(pair["victim"])
     while _store_bytes_used() > before and time.monotonic() < deadline:
         time.sleep(0.2)  # until Ray has freed the dead owner's objects
-    ids, last = stream(pair["fragile"], "decode_prefilled", req, key, reply)
+    ids, last = stream(pair["patient"], "decode_prefilled", req, key, reply)
     assert last["error"] is None and last["server"]["kv_transfer_ok"] is False
     assert ids == aggregated(pair, req)  # recomputed on the decode side, same greedy tokens
-    (row,) = ray.get(pair["fragile"].transfers.remote())
+    (row,) = ray.get(pair["patient"].transfers.remote())
     assert row["ok"] is False
     assert "OwnerDiedError" in row["error"] or "ObjectLostError" in row["error"], row["error"]
     assert ray.get(pair["directory"].stats.remote())["groups"] == 0
 
     # The next request finds the prefill actor itself dead: recompute again, reason recorded.
-    ids, last = stream(pair["fragile"], "generate", request(10))
+    ids, last = stream(pair["patient"], "generate", request(10))
     assert ids == aggregated(pair, request(10)) and last["server"]["kv_transfer_ok"] is False
-    (row,) = ray.get(pair["fragile"].transfers.remote())
+    (row,) = ray.get(pair["patient"].transfers.remote())
     assert row["error"].startswith("prefill: ActorDiedError"), row["error"]
 
 
