@@ -93,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=6)
     ap.add_argument("--max-group-mib", type=int, default=64)
     ap.add_argument("--put-threads", type=int, default=1, help="kv_transfer.put_threads on the prefill side (groups put at once)")
+    ap.add_argument(
+        "--put-process",
+        action="store_true",
+        help="kv_transfer.put_process: the prefill side's puts from a putter actor's own process (object store only)",
+    )
     ap.add_argument("--copy-threads", type=int, default=4, help="kv_transfer.host_copy_threads on the decode side")
     ap.add_argument("--h2d", choices=("registered", "staged"), default="registered", help="kv_transfer.host_to_device")
     ap.add_argument("--decode-submit", choices=("after_prefill", "with_prefill"), default="after_prefill", help="kv_transfer.decode_submit")
@@ -151,6 +156,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[dict] | str:
         host_copy_threads=args.copy_threads,
         host_to_device=args.h2d,
         put_threads=args.put_threads,
+        put_process=args.put_process,
         decode_submit=args.decode_submit,
         save=args.save,
     ).model_dump()
@@ -254,6 +260,7 @@ def main() -> int:
         "model": args.model,
         "copy_threads": args.copy_threads,
         "put_threads": args.put_threads,
+        "put_process": args.put_process,
         "host_to_device": args.h2d,
         "decode_submit": args.decode_submit,
         "save": args.save,

@@ -11,6 +11,7 @@ from benchmarks import vllm_kv_transfer as bench
 
 def test_backends_are_the_registrys_vllm_ones_given_once():
     assert bench.parse_args([]).backend == ["ray-object-store"]
+    assert bench.parse_args(["--put-process"]).put_process and not bench.parse_args([]).put_process
     assert bench.parse_args(["--backend", "ray-object-store", "nixl-vllm"]).backend == ["ray-object-store", "nixl-vllm"]
     for bad in (["--backend", "carrier-pigeon"], ["--backend", "nixl-vllm", "nixl-vllm"]):
         with pytest.raises(SystemExit):
