@@ -5,6 +5,7 @@ request over and what it records, not a transport.
 """
 
 import asyncio
+import dataclasses
 import gc
 import os
 import threading
@@ -37,6 +38,7 @@ class BlockingReplies:
         self.all_sent = threading.Event()
         self.loop_blocked_until_all_sent: bool | None = None
         self.frozen_while_measured: list[int] = []
+        self.collecting_while_measured: list[bool] = []
 
     def submit(self, request: dict[str, Any]) -> str:
         self.sent.append((request["request_id"], time.monotonic()))
@@ -48,6 +50,7 @@ class BlockingReplies:
 
     async def stream(self, request: dict[str, Any], exchange: Exchange | None = None):
         self.frozen_while_measured.append(gc.get_freeze_count())
+        self.collecting_while_measured.append(gc.isenabled())
         if exchange is not None and exchange.submit_error is not None:
             raise exchange.submit_error
         assert exchange is not None and exchange.submitted == request["request_id"]
@@ -104,21 +107,27 @@ def test_a_send_that_raises_fails_its_request_as_never_sent_and_the_schedule_goe
     assert all(r["ok"] for rid, r in by_id.items() if rid != bad)
 
 
-def test_the_measured_phase_runs_with_the_heap_frozen_once_per_load_generator(ray_local, monkeypatch):
+def test_the_measured_phase_runs_with_the_heap_frozen_once_per_load_generator_and_no_collection(ray_local, monkeypatch):
     reqs = _poisson(4)
     backend = BlockingReplies(len(reqs))
     monkeypatch.setattr(loadgen, "open_backend", lambda entry, api_key, cell=None: backend)
     collections = []
-    monkeypatch.setattr(loadgen.gc, "collect", lambda *a: collections.append(a) or 0)
+    monkeypatch.setattr(loadgen.gc, "collect", lambda *a: collections.append((gc.isenabled(), gc.get_freeze_count())) or 0)
     lg = LoadGenerator.__ray_actor_class__()
     try:
         recs = asyncio.run(lg.run(None, reqs, 1))
         assert len(recs) == 4 and all(r["ok"] for r in recs)
         assert min(backend.frozen_while_measured) > 0 and gc.get_freeze_count() > 0
-        # A warm load generator's next cell: the heap stays frozen, no second full collection.
+        assert backend.collecting_while_measured == [False] * 4 and gc.isenabled()
+        # A warm load generator's next cell (closed loop this time): the heap stays frozen, never a
+        # second full collection; each phase ends with one collection of what it left, after it.
         backend = BlockingReplies(len(reqs))
-        assert len(asyncio.run(lg.run(None, reqs, 1))) == 4
-        assert len(collections) == 1 and min(backend.frozen_while_measured) > 0
+        closed = [dataclasses.replace(r, t_scheduled=None) for r in reqs]
+        assert len(asyncio.run(lg.run(None, closed, 2))) == 4
+        assert backend.collecting_while_measured == [False] * 4 and gc.isenabled()
+        assert collections[0] == (True, 0)  # the one full collection, before the freeze
+        assert len(collections) == 3 and all(enabled and frozen > 0 for enabled, frozen in collections[1:])
+        assert min(backend.frozen_while_measured) > 0
     finally:
         gc.unfreeze()  # the test process's heap, not a load generator's
 
