@@ -89,7 +89,12 @@ def _redact_column(s: pd.Series, secrets: list[str]) -> pd.Series | None:
 def _redact_strings(df: pd.DataFrame) -> pd.DataFrame:
     secrets = secret_env_values()
     out = df
+    # Columns of numbers, booleans or times hold no text: skipped by dtype, without building a
+    # Series for each (that lookup was most of a small cell's redaction).
+    kinds = {name: dtype.kind for name, dtype in df.dtypes.items() if not isinstance(dtype, pd.CategoricalDtype)}
     for col in df.columns:
+        if kinds.get(col) in ("i", "u", "f", "b", "M", "m", "c"):
+            continue
         new = _redact_column(df[col], secrets)
         if new is not None:
             out = out.copy() if out is df else out

@@ -18,6 +18,7 @@ nulls, and columns a newer pdbench added are kept).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import pandas as pd
@@ -151,13 +152,22 @@ class RowSchema:
     file: str
     columns: tuple[Column, ...]
 
-    @property
+    # Computed once: `table` asks for both per column and per cell, in the driver's file writer.
+    @cached_property
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
 
-    def arrow(self) -> pa.Schema:
+    @cached_property
+    def _names(self) -> frozenset[str]:
+        return frozenset(self.names)
+
+    @cached_property
+    def _arrow(self) -> pa.Schema:
         fields = [pa.field(c.name, c.type, nullable=c.nullable) for c in self.columns]
         return pa.schema(fields, metadata={"pdbench.schema_version": str(SCHEMA_VERSION)})
+
+    def arrow(self) -> pa.Schema:
+        return self._arrow
 
     def _fit(self, col: Column, values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
         if values.null_count == len(values):  # no value to be of a wrong kind (pandas makes empty and all-NaN columns float)
@@ -190,7 +200,7 @@ class RowSchema:
         then engine extras. An engine's own stat pdbench does not list yet (a `vllm_*` or `decode_*`
         name: a newer vLLM reports more) is kept as reported, after the schema's columns, rather than
         failing a cell whose requests already ran; any other unknown column is refused."""
-        unknown = [str(c) for c in df.columns if c not in self.names]
+        unknown = [str(c) for c in df.columns if c not in self._names]
         refused = [c for c in unknown if not c.startswith(ENGINE_EXTRA_PREFIXES)]
         if refused:
             raise SchemaError(f"{self.file}: column {refused[0]!r} is not in its schema; add it to analysis/schemas.py and docs/metrics.md")
@@ -211,7 +221,7 @@ class RowSchema:
         back null, columns a newer pdbench added are kept after them. Nulls are the writer's to refuse."""
         n = data.num_rows
         arrays = [self._fit(c, data.column(c.name)) if c.name in data.column_names else pa.nulls(n, c.type) for c in self.columns]
-        extra = [name for name in data.column_names if name not in self.names]
+        extra = [name for name in data.column_names if name not in self._names]
         return pa.Table.from_arrays([*arrays, *(data.column(e) for e in extra)], names=[*self.names, *extra]).to_pandas()
 
 
