@@ -21,6 +21,10 @@ pinned buffer, and its host→device inject against a plain pinned→device copy
 the host table runs again with `kv_transfer.put_process` (a putter actor writes each group into
 the store from shared memory, actors/kv/putter.py) and the ratios with/without are printed.
 
+`--put-threads N` puts N groups at once (kv_transfer.put_threads; 4 on the GPU configs). On the
+2-core CI machine two at once were slower than one (1 GiB: put 176 vs 121 ms, store/raw 0.45 vs
+0.65): the puts share the cores and the memory bus with the receiver.
+
     python benchmarks/kv_transfer.py                   # 1 MiB … 1 GiB
     python benchmarks/kv_transfer.py --max-mib 64 --repeats 5 --max-group-mib 8
     python benchmarks/kv_transfer.py --max-mib 256 --put-process
@@ -229,11 +233,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per size; the best is kept")
     ap.add_argument("--max-group-mib", type=int, default=GROUP_MIB, help="most MiB per object (kv_transfer.max_group_bytes)")
     ap.add_argument("--store-gib", type=float, default=3.0, help="object store size; both actors prefault it at start")
+    ap.add_argument("--put-threads", type=int, default=1, help="groups put at once by the sender (kv_transfer.put_threads)")
     ap.add_argument("--put-process", action="store_true", help="also send through the putter (kv_transfer.put_process); print the ratios")
     args = ap.parse_args()
     # The transport alone: the KV checksum (on by default) is compute, not transport, and on a
     # CPU sender it would cost more than the copy it checks.
-    cfg = KVTransferConfig(max_group_bytes=args.max_group_mib * 2**20, checksum=False)
+    cfg = KVTransferConfig(max_group_bytes=args.max_group_mib * 2**20, checksum=False, put_threads=args.put_threads)
     sizes = []
     s = args.min_mib
     while s <= args.max_mib:
@@ -244,7 +249,7 @@ def main() -> None:
     ray.init(address="local", namespace="pdbench", include_dashboard=False, log_to_driver=False,
              object_store_memory=int(args.store_gib * 2**30))
     print(f"KV shaped like Qwen3-8B bf16 ({BYTES_PER_TOKEN // 1024} KiB/token, objects of at most {args.max_group_mib} MiB); "
-          f"best of {args.repeats}; one process puts, another fetches and gets (same node).")
+          f"best of {args.repeats}; one process puts ({args.put_threads} at once), another fetches and gets (same node).")
     print_host_header()
     rows = host_table(sizes, args.repeats, cfg)
     big = [gbps(r["bytes"], r["store_s"]) / gbps(r["bytes"], r["raw_s"]) for r in rows if r["mib"] >= GOAL_FROM_MIB - 0.5]
