@@ -163,7 +163,7 @@ class LoadGenerator:
         the first measured phase on: a full collection over it held the GIL, and every send, ~90 ms.
         Once per load generator, and kept: a warm one serves many cells, and a collection before
         each cost ~0.2 s of CPU per cell (with 32 virtual nodes on 2 cores, the largest part of a
-        small cell's cost). Objects made later are collected as usual."""
+        small cell's cost). Objects made later are collected after each measured phase (`_no_collection`)."""
         if not self._heap_frozen:
             gc.collect()
             gc.freeze()
