@@ -101,13 +101,17 @@ def test_a_frame_is_redacted_column_by_column_in_its_own_dtypes(monkeypatch):
             "output_token_ids": [[1, 2], [3]],
             "nested": [{"api_key": "x"}, {"ok": 1}],
             "ttft_s": [0.1, 0.2],
+            "backend": pd.Categorical([f"via {secret}", "plain"]),  # told apart by dtype: never skipped as numbers are
         }
     )
     out = _redact_strings(df)
+    assert out["backend"].tolist() == [f"via {REDACTED}", "plain"] and isinstance(out["backend"].dtype, pd.CategoricalDtype)
+    assert not any(secret in c for c in out["backend"].cat.categories)  # the categories themselves, not only the values
     assert out["error"].tolist() == [None, f"401 for key {REDACTED}"] and out["text"].tolist()[0] == f"said {REDACTED} twice"
     assert out["nested"].tolist() == [{"api_key": REDACTED}, {"ok": 1}] and out["output_token_ids"].tolist() == [[1, 2], [3]]
-    assert out.dtypes.to_dict() == df.dtypes.to_dict() and pd.isna(out["text"].iloc[1])
-    clean = df.drop(columns=["error", "text", "nested"])
+    kept = [c for c in df.columns if c != "backend"]  # a categorical's dtype names its (redacted) categories
+    assert out[kept].dtypes.to_dict() == df[kept].dtypes.to_dict() and pd.isna(out["text"].iloc[1])
+    clean = df.drop(columns=["error", "text", "nested", "backend"])
     assert _redact_strings(clean) is clean  # nothing to remove: the frame itself, no copy
 
 
