@@ -7,6 +7,10 @@ real transport (actors/kv/transport.py) and a receiver actor receives into preal
 Printed side by side, from one run on one machine:
 
 - raw: a numpy copy of the same number of bytes (np.copyto into a preallocated buffer);
+- raw-shm: the same copy into a shared-memory segment (/dev/shm). numpy asks the kernel for
+  transparent huge pages for its own large buffers; shared memory (the object store's one mapping)
+  gets 4 KiB pages unless the machine's `shmem_enabled` says otherwise, so a copy into it pays
+  more TLB misses. The goal is against raw; store/shm says how much of the gap is the pages;
 - store = put + fetch + get: the object-store stages alone (goal: ≥ 0.7 × raw from 64 MiB up);
 - path = extract + put + fetch + get + inject: everything the transport does to move the KV.
 
@@ -36,6 +40,7 @@ import argparse
 import os
 import secrets
 import time
+from multiprocessing import shared_memory
 
 import numpy as np
 import ray
@@ -96,20 +101,33 @@ class Receiver:
             raise RuntimeError(rec.error)
         return {s: getattr(rec, s) for s in ("fetch_s", "get_s", "inject_s", "bytes")}
 
-    def raw_copy_s(self, nbytes: int, repeats: int) -> float:
-        """Best time of a numpy copy of `nbytes` into a preallocated buffer, in this process."""
+    def raw_copy_s(self, nbytes: int, repeats: int) -> dict[str, float]:
+        """Best time of a numpy copy of `nbytes` into a preallocated buffer, in this process: into
+        private memory (`raw_s`, the goal's baseline; numpy asks the kernel for huge pages there) and
+        into a shared-memory segment (`raw_shm_s`: the kind of pages the object store's mapping has)."""
         src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
-        dst = np.empty_like(src)
-        np.copyto(dst, src)  # first touch of the pages is not a copy's cost
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            np.copyto(dst, src)
-            best = min(best, time.perf_counter() - t)
-        return best
+        seg = shared_memory.SharedMemory(create=True, size=nbytes)
+        try:
+            shm = np.ndarray(nbytes, dtype=np.uint8, buffer=seg.buf)
+            out = {"raw_s": _best_copy(np.empty_like(src), src, repeats), "raw_shm_s": _best_copy(shm, src, repeats)}
+            del shm
+        finally:
+            seg.close()
+            seg.unlink()
+        return out
 
     def release(self) -> None:
         self.dst = []
+
+
+def _best_copy(dst: np.ndarray, src: np.ndarray, repeats: int) -> float:
+    np.copyto(dst, src)  # first touch of the pages is not a copy's cost
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def store_bytes_used() -> int:
@@ -152,9 +170,9 @@ def host_table(sizes_mib: list[int], repeats: int, cfg: KVTransferConfig) -> lis
             stages["store_s"] = put_s + got["fetch_s"] + got["get_s"]
             stages["path_s"] = stages["store_s"] + extract_s + got["inject_s"]
             best = {k: min(v, best.get(k, float("inf"))) for k, v in stages.items()}
-        raw_s = ray.get(receiver.raw_copy_s.remote(nbytes, repeats))
+        raw = ray.get(receiver.raw_copy_s.remote(nbytes, repeats))
         ray.get(receiver.release.remote())
-        rows.append({"mib": nbytes / 2**20, "bytes": nbytes, "raw_s": raw_s, **best})
+        rows.append({"mib": nbytes / 2**20, "bytes": nbytes, **raw, **best})
         print_host_row(rows[-1])
     for a in (sender, receiver, directory):
         ray.kill(a)
@@ -162,7 +180,7 @@ def host_table(sizes_mib: list[int], repeats: int, cfg: KVTransferConfig) -> lis
 
 
 def print_host_header() -> None:
-    print(f"{'MiB':>8} {'raw GB/s':>9} {'store GB/s':>10} {'ratio':>6} {'path GB/s':>9} {'ratio':>6}   "
+    print(f"{'MiB':>8} {'raw GB/s':>9} {'store GB/s':>10} {'ratio':>6} {'path GB/s':>9} {'ratio':>6} {'raw-shm GB/s':>12} {'store/shm':>9}   "
           f"{'extract':>8} {'put':>8} {'fetch':>8} {'get':>8} {'inject':>8}  (ms)")
 
 
@@ -170,7 +188,8 @@ def print_host_row(r: dict) -> None:
     raw = gbps(r["bytes"], r["raw_s"])
     store, path = gbps(r["bytes"], r["store_s"]), gbps(r["bytes"], r["path_s"])
     ms = " ".join(f"{r[s] * 1e3:8.2f}" for s in ("extract_s", "put_s", "fetch_s", "get_s", "inject_s"))
-    print(f"{r['mib']:8.1f} {raw:9.2f} {store:10.2f} {store / raw:6.2f} {path:9.2f} {path / raw:6.2f}   {ms}", flush=True)
+    shm = gbps(r["bytes"], r["raw_shm_s"])
+    print(f"{r['mib']:8.1f} {raw:9.2f} {store:10.2f} {store / raw:6.2f} {path:9.2f} {path / raw:6.2f} {shm:12.2f} {store / shm:9.2f}   {ms}", flush=True)
 
 
 def putter_table(sizes_mib: list[int], repeats: int, cfg: KVTransferConfig, without: list[dict]) -> None:
