@@ -27,13 +27,13 @@ from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
+import pyarrow as pa
 import ray
 
 from actors.backends import Backend, Exchange, ThreadSend, open_backend
 from actors.metrics import BatchedFeed, current_actor_tags
 from analysis.errortext import one_line
-from analysis.records import to_frame
+from analysis.records import to_table
 from workloads.requests import RequestSpec
 
 HOP_PROBE_CALLS = 20
@@ -134,7 +134,7 @@ class CellLoad:
     """An aggregated cell's one call (`LoadGenerator.run_cell`): its records and what was read
     around them, each stage timed on the load generator's clock."""
 
-    requests: pd.DataFrame  # the records as rows (analysis/records.py), made here rather than on the driver's loop
+    requests: pa.Table  # the records as typed rows (analysis/records.py), made here rather than on the driver
     begin_s: float  # the engines made ready for the cell (the reset of a warm engine), on the engine's clock
     load_s: float  # `run`: warm-up, hop probe, measured requests
     after_s: float  # the reads after the load (memory, router counts)
@@ -185,7 +185,7 @@ class LoadGenerator:
         begins it on the first (EngineHost.generate), then each engine's report (memory, its begin,
         requests left in it) and the router's counts. A call per stage cost the cell ~0.3 s each
         with 32 virtual nodes on 2 cores, and the driver's loop a turn each. The records come back
-        as rows stamped with `identity` (to_frame); a read that failed is a fault, never raised."""
+        as typed rows stamped with `identity` (to_table); a read that failed is a fault, never raised."""
         t0 = time.monotonic()
         cell = (tags["run"], tags["cell"])
         entry = router if router is not None else engines[0]
@@ -195,7 +195,7 @@ class LoadGenerator:
         reports = await asyncio.gather(*(_settle(f"engine{i} memory", e.cell_report.remote(*cell), faults) for i, e in enumerate(engines)))
         counts = await _settle("router counts", router.counts.remote(), faults) if router is not None else None
         return CellLoad(
-            to_frame(records, **identity),
+            to_table(records, **identity),
             begin_s=max((r["begin_s"] for r in reports if r), default=0.0),
             load_s=t1 - t0,
             after_s=time.monotonic() - t1,

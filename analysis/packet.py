@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from pydantic import ValidationError
@@ -63,63 +64,61 @@ def write_yaml(path: Path, obj: Any) -> None:
     _atomic_write(Path(path), lambda f: f.write(yaml.safe_dump(clean, sort_keys=True).encode()))
 
 
-def _redact_column(s: pd.Series, secrets: list[str]) -> pd.Series | None:
-    """The column with its secrets removed, in its own dtype; None where nothing changed.
+def _holds_text(t: pa.DataType) -> bool:
+    """Strings, or a list, struct, map or dictionary with strings somewhere inside: numbers,
+    booleans and times are never looked at (most of a request table's columns)."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return True
+    if pa.types.is_dictionary(t):
+        return _holds_text(t.value_type)
+    return any(_holds_text(t.field(i).type) for i in range(t.num_fields))
 
-    Strings hide in object columns, pandas' `str`/`string` dtypes (pandas 3's default),
-    categoricals, and nested lists or structs (read back as arrays and dicts)."""
-    if isinstance(s.dtype, pd.CategoricalDtype):
-        cats = s.cat.categories
-        new = [redact_value(c, secrets) for c in cats]
-        if all(a is b or a == b for a, b in zip(new, cats, strict=True)):
-            return None
-        return pd.Series(pd.Categorical([None if pd.isna(v) else redact_value(v, secrets) for v in s]), index=s.index, name=s.name)
-    # The values as one object array: redact_value walks it in a plain loop and hands back the
-    # same array where nothing changed (Series.map cost ~0.2 ms a column, most of a cell's write).
-    values = s.to_numpy(dtype=object)
-    cleaned = redact_value(values, secrets)
-    if cleaned is values:
+
+def _redact_array(col: pa.ChunkedArray, secrets: list[str]) -> pa.ChunkedArray | None:
+    """The column with its secrets removed, in its own type; None where nothing changed."""
+    t = col.type
+    if pa.types.is_dictionary(t):  # a pandas categorical: its categories decoded, redacted, encoded again
+        plain = _redact_array(col.cast(t.value_type), secrets)
+        return None if plain is None else pc.dictionary_encode(plain)
+    if t.num_fields:  # nested (lists or structs of text, a dict per row): value by value
+        before = col.to_pylist()
+        after = redact_value(before, secrets)
+        return None if after is before else pa.chunked_array([pa.array(after, type=t)], type=t)
+    # Text: each distinct value once (a cell's rows share their ids, engine, node, error).
+    distinct = pc.unique(col)
+    before = distinct.to_pylist()
+    after = redact_value(before, secrets)
+    if after is before:
         return None
-    out = pd.Series(cleaned, index=s.index, name=s.name, dtype=object)
-    return out.astype(s.dtype) if isinstance(s.dtype, pd.StringDtype) else out
+    return pc.take(pa.array(after, type=t), pc.index_in(col, value_set=distinct))
 
 
-def _holds_no_text(dtype: Any) -> bool:
-    """Numbers, booleans and times (a categorical may hold text whatever its codes)."""
-    if isinstance(dtype, pd.CategoricalDtype):
-        return False
-    return pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_datetime64_any_dtype(dtype)
-
-
-def _redact_strings(df: pd.DataFrame) -> pd.DataFrame:
+def redact_table(table: pa.Table) -> pa.Table:
+    """The table with every secret removed from its text (values and column names), each column in
+    its own type; the same table where nothing changed."""
     secrets = secret_env_values()
-    out = df
-    # Told apart by dtype before a Series is built for a column (that lookup was most of a small
-    # cell's redaction).
-    for col, dtype in zip(df.columns, df.dtypes, strict=True):
-        if _holds_no_text(dtype):
-            continue
-        new = _redact_column(df[col], secrets)
-        if new is not None:
-            out = out.copy() if out is df else out
-            out[col] = new
-    names = [redact_value(c, secrets) if isinstance(c, str) else c for c in out.columns]
-    if names != list(out.columns):
-        out = out.set_axis(names, axis=1)
-    return out
+    out = table
+    for i, field in enumerate(table.schema):
+        if _holds_text(field.type):
+            new = _redact_array(table.column(i), secrets)
+            if new is not None:
+                out = out.set_column(i, field.with_type(new.type), new)
+    names = [redact_value(n, secrets) for n in out.column_names]
+    return out if names == out.column_names else out.rename_columns(names)
 
 
 def write_parquet(path: Path, df: pd.DataFrame) -> None:
     """A table with no schema of its own (telemetry.parquet); requests and transfers go through write_rows."""
-    clean = _redact_strings(df)
-    _atomic_write(Path(path), lambda f: clean.to_parquet(f, index=False))
+    clean = redact_table(pa.Table.from_pandas(df, preserve_index=False))
+    _atomic_write(Path(path), lambda f: pq.write_table(clean, f))
 
 
-def write_rows(path: Path, df: pd.DataFrame, schema: schemas.RowSchema) -> pa.Table:
+def write_rows(path: Path, rows: pd.DataFrame | pa.Table, schema: schemas.RowSchema) -> pa.Table:
     """requests.parquet or transfers.parquet, through its schema (analysis/schemas.py): a column it
-    does not list or a value of the wrong kind is refused (SchemaError naming the column). Returns
-    the table as written (redacted, typed), for a caller that would otherwise read the file back."""
-    table = schema.table(_redact_strings(df))
+    does not list or a value of the wrong kind is refused (SchemaError naming the column). Rows come
+    as a frame, or as a table a load generator already typed (schemas.RowSchema.table). Returns the
+    table as written (redacted, typed), for a caller that would otherwise read the file back."""
+    table = redact_table(schema.table(rows))
     _atomic_write(Path(path), lambda f: pq.write_table(table, f))
     return table
 

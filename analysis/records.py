@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+
+from analysis.schemas import REQUESTS
 
 SERVER_COLUMNS = ("server_queue_s", "prefill_s", "transfer_s", "first_decode_s")
 HARNESS_COLUMNS = ("harness_ttft_s", "harness_tpot_s", "harness_e2e_s")
@@ -75,6 +78,13 @@ def to_frame(raws: Iterable[dict[str, Any]], **identity: Any) -> pd.DataFrame:
     return pd.DataFrame(
         {c: np.array([_number(r.get(c)) for r in rows]) if c in FLOAT_COLUMNS else [r.get(c, np.nan) for r in rows] for c in names}
     )
+
+
+def to_table(raws: Iterable[dict[str, Any]], **identity: Any) -> pa.Table:
+    """The rows of `to_frame`, typed by requests.parquet's schema where the records are made (the
+    load generator, on the cell's node), so the driver only checks and writes them: typing a cell's
+    frame column by column was a third of the driver's file writing per cell."""
+    return REQUESTS.table(to_frame(raws, **identity))
 
 
 def _number(v: Any) -> float:

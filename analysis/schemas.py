@@ -172,6 +172,8 @@ class RowSchema:
     def _fit(self, col: Column, values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
         if values.null_count == len(values):  # no value to be of a wrong kind (pandas makes empty and all-NaN columns float)
             return pa.nulls(len(values), col.type)
+        if values.type == col.type:  # typed already (a load generator's table)
+            return values
         if not _fits(values.type, col.type):
             raise SchemaError(f"{self.file}: column {col.name!r} holds {_kind(values.type)} where its schema says {col.type}")
         try:
@@ -179,40 +181,44 @@ class RowSchema:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise SchemaError(f"{self.file}: column {col.name!r} has values that do not fit {col.type} ({one_line(e)})") from None
 
-    def _written(self, col: Column, df: pd.DataFrame) -> pa.Array | pa.ChunkedArray:
-        if col.name not in df.columns:
-            if not col.nullable and len(df):
-                raise SchemaError(f"{self.file}: column {col.name!r} is missing; every row needs it")
-            return pa.nulls(len(df), col.type)
+    def _values(self, rows: pd.DataFrame | pa.Table, name: str, col: Column | None) -> pa.Array | pa.ChunkedArray:
+        if isinstance(rows, pa.Table):
+            return rows.column(name)
         try:
-            values = pa.array(df[col.name], from_pandas=True)
+            return pa.array(rows[name], from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            if col is None:  # a mixed engine stat, kept as text
+                return pa.array(rows[name].astype(str), from_pandas=True)
             raise SchemaError(
-                f"{self.file}: column {col.name!r} mixes kinds of values where its schema says {col.type} ({one_line(e)})"
+                f"{self.file}: column {name!r} mixes kinds of values where its schema says {col.type} ({one_line(e)})"
             ) from None
-        out = self._fit(col, values)
+
+    def _written(self, col: Column, rows: pd.DataFrame | pa.Table, names: frozenset[str]) -> pa.Array | pa.ChunkedArray:
+        if col.name not in names:
+            if not col.nullable and len(rows):
+                raise SchemaError(f"{self.file}: column {col.name!r} is missing; every row needs it")
+            return pa.nulls(len(rows), col.type)
+        out = self._fit(col, self._values(rows, col.name, col))
         if not col.nullable and out.null_count:
             raise SchemaError(f"{self.file}: column {col.name!r} has {out.null_count} null value(s); its schema says it is never null")
         return out
 
-    def table(self, df: pd.DataFrame) -> pa.Table:
+    def table(self, rows: pd.DataFrame | pa.Table) -> pa.Table:
         """The rows as the file is written: the schema's columns, each of its type, missing ones null;
         then engine extras. An engine's own stat pdbench does not list yet (a `vllm_*` or `decode_*`
         name: a newer vLLM reports more) is kept as reported, after the schema's columns, rather than
-        failing a cell whose requests already ran; any other unknown column is refused."""
-        unknown = [str(c) for c in df.columns if c not in self._names]
+        failing a cell whose requests already ran; any other unknown column is refused. A table typed
+        by this schema already (the load generator types its records) passes through column by column."""
+        names = [str(c) for c in (rows.column_names if isinstance(rows, pa.Table) else rows.columns)]
+        unknown = [c for c in names if c not in self._names]
         refused = [c for c in unknown if not c.startswith(ENGINE_EXTRA_PREFIXES)]
         if refused:
             raise SchemaError(f"{self.file}: column {refused[0]!r} is not in its schema; add it to analysis/schemas.py and docs/metrics.md")
-        arrays = [self._written(c, df) for c in self.columns]
-        extras = []
-        for name in unknown:
-            try:
-                extras.append(pa.array(df[name], from_pandas=True))
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                extras.append(pa.array(df[name].astype(str), from_pandas=True))  # a mixed engine stat, kept as text
-        if not extras:
+        present = frozenset(names)
+        arrays = [self._written(c, rows, present) for c in self.columns]
+        if not unknown:
             return pa.Table.from_arrays(arrays, schema=self.arrow())
+        extras = [self._values(rows, name, None) for name in unknown]
         fields = [*self.arrow(), *(pa.field(n, a.type) for n, a in zip(unknown, extras, strict=True))]
         return pa.Table.from_arrays([*arrays, *extras], schema=pa.schema(fields, metadata=self.arrow().metadata))
 

@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from analysis.errortext import MAX_LINE, first_line, one_line
 from analysis.packet import write_json, write_log, write_rows
@@ -40,67 +40,71 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def one_line_errors(df: pd.DataFrame | None) -> tuple[pd.DataFrame | None, list[str]]:
+def one_line_errors(rows: pa.Table | None) -> tuple[pa.Table | None, list[str]]:
     """Records whose `error` is more than one line (a remote traceback, colour codes) keep its
     first line; the whole texts come back for errors.log."""
-    if df is None or "error" not in df.columns:
-        return df, []
-    texts = dict.fromkeys(e for e in df["error"].to_numpy() if isinstance(e, str))  # in order of first appearance
+    if rows is None or "error" not in rows.column_names:
+        return rows, []
+    texts = [e for e in pc.unique(rows["error"]).to_pylist() if isinstance(e, str)]  # in order of first appearance
     long = [e for e in texts if "\n" in e.strip() or "\x1b" in e or len(e) > MAX_LINE]
     if not long:
-        return df, []
+        return rows, []
     short = {e: first_line(e) for e in long}
-    return df.assign(error=df["error"].map(lambda e: short.get(e, e) if isinstance(e, str) else e)), [str(e) for e in long]
+    col = rows.schema.get_field_index("error")
+    errors = pa.array([short.get(e, e) for e in rows["error"].to_pylist()], type=rows.schema.field(col).type)
+    return rows.set_column(col, rows.schema.field(col), errors), long
 
 
-def _missing(v: Any) -> bool:
-    return v is None or (pd.api.types.is_scalar(v) and bool(pd.isna(v)))
-
-
-# The three helpers below read a cell's few columns as arrays: pandas' filters and `unique` cost the
-# driver's loop ~1.5 ms per cell for a handful of rows.
-
-
-def no_success(df: pd.DataFrame) -> str | None:
+def no_success(rows: pa.Table) -> str | None:
     """Why a cell measured nothing (no measured request succeeded), or None."""
-    if df.empty:
+    if rows.num_rows == 0:
         return "no request was measured"
-    mine = ~df["warmup"].to_numpy().astype(bool)  # analysis.records.measured's rows
+    mine = ~rows["warmup"].to_numpy().astype(bool)  # analysis.records.measured's rows
     if not mine.any():
         return "no request was measured"
-    if df["ok"].to_numpy()[mine].astype(bool).any():
+    if rows["ok"].to_numpy().astype(bool)[mine].any():
         return None
-    errors = [e for e in df["error"].to_numpy()[mine] if not _missing(e)]
+    errors = [e for e, m in zip(rows["error"].to_pylist(), mine, strict=True) if m and e is not None]
     first = f"; first error: {str(errors[0]).splitlines()[0][:200]}" if errors else ""
     n = int(mine.sum())
     return f"no request succeeded ({n} of {n} failed){first}"
 
 
-def cell_node_ids(meta: dict[str, Any], df: pd.DataFrame) -> dict[str, list[str]]:
-    """Ray node ids a cell ran on, by role (the manifest's per-cell `nodes`)."""
+def cell_node_ids(meta: dict[str, Any], rows: pa.Table) -> dict[str, list[str]]:
+    """Ray node ids a cell ran on, by role (the manifest's per-cell `nodes`); a role no row names
+    (the typed rows hold every role's column: prefill and decode are null in an aggregated cell) is left out."""
     out: dict[str, list[str]] = {}
-    for col in df.columns if not df.empty else []:
-        if col.endswith("_node_id"):
-            out[col.removesuffix("_node_id")] = sorted({str(v) for v in df[col].to_numpy() if not _missing(v)})
+    for col in rows.column_names if rows.num_rows else []:
+        if col.endswith("_node_id") and rows[col].null_count < rows.num_rows:
+            out[col.removesuffix("_node_id")] = sorted(str(v) for v in pc.unique(rows[col]).to_pylist() if v is not None)
     if not out.get("engine") and (meta.get("engine_info") or {}).get("node"):
         out["engine"] = [meta["engine_info"]["node"]["node_id"]]
     return out
 
 
-def annotate(plan: CellPlan, df: pd.DataFrame, meta: dict[str, Any]) -> pd.DataFrame:
+def _with(rows: pa.Table, name: str, values: list[Any]) -> pa.Table:
+    """`rows` with column `name` set to `values`, in the column's own type (a typed table holds every schema column)."""
+    i = rows.schema.get_field_index(name)
+    field = rows.schema.field(i)
+    return rows.set_column(i, field, pa.array(values, type=field.type))
+
+
+def annotate(plan: CellPlan, rows: pa.Table, meta: dict[str, Any]) -> pa.Table:
     """Disaggregated rows get the pair's node ids. Track-built prompts: each row gets its
     request's meta (answer, depth) and, where a tokenizer made the prompt, the decoded output,
     so scoring needs the files alone."""
-    if isinstance(meta.get("nodes"), dict) and not df.empty:
-        df = df.assign(**{f"{role}_node_id": node for role, node in meta["nodes"].items()})
-    if plan.requests is None or df.empty:
-        return df
+    n = rows.num_rows
+    if isinstance(meta.get("nodes"), dict) and n:
+        for role, node in meta["nodes"].items():
+            rows = _with(rows, f"{role}_node_id", [node] * n)
+    if plan.requests is None or not n:
+        return rows
     metas = {r.request_id: json.dumps(r.meta, sort_keys=True) if r.meta else None for r in plan.requests}
-    df = df.assign(meta=df["request_id"].map(metas))
+    rows = _with(rows, "meta", [metas.get(r) for r in rows["request_id"].to_pylist()])
     if plan.tokenizer:
         codec = get_codec(plan.tokenizer)
-        df = df.assign(output_text=[codec.decode(ids) for ids in df["output_token_ids"]])
-    return df
+        rows = _with(rows, "output_text", [codec.decode(ids) for ids in rows["output_token_ids"].to_pylist()])
+    return rows
 
 
 def _started(ctx: CellContext, cell_hash: str) -> dict[str, Any]:
@@ -125,28 +129,28 @@ def _started(ctx: CellContext, cell_hash: str) -> dict[str, Any]:
 class _Records:
     """A finished cell's records, their long error texts taken out, for the file writer."""
 
-    requests: pd.DataFrame
-    transfers: pd.DataFrame | None
+    requests: pa.Table
+    transfers: pa.Table | None
     engine_meta: dict[str, Any]
     long_errors: list[str]
 
 
 def _settle(plan: CellPlan, result: CellResult, meta: dict[str, Any]) -> _Records:
     """The cell's status in `meta`, on the loop (the round needs it); what to write goes to the writer."""
-    df, long_errors = one_line_errors(result.requests)
+    rows, long_errors = one_line_errors(result.requests)
     transfers, more = one_line_errors(result.transfers)
     if long_errors + more:  # remote tracebacks: the whole text in the log, one line in the tables
         meta["log"] = f"cells/{plan.cell_id}/errors.log"
-    assert df is not None  # a cell always returns its request records (maybe empty)
+    assert rows is not None  # a cell always returns its request records (maybe empty)
     meta.update(result.meta, node_ids=cell_node_ids(result.meta, result.requests))
-    nothing = no_success(df)
+    nothing = no_success(rows)
     if nothing:  # every request failed: the records stay as evidence, the cell did not measure
         meta.update(status="failed", error=nothing)
     elif result.fault:
         meta.update(status="partial", error=f"fault after the requests ran, records kept: {result.fault}")
     else:
         meta.update(status="ok", error=None)
-    return _Records(df, transfers, result.meta, long_errors + more)
+    return _Records(rows, transfers, result.meta, long_errors + more)
 
 
 @dataclass(frozen=True)

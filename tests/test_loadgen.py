@@ -8,6 +8,7 @@ from actors.engines.spec import EngineConfig
 from actors.loadgen import LoadGenerator
 from analysis.metrics import SLO, cell_metrics
 from analysis.records import measured, to_frame
+from analysis.schemas import REQUESTS
 from workloads.arrivals import ClosedLoop, Poisson
 from workloads.lengths import Fixed
 from workloads.requests import WorkloadSpec, synthetic_requests
@@ -90,6 +91,9 @@ def test_one_user_matches_the_simulated_law_once_the_harness_share_is_out(ray_lo
     assert h["e2e_s_net"]["p50"] == pytest.approx(e2e, abs=max(0.01 * e2e, 0.0005))
 
 
+IDENTITY = {"run_id": "r", "cell_id": "c3", "serving_mode": "aggregated", "engine": "simulated"}
+
+
 def test_run_cell_begins_the_engine_runs_and_reads_memory_in_one_call(ray_local):
     engine = EngineActor.options(num_cpus=0).remote(SIM)
     info = ray.get(engine.start.remote())
@@ -97,13 +101,14 @@ def test_run_cell_begins_the_engine_runs_and_reads_memory_in_one_call(ray_local)
     reqs = synthetic_requests(spec, info["vocab_size"], seed=1)
     lg = LoadGenerator.remote()
     for cell in ("c1", "c2"):  # the second on the engine the first warmed
-        tags, identity = {"run": "r", "cell": cell, "role": "loadgen"}, {"run_id": "r", "cell_id": cell}
+        tags, identity = {"run": "r", "cell": cell, "role": "loadgen"}, {**IDENTITY, "cell_id": cell}
         got = ray.get(lg.run_cell.remote([engine], None, reqs, 2, 60.0, None, tags, identity))
-        assert got.requests["ok"].tolist() == [True] * 4 and set(got.requests["cell_id"]) == {cell}
+        assert got.requests["ok"].to_pylist() == [True] * 4 and set(got.requests["cell_id"].to_pylist()) == {cell}
+        assert got.requests.schema.equals(REQUESTS.arrow())  # typed here: the driver only checks and writes
         assert got.faults == [] and got.counts is None
         assert got.begin_s > 0 and got.load_s > 0 and got.after_s > 0 and got.engines_busy == 0
         assert got.memory[0] is not None and got.memory[0] == ray.get(engine.memory.remote())
     assert ray.get(engine.cell_report.remote("r", "c2"))["begin_s"] == got.begin_s  # c2 was begun once, by its first request
     ray.kill(engine)
-    dead = ray.get(lg.run_cell.remote([engine], None, reqs, 1, 60.0, None, {"run": "r", "cell": "c3", "role": "loadgen"}, {}))
-    assert not dead.requests["ok"].any() and dead.memory == [None] and dead.faults[0].startswith("engine0 memory: ")
+    dead = ray.get(lg.run_cell.remote([engine], None, reqs, 1, 60.0, None, {"run": "r", "cell": "c3", "role": "loadgen"}, IDENTITY))
+    assert not any(dead.requests["ok"].to_pylist()) and dead.memory == [None] and dead.faults[0].startswith("engine0 memory: ")

@@ -164,14 +164,18 @@ def test_a_ray_task_error_is_its_root_cause_in_one_line():
 
 
 def test_request_errors_are_one_line_in_tables_and_whole_in_the_log():
-    import pandas as pd
+    import pyarrow as pa
 
     from cluster.cell_record import one_line_errors
 
     tb = "ActorDiedError: The actor died unexpectedly\n\tclass_name: EngineActor\n\x1b[31mTraceback ...\x1b[0m"
-    df, logged = one_line_errors(pd.DataFrame({"error": [None, tb, "HTTP 500: short"], "ok": [True, False, False]}))
-    assert df["error"].tolist()[1:] == ["ActorDiedError: The actor died unexpectedly", "HTTP 500: short"]
-    assert logged == [tb]
+    rows = pa.table({"error": [None, tb, "HTTP 500: short", tb], "ok": [True, False, False, False]})
+    out, logged = one_line_errors(rows)
+    assert out is not None and out.schema == rows.schema
+    assert out["error"].to_pylist() == [None, "ActorDiedError: The actor died unexpectedly", "HTTP 500: short", "ActorDiedError: The actor died unexpectedly"]
+    assert logged == [tb]  # each long text once
+    clean = rows.slice(2, 1)
+    assert one_line_errors(clean) == (clean, [])
 
 
 def test_one_line_is_bounded():

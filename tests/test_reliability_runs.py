@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from faults import closed_port, http_server
 from typer.testing import CliRunner
@@ -71,19 +72,24 @@ def test_an_unreachable_target_fails_the_run_and_reports_still_build(ray_local, 
 
 
 def test_no_success_names_the_first_error_and_ignores_warmup():
-    df = pd.DataFrame({"warmup": [True, False, False], "ok": [True, False, False], "error": [None, "HTTP 500: boom\nmore", "x"]})
-    assert no_success(df) == "no request succeeded (2 of 2 failed); first error: HTTP 500: boom"
-    assert no_success(df.assign(ok=[False, True, False])) is None
-    assert no_success(df.assign(error=[None, float("nan"), "x"])) == "no request succeeded (2 of 2 failed); first error: x"
-    assert no_success(df.assign(warmup=True)) == no_success(df.iloc[:0]) == "no request was measured"
+    def rows(**cols):
+        base = {"warmup": [True, False, False], "ok": [True, False, False], "error": [None, "HTTP 500: boom\nmore", "x"]}
+        return pa.table({**base, **cols})
+
+    assert no_success(rows()) == "no request succeeded (2 of 2 failed); first error: HTTP 500: boom"
+    assert no_success(rows(ok=[False, True, False])) is None
+    assert no_success(rows(error=[None, None, "x"])) == "no request succeeded (2 of 2 failed); first error: x"
+    assert no_success(rows(error=["warm-up's own", None, None])) == "no request succeeded (2 of 2 failed)"
+    assert no_success(rows(warmup=[True] * 3)) == no_success(rows().slice(0, 0)) == "no request was measured"
 
 
 def test_node_ids_of_a_cell_by_role_without_missing_ones():
     from cluster.cell_record import cell_node_ids
 
-    df = pd.DataFrame({"engine_node_id": ["b", None, "a", "b"], "loadgen_node_id": [float("nan")] * 4, "ok": [True] * 4})
-    assert cell_node_ids({}, df) == {"engine": ["a", "b"], "loadgen": []}
-    assert cell_node_ids({"engine_info": {"node": {"node_id": "n"}}}, df.drop(columns="engine_node_id")) == {"loadgen": [], "engine": ["n"]}
+    rows = pa.table({"engine_node_id": ["b", None, "a", "b"], "loadgen_node_id": pa.nulls(4, pa.string()), "ok": [True] * 4})
+    assert cell_node_ids({}, rows) == {"engine": ["a", "b"]}  # no row names a load generator's node
+    assert cell_node_ids({"engine_info": {"node": {"node_id": "n"}}}, rows.drop_columns("engine_node_id")) == {"engine": ["n"]}
+    assert cell_node_ids({}, rows.slice(0, 0)) == {}
 
 
 # --- 4. a fault after requests ran keeps what was measured -----------------------------------

@@ -97,6 +97,25 @@ def test_a_row_that_does_not_fit_is_refused_naming_the_column(tmp_path, change, 
     assert not (tmp_path / "requests.parquet").exists()
 
 
+def test_rows_typed_where_they_were_made_are_written_as_a_frame_would_be(tmp_path):
+    """The load generator types its records (to_table); the driver's write checks them and gives the same file."""
+    from analysis.records import to_table
+
+    raws = [_raw(0, vllm_generation_tokens=2.0), _raw(1, vllm_generation_tokens=2.0)]
+    identity = {"run_id": "run", "cell_id": "c", "serving_mode": "aggregated", "engine": "vllm"}
+    typed = to_table(raws, **identity)
+    assert typed.schema.equals(REQUESTS.arrow())
+    a = write_rows(tmp_path / "a.parquet", to_frame(raws, **identity), REQUESTS)
+    b = write_rows(tmp_path / "b.parquet", typed, REQUESTS)
+    assert a.equals(b) and pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
+    with pytest.raises(SchemaError, match=r"column 'ttft_s' holds text where its schema says double"):
+        write_rows(tmp_path / "c.parquet", typed.set_column(typed.schema.get_field_index("ttft_s"), "ttft_s", pa.array(["x", "y"])), REQUESTS)
+    with pytest.raises(SchemaError, match=r"column 'surprise' is not in its schema"):
+        write_rows(tmp_path / "c.parquet", typed.append_column("surprise", pa.array([1, 2])), REQUESTS)
+    with pytest.raises(SchemaError, match=r"column 'request_id' is missing; every row needs it"):
+        to_table([{k: v for k, v in r.items() if k != "request_id"} for r in raws], **identity)
+
+
 def test_a_transfer_record_of_the_wrong_type_is_refused(tmp_path):
     row = {"run_id": "r", "cell_id": "c", "request_id": "x", "key": "k", "groups": 1, "bytes": "4096", "ok": True, "status": "ok", "warmup": False}
     with pytest.raises(SchemaError, match=r"transfers\.parquet: column 'bytes' holds text where its schema says int64"):

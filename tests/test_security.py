@@ -88,8 +88,10 @@ def test_lists_of_numbers_come_back_untouched_and_lists_with_text_are_still_reda
     assert redact_obj((3, [f"a {secret}"]), [secret]) == (3, [f"a {REDACTED}"])
 
 
-def test_a_frame_is_redacted_column_by_column_in_its_own_dtypes(monkeypatch):
-    from analysis.packet import _redact_strings
+def test_a_table_is_redacted_column_by_column_in_its_own_types(monkeypatch):
+    import pyarrow as pa
+
+    from analysis.packet import redact_table
 
     secret = "plain-value-with-no-known-shape"
     monkeypatch.setenv("MY_SERVICE_KEY", secret)
@@ -101,18 +103,23 @@ def test_a_frame_is_redacted_column_by_column_in_its_own_dtypes(monkeypatch):
             "output_token_ids": [[1, 2], [3]],
             "nested": [{"api_key": "x"}, {"ok": 1}],
             "ttft_s": [0.1, 0.2],
-            "backend": pd.Categorical([f"via {secret}", "plain"]),  # told apart by dtype: never skipped as numbers are
+            "backend": pd.Categorical([f"via {secret}", "plain"]),  # a dictionary column: its categories are text
+            "same": pd.Series([f"a {secret}", f"a {secret}"], dtype=object),  # one distinct value, two rows
         }
     )
-    out = _redact_strings(df)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    out = redact_table(table).to_pandas()
     assert out["backend"].tolist() == [f"via {REDACTED}", "plain"] and isinstance(out["backend"].dtype, pd.CategoricalDtype)
     assert not any(secret in c for c in out["backend"].cat.categories)  # the categories themselves, not only the values
-    assert out["error"].tolist() == [None, f"401 for key {REDACTED}"] and out["text"].tolist()[0] == f"said {REDACTED} twice"
-    assert out["nested"].tolist() == [{"api_key": REDACTED}, {"ok": 1}] and out["output_token_ids"].tolist() == [[1, 2], [3]]
-    kept = [c for c in df.columns if c != "backend"]  # a categorical's dtype names its (redacted) categories
-    assert out[kept].dtypes.to_dict() == df[kept].dtypes.to_dict() and pd.isna(out["text"].iloc[1])
-    clean = df.drop(columns=["error", "text", "nested", "backend"])
-    assert _redact_strings(clean) is clean  # nothing to remove: the frame itself, no copy
+    assert pd.isna(out["error"].iloc[0]) and out["error"].iloc[1] == f"401 for key {REDACTED}"
+    assert out["text"].tolist()[0] == f"said {REDACTED} twice"
+    assert out["same"].tolist() == [f"a {REDACTED}"] * 2
+    assert out["nested"].tolist() == [{"api_key": REDACTED, "ok": None}, {"api_key": None, "ok": 1}]
+    assert [list(x) for x in out["output_token_ids"]] == [[1, 2], [3]] and out["ttft_s"].tolist() == [0.1, 0.2]
+    kept = [c for c in df.columns if c not in ("backend", "nested", "output_token_ids")]
+    assert out[kept].dtypes.to_dict() == table.to_pandas()[kept].dtypes.to_dict() and pd.isna(out["text"].iloc[1])
+    clean = table.drop_columns(["error", "text", "nested", "backend", "same"])
+    assert redact_table(clean) is clean  # nothing to remove: the table itself, no copy
 
 
 PAYLOAD = "</script><script>alert('x')</script><img src=x onerror=alert(1)>"

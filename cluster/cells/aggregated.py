@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.compute as pc
 import ray
 
 from actors.engine_actor import EngineActor
@@ -159,7 +160,7 @@ async def _on_lease(ctx: CellContext, pool: EnginePool[EngineGroup]) -> CellResu
         elif got.memory[0] is not None:
             meta = {"memory": got.memory[0]}  # memory.json and E5 hold single-engine cells
         result = CellResult(requests=got.requests, meta={"engine_info": info, **meta}, fault="; ".join(got.faults) or None)
-        if got.faults and not got.requests["ok"].any():  # a dead engine: dropped (the lease ends with the error)
+        if got.faults and not pc.any(got.requests["ok"]).as_py():  # a dead engine: dropped (the lease ends with the error)
             raise EngineRefused(result)
         lease.healthy = not got.faults and not got.engines_busy
     return result

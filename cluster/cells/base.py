@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+import pyarrow as pa
 
 from actors.engines import EngineConfig
 from cluster.config import ExperimentConfig
@@ -98,9 +98,9 @@ class CellRefused(RuntimeError):
 
 @dataclass
 class CellResult:
-    requests: pd.DataFrame
+    requests: pa.Table  # typed by analysis/schemas.py's REQUESTS (analysis.records.to_table)
     meta: dict[str, Any] = field(default_factory=dict)
-    transfers: pd.DataFrame | None = None
+    transfers: pa.Table | None = None  # typed by TRANSFERS
     # A fault after the requests ran (an actor died, a final stats or shutdown call failed): the
     # records measured so far are kept, and the cell says what went wrong.
     fault: str | None = None

@@ -18,7 +18,8 @@ import ray
 from actors.disaggregated import Pair, launch_pair, start_pair
 from actors.handoffs import KV_BACKENDS, refusal
 from actors.loadgen import LoadGenerator
-from analysis.records import to_frame
+from analysis.records import to_table
+from analysis.schemas import TRANSFERS
 from analysis.transfers import transfers_frame
 from cluster import ray_env
 from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellRefused, CellResult, bounded, settle, wait_for_placement
@@ -130,6 +131,6 @@ async def run_disaggregated(ctx: CellContext) -> CellResult:
         for a in owned:
             ray.kill(a)
         ray_env.release(pg)
-    df = to_frame(m.raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="disaggregated", engine=ctx.engine.kind)
-    transfers = transfers_frame(m.transfers, {r.request_id: r.warmup for r in m.reqs})
-    return CellResult(requests=df, transfers=transfers, meta=_meta(ctx, m), fault="; ".join(faults) or None)
+    rows = to_table(m.raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="disaggregated", engine=ctx.engine.kind)
+    moved = TRANSFERS.table(transfers_frame(m.transfers, {r.request_id: r.warmup for r in m.reqs}))
+    return CellResult(requests=rows, transfers=moved, meta=_meta(ctx, m), fault="; ".join(faults) or None)

@@ -14,7 +14,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.loadgen import LoadGenerator
-from analysis.records import to_frame
+from analysis.records import to_table
 from cluster.cells.base import CellContext, CellResult
 
 if TYPE_CHECKING:
@@ -49,6 +49,6 @@ async def run_external(ctx: CellContext) -> CellResult:
         raws = await loadgen.run.remote(target, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, api_key)
     finally:
         ray.kill(loadgen)
-    df = to_frame(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="external", engine="external")
+    rows = to_table(raws, run_id=ctx.run_id, cell_id=ctx.plan.cell_id, serving_mode="external", engine="external")
     info = {"engine": "external", "model": target.model, "vocab_size": target.vocab_size, "base_url": target.base_url}
-    return CellResult(requests=df, meta={"engine_info": info})
+    return CellResult(requests=rows, meta={"engine_info": info})
