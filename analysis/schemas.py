@@ -182,6 +182,8 @@ class RowSchema:
             raise SchemaError(f"{self.file}: column {col.name!r} has values that do not fit {col.type} ({one_line(e)})") from None
 
     def _values(self, rows: pd.DataFrame | pa.Table, name: str, col: Column | None) -> pa.Array | pa.ChunkedArray:
+        """Column `name` as Arrow; `col` is its schema entry, None for an engine extra (whose mixed
+        kinds are kept as text rather than refused)."""
         if isinstance(rows, pa.Table):
             return rows.column(name)
         try:
