@@ -295,7 +295,7 @@ REQUEST_COLUMNS: tuple[Column, ...] = (
         ("harness_ttft_s", "the harness's share of ttft_s"),
         ("harness_tpot_s", "the harness's share of tpot_s"),
         ("harness_e2e_s", "the harness's share of e2e_s"),
-        ("harness_hop_s", "the cell's bare actor hop (median of 20 no-op calls)"),
+        ("harness_hop_s", "the cell's bare actor hop (median of 5 no-op calls)"),
         ("client_send_s", "HTTP client: asked to send → handed to the socket"),
     ),
     Column("server_token_s", pa.list_(FLOAT), "the engine's own per-token times since it received the request"),

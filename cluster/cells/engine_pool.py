@@ -73,7 +73,7 @@ class EngineUse:
     setup_s: float  # cell start to its engines ready (placement + start, or the reset between cells)
     load_s: float = 0.0  # the load generator's run (warm-up, hop probe, measured requests)
     # Where the rest of an aggregated cell's fixed cost (wall_s - load_s) goes, beside setup_s and the driver's own work:
-    after_s: float = 0.0  # the reads after the load (engine memory, router counts)
+    after_s: float = 0.0  # after the load: the reads (engine memory, router counts) and the typing of the records
     call_s: float = 0.0  # the driver's one call reaching the load generator (on one host; where the clocks differ: with reply_s)
     reply_s: float = 0.0  # its reply reaching the driver's loop, from the end of the reads
 
