@@ -109,15 +109,55 @@ def test_rows_typed_where_they_were_made_are_written_as_a_frame_would_be(tmp_pat
     b = write_rows(tmp_path / "b.parquet", typed, REQUESTS)
     assert a.equals(b) and pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
     with pytest.raises(SchemaError, match=r"column 'ttft_s' holds text where its schema says double"):
-        write_rows(tmp_path / "c.parquet", typed.set_column(typed.schema.get_field_index("ttft_s"), "ttft_s", pa.array(["x", "y"])), REQUESTS)
+        write_rows(
+            tmp_path / "c.parquet", typed.set_column(typed.schema.get_field_index("ttft_s"), "ttft_s", pa.array(["x", "y"])), REQUESTS
+        )
     with pytest.raises(SchemaError, match=r"column 'surprise' is not in its schema"):
         write_rows(tmp_path / "c.parquet", typed.append_column("surprise", pa.array([1, 2])), REQUESTS)
     with pytest.raises(SchemaError, match=r"column 'request_id' is missing; every row needs it"):
         to_table([{k: v for k, v in r.items() if k != "request_id"} for r in raws], **identity)
 
 
+def _failed(i):
+    nothing: dict = {"t_chunks": [], "chunk_tokens": [], "output_token_ids": [], "server_token_s": []}
+    return {**_raw(i), "ok": False, "error": "engine died", **nothing}
+
+
+@pytest.mark.parametrize(
+    "raws",
+    [
+        [_raw(0), _failed(1)],  # a failed request beside an ok one: no chunks, an error text
+        [_raw(0, prefill_s="n/a", vllm_new_stat=3), _raw(1, vllm_new_stat=4)],  # a server's text where a number goes; an unlisted stat
+        [_raw(0, decode_vllm_other="a"), _raw(1, decode_vllm_other=1), _raw(2)],  # an unlisted stat of mixed kinds, missing in one row
+        [{**_raw(0), "server": None, "server_token_s": None}, _failed(1)],  # an external server: no engine numbers at all
+        [],
+    ],
+    ids=["failed", "server-text", "mixed-extra", "external", "empty"],
+)
+def test_records_typed_without_a_frame_equal_the_frames_rows(raws):
+    """to_table types the rows straight from the records (the load generator's CPU per cell): the
+    same table, column for column, as the schema makes of to_frame's frame."""
+    from analysis.records import to_table
+
+    identity = {"run_id": "run", "cell_id": "c", "serving_mode": "aggregated", "engine": "vllm"}
+    direct, framed = to_table(raws, **identity), REQUESTS.table(to_frame(raws, **identity))
+    assert direct.schema.equals(framed.schema) and direct.equals(framed), [
+        n for n in direct.column_names if not direct.column(n).equals(framed.column(n))
+    ]
+
+
 def test_a_transfer_record_of_the_wrong_type_is_refused(tmp_path):
-    row = {"run_id": "r", "cell_id": "c", "request_id": "x", "key": "k", "groups": 1, "bytes": "4096", "ok": True, "status": "ok", "warmup": False}
+    row = {
+        "run_id": "r",
+        "cell_id": "c",
+        "request_id": "x",
+        "key": "k",
+        "groups": 1,
+        "bytes": "4096",
+        "ok": True,
+        "status": "ok",
+        "warmup": False,
+    }
     with pytest.raises(SchemaError, match=r"transfers\.parquet: column 'bytes' holds text where its schema says int64"):
         write_rows(tmp_path / "transfers.parquet", pd.DataFrame([row]), TRANSFERS)
     write_rows(tmp_path / "transfers.parquet", pd.DataFrame([{**row, "bytes": 4096}]), TRANSFERS)
