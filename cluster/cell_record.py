@@ -13,7 +13,6 @@ import json
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,12 @@ from cluster.file_writer import FileWriter
 from cluster.hostload import HostLoadSampler
 from cluster.planning import preflight
 from cluster.resume import clear
+from cluster.run_manifest import now
 from workloads.text import get_codec
 from workloads.tracks import CellPlan
 
 # Cell statuses whose records count: `partial` is a fault after the requests ran (records kept).
 MEASURED = ("ok", "partial")
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def one_line_errors(rows: pa.Table | None) -> tuple[pa.Table | None, list[str]]:

