@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -33,7 +34,7 @@ import ray
 from actors.backends import Backend, Exchange, ThreadSend, open_backend
 from actors.metrics import BatchedFeed, current_actor_tags
 from analysis.errortext import one_line
-from analysis.records import to_table
+from analysis.records import table_bytes, table_from_bytes, to_table
 from workloads.requests import RequestSpec
 
 # The bare hop's probe, per cell: 5 streaming no-ops. With 20 the probe was half of a small
@@ -146,6 +147,15 @@ class CellLoad:
     faults: list[str] = field(default_factory=list)  # reads after the load that failed: the records stay
     engines_busy: int = 0  # requests still in the engines after the load (timed out): not fit for another cell
     t_start: float = 0.0  # time.monotonic() as the call began here (the host's clock: the driver's, on one host)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """The records travel to the driver as one Arrow IPC stream (analysis/records.py `table_bytes`)."""
+        rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "requests"}
+        return (_cell_load, (table_bytes(self.requests), rest))
+
+
+def _cell_load(requests: bytes, rest: dict[str, Any]) -> CellLoad:
+    return CellLoad(requests=table_from_bytes(requests), **rest)
 
 
 async def _settle(what: str, pending: Awaitable[Any], faults: list[str]) -> Any:
