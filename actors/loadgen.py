@@ -205,9 +205,14 @@ class LoadGenerator:
         records = await self.run(entry, requests, concurrency, timeout_s, progress, None, tags, cell)
         t1 = time.monotonic()
         faults: list[str] = []
-        reports = await asyncio.gather(*(_settle(f"engine{i} memory", e.cell_report.remote(*cell), faults) for i, e in enumerate(engines)))
-        counts = await _settle("router counts", router.counts.remote(), faults) if router is not None else None
-        table = to_table(records, **identity)
+        # The reads are sent first and the records typed while the engines answer.
+        asked = asyncio.gather(*(_settle(f"engine{i} memory", e.cell_report.remote(*cell), faults) for i, e in enumerate(engines)))
+        counted = _settle("router counts", router.counts.remote(), faults) if router is not None else None
+        try:
+            table = to_table(records, **identity)
+        finally:  # the reads are settled whatever the typing did
+            reports = await asked
+            counts = await counted if counted is not None else None
         return CellLoad(
             table,
             begin_s=max((r["begin_s"] for r in reports if r), default=0.0),
