@@ -100,9 +100,10 @@ def test_run_cell_begins_the_engine_runs_and_reads_memory_in_one_call(ray_local)
     spec = WorkloadSpec(num_requests=3, warmup_requests=1, output_len=Fixed(value=4), arrival=ClosedLoop(concurrency=2))
     reqs = synthetic_requests(spec, info["vocab_size"], seed=1)
     lg = LoadGenerator.remote()
+    ray.get(lg.serve.remote([engine], None, None))
     for cell in ("c1", "c2"):  # the second on the engine the first warmed
         tags, identity = {"run": "r", "cell": cell, "role": "loadgen"}, {**IDENTITY, "cell_id": cell}
-        got = ray.get(lg.run_cell.remote([engine], None, reqs, 2, 60.0, None, tags, identity))
+        got = ray.get(lg.run_cell.remote(reqs, 2, 60.0, tags, identity))
         assert got.requests["ok"].to_pylist() == [True] * 4 and set(got.requests["cell_id"].to_pylist()) == {cell}
         assert got.requests.schema.equals(REQUESTS.arrow())  # typed here: the driver only checks and writes
         assert got.faults == [] and got.counts is None
@@ -110,7 +111,7 @@ def test_run_cell_begins_the_engine_runs_and_reads_memory_in_one_call(ray_local)
         assert got.memory[0] is not None and got.memory[0] == ray.get(engine.memory.remote())
     assert ray.get(engine.cell_report.remote("r", "c2"))["begin_s"] == got.begin_s  # c2 was begun once, by its first request
     ray.kill(engine)
-    dead = ray.get(lg.run_cell.remote([engine], None, reqs, 1, 60.0, None, {"run": "r", "cell": "c3", "role": "loadgen"}, IDENTITY))
+    dead = ray.get(lg.run_cell.remote(reqs, 1, 60.0, {"run": "r", "cell": "c3", "role": "loadgen"}, IDENTITY))
     assert not any(dead.requests["ok"].to_pylist()) and dead.memory == [None] and dead.faults[0].startswith("engine0 memory: ")
 
 

@@ -98,7 +98,10 @@ async def deploy(ctx: CellContext, pool: EnginePool[EngineGroup]) -> EngineGroup
             name=ctx.name("loadgen"), scheduling_strategy=ray_env.in_bundle(pg, 0)
         ).remote()
         actors.append(loadgen)
+        counter = ctx.progress.counter if ctx.progress is not None else None  # the run's, as long as the pool
+        served = loadgen.serve.remote(engines, entry if n > 1 else None, counter)
         infos = await bounded(asyncio.gather(*(e.start.remote() for e in engines)), ENGINE_START_TIMEOUT_S, "engine start")
+        await served
     except BaseException:
         for a in actors:
             ray.kill(a)
@@ -150,9 +153,7 @@ async def _on_lease(ctx: CellContext, pool: EnginePool[EngineGroup]) -> CellResu
         tags = cell_tags(ctx.run_id, ctx.plan.cell_id, "loadgen")
         identity = {"run_id": ctx.run_id, "cell_id": ctx.plan.cell_id, "serving_mode": "aggregated", "engine": ctx.engine.kind}
         t_call = time.monotonic()
-        got: CellLoad = await d.loadgen.run_cell.remote(
-            d.engines, d.router, reqs, conc, ctx.cfg.request_timeout_s, ctx.progress, tags, identity
-        )
+        got: CellLoad = await d.loadgen.run_cell.remote(reqs, conc, ctx.cfg.request_timeout_s, tags, identity)
         _stages(lease.use, got, t_call)
         if n > 1:
             meta = {"replicas": n, "requests_per_replica": got.counts, "nodes": [i["node"] for i in d.infos]}

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from actors.engines import EngineConfig
+from actors.progress import CellCounter
 from cluster.config import ExperimentConfig
 from workloads.tracks import CellPlan
 
@@ -59,7 +60,7 @@ class CellContext:
     plan: CellPlan
     engine: EngineConfig
     seed: int
-    progress: Any  # ProgressCounter actor handle
+    progress: CellCounter | None  # the cell's share of the run's progress counter (None: no display)
     pool: EnginePool | None = None  # warm engines of the run (None: the cell starts and stops its own)
     engine_use: EngineUse | None = None  # set by the pool when it leases the cell its engines
 
