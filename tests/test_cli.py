@@ -51,7 +51,14 @@ def test_version():
 
 
 def test_help_has_exit_codes_and_no_bool_metavars():
-    for args in (["--help"], ["run", "--help"], ["serve", "--help"], ["compare", "--help"], ["runs", "list", "--help"], ["doctor", "--help"]):
+    for args in (
+        ["--help"],
+        ["run", "--help"],
+        ["serve", "--help"],
+        ["compare", "--help"],
+        ["runs", "list", "--help"],
+        ["doctor", "--help"],
+    ):
         res = runner.invoke(app, args, env={"COLUMNS": "200"})
         assert res.exit_code == 0 and "<bool>" not in res.output and "BOOLEAN" not in res.output, (args, res.output)
     top = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
@@ -74,9 +81,16 @@ def _packet(root, run_id, status="complete", verdict="reproducible", started="20
     (d / "manifest.json").write_text(
         json.dumps({"run_id": run_id, "track": "e0", "status": status, "evidence": "real", "engine": "reference", "started_at": started})
     )
-    metrics = {"requests": 8, "completed": 8, "request_throughput_rps": 2.5, "output_token_throughput_tps": 80.0,
-               "ttft_s": {"p50": 0.02, "p99": 0.05}, "tpot_s": {"p50": 0.01, "p99": 0.02}, "itl_s": {"p50": 0.01, "p99": 0.03},
-               "slo_attainment": 1.0}
+    metrics = {
+        "requests": 8,
+        "completed": 8,
+        "request_throughput_rps": 2.5,
+        "output_token_throughput_tps": 80.0,
+        "ttft_s": {"p50": 0.02, "p99": 0.05},
+        "tpot_s": {"p50": 0.01, "p99": 0.02},
+        "itl_s": {"p50": 0.01, "p99": 0.03},
+        "slo_attainment": 1.0,
+    }
     (d / "summary.json").write_text(json.dumps({"cells": {"rep0": {"status": "ok", "metrics": metrics}}, "verdicts": {"verdict": verdict}}))
     return d
 
@@ -106,8 +120,12 @@ def test_exit_code_follows_the_verdict_and_the_summary_shows_numbers(tmp_path, m
     res = runner.invoke(app, ["run", "e0", "--out", out, "--no-progress"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert "TTFT p99 (ms)" in res.output and "50" in res.output and "100%" in res.output and "verdict" in res.output
-    for status, verdict, code in (("complete", "not reproducible", 4), ("partial", "reproducible", 3), ("failed", None, 1),
-                                  ("complete", "reproducible, timing unstable", 0)):
+    for status, verdict, code in (
+        ("complete", "not reproducible", 4),
+        ("partial", "reproducible", 3),
+        ("failed", None, 1),
+        ("complete", "reproducible, timing unstable", 0),
+    ):
         _fake_run(monkeypatch, tmp_path / f"{status}-{code}", status, verdict)
         res = runner.invoke(app, ["run", "e0", "--out", out, "--no-progress"], env={"COLUMNS": "200"})
         assert res.exit_code == code, (status, verdict, res.output)
@@ -140,3 +158,13 @@ def test_address_without_a_reachable_cluster_is_one_line(tmp_path, monkeypatch):
     assert res.output.count("error:") == 1 and "Could not find" not in res.output, res.output
     res = runner.invoke(app, ["serve", "--address", "auto"], env={"COLUMNS": "200"})
     assert res.exit_code == 2 and "--address auto: no reachable Ray cluster" in res.output and "Traceback" not in res.output
+
+
+def test_run_and_cell_stamps_are_to_the_millisecond():
+    """Cells of a fast sweep start within one second of each other: their order reads from the stamps."""
+    from datetime import datetime
+
+    from cluster.run_manifest import now
+
+    stamp = now()
+    assert datetime.fromisoformat(stamp).utcoffset().total_seconds() == 0 and len(stamp.split("T")[1].split("+")[0]) == len("12:00:00.123")

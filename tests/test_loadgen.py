@@ -139,3 +139,21 @@ def test_a_cell_load_reaches_the_driver_as_one_arrow_stream_unchanged():
     assert (back.begin_s, back.load_s, back.after_s, back.memory, back.counts, back.faults, back.t_start) == (
         0.1, 2.0, 0.01, [{"kv": 1}, None], [1, 1], ["x"], 5.0
     )  # fmt: skip
+
+
+def test_a_served_deployment_counts_each_cell_on_the_runs_progress_counter(ray_local):
+    """The counter is given once (`serve`), when the deployment is placed; every later cell still
+    adds its requests under its own id, so the progress display follows each cell of a warm engine."""
+    from actors.progress import ProgressCounter
+
+    engine = EngineActor.options(num_cpus=0).remote(SIM)
+    info = ray.get(engine.start.remote())
+    spec = WorkloadSpec(num_requests=3, warmup_requests=1, output_len=Fixed(value=2), arrival=ClosedLoop(concurrency=1))
+    reqs = synthetic_requests(spec, info["vocab_size"], seed=2)
+    counter, lg = ProgressCounter.remote(), LoadGenerator.remote()
+    ray.get(lg.serve.remote([engine], None, counter))
+    for cell in ("a", "b"):
+        ray.get(lg.run_cell.remote(reqs, 1, 60.0, {"run": "r", "cell": cell, "role": "loadgen"}, {**IDENTITY, "cell_id": cell}))
+    _, failed, per_cell = ray.get(counter.snapshot.remote())
+    assert failed == 0 and per_cell == {"a": 4, "b": 4}  # every request sent, warm-up included (CellPlan.num_requests), by cell
+    ray.kill(engine)
