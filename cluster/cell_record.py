@@ -1,5 +1,5 @@
-"""One cell run and what it leaves on disk: cell.json, requests.parquet, transfers.parquet and
-errors.log under `cells/<cell_id>/`, each written atomically, in order, by the run's file writer
+"""One cell run and what it leaves on disk: cell.json, requests.arrow, transfers.arrow (Arrow IPC
+files, analysis/packet.py) and errors.log under `cells/<cell_id>/`, each written atomically, in order, by the run's file writer
 (cluster/file_writer.py) while the loop goes on with the next cells.
 
 A cell that raises is a failed cell with its reason in one line (the traceback in errors.log),
@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from analysis.errortext import MAX_LINE, first_line, one_line
-from analysis.packet import write_json, write_log, write_rows
+from analysis.packet import CELL_REQUESTS, CELL_TRANSFERS, write_json, write_log, write_rows
 from analysis.schemas import REQUESTS, TRANSFERS
 from cluster.cells import MODES, CellContext, CellRefused, CellResult
 from cluster.cells.engine_pool import engine_use_record
@@ -169,10 +169,10 @@ def _persist(
         if records is not None:
             if records.long_errors:
                 write_log(cell_dir / "errors.log", "\n\n".join(records.long_errors))
-            rows = write_rows(cell_dir / "requests.parquet", annotate(plan, records.requests, records.engine_meta), REQUESTS)
+            rows = write_rows(cell_dir / CELL_REQUESTS, annotate(plan, records.requests, records.engine_meta), REQUESTS)
             moved = None
             if records.transfers is not None:
-                moved = write_rows(cell_dir / "transfers.parquet", records.transfers, TRANSFERS)
+                moved = write_rows(cell_dir / CELL_TRANSFERS, records.transfers, TRANSFERS)
             tables[plan.cell_id] = CellTables(rows, moved)
     except Exception as e:
         meta.update(status="failed", error=one_line(e), log=f"cells/{plan.cell_id}/errors.log")

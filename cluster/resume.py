@@ -13,7 +13,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from analysis.packet import PacketError, read_json, read_rows
+from analysis.packet import CELL_REQUESTS, CELL_TRANSFERS, PacketError, read_json, read_rows
 from analysis.schemas import read_requests, read_transfers
 from cluster.config import ConfigError
 
@@ -76,12 +76,12 @@ def finished(cell_dir: Path, cell_hash: str) -> dict[str, Any] | None:
         meta = read_json(cell_dir / "cell.json")
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if meta.get("status") != "ok" or meta.get("config_hash") != cell_hash or not (cell_dir / "requests.parquet").is_file():
+    if meta.get("status") != "ok" or meta.get("config_hash") != cell_hash or not (cell_dir / CELL_REQUESTS).is_file():
         return None
     try:  # a damaged record file (a disk filled, a bad copy, columns of the wrong type) means the cell runs again
-        read_rows(cell_dir / "requests.parquet", read_requests)
-        if (cell_dir / "transfers.parquet").is_file():
-            read_rows(cell_dir / "transfers.parquet", read_transfers)
+        read_rows(cell_dir / CELL_REQUESTS, read_requests)
+        if (cell_dir / CELL_TRANSFERS).is_file():
+            read_rows(cell_dir / CELL_TRANSFERS, read_transfers)
     except PacketError:
         return None
     return dict(meta)

@@ -15,7 +15,7 @@ import ray
 
 from actors.progress import CellCounter, ProgressCounter
 from analysis.metrics import cell_metrics, workload_of
-from analysis.packet import read_rows
+from analysis.packet import CELL_REQUESTS, read_rows
 from analysis.records import measured
 from analysis.schemas import read_requests
 from cluster.cells.engine_pool import grouped
@@ -49,7 +49,7 @@ def outcome(cfg: ExperimentConfig, plan: CellPlan, cell_dir: Path, meta: dict[st
     """A finished cell as a track's `next_cells` sees it."""
     metrics = None
     if meta.get("status") == "ok":
-        rows = measured(read_rows(cell_dir / "requests.parquet", read_requests))
+        rows = measured(read_rows(cell_dir / CELL_REQUESTS, read_requests))
         metrics = cell_metrics(rows, cfg.slo, *workload_of(meta)) if not rows.empty else None
     return CellOutcome(plan.cell_id, dict(plan.labels), meta.get("status") == "ok", meta.get("error"), metrics)
 

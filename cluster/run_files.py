@@ -3,8 +3,8 @@ requests.parquet, transfers.parquet, memory.json, errors.log, summary.json; and 
 which a resumed run appends to.
 
 The rows of the cells this run wrote come from the tables it kept as it wrote them (CellTables);
-only cells of an earlier attempt (a resume) are read back from their files: reading 1,000 small
-parquet files back cost the driver ~8 ms per cell at the end of a sweep.
+only cells of an earlier attempt (a resume) are read back from their files (cells/<id>/requests.arrow):
+reading 1,000 small parquet files back cost the driver ~8 ms per cell at the end of a sweep.
 """
 
 from __future__ import annotations
@@ -18,7 +18,17 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from analysis.packet import PacketError, read_parquet, read_rows, write_json, write_log, write_parquet, write_rows
+from analysis.packet import (
+    CELL_REQUESTS,
+    CELL_TRANSFERS,
+    PacketError,
+    read_parquet,
+    read_rows,
+    write_json,
+    write_log,
+    write_parquet,
+    write_rows,
+)
 from analysis.schemas import REQUESTS, TRANSFERS, RowSchema, read_requests, read_transfers
 from analysis.summary import build_summary
 from cluster.cell_record import MEASURED, CellTables
@@ -43,12 +53,12 @@ def _rows(parts: list[pa.Table | Path], schema: RowSchema, read: Callable[[pa.Ta
 
 def _records(run_dir: Path, kept: list[str], written: dict[str, CellTables]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     def requests(c: str) -> pa.Table | Path:
-        return written[c].requests if c in written else run_dir / "cells" / c / "requests.parquet"
+        return written[c].requests if c in written else run_dir / "cells" / c / CELL_REQUESTS
 
     def transfers(c: str) -> pa.Table | Path | None:
         if c in written:
             return written[c].transfers
-        p = run_dir / "cells" / c / "transfers.parquet"
+        p = run_dir / "cells" / c / CELL_TRANSFERS
         return p if p.is_file() else None
 
     df = _rows([requests(c) for c in kept], REQUESTS, read_requests)

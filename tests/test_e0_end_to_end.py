@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from analysis.packet import CELL_REQUESTS, read_rows
+from analysis.schemas import read_requests
 from cluster.config import config_hash, resolve
 from cluster.driver import Driver, RunOptions
 
@@ -200,7 +202,7 @@ def test_resume_reruns_only_the_missing_round_and_reproduces_its_tokens(e0_run, 
     kept = {c: (copy / "cells" / c / "cell.json").read_text() for c in ("rep0.round0", "rep1.round0", "rep0.round1")}
     Driver(cfg, RunOptions(out_dir=tmp_path, resume=copy)).run()
     assert {c: (copy / "cells" / c / "cell.json").read_text() for c in kept} == kept, "finished rounds are not run again"
-    old, new = (pd.read_parquet(d / "cells" / "rep1.round1" / "requests.parquet").set_index("request_id") for d in (run_dir, copy))
+    old, new = (read_rows(d / "cells" / "rep1.round1" / CELL_REQUESTS, read_requests).set_index("request_id") for d in (run_dir, copy))
     assert new["output_token_ids"].map(list).to_dict() == old["output_token_ids"].map(list).to_dict()
     v = json.loads((copy / "summary.json").read_text())["verdicts"]
     assert v["correctness"] == "pass" and v["verdict"].startswith("reproducible"), v

@@ -174,7 +174,7 @@ def test_an_error_mid_run_still_writes_every_finished_cells_files(ray_local, tmp
         d.run()
     done = {p.parent.name: p.read_text() for p in d.run_dir.glob("cells/*/cell.json")}
     assert len(done) == 2 and all(json.loads(t)["status"] == "ok" for t in done.values())
-    assert all((d.run_dir / "cells" / c / "requests.parquet").is_file() for c in done)
+    assert all((d.run_dir / "cells" / c / "requests.arrow").is_file() for c in done)
 
     monkeypatch.setattr(Driver, "_ran", real_ran)
     run_dir = Driver(cfg, RunOptions(out_dir=tmp_path, progress=False, resume=d.run_dir)).run()

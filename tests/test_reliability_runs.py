@@ -11,7 +11,8 @@ import pytest
 from faults import closed_port, http_server
 from typer.testing import CliRunner
 
-from analysis.packet import load_packet
+from analysis.packet import load_packet, read_rows
+from analysis.schemas import read_requests
 from cluster.cell_record import no_success
 from cluster.cli import app
 from cluster.config import resolve
@@ -49,7 +50,7 @@ def test_a_target_answering_401_to_everything_fails_the_run_and_leaks_no_key(ray
     assert m["status"] == "failed"
     assert all(c["status"] == "failed" and "no request succeeded" in c["error"] and "401" in c["error"] for c in m["cells"].values())
     cell = next((run_dir / "cells").iterdir())
-    rows = pd.read_parquet(cell / "requests.parquet")  # the failed requests stay as evidence
+    rows = read_rows(cell / "requests.arrow", read_requests)  # the failed requests stay as evidence
     assert len(rows) == 4 and not rows["ok"].any() and rows["error"].str.contains("invalid api key").all()
     assert KEY not in _files_text(run_dir)
     assert CliRunner().invoke(app, ["report", str(run_dir)], env=COLS).exit_code == 0
@@ -231,11 +232,11 @@ def test_a_resume_while_another_process_holds_the_run_is_refused(finished_e1):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_a_corrupt_cell_parquet_is_run_again_on_resume(finished_e1, damage):
+def test_a_corrupt_cell_record_file_is_run_again_on_resume(finished_e1, damage):
     cells = sorted((finished_e1 / "cells").iterdir())
     victim, kept = cells[0], cells[1]
-    data = (victim / "requests.parquet").read_bytes()
-    (victim / "requests.parquet").write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not parquet" * 10, "empty": b""}[damage])
+    data = (victim / "requests.arrow").read_bytes()
+    (victim / "requests.arrow").write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not arrow" * 10, "empty": b""}[damage])
     kept_meta = (kept / "cell.json").read_text()
     res = _resume(finished_e1)
     assert res.exit_code == 0, res.output

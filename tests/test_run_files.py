@@ -5,11 +5,13 @@ import json
 import shutil
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from analysis.packet import write_rows
+from analysis.packet import CELL_REQUESTS, CELL_TRANSFERS, PacketError, read_rows, write_rows
 from analysis.records import to_frame
-from analysis.schemas import REQUESTS, TRANSFERS
+from analysis.schemas import REQUESTS, TRANSFERS, read_requests
 from cluster.cell_record import CellTables
 from cluster.config import resolve
 from cluster.run_files import assemble
@@ -42,7 +44,7 @@ def _cell(root, cell, **server):
     meta = {"cell_id": cell, "status": "ok", "labels": {"cell": cell}, "serving_mode": "aggregated", "arrival": {"rate": None}}
     d.mkdir(parents=True)
     (d / "cell.json").write_text(json.dumps(meta))
-    return meta, CellTables(write_rows(d / "requests.parquet", rows, REQUESTS), write_rows(d / "transfers.parquet", moved, TRANSFERS))
+    return meta, CellTables(write_rows(d / CELL_REQUESTS, rows, REQUESTS), write_rows(d / CELL_TRANSFERS, moved, TRANSFERS))
 
 
 def test_kept_tables_give_the_files_reading_back_gives(tmp_path):
@@ -62,3 +64,16 @@ def test_kept_tables_give_the_files_reading_back_gives(tmp_path):
     assert pq.read_table(kept / "requests.parquet").column("cell_id").to_pylist() == [c for c in "abcd" for _ in range(4)]
     summary = json.loads((read / "summary.json").read_text())
     assert summary["cells"]["a"]["metrics"]["requests"] == 3 and summary == json.loads((kept / "summary.json").read_text())
+
+
+def test_a_cells_records_are_an_arrow_ipc_file_that_reads_back_as_written(tmp_path):
+    _, tables = _cell(tmp_path, "a", vllm_generation_tokens=2.0)
+    path = tmp_path / "cells" / "a" / CELL_REQUESTS
+    with pa.OSFile(str(path)) as f:
+        on_disk = pa.ipc.open_file(f).read_all()  # an IPC file, not parquet
+    assert on_disk.equals(tables.requests) and on_disk.schema.metadata == tables.requests.schema.metadata
+    back = read_rows(path, read_requests)
+    assert back["request_id"].tolist() == ["r0", "r1", "r2", "r3"] and back["vllm_generation_tokens"].tolist() == [2.0] * 4
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(PacketError, match=r"requests.arrow is not a readable Arrow IPC file"):
+        read_rows(path, read_requests)
