@@ -64,9 +64,10 @@ def connect(address: str | None) -> dict[str, Any]:
     }
 
 
-def check_fits(bundles: list[dict[str, float]], what: str) -> None:
-    """Refuse before any engine starts if the cluster can never hold these bundles."""
-    total = ray.cluster_resources()
+def check_fits(bundles: list[dict[str, float]], what: str, total: dict[str, float] | None = None) -> None:
+    """Refuse before any engine starts if the cluster (its resources `total`, else read now) can
+    never hold these bundles."""
+    total = ray.cluster_resources() if total is None else total
     need: dict[str, float] = {}
     for b in bundles:
         for k, v in b.items():

@@ -58,8 +58,11 @@ def test_a_target_answering_401_to_everything_fails_the_run_and_leaks_no_key(ray
 
 @pytest.mark.parametrize(
     "track,params",
-    [("e0", {}), ("e1", {"input_lens": [8, 16], "output_lens": [4]}),
-     ("e2", {"concurrencies": [1, 2], "rate_fractions": [0.5], "burstiness": [1.0]})],
+    [
+        ("e0", {}),
+        ("e1", {"input_lens": [8, 16], "output_lens": [4]}),
+        ("e2", {"concurrencies": [1, 2], "rate_fractions": [0.5], "burstiness": [1.0]}),
+    ],
     ids=["e0", "e1", "e2"],
 )
 def test_an_unreachable_target_fails_the_run_and_reports_still_build(ray_local, tmp_path, track, params):
@@ -114,9 +117,15 @@ def test_a_part_dying_mid_cell_keeps_rows_and_transfers_with_the_fault_named(ray
 
     cfg = resolve(
         "ztest-onepair",
-        {"workload": {"num_requests": 40, "warmup_requests": 0, "input_len": {"kind": "fixed", "value": 16},
-                      "output_len": {"kind": "fixed", "value": 2}},
-         "kv_transfer": {"ref_timeout_s": 0.5, "fetch_timeout_s": 0.5}},
+        {
+            "workload": {
+                "num_requests": 40,
+                "warmup_requests": 0,
+                "input_len": {"kind": "fixed", "value": 16},
+                "output_len": {"kind": "fixed", "value": 2},
+            },
+            "kv_transfer": {"ref_timeout_s": 0.5, "fetch_timeout_s": 0.5},
+        },
     )
     driver = Driver(cfg, RunOptions(out_dir=tmp_path, progress=False))
     killed = []
@@ -148,9 +157,19 @@ def test_an_engine_killed_mid_cell_keeps_its_rows(ray_local, tmp_path):
 
     from actors.engine_actor import actor_name
 
-    cfg = resolve("e0", {"engine": {"kind": "simulated", "simulated": {"decode_fixed_s": 0.02}}, "params": {"rounds": 1},
-                         "workload": {"num_requests": 40, "warmup_requests": 0, "output_len": {"kind": "fixed", "value": 2},
-                                      "arrival": {"kind": "closed", "concurrency": 1}}})
+    cfg = resolve(
+        "e0",
+        {
+            "engine": {"kind": "simulated", "simulated": {"decode_fixed_s": 0.02}},
+            "params": {"rounds": 1},
+            "workload": {
+                "num_requests": 40,
+                "warmup_requests": 0,
+                "output_len": {"kind": "fixed", "value": 2},
+                "arrival": {"kind": "closed", "concurrency": 1},
+            },
+        },
+    )
     driver = Driver(cfg, RunOptions(out_dir=tmp_path, progress=False))
     killed = []
 
@@ -334,6 +353,23 @@ def test_a_cell_whose_resources_are_held_gives_up_naming_them(ray_local, tmp_pat
     assert m["status"] == "failed"
     for c in m["cells"].values():
         assert c["error"].startswith("RuntimeError: placement.wait_timeout_s: the cell waited 1 s for [{'CPU': 3.0}]"), c
+
+
+def test_cells_are_checked_against_the_cluster_read_once_and_one_that_never_fits_is_refused(ray_local, tmp_path, monkeypatch):
+    import cluster.driver as drv
+    from cluster.config import ConfigError
+
+    reads = []
+    real = drv.ray.cluster_resources
+    monkeypatch.setattr(drv.ray, "cluster_resources", lambda: reads.append(1) or real())
+    cfg = resolve("e1", {"engine": {"kind": "simulated"}, "params": {"input_lens": [8, 9, 10], "output_lens": [4]}})
+    assert len(Driver(cfg, RunOptions(out_dir=tmp_path, progress=False))._bundles()) == 3 and len(reads) == 1  # three cells, one read
+    cfg = resolve("e1", {"engine": {"kind": "simulated"}, "placement": {"cpus_per_engine": 64}})
+    with pytest.raises(
+        ConfigError, match=r"placement.gpus_per_engine/cpus_per_engine: placement: a cell needs 64 CPU but the cluster has 4"
+    ):
+        Driver(cfg, RunOptions(out_dir=tmp_path, progress=False)).run()
+    assert not list(tmp_path.iterdir())  # refused before its folder is made
 
 
 def test_how_long_to_wait_is_not_part_of_the_config_hash():
