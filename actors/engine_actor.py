@@ -49,6 +49,8 @@ class EngineHost(HopProbe):
         self.cells = 0  # cells served; a warm engine's request ids are prefixed with it
         self.tags: dict[str, str] | None = None  # live metrics tags of the cell served now (None: the actor name's)
         self.in_flight = 0
+        self.finished = 0  # requests of the cell begun last that have finished here
+        self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []  # reports waiting for that count (cell_report)
         self.cell: tuple[str, str] | None = None  # (run id, cell id) begun last
         self.begin_s = 0.0  # what that begin took
         self._begin_lock = asyncio.Lock()
@@ -64,7 +66,8 @@ class EngineHost(HopProbe):
         await self.engine.reset()
         self.cells += 1
         self.tags = cell_tags(run_id, cell_id, self.role)
-        self.cell, self.begin_s = (run_id, cell_id), time.monotonic() - t
+        self.cell, self.begin_s, self.finished = (run_id, cell_id), time.monotonic() - t, 0
+        self._wake(everyone=True)  # a report still waiting belongs to a cell this engine has left
 
     async def _enter(self, cell: list[str] | tuple[str, str]) -> None:
         """The first request (or report) of a cell this engine has not begun begins it: the load
@@ -75,12 +78,33 @@ class EngineHost(HopProbe):
             if tuple(cell) != self.cell:
                 await self.begin_cell(cell[0], cell[1])
 
-    async def cell_report(self, run_id: str, cell_id: str) -> dict[str, Any]:
+    async def cell_report(self, run_id: str, cell_id: str, drained: int | None = None) -> dict[str, Any]:
         """After a cell's load: its memory, what its begin took, and requests still in the engine
-        (one that timed out: the pool then drops the engine rather than hand it to the next cell)."""
-        if (run_id, cell_id) != self.cell:  # no request of the cell reached this replica
+        (one that timed out: the pool then drops the engine rather than hand it to the next cell).
+        With `drained`, asked with the cell's first request: answered once that many requests of the
+        cell have finished here, so the report travels with the cell's last tokens instead of a
+        round trip after them (~0.2 s at p50 with 32 virtual nodes on 2 cores); at once where the
+        engine has since begun another cell."""
+        if (run_id, cell_id) != self.cell:  # no request of the cell reached this replica (yet)
             await self._enter((run_id, cell_id))
+        if drained is not None and self.finished < drained:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append((drained, waiter))
+            try:
+                await waiter
+            finally:  # answered, or cancelled by a load generator that asks again after a failed request
+                self._drain_waiters = [w for w in self._drain_waiters if w[1] is not waiter]
         return {"memory": await self.memory(), "begin_s": self.begin_s, "in_flight": self.in_flight}
+
+    def _wake(self, everyone: bool = False) -> None:
+        for n, waiter in self._drain_waiters:
+            if (everyone or self.finished >= n) and not waiter.done():
+                waiter.set_result(None)
+
+    def _finished_one(self) -> None:
+        self.in_flight -= 1
+        self.finished += 1
+        self._wake()
 
     async def start(self) -> dict[str, Any]:
         info = await self.engine.start()
@@ -105,11 +129,12 @@ class EngineHost(HopProbe):
                     d["server"] = {**(d["server"] or {}), "engine_node_id": self.node_id}
                     # Out of the count before the client has its last message (it reads no end of stream):
                     # a cell_report right after the load finds no request of the cell left.
-                    self.in_flight, counted = self.in_flight - 1, False
+                    self._finished_one()
+                    counted = False
                 yield d
         finally:
             if counted:
-                self.in_flight -= 1
+                self._finished_one()
 
     async def memory(self) -> dict[str, Any]:
         """The engine's memory decomposition (keys documented on actors.engines.base.MemoryReport)."""

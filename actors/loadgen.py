@@ -57,6 +57,9 @@ THREAD_SPIN_S = 0.0001
 # processes (1,000 req/s, 2 cores: lag p99 11 ms at normal priority, 1.2-2 ms raised, same CPU).
 SENDER_RT_PRIORITY = 10
 OPEN_LOOP_NICE = -10
+# After a failed request, how long the load generator waits for the engine to confirm that the report
+# asked with the load was cancelled before it asks again.
+CANCEL_WAIT_S = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +198,10 @@ class LoadGenerator:
         """An aggregated cell in one call from the driver, on the deployment given to `serve`: the
         load (`run`, through the router where there is one, else the engine), its requests marked
         with the cell so that each engine begins it on the first (EngineHost.generate), then each
-        engine's report (memory, its begin, requests left in it) and the router's counts. A call per
+        engine's report (memory, its begin, requests left in it) and the router's counts. A single
+        engine's report is asked with the load and answered when the cell's requests have drained
+        (EngineHost.cell_report `drained`); after a failed request, and with replicas, it is asked
+        after the load. A call per
         stage cost the cell ~0.3 s each with 32 virtual nodes on 2 cores, and the driver's loop a
         turn each. The records come back as typed rows stamped with `identity` (to_table); a read
         that failed is a fault, never raised."""
@@ -204,11 +210,19 @@ class LoadGenerator:
         t0 = time.monotonic()
         cell = (tags["run"], tags["cell"])
         entry = router if router is not None else engines[0]
+        # One engine gets every request: its report is asked now and comes back as the last one ends.
+        early = engines[0].cell_report.remote(*cell, len(requests)) if router is None else None
         records = await self.run(entry, requests, concurrency, timeout_s, progress, None, tags, cell)
         t1 = time.monotonic()
         faults: list[str] = []
+        if early is not None and not all(r["ok"] for r in records):
+            ray.cancel(early)  # a request that failed may never finish in the engine: ask after the load
+            # Its cancellation read (Ray would log an unread error), within a bound should the cancel not take.
+            await asyncio.wait([asyncio.ensure_future(_settle("", early, []))], timeout=CANCEL_WAIT_S)
+            early = None
         # The reads are sent first and the records typed while the engines answer.
-        asked = asyncio.gather(*(_settle(f"engine{i} memory", e.cell_report.remote(*cell), faults) for i, e in enumerate(engines)))
+        reads = [early] if early is not None else [e.cell_report.remote(*cell) for e in engines]
+        asked = asyncio.gather(*(_settle(f"engine{i} memory", r, faults) for i, r in enumerate(reads)))
         counted = _settle("router counts", router.counts.remote(), faults) if router is not None else None
         try:
             table = to_table(records, **identity)

@@ -187,6 +187,45 @@ def test_a_dead_warm_engine_gives_way_and_a_fresh_one_keeps_the_failed_records(m
     assert got.fault == "engine0 memory: dead 3" and got.requests["ok"].tolist() == [False]
 
 
+def test_a_report_asked_with_the_load_is_answered_when_the_cells_requests_have_drained(ray_local):
+    from actors.engine_actor import EngineHost
+    from actors.engines.spec import EngineConfig
+
+    async def go():
+        host = EngineHost(EngineConfig(kind="simulated").model_dump())
+        await host.start()
+
+        async def send(cell, rid, stop_after=None):
+            request = {"request_id": rid, "prompt_token_ids": [1, 2, 3], "max_tokens": 4, "cell": cell}
+            n = 0
+            async for _ in host.generate(request):
+                n += 1
+                if n == stop_after:  # the client gives up mid-stream (a timeout): the request ends unfinished
+                    break
+
+        report = asyncio.ensure_future(host.cell_report("r", "a", 2))  # asked before any request of cell a
+        await asyncio.sleep(0.05)
+        assert host.cell == ("r", "a") and not report.done()  # the report began the cell, and waits for its requests
+        await send(("r", "a"), "x")
+        await asyncio.sleep(0.05)
+        assert not report.done() and host.finished == 1
+        await send(("r", "a"), "y", stop_after=1)  # an unfinished request counts too: it has left the engine
+        got = await asyncio.wait_for(report, 5)
+        assert got["in_flight"] == 0 and got["memory"] and host.finished == 2
+        waiting = asyncio.ensure_future(host.cell_report("r", "a", 5))  # more than the cell will ever send
+        await asyncio.sleep(0.05)
+        cancelled = asyncio.ensure_future(host.cell_report("r", "a", 5))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and len(host._drain_waiters) == 1  # a cancelled report leaves no waiter behind
+        await send(("r", "b"), "x")  # the engine moves on to another cell: the old report answers at once
+        assert (await asyncio.wait_for(waiting, 5))["memory"] and host._drain_waiters == []
+        await host.shutdown()
+
+    asyncio.run(go())
+
+
 def test_an_engine_begins_a_cell_on_its_first_marked_request_and_counts_it_out_at_its_last(ray_local):
     from actors.engine_actor import EngineHost
     from actors.engines.spec import EngineConfig

@@ -115,6 +115,23 @@ def test_run_cell_begins_the_engine_runs_and_reads_memory_in_one_call(ray_local)
     assert not any(dead.requests["ok"].to_pylist()) and dead.memory == [None] and dead.faults[0].startswith("engine0 memory: ")
 
 
+def test_after_a_request_that_timed_out_the_engine_is_asked_after_the_load_and_reports_it_busy(ray_local):
+    """The report asked with the load waits for every request of the cell to leave the engine; one the
+    client gave up on may never: the load generator asks again after the load, and the engine then
+    still holds that request (the pool drops it rather than hand it to the next cell)."""
+    slow = EngineConfig(kind="simulated", simulated={"decode_fixed_s": 0.05}).model_dump()
+    engine = EngineActor.options(num_cpus=0).remote(slow)
+    info = ray.get(engine.start.remote())
+    spec = WorkloadSpec(num_requests=1, warmup_requests=0, output_len=Fixed(value=200), arrival=ClosedLoop(concurrency=1))
+    lg = LoadGenerator.remote()
+    ray.get(lg.serve.remote([engine], None, None))
+    reqs, tags = synthetic_requests(spec, info["vocab_size"], seed=1), {"run": "r", "cell": "t", "role": "loadgen"}
+    got = ray.get(lg.run_cell.remote(reqs, 1, 0.5, tags, IDENTITY))
+    assert got.requests["error"].to_pylist() == ["timeout after 0.5 s"] and got.faults == []
+    assert got.engines_busy == 1 and got.memory[0] is not None
+    ray.kill(engine)
+
+
 def test_a_cell_load_reaches_the_driver_as_one_arrow_stream_unchanged():
     """run_cell's reply carries the typed records as Arrow IPC (Ray's own table reducer was ~2 ms
     a cell on the critical path): the table, its schema metadata, an engine's extra column and the
