@@ -201,9 +201,8 @@ class LoadGenerator:
         engine's report (memory, its begin, requests left in it) and the router's counts. A single
         engine's report is asked with the load and answered when the cell's requests have drained
         (EngineHost.cell_report `drained`); after a failed request, and with replicas, it is asked
-        after the load. A call per
-        stage cost the cell ~0.3 s each with 32 virtual nodes on 2 cores, and the driver's loop a
-        turn each. The records come back as typed rows stamped with `identity` (to_table); a read
+        after the load. A call per stage cost the cell ~0.3 s each with 32 virtual nodes on 2 cores,
+        and the driver's loop a turn each. The records come back as typed rows stamped with `identity` (to_table); a read
         that failed is a fault, never raised."""
         engines, router = self._engines, self._router
         progress = CellCounter(self._counter, tags["cell"]) if self._counter is not None else None
@@ -218,7 +217,7 @@ class LoadGenerator:
         if early is not None and not all(r["ok"] for r in records):
             ray.cancel(early)  # a request that failed may never finish in the engine: ask after the load
             # Its cancellation read (Ray would log an unread error), within a bound should the cancel not take.
-            await asyncio.wait([asyncio.ensure_future(_settle("", early, []))], timeout=CANCEL_WAIT_S)
+            await asyncio.wait([asyncio.ensure_future(_settle("cancelled report", early, []))], timeout=CANCEL_WAIT_S)
             early = None
         # The reads are sent first and the records typed while the engines answer.
         reads = [early] if early is not None else [e.cell_report.remote(*cell) for e in engines]

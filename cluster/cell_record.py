@@ -1,6 +1,6 @@
 """One cell run and what it leaves on disk: cell.json, requests.arrow, transfers.arrow (Arrow IPC
-files, analysis/packet.py) and errors.log under `cells/<cell_id>/`, each written atomically, in order, by the run's file writer
-(cluster/file_writer.py) while the loop goes on with the next cells.
+files, analysis/packet.py) and errors.log under `cells/<cell_id>/`, each written atomically, in
+order, by the run's file writer (cluster/file_writer.py) while the loop goes on with the next cells.
 
 A cell that raises is a failed cell with its reason in one line (the traceback in errors.log),
 never a failed run; a cell whose requests all failed keeps its records as evidence.
