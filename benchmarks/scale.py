@@ -21,6 +21,11 @@ cells with a fresh engine per cell (`fresh_engines`). Reports, per run:
   the reset of a warm engine), load time (the load generator's run) and fixed cost (cell wall
   time minus load time), p50/p90/max, warm and fresh apart;
 - cells per node and engine starts (from the manifest);
+- the idle floor (`idle_floor`): before the runs, the box's CPU over `--idle-s` seconds with the
+  cluster up and nothing placed (Ray's daemons of every node), then with one idle actor on each of
+  a few nodes (what one more actor process costs doing nothing); per run, the floor those make with
+  the run's own actor processes (`idle_floor_share_of_cores`): the share of the box gone before any
+  cell works;
 - the whole box's CPU over the run by role (`box_cpu_by_role_s`): pdbench's actors by class, Ray's
   own processes (raylets, GCS, agents, workers that hold no actor), the driver, and everything else.
   N virtual nodes on 2 cores each bring their own raylet, agents and actor processes, and every
@@ -161,6 +166,50 @@ class RunScale:
     fixed_warm_stages_p50_s: dict[str, float] | None
     box_cpu_by_role_s: dict[str, float]  # the box's CPU over the run by role (box_cpu_roles); processes that ended are not counted
     box_cpu_share_of_cores: float  # the box's CPU over the run (all roles) / (wall × cores)
+    actor_processes: int  # processes that held one of the run's actors (engines, load generators, samplers, counter)
+    idle_floor_share_of_cores: float | None  # (idle daemons + actor_processes × an idle actor's share) / cores
+
+
+@dataclass
+class IdleFloor:
+    """What the cluster costs the box while nothing works: Ray's daemons of every node (raylet, agents,
+    log monitor, GCS) with no actor placed, and one idle actor process (Ray's core worker wakes its
+    main thread every 10 ms to check for signals, so a process that does nothing still runs)."""
+
+    seconds: float
+    daemons_cores: float  # Ray's own processes, CPU-seconds per second
+    daemons_by_role_s: dict[str, float]
+    actor_core_share: float  # one idle actor process, CPU-seconds per second
+    actors_probed: int
+
+
+@ray.remote(num_cpus=0)
+class IdleProbe:
+    """An actor that does nothing: what one more actor process costs the box."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def idle_floor(seconds: float, probes: int) -> IdleFloor:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    box = BoxCPU()
+    time.sleep(seconds)
+    roles = box.stop()
+    daemons = {k: v for k, v in roles.items() if k.startswith("ray: ")}
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]][:probes]
+    actors = [
+        IdleProbe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote()  # type: ignore[attr-defined]  # ray actor class
+        for n in nodes
+    ]
+    ray.get([a.ready.remote() for a in actors])
+    box = BoxCPU()
+    time.sleep(seconds)
+    probed = box.stop().get("pdbench: IdleProbe", 0.0)
+    for a in actors:
+        ray.kill(a)
+    return IdleFloor(seconds, sum(daemons.values()) / seconds, daemons, probed / seconds / max(len(actors), 1), len(actors))
 
 
 _RAY_OWN = (
@@ -224,6 +273,7 @@ class BoxCPU:
         self._proc = ctx.Process(target=_poll_box, args=(self._stop, send, os.getpid(), every_s), daemon=True)
         self._proc.start()
         self._recv.recv()  # its first sweep is the baseline: the block starts after it
+        self.actor_processes = 0
 
     def stop(self) -> dict[str, float]:
         """CPU seconds by role. An actor's process is known by the cluster's actor table (dead actors
@@ -235,6 +285,7 @@ class BoxCPU:
         self._proc.join()
         actors = {a["Pid"]: a["ActorClassName"] for a in state.actors().values() if a.get("Pid")}
         roles: dict[str, float] = {}
+        self.actor_processes = sum(pid in actors for pid in spent)
         for pid, (cpu, role) in spent.items():
             key = f"pdbench: {actors[pid]}" if pid in actors else role
             roles[key] = roles.get(key, 0.0) + cpu
@@ -261,7 +312,7 @@ def thread_cpu() -> dict[str, float]:
     return dict(out)
 
 
-def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
+def measure(cfg: ExperimentConfig, address: str, out: Path, floor: IdleFloor | None) -> RunScale:
     policy = TimedLoops()
     asyncio.set_event_loop_policy(policy)
     threads0, box = thread_cpu(), BoxCPU()
@@ -337,6 +388,10 @@ def measure(cfg: ExperimentConfig, address: str, out: Path) -> RunScale:
         fixed_warm_stages_p50_s=stages(),
         box_cpu_by_role_s=roles,
         box_cpu_share_of_cores=sum(roles.values()) / (wall * (os.cpu_count() or 1)),
+        actor_processes=box.actor_processes,
+        idle_floor_share_of_cores=(
+            None if floor is None else (floor.daemons_cores + box.actor_processes * floor.actor_core_share) / (os.cpu_count() or 1)
+        ),
     )
 
 
@@ -375,6 +430,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--requests", type=int, default=2, help="measured requests per cell (plus 1 warm-up)")
     ap.add_argument("--fresh-cells", type=int, default=None, help="cells run again with fresh engines, side by side (default: 2 × nodes)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument(
+        "--idle-s", type=float, default=10.0, help="seconds to measure the idle cluster, and again one idle actor on a few nodes (0: skip)"
+    )
     ap.add_argument("--profile", type=Path, default=None, help="write a cProfile (pstats) of the driver's warm run to this file")
     a = ap.parse_args(argv)
     if a.nodes < 1 or a.cells < 1 or a.requests < 1:
@@ -387,11 +445,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: list[RunScale] = []
     try:
         ray.init(address=cluster.address, namespace="pdbench", log_to_driver=False)
+        floor = idle_floor(a.idle_s, min(a.nodes, 4)) if a.idle_s > 0 else None
         with tempfile.TemporaryDirectory(prefix="pdbench-scale-") as out:
             with profiled(a.profile):
-                runs.append(measure(config(a.nodes, a.cells, a.requests, fresh=False), cluster.address, Path(out)))
+                runs.append(measure(config(a.nodes, a.cells, a.requests, fresh=False), cluster.address, Path(out), floor))
             if fresh_cells:
-                runs.append(measure(config(a.nodes, fresh_cells, a.requests, fresh=True), cluster.address, Path(out)))
+                runs.append(measure(config(a.nodes, fresh_cells, a.requests, fresh=True), cluster.address, Path(out), floor))
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -411,6 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_before": list(load0),
         "load_average_after": list(os.getloadavg()),
         "cpu_count": os.cpu_count(),
+        "idle_floor": None if floor is None else asdict(floor),
         "runs": [asdict(r) for r in runs],
         "fixed_cost_warm_over_fresh_p50": ratio,
     }
@@ -429,6 +489,11 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"simulated: {r['nodes']} virtual nodes of 1 CPU, {r['cells']} cells × {r['requests_per_cell']} requests")
     load = r["load_average_before"][0], r["load_average_after"][0]
     print(f"cluster start {r['cluster_start_s']:.1f} s; load average before {load[0]:.2f}, after {load[1]:.2f}")
+    if (f := r["idle_floor"]) is not None:
+        print(
+            f"idle cluster: Ray's daemons {f['daemons_cores']:.2f} of {r['cpu_count']} cores; "
+            f"an idle actor process {100 * f['actor_core_share']:.2f}% of a core ({f['actors_probed']} probed)"
+        )
     for run in r["runs"]:
         print(
             f"\n{run['engines']} engines: {run['cells_ok']}/{run['cells']} cells ok in {run['wall_s']:.1f} s; "
@@ -453,6 +518,11 @@ def print_table(r: dict[str, Any]) -> None:
             f"  box CPU over the run: {100 * run['box_cpu_share_of_cores']:.0f}% of {os.cpu_count()} cores; by role (s): "
             + ", ".join(f"{k} {v:.1f}" for k, v in run["box_cpu_by_role_s"].items())
         )
+        if run["idle_floor_share_of_cores"] is not None:
+            print(
+                f"  idle floor: the daemons and the run's {run['actor_processes']} actor processes doing nothing "
+                f"= {100 * run['idle_floor_share_of_cores']:.0f}% of the box's cores"
+            )
         cpn = list(run["cells_per_node"].values())
         if cpn:
             print(f"  cells per node: min {min(cpn)}, max {max(cpn)}")

@@ -42,7 +42,9 @@ def test_loadgen_benchmark_reports_send_lag_per_rate():
 
 @pytest.mark.slow  # starts a two-node Ray cluster of its own
 def test_scale_benchmark_reports_warm_and_fresh_sweeps(tmp_path):
-    out = _run("scale.py", "--nodes", "2", "--cells", "6", "--fresh-cells", "2", "--profile", str(tmp_path / "driver.pstats"))
+    out = _run(
+        "scale.py", "--nodes", "2", "--cells", "6", "--fresh-cells", "2", "--idle-s", "3", "--profile", str(tmp_path / "driver.pstats")
+    )
     assert out["evidence"] == "simulated" and (out["nodes"], out["cells"]) == (2, 6)
     warm, fresh = out["runs"]
     assert (warm["engines"], warm["cells_ok"], fresh["engines"], fresh["cells_ok"]) == ("warm", 6, "fresh", 2)
@@ -71,6 +73,13 @@ def test_scale_benchmark_reports_warm_and_fresh_sweeps(tmp_path):
     roles = warm["box_cpu_by_role_s"]
     assert {"driver", "pdbench: EngineActor", "pdbench: LoadGenerator", "ray: raylets"} <= set(roles)
     assert roles["pdbench: LoadGenerator"] > 0 and 0 < warm["box_cpu_share_of_cores"] <= 1.05
+    # The idle floor: Ray's daemons with nothing placed, one idle actor per probed node (a few clock
+    # ticks over 3 s, so possibly none), and per run the share those make with the run's own actor processes.
+    floor = out["idle_floor"]
+    assert floor["actors_probed"] == 2 and floor["daemons_cores"] > 0 and floor["actor_core_share"] >= 0
+    assert "ray: raylets" in floor["daemons_by_role_s"] and "driver" not in floor["daemons_by_role_s"]
+    # an engine, a load generator and a telemetry sampler at least, each a process of its own
+    assert warm["actor_processes"] >= 3 and 0 < warm["idle_floor_share_of_cores"] < 1
 
 
 @pytest.mark.slow  # starts its own Ray and Serve
