@@ -36,7 +36,7 @@ cells with a fresh engine per cell (`fresh_engines`). Reports, per run:
 Goal (2 cores, 24 GiB): `--nodes 32 --cells 1000` completes, driver overhead (driver_overhead_fraction) < 2% of wall,
 cells spread over all nodes, fixed cost per cell with warm engines < 0.2 s.
 
-    python benchmarks/scale.py [--nodes 4] [--cells 40] [--requests 2] [--fresh-cells N] [--json] [--profile FILE]
+    python benchmarks/scale.py [--nodes 4] [--cells 40] [--requests 2] [--fresh-cells N] [--idle-s 10] [--json] [--profile FILE]
 
 The evidence is simulated (the simulated engine on virtual nodes sharing one machine's cores).
 """
