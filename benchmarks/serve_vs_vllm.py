@@ -110,20 +110,22 @@ def servers(names: list[str], base_port: int) -> list[Server]:
 
 
 def engine_config(model_dir: Path, a: argparse.Namespace) -> EngineConfig:
+    vllm = {
+        "gpu_memory_utilization": a.gpu_memory_utilization,
+        # Stated, not left to vLLM: its default per-step token budget depends on how the engine
+        # is started (`vllm serve` on a >= 70 GiB GPU: 8192; AsyncLLM from engine args, as in
+        # pdbench: 2048), and at concurrency 8 the budget decides how prefills share steps.
+        "max_num_batched_tokens": a.max_num_batched_tokens,
+        **({"enforce_eager": True} if a.eager else {}),
+    }
     return EngineConfig(
         kind=a.engine,
         model=str(model_dir),
         dtype="bfloat16" if a.engine == "vllm" else "float32",
         max_model_len=a.max_model_len,
         max_batch_size=a.max_batch_size,
-        vllm={
-            "gpu_memory_utilization": a.gpu_memory_utilization,
-            # Stated, not left to vLLM: its default per-step token budget depends on how the engine
-            # is started (`vllm serve` on a >= 70 GiB GPU: 8192; AsyncLLM from engine args, as in
-            # pdbench: 2048), and at concurrency 8 the budget decides how prefills share steps.
-            "max_num_batched_tokens": a.max_num_batched_tokens,
-            **({"enforce_eager": True} if a.eager else {}),
-        },
+        # the config refuses vLLM's arguments for another engine (the reference engine tries the script on CPU)
+        **({"vllm": vllm} if a.engine == "vllm" else {}),
     )
 
 

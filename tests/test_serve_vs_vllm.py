@@ -126,8 +126,11 @@ def test_dry_run_prints_the_commands(tmp_path, capsys):
     assert out[0].startswith("CUDA_VISIBLE_DEVICES=0 ") and " serve " in out[0]
     assert out[2].startswith("CUDA_VISIBLE_DEVICES=0,1 ") and "--mode disaggregated" in out[2]
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "tokenizer.json").is_file()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # the reference engine cannot stand beside `vllm serve`
         svv.main(["--dry-run", "--engine", "reference", "--out", str(tmp_path)])
+    # ... but tries the script on CPU with pdbench's two servers: no vLLM arguments in its config
+    assert svv.main(["--dry-run", "--engine", "reference", "--servers", "pdbench,pdbench-pd", "--out", str(tmp_path)]) == 0
+    assert " serve " in capsys.readouterr().out and _cfg(engine="reference").vllm == {}
 
 
 def test_greedy_token_probe_over_http():
