@@ -19,7 +19,7 @@ import time
 
 from actors.engines.models import resolve_model
 from actors.engines.spec import EngineConfig
-from actors.engines.vllm_engine import _materialise, engine_args
+from actors.engines.vllm_engine import engine_args, materialise
 from workloads.arrivals import ClosedLoop
 from workloads.lengths import Fixed
 from workloads.requests import WorkloadSpec, synthetic_requests
@@ -30,7 +30,7 @@ def offline(cfg: EngineConfig, reqs) -> tuple[float, list[list[int]]]:
     from vllm.inputs import TokensPrompt
 
     raw, _ = resolve_model(cfg.model)
-    llm = LLM(**engine_args(cfg, _materialise(raw), dummy=True))
+    llm = LLM(**engine_args(cfg, materialise(raw), dummy=True))
     prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in reqs]
     sp = SamplingParams(max_tokens=reqs[0].max_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:4], sp, use_tqdm=False)  # warm-up
