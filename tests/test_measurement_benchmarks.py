@@ -20,7 +20,6 @@ def _run(script: str, *args: str) -> dict:
     return json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
-
 def test_every_benchmark_answers_help():
     """A benchmark that only runs on a GPU is never run here: its imports and its flags must still
     hold as the code under it moves (vllm_overhead.py once imported a name that had been renamed)."""
@@ -42,6 +41,7 @@ print("FAILED " + "; ".join(failed) if failed else "ALL OK")
     scripts = sorted(str(p) for p in (ROOT / "benchmarks").glob("*.py"))
     proc = subprocess.run([sys.executable, "-c", code, *scripts], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert len(scripts) >= 13 and proc.stdout.strip().splitlines()[-1] == "ALL OK", proc.stdout[-3000:] + proc.stderr[-2000:]
+
 
 def test_http_client_benchmark_compares_every_client():
     out = _run("http_client.py", "--streams", "2", "--requests-per-stream", "1", "--rounds", "1")
