@@ -27,7 +27,14 @@ from workloads.requests import WorkloadSpec, synthetic_requests
 
 def engine_config(tmp: Path) -> EngineConfig:
     # Wider and deeper than the test model, so a decode step is real work (a few ms on one core).
-    arch = {**TINY_QWEN3, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4}
+    arch = {
+        **TINY_QWEN3,
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    }
     path = tmp / "bench-model.json"
     path.write_text(json.dumps(arch))
     return EngineConfig(kind="reference", model=str(path), max_batch_size=32, cpu_threads=1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import time
@@ -86,7 +87,9 @@ class GroundTruthServer:
                 t_in = time.monotonic()
                 if not lines[0].startswith("POST /v1/completions "):
                     msg = b'{"error":{"message":"only POST /v1/completions"}}'
-                    writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(msg), msg))
+                    writer.write(
+                        b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(msg), msg)
+                    )
                     continue
                 await self._respond(writer, json.loads(body), t_in)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -114,7 +117,5 @@ if __name__ == "__main__":
     p.add_argument("--ttft-fixed-s", type=float, default=Law.ttft_fixed_s)
     p.add_argument("--ttft-per-prompt-token-s", type=float, default=Law.ttft_per_prompt_token_s)
     p.add_argument("--tpot-s", type=float, default=Law.tpot_s)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(p.parse_args()))
-    except KeyboardInterrupt:
-        pass

@@ -27,8 +27,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import httpx
@@ -132,7 +133,9 @@ class RawStreams:
     async def stream(self, request: dict[str, Any], ex: Exchange) -> AsyncIterator[dict[str, Any]]:
         body = json.dumps(completion_body(self.target, request)).encode()
         reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
-        head = f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
         ex.t_sent = time.monotonic()
         writer.write(head.encode() + body)
         await reader.readuntil(b"\r\n\r\n")
@@ -233,15 +236,21 @@ def main() -> None:
             row["ttft_p50_ratio_to_pdbench"] = float(np.percentile(o["ttft"], 50)) / base if base > 0 else None
             out.append(row)
     pd_64 = next(r for r in out if r["client"] == "pdbench" and r["streams"] == max(args.streams))
-    verdict = f"goal pdbench TTFT overhead p50 < 1 ms at {pd_64['streams']} streams: {'met' if pd_64['ttft_overhead_p50_ms'] < 1 else 'NOT met'}"
+    verdict = (
+        f"goal pdbench TTFT overhead p50 < 1 ms at {pd_64['streams']} streams: {'met' if pd_64['ttft_overhead_p50_ms'] < 1 else 'NOT met'}"
+    )
     if args.json:
         print(json.dumps({"rows": out, "verdict": verdict}, indent=1))
         return
-    print(f"{'streams':>7} {'client':>10} {'n':>4} {'TTFT+ p50 ms':>13} {'p99':>7} {'E2E+ p50 ms':>12} {'p99':>7} {'CPU ms/req':>10} {'TTFT+ / pdbench':>16}")
+    print(
+        f"{'streams':>7} {'client':>10} {'n':>4} {'TTFT+ p50 ms':>13} {'p99':>7} {'E2E+ p50 ms':>12} {'p99':>7} "
+        f"{'CPU ms/req':>10} {'TTFT+ / pdbench':>16}"
+    )
     for r in out:
         print(
             f"{r['streams']:>7} {r['client']:>10} {r['requests']:>4} {r['ttft_overhead_p50_ms']:>13.3f} {r['ttft_overhead_p99_ms']:>7.3f} "
-            f"{r['e2e_overhead_p50_ms']:>12.3f} {r['e2e_overhead_p99_ms']:>7.3f} {r['cpu_ms_per_request']:>10.3f} {r['ttft_p50_ratio_to_pdbench']:>16.2f}"
+            f"{r['e2e_overhead_p50_ms']:>12.3f} {r['e2e_overhead_p99_ms']:>7.3f} {r['cpu_ms_per_request']:>10.3f} "
+            f"{r['ttft_p50_ratio_to_pdbench']:>16.2f}"
         )
     print(verdict)
 

@@ -181,8 +181,10 @@ def host_table(sizes_mib: list[int], repeats: int, cfg: KVTransferConfig) -> lis
 
 
 def print_host_header() -> None:
-    print(f"{'MiB':>8} {'raw GB/s':>9} {'store GB/s':>10} {'ratio':>6} {'path GB/s':>9} {'ratio':>6} "
-          f"{'raw-shm GB/s':>12} {'store/shm':>9}   {'extract':>8} {'put':>8} {'fetch':>8} {'get':>8} {'inject':>8}  (ms)")
+    print(
+        f"{'MiB':>8} {'raw GB/s':>9} {'store GB/s':>10} {'ratio':>6} {'path GB/s':>9} {'ratio':>6} "
+        f"{'raw-shm GB/s':>12} {'store/shm':>9}   {'extract':>8} {'put':>8} {'fetch':>8} {'get':>8} {'inject':>8}  (ms)"
+    )
 
 
 def print_host_row(r: dict) -> None:
@@ -208,7 +210,10 @@ def gpu_table(sizes_mib: list[int], repeats: int) -> None:
     """Device stages of the transport against plain pinned copies of the same bytes."""
     dev = torch.device("cuda")
     print(f"\nGPU stages on {torch.cuda.get_device_name(dev)} (best of {repeats}):")
-    print(f"{'MiB':>8} {'D2H extract GB/s':>17} {'pinned D2H GB/s':>16} {'ratio':>6} {'H2D inject GB/s':>16} {'pinned H2D GB/s':>16} {'ratio':>6}")
+    print(
+        f"{'MiB':>8} {'D2H extract GB/s':>17} {'pinned D2H GB/s':>16} {'ratio':>6} "
+        f"{'H2D inject GB/s':>16} {'pinned H2D GB/s':>16} {'ratio':>6}"
+    )
     for mib in sizes_mib:
         tokens = max(1, round(mib * 2**20 / BYTES_PER_TOKEN))
         layers = kv(tokens, "cuda")
@@ -225,7 +230,7 @@ def gpu_table(sizes_mib: list[int], repeats: int) -> None:
             best["extract"] = min(best["extract"], time.perf_counter() - t)
             del host
             t = time.perf_counter()
-            for p, s in zip(pinned, layers):
+            for p, s in zip(pinned, layers, strict=True):
                 p.copy_(s, non_blocking=True)
             torch.cuda.synchronize()
             best["pinned_d2h"] = min(best["pinned_d2h"], time.perf_counter() - t)
@@ -236,13 +241,16 @@ def gpu_table(sizes_mib: list[int], repeats: int) -> None:
             inject.finish()
             best["inject"] = min(best["inject"], time.perf_counter() - t)
             t = time.perf_counter()
-            for d, p in zip(dst, pinned):
+            for d, p in zip(dst, pinned, strict=True):
                 d.copy_(p, non_blocking=True)
             torch.cuda.synchronize()
             best["pinned_h2d"] = min(best["pinned_h2d"], time.perf_counter() - t)
         g = {k: gbps(nbytes, v) for k, v in best.items()}
-        print(f"{nbytes / 2**20:8.1f} {g['extract']:17.2f} {g['pinned_d2h']:16.2f} {g['extract'] / g['pinned_d2h']:6.2f} "
-              f"{g['inject']:16.2f} {g['pinned_h2d']:16.2f} {g['inject'] / g['pinned_h2d']:6.2f}", flush=True)
+        print(
+            f"{nbytes / 2**20:8.1f} {g['extract']:17.2f} {g['pinned_d2h']:16.2f} {g['extract'] / g['pinned_d2h']:6.2f} "
+            f"{g['inject']:16.2f} {g['pinned_h2d']:16.2f} {g['inject'] / g['pinned_h2d']:6.2f}",
+            flush=True,
+        )
         del layers, pinned, pageable, dst
         torch.cuda.empty_cache()
 
@@ -267,10 +275,13 @@ def main() -> None:
         s *= 4
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_preallocate_plasma_memory", "1")
-    ray.init(address="local", namespace="pdbench", include_dashboard=False, log_to_driver=False,
-             object_store_memory=int(args.store_gib * 2**30))
-    print(f"KV shaped like Qwen3-8B bf16 ({BYTES_PER_TOKEN // 1024} KiB/token, objects of at most {args.max_group_mib} MiB); "
-          f"best of {args.repeats}; one process puts ({args.put_threads} at once), another fetches and gets (same node).")
+    ray.init(
+        address="local", namespace="pdbench", include_dashboard=False, log_to_driver=False, object_store_memory=int(args.store_gib * 2**30)
+    )
+    print(
+        f"KV shaped like Qwen3-8B bf16 ({BYTES_PER_TOKEN // 1024} KiB/token, objects of at most {args.max_group_mib} MiB); "
+        f"best of {args.repeats}; one process puts ({args.put_threads} at once), another fetches and gets (same node)."
+    )
     print_host_header()
     rows = host_table(sizes, args.repeats, cfg)
     big = [gbps(r["bytes"], r["store_s"]) / gbps(r["bytes"], r["raw_s"]) for r in rows if r["mib"] >= GOAL_FROM_MIB - 0.5]

@@ -147,7 +147,7 @@ def vllm_serve_command(cfg: EngineConfig, model_dir: Path, served_name: str, por
     for k, v in args.items():
         if k not in NOT_FOR_VLLM_SERVE:
             cmd += _flag(k, v)
-    return cmd + ["--served-model-name", served_name, "--tokenizer", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+    return [*cmd, "--served-model-name", served_name, "--tokenizer", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
 
 
 # The disaggregated server moves KV as E3's GPU profile does (configs/gpu/e3-qwen3-8b.yaml), so its
@@ -165,7 +165,20 @@ def pdbench_serve_config(cfg: EngineConfig, served_name: str, model_dir: Path) -
 
 
 def pdbench_serve_command(config: Path, s: Server) -> list[str]:
-    return [sys.executable, "-m", "cluster.cli", "serve", "--config", str(config), "--mode", s.mode, "--port", str(s.port), "--name", s.name]
+    return [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "serve",
+        "--config",
+        str(config),
+        "--mode",
+        s.mode,
+        "--port",
+        str(s.port),
+        "--name",
+        s.name,
+    ]
 
 
 def bench_command(url: str, model: str, tokenizer: Path, wl: Workload, concurrency: int, result: Path) -> list[str]:
@@ -354,7 +367,9 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) ->
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         if proc.poll() is not None:
-            raise RuntimeError(f"server for {url} exited ({proc.returncode}); last log lines:\n" + "\n".join(log.read_text().splitlines()[-30:]))
+            raise RuntimeError(
+                f"server for {url} exited ({proc.returncode}); last log lines:\n" + "\n".join(log.read_text().splitlines()[-30:])
+            )
         try:
             if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
                 return time.monotonic() - t0
@@ -412,14 +427,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs on any engine")
     ap.add_argument(
-        "--engine", choices=["vllm", "reference"], default="vllm",
+        "--engine",
+        choices=["vllm", "reference"],
+        default="vllm",
         help="pdbench's engine; 'reference' (CPU, torch) only to try the script without a GPU, with --servers pdbench,pdbench-pd",
     )
     ap.add_argument("--no-loadgen", action="store_true", help="skip pdbench's own load generator pass")
     ap.add_argument("--base-port", type=int, default=8100)
     ap.add_argument("--start-timeout-s", type=float, default=300.0)
     ap.add_argument(
-        "--deadline-s", type=float, default=500.0,
+        "--deadline-s",
+        type=float,
+        default=500.0,
         help="start no new bench or load-generator run past this many seconds (a device call ends at 600 s)",
     )
     ap.add_argument("--out", default="/tmp/serve_vs_vllm", help="folder for logs, bench results and packets")
@@ -445,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = engine_config(model_dir, a)
     conf = out / "pdbench-serve.yaml"
     conf.write_text(yaml.safe_dump(pdbench_serve_config(cfg, name, model_dir)))
-    cmds = {s.name: vllm_serve_command(cfg, model_dir, name, s.port) if s.kind == "vllm" else pdbench_serve_command(conf, s) for s in chosen}
+    cmds = {
+        s.name: vllm_serve_command(cfg, model_dir, name, s.port) if s.kind == "vllm" else pdbench_serve_command(conf, s) for s in chosen
+    }
     if a.dry_run:
         for s in chosen:
             print(f"CUDA_VISIBLE_DEVICES={s.gpus} {' '.join(cmds[s.name])}")
@@ -482,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             counts = "" if peer is None else f"{peer['completed']} completed, {peer['failed']} failed"
             print(f"{'PASS' if ok else 'FAIL'}  peer check (vllm bench serve defaults against pdbench serve): rc={rc} {counts}", flush=True)
         for r in range(wl.repeats):
-            order = chosen[r % len(chosen):] + chosen[: r % len(chosen)]
+            order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]
             for c in wl.concurrencies:
                 for s in order:
                     if time.monotonic() - t_start > a.deadline_s:
@@ -494,8 +515,11 @@ def main(argv: list[str] | None = None) -> int:
                     if rc == 0:
                         row.update(asdict(parse_bench(res)))
                     runs.append(row)
-                    print(f"r{r} c={c} {s.name}: rc={rc} {row.get('output_throughput', 0):.1f} tok/s "
-                          f"TTFT p50 {row.get('latency_ms', {}).get('ttft_p50', float('nan')):.1f} ms", flush=True)
+                    print(
+                        f"r{r} c={c} {s.name}: rc={rc} {row.get('output_throughput', 0):.1f} tok/s "
+                        f"TTFT p50 {row.get('latency_ms', {}).get('ttft_p50', float('nan')):.1f} ms",
+                        flush=True,
+                    )
         if not a.no_loadgen:
             for s in chosen:
                 c = max(wl.concurrencies)
@@ -525,8 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     for c in wl.concurrencies:
         table = {}
         for s in chosen:
-            ok = [BenchResult(**{k: v for k, v in r.items() if k in BenchResult.__dataclass_fields__})
-                  for r in runs if r["server"] == s.name and r["concurrency"] == c and r["returncode"] == 0]
+            ok = [
+                BenchResult(**{k: v for k, v in r.items() if k in BenchResult.__dataclass_fields__})
+                for r in runs
+                if r["server"] == s.name and r["concurrency"] == c and r["returncode"] == 0
+            ]
             if ok:
                 table[s.name] = summarise(ok)
         checks = goal_checks(table, c)

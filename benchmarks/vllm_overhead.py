@@ -114,8 +114,10 @@ def main() -> int:
         "greedy_tokens_identical": toks_a == toks_b,
     }
     print(json.dumps(res, indent=2))
-    print(f"ratio (pdbench Ray actor path / vLLM offline LLM.generate): {b / a:.3f}  (goal >= 0.95); "
-          f"over the driver's wall clock instead: {b_wall / a:.3f}")
+    print(
+        f"ratio (pdbench Ray actor path / vLLM offline LLM.generate): {b / a:.3f}  (goal >= 0.95); "
+        f"over the driver's wall clock instead: {b_wall / a:.3f}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -84,9 +84,20 @@ def visit(chromium: str, page: Path, settle_s: float = 1.5) -> PageVisit:
     """Load `page`, wait for it to settle, and return what happened."""
     profile = tempfile.mkdtemp(prefix="pdbench-chromium-")
     proc = subprocess.Popen(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0",
-         f"--user-data-dir={profile}", "--window-size=1400,1000", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            "--window-size=1400,1000",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         ws_url = None
@@ -120,7 +131,9 @@ def _visit(s: _Session, page: Path, settle_s: float) -> PageVisit:
         loaded = any(e.get("method") == "Page.loadEventFired" for e in s.events)
     s.drain(settle_s)
     counts = s.call(
-        "Runtime.evaluate", session=sid, returnByValue=True,
+        "Runtime.evaluate",
+        session=sid,
+        returnByValue=True,
         # A figure is rendered when Plotly drew at least one trace into its SVG.
         expression="[document.querySelectorAll('.plotly-graph-div').length,"
         " Array.from(document.querySelectorAll('.plotly-graph-div')).filter(d => d.querySelector('.main-svg .trace')).length]",

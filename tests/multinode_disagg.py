@@ -14,11 +14,11 @@ import sys
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
+import ray
+from ray.cluster_utils import Cluster
 
-from cluster.config import resolve  # noqa: E402
-from cluster.driver import Driver, RunOptions  # noqa: E402
+from cluster.config import resolve
+from cluster.driver import Driver, RunOptions
 
 STORE = 200 * 1024 * 1024
 

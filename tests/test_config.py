@@ -79,7 +79,9 @@ def test_hash_is_stable_across_processes():
         """
     )
     outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": s, "PATH": ""}).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": s, "PATH": ""}
+        ).stdout.strip()
         for s in ("1", "2")
     }
     here = config_hash(resolve("e0", {"seed": 7, "workload": {"arrival": {"kind": "gamma", "rate": 2.5, "burstiness": 0.5}}}))
@@ -99,7 +101,11 @@ def test_switching_engine_kind_keeps_the_engine_fields():
 
 
 def test_switching_a_distribution_kind_replaces_its_fields():
-    cfg = resolve("e0", {"workload": {"input_len": {"kind": "uniform", "low": 4, "high": 9}}}, {"workload": {"input_len": {"kind": "fixed", "value": 5}}})
+    cfg = resolve(
+        "e0",
+        {"workload": {"input_len": {"kind": "uniform", "low": 4, "high": 9}}},
+        {"workload": {"input_len": {"kind": "fixed", "value": 5}}},
+    )
     assert cfg.workload.input_len.upper == 5
 
 

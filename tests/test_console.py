@@ -37,7 +37,8 @@ def test_ray_records_go_through_the_console_without_auth_advice():
             h.setFormatter(logging.Formatter("%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"))
         logging.getLogger("ray._private.x").warning("node lost")
         logging.getLogger("ray._private.authentication").warning(
-            "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+            "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
+        )
         logging.getLogger("ray._private.x").info("Started a local Ray instance.")
     out = buf.getvalue()
     assert "node lost" in out and " -- " not in out
@@ -47,10 +48,21 @@ def test_ray_records_go_through_the_console_without_auth_advice():
 
 def test_closing_summary_has_headline_and_per_cell_numbers():
     summary = {
-        "cells": {"rep0": {"status": "ok", "metrics": {
-            "requests": 48, "completed": 48, "request_throughput_rps": 4.25, "output_token_throughput_tps": 136.0,
-            "ttft_s": {"p50": 0.0213, "p99": 0.0871}, "tpot_s": {"p50": 0.012, "p99": 0.02}, "itl_s": {"p50": 0.011, "p99": None},
-            "slo_attainment": 0.875}}},
+        "cells": {
+            "rep0": {
+                "status": "ok",
+                "metrics": {
+                    "requests": 48,
+                    "completed": 48,
+                    "request_throughput_rps": 4.25,
+                    "output_token_throughput_tps": 136.0,
+                    "ttft_s": {"p50": 0.0213, "p99": 0.0871},
+                    "tpot_s": {"p50": 0.012, "p99": 0.02},
+                    "itl_s": {"p50": 0.011, "p99": None},
+                    "slo_attainment": 0.875,
+                },
+            }
+        },
         "verdicts": {"verdict": "reproducible"},
     }
     con, buf = _console()

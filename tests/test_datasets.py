@@ -35,7 +35,13 @@ def test_subset_is_stable_across_processes():
         """
     )
     outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": s, "PATH": "", "HF_DATASETS_CACHE": "/tmp/tracks-hf-cache"}).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": s, "PATH": "", "HF_DATASETS_CACHE": "/tmp/tracks-hf-cache"},
+        ).stdout.strip()
         for s in ("1", "2")
     }
     here = load_subset(DatasetSpec(family="mmlu", n=10, seed=3)).provenance["ids_sha256"]

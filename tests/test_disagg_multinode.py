@@ -12,14 +12,12 @@ import pandas as pd
 def test_spread_puts_prefill_and_decode_on_two_nodes_and_fetches_across(tmp_path):
     script = Path(__file__).with_name("multinode_disagg.py")
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=420, cwd=script.parents[1]
-    )
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=420, cwd=script.parents[1])
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     run_dir = Path(out["run_dir"])
     nodes = out["nodes"]
-    assert sorted(sum(nodes.values(), [])) == ["pd_node_a", "pd_node_b"]
+    assert sorted(n for ns in nodes.values() for n in ns) == ["pd_node_a", "pd_node_b"]
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["verdicts"]["verdict"] == "identical", summary["verdicts"]

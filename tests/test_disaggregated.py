@@ -79,7 +79,7 @@ def test_disaggregated_tokens_equal_aggregated_and_transfers_are_accounted(pair)
         return await asyncio.gather(*(_stream(pair["decode"], "generate", r) for r in reqs))
 
     got = asyncio.run(both())
-    for r, (ids, last) in zip(reqs, got):
+    for r, (ids, last) in zip(reqs, got, strict=True):
         assert ids == aggregated(pair, r), r["request_id"]
         s = last["server"]
         assert s["kv_transfer_ok"] is True
@@ -90,7 +90,7 @@ def test_disaggregated_tokens_equal_aggregated_and_transfers_are_accounted(pair)
     rows = ray.get(pair["decode"].transfers.remote())
     assert len(rows) == 6 and all(set(r) == set(TRANSFERS.names) - {"warmup"} for r in rows)
     bpt = 2 * 4 * 2 * 64 * 4  # K and V × layers × KV heads × head_dim × float32
-    for r, row in zip(sorted(reqs, key=lambda r: r["request_id"]), sorted(rows, key=lambda r: r["request_id"])):
+    for r, row in zip(sorted(reqs, key=lambda r: r["request_id"]), sorted(rows, key=lambda r: r["request_id"]), strict=True):
         assert row["ok"] and row["error"] is None
         assert row["tokens"] == len(r["prompt_token_ids"])
         assert row["bytes"] == row["analytic_bytes"] == row["tokens"] * bpt
@@ -217,6 +217,7 @@ def test_router_spreads_requests_over_replicas_without_changing_tokens(pair):
     router = ReplicaRouter.remote([pair["engine"], second])
     reqs = [request(20 + i) for i in range(6)]
     try:
+
         async def all_():
             return await asyncio.gather(*(_stream(router, "generate", r) for r in reqs))
 

@@ -55,9 +55,29 @@ def test_requests_schema_and_warmup(e0_run):
     _, run_dir = e0_run
     df = pd.read_parquet(run_dir / "requests.parquet")
     needed = {
-        "run_id", "cell_id", "request_id", "serving_mode", "engine", "warmup", "ok", "error", "input_tokens",
-        "output_tokens", "t_scheduled", "t_sent", "t_first_token", "t_last_token", "ttft_s", "tpot_s",
-        "e2e_s", "queue_delay_s", "itl_s", "server_queue_s", "prefill_s", "transfer_s", "first_decode_s",
+        "run_id",
+        "cell_id",
+        "request_id",
+        "serving_mode",
+        "engine",
+        "warmup",
+        "ok",
+        "error",
+        "input_tokens",
+        "output_tokens",
+        "t_scheduled",
+        "t_sent",
+        "t_first_token",
+        "t_last_token",
+        "ttft_s",
+        "tpot_s",
+        "e2e_s",
+        "queue_delay_s",
+        "itl_s",
+        "server_queue_s",
+        "prefill_s",
+        "transfer_s",
+        "first_decode_s",
         "output_token_ids",
     }
     assert needed <= set(df.columns)

@@ -19,10 +19,22 @@ def frame(tokens_b=None, slow_b=1.0, n=4, jitter=0.0):
             t0 = i * 1.0
             rows.append(
                 {
-                    "cell_id": cell, "request_id": f"r{i}", "warmup": False, "ok": True, "input_tokens": 5,
-                    "output_tokens": 3, "t_sent": t0, "t_scheduled": t0, "queue_delay_s": 0.0,
-                    "t_first_token": t0 + 0.1 * slow, "t_last_token": t0 + 0.3 * slow, "ttft_s": 0.1 * slow,
-                    "tpot_s": 0.1 * slow, "e2e_s": 0.3 * slow, "itl_s": [0.1 * slow] * 2, "output_token_ids": toks,
+                    "cell_id": cell,
+                    "request_id": f"r{i}",
+                    "warmup": False,
+                    "ok": True,
+                    "input_tokens": 5,
+                    "output_tokens": 3,
+                    "t_sent": t0,
+                    "t_scheduled": t0,
+                    "queue_delay_s": 0.0,
+                    "t_first_token": t0 + 0.1 * slow,
+                    "t_last_token": t0 + 0.3 * slow,
+                    "ttft_s": 0.1 * slow,
+                    "tpot_s": 0.1 * slow,
+                    "e2e_s": 0.3 * slow,
+                    "itl_s": [0.1 * slow] * 2,
+                    "output_token_ids": toks,
                 }
             )
     return pd.DataFrame(rows)
@@ -66,8 +78,14 @@ def test_timing_difference_inside_the_measured_noise_passes():
 
 def test_report_and_headline_separate_correctness_timing_and_host_load():
     v = ANALYSIS.verdicts(frame(slow_b=1.5), CELLS, {"tolerance": 0.2})
-    load = {"cores": 2, "wall_s": 9.0, "load_avg_1m": 3.5, "cpu_busy_percent": 99.0, "cpu_steal_percent": 1.5,
-            "other_processes_cpu_percent": 61.0}
+    load = {
+        "cores": 2,
+        "wall_s": 9.0,
+        "load_avg_1m": 3.5,
+        "cpu_busy_percent": 99.0,
+        "cpu_steal_percent": 1.5,
+        "other_processes_cpu_percent": 61.0,
+    }
     summary = {"verdicts": v, "cells": {c: {"host_load": load} for c in CELLS}}
     secs = ANALYSIS.sections(frame(), summary)
     assert [s.title for s in secs] == ["E0 verdict: reproducible, timing unstable", "E0 timing: unstable"]
@@ -112,9 +130,17 @@ def rounds_frame(n=8, rounds=2, slow_round1_b=1.0, bad_token=None):
                 t0 = k * 1.0
                 rows.append(
                     {
-                        "cell_id": cell, "request_id": f"r{i}", "warmup": False, "ok": True, "output_tokens": 2,
-                        "t_sent": t0, "t_last_token": t0 + 0.5 * slow, "ttft_s": 0.1 * slow, "tpot_s": 0.4 * slow,
-                        "e2e_s": 0.5 * slow, "output_token_ids": toks,
+                        "cell_id": cell,
+                        "request_id": f"r{i}",
+                        "warmup": False,
+                        "ok": True,
+                        "output_tokens": 2,
+                        "t_sent": t0,
+                        "t_last_token": t0 + 0.5 * slow,
+                        "ttft_s": 0.1 * slow,
+                        "tpot_s": 0.4 * slow,
+                        "e2e_s": 0.5 * slow,
+                        "output_token_ids": toks,
                     }
                 )
             rows.append({**rows[-1], "request_id": "w0000", "warmup": True})  # warm-up rows never count

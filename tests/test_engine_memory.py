@@ -29,7 +29,7 @@ def test_kv_formula_matches_transformers_cache_tensors(ref):
         with torch.inference_mode():
             out = ref.model(input_ids=torch.arange(n).unsqueeze(0), use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
-        real = sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers)
+        real = sum(c.keys.numel() * c.keys.element_size() + c.values.numel() * c.values.element_size() for c in cache.layers)
         assert real == n * kvb
     assert kvb == ref.info().kv_bytes_per_token
 
@@ -121,7 +121,7 @@ def test_reference_memory_report_on_cuda():
     """On a GPU node (`pytest -m gpu`): torch allocator stats and NVML decompose the peak."""
     m = ReferenceModel(EngineConfig(model="tiny-qwen3", device="cuda", dtype="bfloat16"))
     kvb = m.info().kv_bytes_per_token
-    _, state = m.prefill(list(range(500)), capacity=600)
+    _, _state = m.prefill(list(range(500)), capacity=600)
     rep = m.memory()
     assert rep.source.startswith("cuda:") and rep.device.startswith("cuda")
     assert rep.kv_cache_bytes == 600 * kvb and rep.activation_peak_bytes > 0
@@ -133,21 +133,39 @@ def test_reference_memory_report_on_cuda():
 def test_e5_reports_kv_bytes_per_token_of_a_fixed_pool():
     """vLLM-style memory (a preallocated pool that says how many tokens it holds): the E5 verdict
     carries the measured bytes per token beside the analytic one, and the report prints both."""
-    import pandas as pd
-
-    from analysis.tracks.e5 import ANALYSIS
-
     import json
 
+    import pandas as pd
+
     from actors.engines.models import MODELS_DIR, architecture
+    from analysis.tracks.e5 import ANALYSIS
 
     arch = {**architecture(json.loads((MODELS_DIR / "qwen3-8b.json").read_text())), "hash": "h"}
-    mem = {"source": "vllm", "measured": True, "device": "cuda:0", "weights_bytes": 16_000_000_000,
-           "kv_cache_bytes": 147456 * 1000, "kv_cache_tokens": 1000, "activation_peak_bytes": 1, "other_bytes": 1,
-           "total_bytes": 16_000_000_000 + 147456 * 1000 + 2, "device_total_bytes": 80 * 2**30}
-    cells = {"ctx64-c1": {"labels": {"context": 64, "concurrency": 1}, "memory": mem, "status": "ok",
-                          "engine_info": {"architecture": arch, "dtype": "bfloat16", "kv_bytes_per_token": 147456,
-                                          "extra": {"num_parameters": 8_000_000_000}}}}
+    mem = {
+        "source": "vllm",
+        "measured": True,
+        "device": "cuda:0",
+        "weights_bytes": 16_000_000_000,
+        "kv_cache_bytes": 147456 * 1000,
+        "kv_cache_tokens": 1000,
+        "activation_peak_bytes": 1,
+        "other_bytes": 1,
+        "total_bytes": 16_000_000_000 + 147456 * 1000 + 2,
+        "device_total_bytes": 80 * 2**30,
+    }
+    cells = {
+        "ctx64-c1": {
+            "labels": {"context": 64, "concurrency": 1},
+            "memory": mem,
+            "status": "ok",
+            "engine_info": {
+                "architecture": arch,
+                "dtype": "bfloat16",
+                "kv_bytes_per_token": 147456,
+                "extra": {"num_parameters": 8_000_000_000},
+            },
+        }
+    }
     v = ANALYSIS.verdicts(pd.DataFrame(), cells, {})
     assert v["kv_bytes_per_token_measured"] == 147456 == v["kv_bytes_per_token_analytic"]
     text = " ".join(t for s in ANALYSIS.sections(pd.DataFrame(), {"verdicts": v}) for t in s.text)

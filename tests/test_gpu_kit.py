@@ -27,8 +27,21 @@ def test_pinned_wheels_cover_ray_serve_and_the_vllm_cli():
     assert closure.gaps() == []
     kit = closure.carried()
     # What the GPU node was found lacking (issue 11): Ray Serve's and `vllm serve`'s imports.
-    for name in ("grpcio-reflection", "aiohttp-cors", "colorful", "opencensus", "opencensus-context", "opentelemetry-sdk",
-                 "smart-open", "virtualenv", "py-spy", "uvicorn", "model-hosting-container-standards", "httpx-sse", "plotly"):
+    for name in (
+        "grpcio-reflection",
+        "aiohttp-cors",
+        "colorful",
+        "opencensus",
+        "opencensus-context",
+        "opentelemetry-sdk",
+        "smart-open",
+        "virtualenv",
+        "py-spy",
+        "uvicorn",
+        "model-hosting-container-standards",
+        "httpx-sse",
+        "plotly",
+    ):
         assert name in kit, name
     assert kit["aiohttp"] >= Version("3.14.4") > closure.image()["aiohttp"]  # ray[serve] needs newer than the image's
     text = (KIT / "wheels.txt").read_text().splitlines()
@@ -39,7 +52,10 @@ def test_pinned_wheels_cover_ray_serve_and_the_vllm_cli():
 def test_gaps_follow_extras_markers_and_versions():
     kit = {"a": Version("1.0"), "b": Version("2.0")}
     img = {"c": Version("0.9")}
-    reqs = {"a": (Version("1.0"), ['b>=2; extra == "x"', "c>=1", 'd; python_version < "3.10"', 'e; extra == "y"']), "b": (Version("2.0"), [])}
+    reqs = {
+        "a": (Version("1.0"), ['b>=2; extra == "x"', "c>=1", 'd; python_version < "3.10"', 'e; extra == "y"']),
+        "b": (Version("2.0"), []),
+    }
     found = {g.requirement: g.problem for g in closure.gaps(("a[x]",), kit, img, reqs, {})}
     assert found == {"c>=1": "the image has 0.9"}  # d: not for 3.12; e: extra not asked
     found = {g.requirement: g.problem for g in closure.gaps(("a[x,y]",), kit, img, reqs, {"c": "why"})}
@@ -58,10 +74,15 @@ def test_batches_fit_and_big_wheels_are_cut():
 
 def _wheel(dst: Path, name: str, payload: bytes = b"") -> Path:
     """A minimal real wheel: one module `name` that records VALUE, plus an optional filler."""
-    files = {f"{name}.py": b"VALUE = 42\n", f"{name}_filler.bin": payload,
-             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
-             f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    record = "".join(f"{k},sha256={base64.urlsafe_b64encode(hashlib.sha256(v).digest()).rstrip(b'=').decode()},{len(v)}\n" for k, v in files.items())
+    files = {
+        f"{name}.py": b"VALUE = 42\n",
+        f"{name}_filler.bin": payload,
+        f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+        f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(
+        f"{k},sha256={base64.urlsafe_b64encode(hashlib.sha256(v).digest()).rstrip(b'=').decode()},{len(v)}\n" for k, v in files.items()
+    )
     files[f"{name}-1.0.dist-info/RECORD"] = (record + f"{name}-1.0.dist-info/RECORD,,\n").encode()
     path = dst / f"{name}-1.0-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
@@ -91,8 +112,12 @@ def test_raw_batches_install_on_the_device_across_calls(tmp_path):
             assert p.returncode == 0 and "still missing" in p.stdout, p.stdout + p.stderr
     assert p.returncode == 0, p.stdout + p.stderr
     assert "installed 2 wheels" in p.stdout and "export PYTHONPATH=" in p.stdout
-    out = subprocess.run([sys.executable, "-c", "import kitsmall, kitbig; print(kitsmall.VALUE + kitbig.VALUE)"],
-                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import kitsmall, kitbig; print(kitsmall.VALUE + kitbig.VALUE)"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+        capture_output=True,
+        text=True,
+    )
     assert out.stdout.strip() == "84"
     again = subprocess.run(["bash", str(script)], cwd=tmp_path / "call0", env=env, capture_output=True, text=True)
     assert "already installed" in again.stdout

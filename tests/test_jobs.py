@@ -63,9 +63,19 @@ def head(tmp_path_factory):
         env.pop(k, None)
     ray_cli = str(Path(sys.executable).parent / "ray")
     cmd = [
-        ray_cli, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4", f"--temp-dir={ray_tmp}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
-        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats",
+        ray_cli,
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        "--num-cpus=4",
+        f"--temp-dir={ray_tmp}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--metrics-export-port={metrics}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",
+        "--disable-usage-stats",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -283,7 +283,7 @@ def test_layerwise_save_without_layer_hooks_is_gathered_at_wait_for_save(pair):
 
 
 def test_abort_mid_load_cancels_it_and_reports_it_once(pair):
-    d, p, dec = pair
+    d, _p, dec = pair
     dec.add("r1", {"pdbench_role": "consumer", "key": key(1)}, max_tokens=3)  # its producer never publishes
     run([dec], lambda: dec.requests["r1"].status == "waiting_remote")
     run([dec], lambda: dec.worker.pending()["loads"] == 1)
@@ -298,7 +298,7 @@ def test_abort_mid_load_cancels_it_and_reports_it_once(pair):
 
 
 def test_failed_publish_fails_the_load_with_its_blocks_in_the_same_pass(pair):
-    d, p, dec = pair
+    d, _p, dec = pair
     ray.get(d.fail.remote(key(2), "RuntimeError: device lost"))
     dec.add("r2", {"pdbench_role": "consumer", "key": key(2)}, max_tokens=3)
     run([dec], lambda: dec.idle())

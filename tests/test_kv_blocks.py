@@ -77,10 +77,19 @@ def test_paged_roundtrip_through_the_object_store_is_exact(ray_local):
     cfg = KVTransferConfig(max_group_bytes=4096)
     sent = gather_blocks(src, [4, 1, 7], 0)
     stats = publish(directory, "r9/k", sent, 48, cfg)
-    rec = receive(directory, "r9/k", BlockInjector(dst, [0, 10, 2], 0), cfg, run_id="", cell_id="", request_id="r9", kv_bytes_per_token=2 * 2 * 8 * layers)
+    rec = receive(
+        directory,
+        "r9/k",
+        BlockInjector(dst, [0, 10, 2], 0),
+        cfg,
+        run_id="",
+        cell_id="",
+        request_id="r9",
+        kv_bytes_per_token=2 * 2 * 8 * layers,
+    )
     assert rec.ok, rec.error
     assert rec.bytes == stats.bytes == 3 * BS * 2 * 8 * 2 * layers == rec.analytic_bytes
-    for s, d in zip(src, dst):
+    for s, d in zip(src, dst, strict=True):
         assert torch.equal(d[0], s[4]) and torch.equal(d[10], s[1]) and torch.equal(d[2], s[7])
         assert torch.count_nonzero(d[[1, 3, 4, 5, 6, 7, 8, 9, 11]].float()) == 0
     ray.kill(directory)

@@ -34,7 +34,7 @@ def test_upload_crosses_chunks_and_both_buffers_exactly(cuda):
     h.begin()
     outs = [h.upload(s) for s in srcs]
     h.synchronize()
-    for s, o in zip(srcs, outs):
+    for s, o in zip(srcs, outs, strict=True):
         assert o.device == cuda and torch.equal(o.cpu(), s)
 
 
@@ -50,7 +50,7 @@ def test_block_injector_fills_the_right_blocks_on_gpu(cuda):
     for i, t in enumerate(layers):
         inj(i, t)
     inj.finish()
-    for c, d in zip(caches, dst_caches):
+    for c, d in zip(caches, dst_caches, strict=True):
         assert torch.equal(d[[1, 3, 60, 7]], c[src_blocks])
         assert d[0].abs().sum() == 0
 
@@ -72,7 +72,7 @@ def test_gpu_publish_overlaps_and_roundtrips_exactly(cuda, ray_local):
     rec = receive(d, "k/0", CopyInto(dst), cfg, run_id="t", cell_id="c", request_id="k")
     assert rec.ok, rec.error
     assert sent.groups == rec.groups == 3 and rec.send_s == pytest.approx(sent.send_s)
-    assert all(torch.equal(a, b) for a, b in zip(layers, dst))
+    assert all(torch.equal(a, b) for a, b in zip(layers, dst, strict=True))
     ray.kill(d)
 
 
@@ -101,6 +101,6 @@ def test_registered_object_store_dma_lands_exactly_and_checksums_hold(cuda, ray_
     inj = BlockInjector(dst, dstb, 0, registration=reg)
     rec = receive(d, "reg/0", inj, cfg, run_id="t", cell_id="c", request_id="reg")
     assert rec.ok, rec.error
-    for c, x in zip(caches, dst):
+    for c, x in zip(caches, dst, strict=True):
         assert torch.equal(x[dstb], c[src])
     ray.kill(d)

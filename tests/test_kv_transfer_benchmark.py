@@ -11,7 +11,10 @@ def test_benchmark_prints_ratios_side_by_side():
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "kv_transfer.py"), "--max-mib", "1", "--repeats", "1", "--put-process"],
-        capture_output=True, text=True, timeout=300, cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

@@ -67,7 +67,7 @@ def test_roundtrip_is_bit_exact_and_fully_accounted(directory, dtype, groups):
     bpt = kv_bytes_per_token(5, 2, 16, str(dtype).removeprefix("torch."))
     rec = receive(directory, k, CopyInto(dst), FAST, **IDENT, kv_bytes_per_token=bpt)
     assert rec.ok, rec.error
-    assert all(torch.equal(a, b) for a, b in zip(src, dst))
+    assert all(torch.equal(a, b) for a, b in zip(src, dst, strict=True))
     assert sent.groups == rec.groups == groups
     assert rec.bytes == sent.bytes == rec.analytic_bytes == 33 * bpt
     assert rec.tokens == 33
@@ -112,7 +112,7 @@ def test_parallel_puts_stay_bit_exact_and_bounded(directory, monkeypatch, put_th
     dst = empty_like(src)
     rec = receive(directory, k, CopyInto(dst), cfg, **IDENT)
     assert rec.ok, rec.error
-    assert all(torch.equal(a, b) for a, b in zip(src, dst))
+    assert all(torch.equal(a, b) for a, b in zip(src, dst, strict=True))
     assert sent.groups == rec.groups == 5
     assert peak[0] == put_threads
     assert sent.send_s < sent.put_s  # the puts' times overlapped: their sum exceeds the wall
@@ -209,7 +209,7 @@ def test_groups_taken_together_are_fetched_with_one_wait(directory, monkeypatch)
     dst = empty_like(src)
     rec = receive(directory, k, CopyInto(dst), FAST, **IDENT)
     assert rec.ok, rec.error
-    assert all(torch.equal(a, b) for a, b in zip(src, dst))
+    assert all(torch.equal(a, b) for a, b in zip(src, dst, strict=True))
     assert waits == [5] and rec.groups == 5
     assert ray.get(directory.stats.remote())["groups"] == 0
 
@@ -229,7 +229,7 @@ def test_layers_of_mixed_dtypes_and_shapes_travel_in_one_buffer(directory):
     rec = receive(directory, k, CopyInto(dst), cfg, **IDENT)
     assert rec.ok, rec.error
     assert rec.groups == 1
-    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(src, dst))
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(src, dst, strict=True))
     # offsets aligned to each dtype: 3 int8 bytes, pad 1, 20 bf16 bytes, pad 0, 56 float64 bytes, 12 fp8 bytes
     assert rec.bytes == 3 + 1 + 20 + 56 + 12
 
@@ -305,7 +305,7 @@ def test_receiver_waits_for_a_sender_that_comes_later(directory):
     sender.join()
     assert rec.ok, rec.error
     assert rec.wait_ref_s >= 0.2  # it really waited for the reference, and that shows as stall
-    assert all(torch.equal(a, b) for a, b in zip(src, dst))
+    assert all(torch.equal(a, b) for a, b in zip(src, dst, strict=True))
 
 
 @ray.remote(num_cpus=0)
@@ -658,7 +658,7 @@ def test_a_failure_reason_keeps_the_cause_ray_puts_on_later_lines():
         "The NIXL transfer failed for object id: 00ab.\nThe exception thrown from nixl transfer was:\n  NIXL_ERR_REMOTE_DISCONNECT\n"
     )
     assert (
-        reason_of(e)
-        == "RuntimeError: The NIXL transfer failed for object id: 00ab. The exception thrown from nixl transfer was: NIXL_ERR_REMOTE_DISCONNECT"
+        reason_of(e) == "RuntimeError: The NIXL transfer failed for object id: 00ab. "
+        "The exception thrown from nixl transfer was: NIXL_ERR_REMOTE_DISCONNECT"
     )
     assert len(reason_of(RuntimeError("x" * 5000))) == 600

@@ -16,7 +16,7 @@ def codec():
 def test_byt5_codec_is_offline_bytes_and_drops_unknown_ids(codec):
     ids = codec.encode("Hé!")
     assert ids == [b + 3 for b in "Hé!".encode()] and codec.vocab_size == 259
-    assert codec.decode(ids + [1000, 5000, -1]) == "Hé!"
+    assert codec.decode([*ids, 1000, 5000, -1]) == "Hé!"
 
 
 @pytest.mark.parametrize("length", [300, 777, 4096])

@@ -99,12 +99,20 @@ def test_peer_client_default_payloads_are_accepted(tok):
     """The bodies as the clients build them (vLLM 0.26 `vllm/benchmarks/lib/endpoint_request_func.py`,
     aiperf's `endpoints/openai_chat.py`), field for field."""
     vllm_bench_completions = {  # async_request_openai_completions, the default --backend openai
-        "model": "m", "prompt": "t4 t5 t6", "repetition_penalty": 1.0, "max_tokens": 8, "logprobs": None,
-        "stream": True, "stream_options": {"include_usage": True},
+        "model": "m",
+        "prompt": "t4 t5 t6",
+        "repetition_penalty": 1.0,
+        "max_tokens": 8,
+        "logprobs": None,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
     vllm_bench_chat = {  # async_request_openai_chat_completions (--backend openai-chat)
-        "model": "m", "messages": [{"role": "user", "content": "t4 t5 t6"}], "max_completion_tokens": 8,
-        "stream": True, "stream_options": {"include_usage": True},
+        "model": "m",
+        "messages": [{"role": "user", "content": "t4 t5 t6"}],
+        "max_completion_tokens": 8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
     aiperf_chat = {"messages": [{"role": "user", "content": "t4 t5 t6"}], "model": "m", "stream": False, "max_completion_tokens": 8}
     aiperf_chat_streaming = {**aiperf_chat, "stream": True, "stream_options": {"include_usage": True}}

@@ -150,7 +150,10 @@ def test_backend_sends_token_ids_greedy_and_parses_ids():
 def test_backend_counts_text_only_chunks_as_one_token_each():
     deltas = _stream(
         lambda body, headers: _sse_response(
-            {"choices": [{"index": 0, "text": "He"}]}, {"choices": [{"index": 0, "text": ""}]}, {"choices": [{"index": 0, "text": "llo"}]}, "[DONE]"
+            {"choices": [{"index": 0, "text": "He"}]},
+            {"choices": [{"index": 0, "text": ""}]},
+            {"choices": [{"index": 0, "text": "llo"}]},
+            "[DONE]",
         )
     )
     assert [d["token_ids"] for d in deltas] == [[-1], [-1], []]
@@ -166,7 +169,7 @@ def test_backend_reports_http_and_stream_errors():
 def test_sse_events_split_per_read_across_boundaries_and_line_endings():
     events, rest = sse_events(b'data: {"a": 1}\n\ndata: {"b"')
     assert events == ['{"a": 1}'] and rest == b'data: {"b"'
-    events, rest = sse_events(rest + b': 2}\r\n\r\n: comment\n\ndata:[DONE]\n\n')
+    events, rest = sse_events(rest + b": 2}\r\n\r\n: comment\n\ndata:[DONE]\n\n")
     assert events == ['{"b": 2}', "[DONE]"] and rest == b""
     assert sse_events(b"data: x\ndata: y\n\n") == (["x\ny"], b"")
 

@@ -17,7 +17,10 @@ def test_quick_profile_runs_and_writes_its_packet(track, tmp_path):
     t0 = time.monotonic()
     res = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "run", track, "--no-progress", "-o", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = Path(res.stdout.strip().splitlines()[-1])

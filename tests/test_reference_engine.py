@@ -15,9 +15,7 @@ CFG = EngineConfig(kind="reference", max_batch_size=8)
 
 @pytest.fixture(scope="module")
 def prompts():
-    reqs = synthetic_requests(
-        WorkloadSpec(num_requests=6, warmup_requests=0, input_len=Uniform(low=3, high=90)), vocab_size=2048, seed=5
-    )
+    reqs = synthetic_requests(WorkloadSpec(num_requests=6, warmup_requests=0, input_len=Uniform(low=3, high=90)), vocab_size=2048, seed=5)
     return [list(r.prompt_token_ids) for r in reqs]
 
 
@@ -41,7 +39,7 @@ async def _generate_all(cfg: EngineConfig, prompts: list[list[int]], max_tokens:
 
 
 def test_batched_greedy_equals_unbatched(prompts):
-    batched, engine = asyncio.run(_generate_all(CFG, prompts, 20, concurrent=True))
+    batched, _engine = asyncio.run(_generate_all(CFG, prompts, 20, concurrent=True))
     single, _ = asyncio.run(_generate_all(CFG, prompts, 20, concurrent=False))
     assert batched == single
     assert all(len(o) == 20 for o in batched)
@@ -139,7 +137,7 @@ def test_any_hf_config_or_local_model_folder(tmp_path):
     small.model.save_pretrained(folder)
     loaded = ReferenceModel(CFG.model_copy(update={"model": str(folder), "weight_seed": 99}))
     assert loaded.name == str(folder)
-    for (n, a), (_, b) in zip(small.model.named_parameters(), loaded.model.named_parameters()):
+    for (n, a), (_, b) in zip(small.model.named_parameters(), loaded.model.named_parameters(), strict=True):
         assert torch.equal(a, b), n
     p = list(range(10))
     assert small.prefill(p, 12)[0] == loaded.prefill(p, 12)[0]

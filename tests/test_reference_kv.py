@@ -38,7 +38,7 @@ async def _with_engines(n, body, cfg=CFG):
 
 def _inject(engine, prefilled, max_tokens, corrupt_layer=None):
     state, dsts = engine.import_kv(prefilled.num_tokens, prefilled.num_tokens + max_tokens)
-    for li, (src, dst) in enumerate(zip(prefilled.layers, dsts)):
+    for li, (src, dst) in enumerate(zip(prefilled.layers, dsts, strict=True)):
         dst.copy_(src)
         if li == corrupt_layer:
             dst.mul_(-1.0)
@@ -55,7 +55,7 @@ def test_exported_kv_continues_on_another_engine_exactly():
             assert [tuple(t.shape) for t in pre.layers] == [(2, 2, len(p), 64)] * 4  # [K/V, kv_heads, n, head_dim]
             assert pre.server["prefill_s"] > 0 and pre.server["server_queue_s"] >= 0
             state = _inject(decode, pre, 10)
-            got, server = await _collect(decode.generate_injected(_req(i, p), pre.first_token, state))
+            got, _server = await _collect(decode.generate_injected(_req(i, p), pre.first_token, state))
             broken = await _collect(decode.generate_injected(_req(i, p), pre.first_token, _inject(decode, pre, 10, corrupt_layer=1)))
             out.append((ref, got, broken[0], pre.first_token))
         return out
@@ -71,9 +71,9 @@ def test_exported_kv_continues_on_another_engine_exactly():
 def test_prefill_export_finishes_after_one_token_and_refuses_too_long_prompts():
     async def body(engine):
         pre = await engine.prefill_export(_req(0, PROMPTS[0], max_tokens=50))
-        with pytest.raises(RuntimeError, match="exceeds engine.max_model_len"):
+        with pytest.raises(RuntimeError, match=r"exceeds engine.max_model_len"):
             await engine.prefill_export(_req(1, [1] * 60, max_tokens=10))
-        with pytest.raises(ValueError, match="exceeds engine.max_model_len"):
+        with pytest.raises(ValueError, match=r"exceeds engine.max_model_len"):
             engine.import_kv(60, 70)
         return pre
 

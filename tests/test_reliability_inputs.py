@@ -172,7 +172,12 @@ def test_request_errors_are_one_line_in_tables_and_whole_in_the_log():
     rows = pa.table({"error": [None, tb, "HTTP 500: short", tb], "ok": [True, False, False, False]})
     out, logged = one_line_errors(rows)
     assert out is not None and out.schema == rows.schema
-    assert out["error"].to_pylist() == [None, "ActorDiedError: The actor died unexpectedly", "HTTP 500: short", "ActorDiedError: The actor died unexpectedly"]
+    assert out["error"].to_pylist() == [
+        None,
+        "ActorDiedError: The actor died unexpectedly",
+        "HTTP 500: short",
+        "ActorDiedError: The actor died unexpectedly",
+    ]
     assert logged == [tb]  # each long text once
     clean = rows.slice(2, 1)
     assert one_line_errors(clean) == (clean, [])
@@ -267,8 +272,17 @@ def test_runs_pull_to_a_file_is_one_line(tmp_path):
         ({"kind": "simulated", "device": "cuda"}, "engine.device"),
         ({"kind": "simulated", "weight_seed": 7}, "engine.weight_seed"),
     ],
-    ids=["vllm-args-on-reference", "vllm-args-on-simulated", "law-on-reference", "law-on-vllm", "threads-on-vllm",
-         "threads-on-simulated", "device-on-vllm", "device-on-simulated", "weight-seed-on-simulated"],
+    ids=[
+        "vllm-args-on-reference",
+        "vllm-args-on-simulated",
+        "law-on-reference",
+        "law-on-vllm",
+        "threads-on-vllm",
+        "threads-on-simulated",
+        "device-on-vllm",
+        "device-on-simulated",
+        "weight-seed-on-simulated",
+    ],
 )
 def test_engine_options_meaningless_to_the_engine_are_refused(engine, field):
     with pytest.raises(ConfigError, match=rf"  {field}: means nothing to engine.kind '{engine['kind']}'"):
@@ -287,12 +301,13 @@ def test_simulate_over_a_config_with_reference_only_options_names_the_field(tmp_
 
 
 def test_out_with_resume_is_refused(tmp_path):
-    _one_line_error(_cli("run", "e0", "--simulate", "--resume", str(tmp_path), "--out", str(tmp_path / "o")),
-                    "--out and --resume exclude each other")
+    _one_line_error(
+        _cli("run", "e0", "--simulate", "--resume", str(tmp_path), "--out", str(tmp_path / "o")), "--out and --resume exclude each other"
+    )
 
 
 def test_serve_refuses_engine_options_of_another_engine():
     from cluster.serve import serve_spec
 
-    with pytest.raises(ConfigError, match="engine.vllm: means nothing"):
+    with pytest.raises(ConfigError, match=r"engine.vllm: means nothing"):
         serve_spec({"engine": {"kind": "reference", "vllm": {"enforce_eager": True}}}, {})

@@ -238,7 +238,10 @@ def test_a_resume_while_another_process_holds_the_run_is_refused(finished_e1):
 
     from cluster.resume import LOCK_FILE
 
-    hold = "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)"
+    hold = (
+        "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+        "print('held', flush=True); time.sleep(120)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", hold, str(finished_e1 / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

@@ -14,9 +14,15 @@ from analysis.tracks.e2 import E2Analysis, offered_vs_achieved, points
 from analysis.tracks.e3 import counts_text, evidence
 
 CONFIG = {
-    "track": "e0", "seed": 7,
-    "workload": {"num_requests": 6, "warmup_requests": 2, "input_len": {"kind": "uniform", "low": 16, "high": 128},
-                 "output_len": {"kind": "fixed", "value": 3}, "arrival": {"kind": "closed", "concurrency": 4}},
+    "track": "e0",
+    "seed": 7,
+    "workload": {
+        "num_requests": 6,
+        "warmup_requests": 2,
+        "input_len": {"kind": "uniform", "low": 16, "high": 128},
+        "output_len": {"kind": "fixed", "value": 3},
+        "arrival": {"kind": "closed", "concurrency": 4},
+    },
     "slo": {"ttft_s": 0.5, "tpot_s": 0.05, "e2e_s": None, "attainment": 0.9},
     "params": {"repeats": 2, "tolerance": 0.25},
 }
@@ -27,11 +33,32 @@ def _rows(cell, n=6, warm=2, slow=1.0):
     for i in range(warm + n):
         t0 = 0.1 * i
         rows.append(
-            {"run_id": "r", "cell_id": cell, "request_id": f"q{i}", "serving_mode": "aggregated", "engine": "reference",
-             "warmup": i < warm, "ok": True, "error": None, "input_tokens": 16 + i, "output_tokens": 3, "t_scheduled": t0,
-             "t_sent": t0, "t_first_token": t0 + 0.02 * slow, "t_last_token": t0 + 0.06 * slow, "ttft_s": 0.02 * slow,
-             "tpot_s": 0.02 * slow, "e2e_s": 0.06 * slow, "queue_delay_s": 0.0, "itl_s": [0.02 * slow, 0.02 * slow],
-             "server_queue_s": 0.0, "prefill_s": 0.01, "transfer_s": None, "first_decode_s": 0.005, "output_token_ids": [1, 2, 3]}
+            {
+                "run_id": "r",
+                "cell_id": cell,
+                "request_id": f"q{i}",
+                "serving_mode": "aggregated",
+                "engine": "reference",
+                "warmup": i < warm,
+                "ok": True,
+                "error": None,
+                "input_tokens": 16 + i,
+                "output_tokens": 3,
+                "t_scheduled": t0,
+                "t_sent": t0,
+                "t_first_token": t0 + 0.02 * slow,
+                "t_last_token": t0 + 0.06 * slow,
+                "ttft_s": 0.02 * slow,
+                "tpot_s": 0.02 * slow,
+                "e2e_s": 0.06 * slow,
+                "queue_delay_s": 0.0,
+                "itl_s": [0.02 * slow, 0.02 * slow],
+                "server_queue_s": 0.0,
+                "prefill_s": 0.01,
+                "transfer_s": None,
+                "first_decode_s": 0.005,
+                "output_token_ids": [1, 2, 3],
+            }
         )
     return rows
 
@@ -39,15 +66,38 @@ def _rows(cell, n=6, warm=2, slow=1.0):
 def packet(tmp_path, track="e0", n_cells=2):
     names = [f"rep{i}" for i in range(n_cells)]
     df = pd.DataFrame([r for i, c in enumerate(names) for r in _rows(c, slow=1 + 0.1 * i)])
-    cells = {c: {"status": "ok", "serving_mode": "aggregated", "config_hash": "h", "labels": {"repeat": i},
-                 "host_load": {"cores": 2, "wall_s": 5.0, "load_avg_1m": 1.5, "cpu_busy_percent": 80.0, "cpu_steal_percent": 0.0,
-                               "other_processes_cpu_percent": 20.0}}
-             for i, c in enumerate(names)}
+    cells = {
+        c: {
+            "status": "ok",
+            "serving_mode": "aggregated",
+            "config_hash": "h",
+            "labels": {"repeat": i},
+            "host_load": {
+                "cores": 2,
+                "wall_s": 5.0,
+                "load_avg_1m": 1.5,
+                "cpu_busy_percent": 80.0,
+                "cpu_steal_percent": 0.0,
+                "other_processes_cpu_percent": 20.0,
+            },
+        }
+        for i, c in enumerate(names)
+    }
     summary = build_summary(track, "r", "real", df, cells, CONFIG["slo"], CONFIG["params"])
     write_parquet(tmp_path / "requests.parquet", df)
     write_json(tmp_path / "summary.json", summary)
-    write_json(tmp_path / "manifest.json", {"run_id": "r", "track": track, "evidence": "real", "engine": "reference", "status": "complete",
-                                            "serving_modes": ["aggregated"], "model": {"name": "tiny"}})
+    write_json(
+        tmp_path / "manifest.json",
+        {
+            "run_id": "r",
+            "track": track,
+            "evidence": "real",
+            "engine": "reference",
+            "status": "complete",
+            "serving_modes": ["aggregated"],
+            "model": {"name": "tiny"},
+        },
+    )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({**CONFIG, "track": track}))
     return load_packet(tmp_path)
 
@@ -57,15 +107,23 @@ def test_headline_and_workload_come_first_with_readable_units(tmp_path):
     md = render_markdown(p, sections(p))
     order = [md.index(t) for t in ("## Headline", "## Workload and SLOs", "## Cells", "## Run", "| run id |", "## E0 verdict")]
     assert order == sorted(order), "verdict and workload before the run facts and the cells"
-    head = md[md.index("## Headline"):md.index("## Workload")]
+    head = md[md.index("## Headline") : md.index("## Workload")]
     assert "| verdict | reproducible |" in head and "correctness" in head and "host load" in head
-    for text in ("uniform 16–128", "closed loop, 4 concurrent users", "≤ 500 ms", "≤ 50 ms", "| SLO: E2E | not checked |",
-                 "| warm-up requests per cell | 2 (sent first", "| attainment target (max-rate goodput) | 90.0% |", "| seed | 7 |"):
+    for text in (
+        "uniform 16–128",
+        "closed loop, 4 concurrent users",
+        "≤ 500 ms",
+        "≤ 50 ms",
+        "| SLO: E2E | not checked |",
+        "| warm-up requests per cell | 2 (sent first",
+        "| attainment target (max-rate goodput) | 90.0% |",
+        "| seed | 7 |",
+    ):
         assert text in md, text
-    cells = md[md.index("## Cells"):md.index("## Host load")]
+    cells = md[md.index("## Cells") : md.index("## Host load")]
     assert "TTFT p50 (ms)" in cells and "| 20 |" in cells and "| 22.0 |" in cells and "100%" in cells and "| 6/6 |" in cells
     assert "Small samples (every cell has 6 measured requests)" in cells
-    load = md[md.index("## Host load"):md.index("## Run")]
+    load = md[md.index("## Host load") : md.index("## Run")]
     assert "| rep0 | 2 | 1.50 | 80% | 0.0% | 20% |" in load
     assert not re.search(r"\bnan\b|\bNone\b|\{'", md)
 
@@ -79,7 +137,10 @@ def test_percentile_curves_and_a_timeline_for_every_cell(tmp_path):
     itl = [t for t in cdf.data if t.xaxis == "x3"]
     assert [t.name for t in itl] == ["rep0", "rep1"] and len(itl[0].x) == 12, "every gap of the 6 measured requests"
     assert max(itl[0].y) == 100
-    assert [f.layout.title.text.split(",")[1].split("(")[0].strip() for f in secs["Request timelines"].figures] == ["cell rep0", "cell rep1"]
+    assert [f.layout.title.text.split(",")[1].split("(")[0].strip() for f in secs["Request timelines"].figures] == [
+        "cell rep0",
+        "cell rep1",
+    ]
 
 
 def test_a_series_keeps_its_colour_in_every_panel(tmp_path):
@@ -124,13 +185,31 @@ def test_e2_colours_offered_vs_achieved_and_no_raw_names():
     cells = {}
     for series, b in (("poisson", 1.0), ("gamma0.25", 0.25)):
         for r in (2.0, 4.0):
-            cells[f"{series}-r{r}"] = {"status": "ok", "labels": {"phase": "sweep", "arrival": series, "rate": r, "burstiness": b},
-                                       "metrics": {"request_throughput_rps": r * 0.9, "output_token_throughput_tps": r * 10,
-                                                   "ttft_s": {"p99": 0.1 * r}, "tpot_s": {"p50": 0.01 * r}, "slo_attainment": 1 / r,
-                                                   "goodput_rps": r / 2, "slo": {"attainment": 0.9}}}
-    cells["closed-c1"] = {"status": "ok", "labels": {"phase": "closed", "concurrency": 1},
-                          "metrics": {"request_throughput_rps": 3.0, "output_token_throughput_tps": 30.0, "ttft_s": {"p99": 0.1},
-                                      "tpot_s": {"p50": 0.01}, "slo_attainment": 1.0, "goodput_rps": 3.0}}
+            cells[f"{series}-r{r}"] = {
+                "status": "ok",
+                "labels": {"phase": "sweep", "arrival": series, "rate": r, "burstiness": b},
+                "metrics": {
+                    "request_throughput_rps": r * 0.9,
+                    "output_token_throughput_tps": r * 10,
+                    "ttft_s": {"p99": 0.1 * r},
+                    "tpot_s": {"p50": 0.01 * r},
+                    "slo_attainment": 1 / r,
+                    "goodput_rps": r / 2,
+                    "slo": {"attainment": 0.9},
+                },
+            }
+    cells["closed-c1"] = {
+        "status": "ok",
+        "labels": {"phase": "closed", "concurrency": 1},
+        "metrics": {
+            "request_throughput_rps": 3.0,
+            "output_token_throughput_tps": 30.0,
+            "ttft_s": {"p99": 0.1},
+            "tpot_s": {"p50": 0.01},
+            "slo_attainment": 1.0,
+            "goodput_rps": 3.0,
+        },
+    }
     a = E2Analysis()
     summary = {"cells": cells, "verdicts": a.verdicts(pd.DataFrame(), cells, {"search": {"enabled": False}})}
     req = pd.DataFrame([{"cell_id": c, "warmup": False, "t_sent": i / 2.0} for c in cells for i in range(5)])
@@ -152,9 +231,13 @@ def test_e2_colours_offered_vs_achieved_and_no_raw_names():
 def test_e3_evidence_is_prose_and_counts_explain_the_warm_up():
     req = pd.DataFrame([{"serving_mode": m, "warmup": i < 2} for m in ("aggregated", "disaggregated") for i in range(8)])
     assert counts_text(req) == "aggregated 8 (2 warm-up + 6 measured), disaggregated 8 (2 warm-up + 6 measured)"
-    assert evidence({"requests_compared": 8, "mismatches": [], "missing": []}, {}) == "8 requests compared (warm-up included); all identical"
-    assert evidence({"aggregated": 0, "disaggregated": 1}, {"aggregated": 8, "disaggregated": 8}) == \
-        "aggregated: 0 failed of 8, disaggregated: 1 failed of 8"
+    assert (
+        evidence({"requests_compared": 8, "mismatches": [], "missing": []}, {}) == "8 requests compared (warm-up included); all identical"
+    )
+    assert (
+        evidence({"aggregated": 0, "disaggregated": 1}, {"aggregated": 8, "disaggregated": 8})
+        == "aggregated: 0 failed of 8, disaggregated: 1 failed of 8"
+    )
     assert evidence({"exact": 6, "within_padding": 2, "outside": 0}, {}) == "6 exact, 2 within block padding, 0 outside"
 
 

@@ -2,12 +2,12 @@
 error, and nothing is fetched from outside the file."""
 
 import pytest
-
-from analysis.compare import compare
-from analysis.report import write_reports
 from browser import ensure_chromium, visit
 from test_compare import fake_run
 from test_report import packet
+
+from analysis.compare import compare
+from analysis.report import write_reports
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,11 @@ def test_the_check_sees_errors_and_outside_requests(chromium, tmp_path):
     p = packet(tmp_path)
     write_reports(p)
     page = (tmp_path / "report.html").read_text()
-    bad = page.replace("</body>", "<script src='https://cdn.example.com/x.js'></script><script>console.error('boom');"
-                                  "document.querySelector('.plotly-graph-div').innerHTML = ''</script></body>")
+    bad = page.replace(
+        "</body>",
+        "<script src='https://cdn.example.com/x.js'></script><script>console.error('boom');"
+        "document.querySelector('.plotly-graph-div').innerHTML = ''</script></body>",
+    )
     (tmp_path / "bad.html").write_text(bad)
     seen = visit(chromium, tmp_path / "bad.html")
     assert "boom" in " ".join(seen.console_errors)

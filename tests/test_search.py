@@ -19,7 +19,7 @@ def run_search(true_rate: float, low: float, high: float, resolution: float, max
 
 @pytest.mark.parametrize("true_rate", [2.3, 5.0, 7.77, 9.9])
 def test_bisection_brackets_the_true_rate_within_one_step(true_rate):
-    b, points, _ = run_search(true_rate, low=1.0, high=10.0, resolution=0.25)
+    b, _points, _ = run_search(true_rate, low=1.0, high=10.0, resolution=0.25)
     assert b.status == "bracketed"
     assert b.passing <= true_rate < b.failing
     assert b.width <= 0.25 and abs(b.passing - true_rate) <= 0.25
@@ -69,7 +69,9 @@ def test_the_report_brackets_the_same_rates_the_search_passed_and_failed():
 
     attained = {1.0: 0.95, 2.0: 0.9, 4.0: 0.5}  # 0.9 is exactly the target: it passes in both
     done = {
-        f"c{r}": CellOutcome(f"c{r}", {"phase": "search", "burstiness": 1.0, "rate": r}, True, None, {"slo_attainment": a, "slo": {"attainment": 0.9}})
+        f"c{r}": CellOutcome(
+            f"c{r}", {"phase": "search", "burstiness": 1.0, "rate": r}, True, None, {"slo_attainment": a, "slo": {"attainment": 0.9}}
+        )
         for r, a in attained.items()
     }
     search = bracket(probe_points(done, 1.0))
@@ -78,4 +80,8 @@ def test_the_report_brackets_the_same_rates_the_search_passed_and_failed():
     )
     report = max_rate_goodput(df, {}, gpus=1)  # no params: the track's own search defaults
     assert report is not None
-    assert (report["rate_rps"], report["first_failing_rps"], report["status"]) == (search.passing, search.failing, search.status) == (2.0, 4.0, "bracketed")
+    assert (
+        (report["rate_rps"], report["first_failing_rps"], report["status"])
+        == (search.passing, search.failing, search.status)
+        == (2.0, 4.0, "bracketed")
+    )

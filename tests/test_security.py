@@ -142,26 +142,55 @@ def test_html_report_escapes_model_and_dataset_text(tmp_path):
         for i in range(3):
             rows.append(
                 {
-                    "run_id": "r", "cell_id": c, "request_id": f"{PAYLOAD}{i}", "serving_mode": "aggregated", "engine": "reference",
-                    "warmup": False, "ok": True, "error": None, "input_tokens": 4, "output_tokens": 3,
-                    "t_scheduled": 0.0, "t_sent": 0.01 * i, "t_first_token": 0.1 + i, "t_last_token": 0.3 + i,
-                    "ttft_s": 0.1, "tpot_s": 0.1, "e2e_s": 0.3, "queue_delay_s": 0.0, "itl_s": [0.1, 0.1],
-                    "server_queue_s": 0.0, "prefill_s": 0.05, "transfer_s": None, "first_decode_s": 0.0,
+                    "run_id": "r",
+                    "cell_id": c,
+                    "request_id": f"{PAYLOAD}{i}",
+                    "serving_mode": "aggregated",
+                    "engine": "reference",
+                    "warmup": False,
+                    "ok": True,
+                    "error": None,
+                    "input_tokens": 4,
+                    "output_tokens": 3,
+                    "t_scheduled": 0.0,
+                    "t_sent": 0.01 * i,
+                    "t_first_token": 0.1 + i,
+                    "t_last_token": 0.3 + i,
+                    "ttft_s": 0.1,
+                    "tpot_s": 0.1,
+                    "e2e_s": 0.3,
+                    "queue_delay_s": 0.0,
+                    "itl_s": [0.1, 0.1],
+                    "server_queue_s": 0.0,
+                    "prefill_s": 0.05,
+                    "transfer_s": None,
+                    "first_decode_s": 0.0,
                     "output_token_ids": [1, 2, 3],
                 }
             )
     write_parquet(tmp_path / "requests.parquet", pd.DataFrame(rows))
     write_json(
         tmp_path / "manifest.json",
-        {"run_id": "r", "track": "e0", "evidence": "real", "engine": "reference", "serving_modes": ["aggregated"],
-         "model": {"name": f"model{PAYLOAD}", "architecture_hash": PAYLOAD}, "status": "partial"},
+        {
+            "run_id": "r",
+            "track": "e0",
+            "evidence": "real",
+            "engine": "reference",
+            "serving_modes": ["aggregated"],
+            "model": {"name": f"model{PAYLOAD}", "architecture_hash": PAYLOAD},
+            "status": "partial",
+        },
     )
     write_json(
         tmp_path / "summary.json",
-        {"run_id": "r", "track": "e0", "evidence": "real",
-         "cells": {c: {"status": "ok", "serving_mode": "aggregated", "metrics": None} for c in cells}
-         | {"bad": {"status": "failed", "error": f"engine said {PAYLOAD}"}},
-         "verdicts": {}},
+        {
+            "run_id": "r",
+            "track": "e0",
+            "evidence": "real",
+            "cells": {c: {"status": "ok", "serving_mode": "aggregated", "metrics": None} for c in cells}
+            | {"bad": {"status": "failed", "error": f"engine said {PAYLOAD}"}},
+            "verdicts": {},
+        },
     )
     packet = load_packet(tmp_path)
     write_reports(packet)

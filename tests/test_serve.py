@@ -95,7 +95,9 @@ def test_stream_and_whole_agree(served):
     assert whole["choices"][0]["text"] == "".join(f" {i}" for i in ids)
     streamed, events = [], []
     with httpx.stream(
-        "POST", f"{url}/v1/completions", timeout=60,
+        "POST",
+        f"{url}/v1/completions",
+        timeout=60,
         json={"model": MODEL, "prompt": [3, 1, 4, 1, 5], "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}},
     ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -148,8 +150,13 @@ def test_max_completion_tokens_is_honoured_over_http(served):
 def test_vllm_bench_default_request_with_text(served_tok):
     """`vllm bench serve`'s default (--backend openai → /v1/completions), body as vLLM 0.26 builds it."""
     body = {
-        "model": MODEL, "prompt": "t10 t20 t30 t40", "repetition_penalty": 1.0, "max_tokens": 5, "logprobs": None,
-        "stream": True, "stream_options": {"include_usage": True},
+        "model": MODEL,
+        "prompt": "t10 t20 t30 t40",
+        "repetition_penalty": 1.0,
+        "max_tokens": 5,
+        "logprobs": None,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
     chunks = _sse(served_tok, "/v1/completions", body)
     texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
@@ -164,14 +171,21 @@ def test_vllm_bench_default_request_with_text(served_tok):
 def test_chat_streaming_and_whole_agree(served_tok):
     msgs = [{"role": "user", "content": "t10 t20 t30 t40"}]
     # vllm bench serve --backend openai-chat, and aiperf --streaming (chat is aiperf's default endpoint)
-    chunks = _sse(served_tok, "/v1/chat/completions",
-                  {"model": MODEL, "messages": msgs, "max_completion_tokens": 5, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = _sse(
+        served_tok,
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": msgs, "max_completion_tokens": 5, "stream": True, "stream_options": {"include_usage": True}},
+    )
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert chunks[0]["object"] == "chat.completion.chunk" and deltas[0]["role"] == "assistant" and deltas[0]["content"]
     streamed = "".join(d["content"] for d in deltas)
     assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
     # aiperf's default request: not streamed
-    r = httpx.post(f"{served_tok}/v1/chat/completions", json={"messages": msgs, "model": MODEL, "stream": False, "max_completion_tokens": 5}, timeout=60)
+    r = httpx.post(
+        f"{served_tok}/v1/chat/completions",
+        json={"messages": msgs, "model": MODEL, "stream": False, "max_completion_tokens": 5},
+        timeout=60,
+    )
     whole = r.json()
     assert r.status_code == 200 and whole["object"] == "chat.completion"
     assert whole["choices"][0]["message"] == {"role": "assistant", "content": streamed} and whole["choices"][0]["finish_reason"] == "length"
@@ -242,7 +256,7 @@ def test_http_backend_drives_the_endpoint_with_greedy_tokens_and_timestamps(serv
         async def all_direct():
             return await asyncio.gather(*(direct(s) for s in reqs))
 
-        expected = dict(zip([s.request_id for s in reqs], asyncio.run(all_direct())))
+        expected = dict(zip([s.request_id for s in reqs], asyncio.run(all_direct()), strict=True))
     finally:
         ray.kill(engine)
     for row in df.itertuples():
@@ -285,7 +299,11 @@ def test_cli_serve_defaults_to_loopback(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--name", "pdbench-cli"],
-        cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         url = proc.stdout.readline().strip()  # printed once the app is deployed and serving
@@ -302,15 +320,17 @@ def test_cli_serve_defaults_to_loopback(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            out, err = proc.communicate(timeout=120)
+            _, err = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, err = proc.communicate()
+            _, err = proc.communicate()
     assert proc.returncode == 0, err[-3000:]
     assert "stopped" in err
 
 
-@pytest.mark.parametrize("track,why", [("e3", "compares serving modes"), ("e5", "sets the engine per cell"), ("e6", "sets the engine per cell")])
+@pytest.mark.parametrize(
+    "track,why", [("e3", "compares serving modes"), ("e5", "sets the engine per cell"), ("e6", "sets the engine per cell")]
+)
 def test_target_is_refused_where_the_track_needs_our_engines(track, why):
     from cluster.config import ConfigError
     from cluster.planning import plan_cells
@@ -332,7 +352,7 @@ def test_serve_refuses_a_simulated_engine():
     from cluster.config import ConfigError
     from cluster.serve import serve_spec
 
-    with _pytest.raises(ConfigError, match="engine.kind: pdbench serve runs real engines only"):
+    with _pytest.raises(ConfigError, match=r"engine.kind: pdbench serve runs real engines only"):
         serve_spec({"engine": {"kind": "simulated"}}, {})
 
 
@@ -389,11 +409,11 @@ def test_replica_urls_say_why_when_serve_cannot_list_them(monkeypatch):
     from cluster import serve as srv
 
     class Controller:
-        class get_target_groups:  # noqa: N801 (Ray's method name)
+        class get_target_groups:
             @staticmethod
             def remote(_):
                 raise AttributeError("no get_target_groups in this Ray")
 
     monkeypatch.setattr(srv.serve.context, "_get_global_client", lambda: type("C", (), {"_controller": Controller})())
-    with pytest.raises(RuntimeError, match="did not list the replicas' ports .*no get_target_groups"):
+    with pytest.raises(RuntimeError, match=r"did not list the replicas' ports .*no get_target_groups"):
         srv.replica_urls(srv.serve_spec({}, {}), "127.0.0.1", 8000)

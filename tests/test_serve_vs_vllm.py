@@ -22,7 +22,9 @@ FIXTURE = ROOT / "tests" / "data" / "vllm_bench_serve_0.26.json"
 
 
 def _cfg(model: Path = Path("/m"), **kw):
-    a = Namespace(engine="vllm", max_model_len=4096, max_batch_size=64, gpu_memory_utilization=0.28, max_num_batched_tokens=8192, eager=False)
+    a = Namespace(
+        engine="vllm", max_model_len=4096, max_batch_size=64, gpu_memory_utilization=0.28, max_num_batched_tokens=8192, eager=False
+    )
     return svv.engine_config(model, Namespace(**{**vars(a), **kw}))
 
 
@@ -30,9 +32,19 @@ def test_vllm_serve_gets_pdbenchs_engine_arguments_flag_for_flag():
     cmd = svv.vllm_serve_command(_cfg(), Path("/m"), "qwen3-8b", 8100)
     assert cmd[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "/m"]
     flags = " ".join(cmd[5:])
-    for f in ("--dtype bfloat16", "--max-model-len 4096", "--max-num-seqs 64", "--seed 0", "--no-enable-prefix-caching",
-              "--load-format dummy", "--gpu-memory-utilization 0.28", "--served-model-name qwen3-8b", "--tokenizer /m", "--port 8100",
-              "--max-num-batched-tokens 8192"):
+    for f in (
+        "--dtype bfloat16",
+        "--max-model-len 4096",
+        "--max-num-seqs 64",
+        "--seed 0",
+        "--no-enable-prefix-caching",
+        "--load-format dummy",
+        "--gpu-memory-utilization 0.28",
+        "--served-model-name qwen3-8b",
+        "--tokenizer /m",
+        "--port 8100",
+        "--max-num-batched-tokens 8192",
+    ):
         assert f in flags, f
     # store_true-only flags have no --no- form in vLLM; pdbench-only arguments stay out.
     assert "disable-log-stats" not in flags and "worker-extension" not in flags and "skip-tokenizer" not in flags
@@ -49,12 +61,24 @@ def test_one_bench_command_for_every_server_with_the_default_endpoint(tmp_path):
     assert [x for x in a if "8100" not in x] == [x for x in b if "8101" not in x]
     assert "--backend" not in a and "--endpoint" not in a
     s = " ".join(a)
-    for f in ("--dataset-name random", "--random-input-len 1024", "--random-output-len 64", "--num-prompts 64",
-              "--max-concurrency 8", "--temperature 0", "--ignore-eos", "--metric-percentiles 50,90,99"):
+    for f in (
+        "--dataset-name random",
+        "--random-input-len 1024",
+        "--random-output-len 64",
+        "--num-prompts 64",
+        "--max-concurrency 8",
+        "--temperature 0",
+        "--ignore-eos",
+        "--metric-percentiles 50,90,99",
+    ):
         assert f in s, f
     peer = svv.peer_check_command("http://h:1", "m", tmp_path, tmp_path / "p.json")
     assert [x for x in peer if x.startswith("--") and x not in ("--save-result", "--result-dir", "--result-filename")] == [
-        "--base-url", "--model", "--tokenizer", "--num-prompts"]
+        "--base-url",
+        "--model",
+        "--tokenizer",
+        "--num-prompts",
+    ]
 
 
 def test_servers_and_placement():
@@ -141,7 +165,9 @@ def test_greedy_token_probe_over_http():
     def handler(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         seen.append(body)
-        return httpx.Response(200, json={"choices": [{"index": 0, "text": "", "token_ids": [p % 7 for p in body["prompt"][:body["max_tokens"]]]}]})
+        return httpx.Response(
+            200, json={"choices": [{"index": 0, "text": "", "token_ids": [p % 7 for p in body["prompt"][: body["max_tokens"]]]}]}
+        )
 
     prompts = svv.probe_prompts(100)
     assert len(prompts) == 3 and all(len(p) == 64 and max(p) < 100 for p in prompts) and prompts == svv.probe_prompts(100)

@@ -81,7 +81,7 @@ def test_e2_rounds_capacity_then_sweep_then_bisection():
     track, params = get_track("e2"), get_track("e2").params_model.model_validate(cfg.params)
     first = plan_cells(cfg)
     assert [c.cell_id for c in first] == ["closed-c1", "closed-c4"]
-    done = {c.cell_id: _outcome(c, rps=r) for c, r in zip(first, (4.0, 10.0))}
+    done = {c.cell_id: _outcome(c, rps=r) for c, r in zip(first, (4.0, 10.0), strict=True)}
     sweep = track.next_cells(cfg.workload, params, done)
     assert {c.cell_id for c in sweep} == {"poisson-r5", "poisson-r10", "gamma0.5-r5", "gamma0.5-r10"}
     assert {type(c.workload.arrival) for c in sweep} == {Poisson, Gamma}
@@ -119,7 +119,7 @@ def test_e2_failed_probe_stops_the_search():
 
 
 def test_e2_needs_capacity_or_absolute_rates():
-    with pytest.raises(ConfigError, match="params: .*concurrencies is empty"):
+    with pytest.raises(ConfigError, match=r"params: .*concurrencies is empty"):
         resolve("e2", {"params": {"concurrencies": []}})
     with pytest.raises(ConfigError, match=r"params.search: .*low \(5.0\) must be < high"):
         resolve("e2", {"params": {"search": {"low": 5, "high": 2, "resolution": 1}}})
@@ -144,7 +144,7 @@ def test_e4_cells_carry_prompts_answers_and_provenance():
 def test_e4_bad_dataset_source_is_a_config_error():
     with pytest.raises(ConfigError, match=r"params.datasets\[0\].source: no such file"):
         plan_cells(resolve("e4", {"params": {"datasets": [{"family": "gsm8k", "n": 5, "source": "/nope.jsonl"}]}}))
-    with pytest.raises(ConfigError, match="workload.arrival: E4 sends dataset items closed loop"):
+    with pytest.raises(ConfigError, match=r"workload.arrival: E4 sends dataset items closed loop"):
         plan_cells(resolve("e4", {"workload": {"arrival": {"kind": "poisson", "rate": 2}}}))
 
 
@@ -154,7 +154,7 @@ def test_e5_grid_holds_each_wave_at_once():
     c = cells[1]
     assert c.workload.num_requests == 3 and c.workload.arrival == ClosedLoop(concurrency=3)
     assert c.workload.input_len.value + c.workload.output_len.value == 100 and c.engine_overrides == {"max_batch_size": 3}
-    with pytest.raises(ConfigError, match="params: .*leave no prompt"):
+    with pytest.raises(ConfigError, match=r"params: .*leave no prompt"):
         resolve("e5", {"params": {"contexts": [4], "output_len": 4}})
 
 
@@ -163,7 +163,7 @@ def test_e6_ladder_yarn_per_rung_and_exact_prompt_lengths():
     cells = plan_cells(cfg)
     assert [c.labels["context"] for c in cells] == [300, 600, 1200]
     assert "hf_overrides" not in cells[0].engine_overrides
-    for c, m in zip(cells[1:], (2, 4)):
+    for c, m in zip(cells[1:], (2, 4), strict=True):
         rope = c.engine_overrides["hf_overrides"]["rope_parameters"]
         assert rope == {"rope_type": "yarn", "factor": float(m), "original_max_position_embeddings": 300, "rope_theta": 1e6}
         assert c.engine_overrides["max_model_len"] == 300 * m

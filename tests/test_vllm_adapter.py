@@ -27,8 +27,9 @@ def test_real_weights_load_normally_and_overrides_win():
 
 
 def test_server_stats_are_differences_of_the_engine_clock():
-    m = SimpleNamespace(queued_ts=100.0, scheduled_ts=100.25, first_token_ts=100.75, last_token_ts=102.0,
-                        first_token_latency=0.8, num_generation_tokens=9)
+    m = SimpleNamespace(
+        queued_ts=100.0, scheduled_ts=100.25, first_token_ts=100.75, last_token_ts=102.0, first_token_latency=0.8, num_generation_tokens=9
+    )
     out = SimpleNamespace(metrics=m, num_cached_tokens=0)
     s = VllmEngine._server_stats(out, t_q=5.0, now=7.5)
     assert s["server_queue_s"] == 0.25 and s["prefill_s"] == 0.5 and s["vllm_decode_s"] == 1.25
@@ -43,8 +44,17 @@ def test_missing_stats_leave_breakdown_empty():
 def test_memory_report_from_vllm_profiler_numbers():
     from actors.engines.vllm_engine import memory_report
 
-    raw = {"weights_bytes": 16, "kv_cache_bytes": 50, "activation_peak_bytes": 4, "non_torch_bytes": 2,
-           "cudagraph_bytes": 1, "device_total_bytes": 80, "num_gpu_blocks": 10, "block_size": 16, "device": "cuda:0"}
+    raw = {
+        "weights_bytes": 16,
+        "kv_cache_bytes": 50,
+        "activation_peak_bytes": 4,
+        "non_torch_bytes": 2,
+        "cudagraph_bytes": 1,
+        "device_total_bytes": 80,
+        "num_gpu_blocks": 10,
+        "block_size": 16,
+        "device": "cuda:0",
+    }
     m = memory_report(raw)
     assert m.measured and m.other_bytes == 3 and m.total_bytes == 73 and m.kv_cache_tokens == 160
     assert m.device == "cuda:0" and m.detail == raw
@@ -256,8 +266,12 @@ def test_scheduler_settings_read_what_vllm_resolved():
     from actors.engines.vllm_engine import scheduler_settings
 
     old = SimpleNamespace(max_num_batched_tokens=2048, max_num_seqs=64, enable_chunked_prefill=True)  # no async_scheduling field
-    assert scheduler_settings(old) == {"max_num_batched_tokens": 2048, "max_num_seqs": 64, "enable_chunked_prefill": True,
-                                       "async_scheduling": None}
+    assert scheduler_settings(old) == {
+        "max_num_batched_tokens": 2048,
+        "max_num_seqs": 64,
+        "enable_chunked_prefill": True,
+        "async_scheduling": None,
+    }
     new = SimpleNamespace(max_num_batched_tokens=8192, max_num_seqs=1024, enable_chunked_prefill=True, async_scheduling=True)
     assert scheduler_settings(new)["async_scheduling"] is True and scheduler_settings(new)["max_num_batched_tokens"] == 8192
 
