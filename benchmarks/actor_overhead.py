@@ -72,9 +72,9 @@ def through_ray(cfg: EngineConfig, warm, reqs, concurrency: int) -> float:
     from actors.engine_actor import EngineActor
     from actors.loadgen import LoadGenerator
 
-    engine = EngineActor.options(num_cpus=1).remote(cfg.model_dump())
+    engine = EngineActor.options(num_cpus=1).remote(cfg.model_dump())  # type: ignore[attr-defined]  # ray actor class
     ray.get(engine.start.remote())
-    lg = LoadGenerator.remote()
+    lg = LoadGenerator.remote()  # type: ignore[attr-defined]  # ray actor class
     ray.get(lg.run.remote(engine, warm, concurrency))
     t0 = time.monotonic()
     recs = ray.get(lg.run.remote(engine, reqs, concurrency))

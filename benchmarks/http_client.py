@@ -46,6 +46,7 @@ PROMPT, OUT = 200, 64
 
 def start_server() -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "groundtruth_server.py")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None  # stdout=PIPE
     line = proc.stdout.readline().split()
     return proc, int(line[1])
 
@@ -183,7 +184,9 @@ async def measure(make: Callable[[TargetSpec], Any], target: TargetSpec, streams
     async def user(u: int) -> None:
         for i in range(per_stream + 1):  # the first request of each stream opens its connection: not counted
             ex = Exchange()
-            first = last = server = None
+            first: float | None = None
+            last: float | None = None
+            server: dict[str, Any] | None = None
             req = {"request_id": f"{u}-{i}", "prompt_token_ids": [1] * PROMPT, "max_tokens": OUT}
             async for d in client.stream(req, ex):
                 if d["token_ids"]:
@@ -191,7 +194,7 @@ async def measure(make: Callable[[TargetSpec], Any], target: TargetSpec, streams
                     last = d["t_recv"]
                 if d["finished"]:
                     server = d.get("server")
-            if i and server:
+            if i and server and first is not None and last is not None and ex.t_sent is not None:
                 over["ttft"].append(first - ex.t_sent - server["gt_ttft_s"])
                 over["e2e"].append(last - ex.t_sent - server["gt_e2e_s"])
 
@@ -228,7 +231,7 @@ def main() -> None:
     for n, per in results.items():
         base = float(np.percentile(per["pdbench"]["ttft"], 50))
         for name, o in per.items():
-            row = {"streams": n, "client": name, "requests": len(o["ttft"])}
+            row: dict[str, Any] = {"streams": n, "client": name, "requests": len(o["ttft"])}
             for k in ("ttft", "e2e"):
                 row[f"{k}_overhead_p50_ms"] = float(np.percentile(o[k], 50)) * 1e3
                 row[f"{k}_overhead_p99_ms"] = float(np.percentile(o[k], 99)) * 1e3

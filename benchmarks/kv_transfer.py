@@ -151,7 +151,7 @@ def gbps(nbytes: int, seconds: float) -> float:
 def host_table(sizes_mib: list[int], repeats: int, cfg: KVTransferConfig) -> list[dict]:
     name = f"pdbench:bench:{secrets.token_hex(3)}:kvdir"
     directory = directory_actor(name)
-    sender, receiver = Sender.remote(name, cfg), Receiver.remote(name, cfg)
+    sender, receiver = Sender.remote(name, cfg), Receiver.remote(name, cfg)  # type: ignore[attr-defined]  # ray actor class
     baseline = store_bytes_used()
     rows = []
     for mib in sizes_mib:

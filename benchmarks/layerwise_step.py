@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import ray
 import torch
@@ -54,8 +55,8 @@ def _step(worker: ConnectorWorker, caches: list[torch.Tensor], plan: StepPlan, x
     return time.perf_counter() - t0
 
 
-def _published(directory: object, keys: list[str], groups_of: dict[str, int]) -> None:
-    while any(ray.get(directory.status.remote(k))["registered"] < groups_of[k] for k in keys):  # type: ignore[attr-defined]
+def _published(directory: Any, keys: list[str], groups_of: dict[str, int]) -> None:
+    while any(ray.get(directory.status.remote(k))["registered"] < groups_of[k] for k in keys):
         time.sleep(0.0005)
 
 
@@ -84,7 +85,7 @@ def run(save: str, steps: int, saves: int, tokens: int, store_name: str) -> dict
             worker.finished({t.request_id for t in plan.saves})
             time.sleep(0.0005)
         for k in keys:
-            ray.get(directory.drop.remote(k))  # type: ignore[attr-defined]
+            ray.get(directory.drop.remote(k))
     worker.shutdown()
     ray.kill(directory)
     return {"forward_s": statistics.median(walls), "blocked_s": statistics.median(blocked), "end_to_published_s": statistics.median(lags)}

@@ -64,7 +64,7 @@ def loop_gaps(seconds: float) -> dict[str, float]:
     return {"held_share": held / wall, "longest_gap_ms": worst * 1e3}
 
 
-def beside(work: Callable[[], None], seconds: float) -> dict[str, float]:
+def beside(work: Callable[[], object], seconds: float) -> dict[str, float]:
     """The loop's gaps while `work` runs back to back in another thread, and how often it ran."""
     stop, done = threading.Event(), [0]
 
@@ -87,7 +87,7 @@ def _loop_elsewhere(seconds: float, out: Any) -> None:
     out.put(loop_gaps(seconds))
 
 
-def elsewhere(work: Callable[[], None], seconds: float) -> dict[str, float]:
+def elsewhere(work: Callable[[], object], seconds: float) -> dict[str, float]:
     """The loop in another process while `work` runs in a thread of this one: what the put costs
     without the GIL (CPU and memory bandwidth only), the control for `beside`."""
     ctx = mp.get_context("spawn")

@@ -58,7 +58,7 @@ LAYERS = ("http-plain", "actor", "handle", "http-serve", "http-direct", "http-se
 def engine_config() -> Any:
     from actors.engines.spec import EngineConfig
 
-    return EngineConfig(kind="simulated", model=MODEL, max_model_len=2048, simulated=LAW)
+    return EngineConfig.model_validate({"kind": "simulated", "model": MODEL, "max_model_len": 2048, "simulated": LAW})
 
 
 # --- http-plain: the serving path without Ray -------------------------------------------------
@@ -125,7 +125,7 @@ def handle_deployment() -> Any:
     class HandleEntry:
         """A replica holding its entry (the engine itself), as cluster/serve.py's Completions does, minus ASGI."""
 
-        async def __init__(self, spec: dict[str, Any]) -> None:
+        async def __init__(self, spec: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
             s = ServeSpec.model_validate(spec)
             replica = serve.get_replica_context().replica_id.unique_id
             self.entry = await SERVE_ENTRIES[s.mode](s, f"serve-{s.app_name}", replica)
@@ -138,7 +138,7 @@ def handle_deployment() -> Any:
 
 
 # --- driving ----------------------------------------------------------------------------------
-async def first_token(stream: AsyncIterator[dict[str, Any]], t0: Callable[[], float]) -> tuple[float, float]:
+async def first_token(stream: AsyncIterator[dict[str, Any]], t0: Callable[[], float | None]) -> tuple[float, float]:
     """(client TTFT, engine's own queue + prefill) of one request."""
     first = None
     server: dict[str, Any] = {}
@@ -149,8 +149,9 @@ async def first_token(stream: AsyncIterator[dict[str, Any]], t0: Callable[[], fl
             if d.get("error"):
                 raise RuntimeError(f"request failed: {d['error']}")
             server = d.get("server") or {}
-    assert first is not None
-    return first - t0(), server["server_queue_s"] + server["prefill_s"]
+    sent = t0()  # read after the stream: a client stamps its send time as the request leaves
+    assert first is not None and sent is not None
+    return first - sent, server["server_queue_s"] + server["prefill_s"]
 
 
 async def stamped(items: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
@@ -177,7 +178,7 @@ async def measure(args: argparse.Namespace, tokenizer_dir: str, plain_port: int,
         name="overhead-handle",
         route_prefix=None,
     )
-    threaded = Completions.options(ray_actor_options={"num_cpus": 0})  # Serve's default threading
+    threaded = Completions.options(ray_actor_options={"num_cpus": 0})  # type: ignore[attr-defined]  # ray deployment class; Serve's default threading
     thread_spec = spec.model_copy(update={"app_name": "overhead-thread", "route_prefix": "/thread"})
     serve.run(threaded.bind(thread_spec.model_dump(mode="json")), name=thread_spec.app_name, route_prefix=thread_spec.route_prefix)
     actor = EngineActor.options(num_cpus=0).remote(cfg.model_dump(mode="json"))  # type: ignore[attr-defined]
@@ -201,7 +202,7 @@ async def measure(args: argparse.Namespace, tokenizer_dir: str, plain_port: int,
             return await first_token(backend.stream(request), lambda: t)
         if layer == "handle":
             t = time.monotonic()
-            return await first_token(stamped(stream_handle.generate.remote(request)), lambda: t)
+            return await first_token(stamped(stream_handle.generate.remote(request)), lambda: t)  # type: ignore[arg-type]  # a streaming handle's generator
         ex = Exchange()
         return await first_token(clients[layer].stream(request, ex), lambda: ex.t_sent)
 

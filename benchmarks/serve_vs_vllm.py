@@ -125,7 +125,7 @@ def engine_config(model_dir: Path, a: argparse.Namespace) -> EngineConfig:
         max_model_len=a.max_model_len,
         max_batch_size=a.max_batch_size,
         # the config refuses vLLM's arguments for another engine (the reference engine tries the script on CPU)
-        **({"vllm": vllm} if a.engine == "vllm" else {}),
+        vllm=vllm if a.engine == "vllm" else {},
     )
 
 
@@ -343,7 +343,7 @@ def loadgen_metrics(run_dir: Path) -> dict[str, float]:
     df = measured(load_packet(run_dir).requests)
     df = df[df["ok"].astype(bool)]
     out: dict[str, float] = {}
-    series = {"ttft": df["ttft_s"], "tpot": df["tpot_s"], "e2el": df["e2e_s"], "itl": [x for v in df["itl_s"] for x in v]}
+    series: dict[str, Any] = {"ttft": df["ttft_s"], "tpot": df["tpot_s"], "e2el": df["e2e_s"], "itl": [x for v in df["itl_s"] for x in v]}
     for m, vals in series.items():
         arr = np.asarray(list(vals), dtype=float) * 1000.0
         for p in PERCENTILES:
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     res = out / f"{s.name}-c{c}-r{r}.json"
                     rc = run_logged(bench_command(s.url, name, model_dir, wl, c, res), env, res.with_suffix(".log"), 300)
-                    row = {"server": s.name, "concurrency": c, "repeat": r, "returncode": rc}
+                    row: dict[str, Any] = {"server": s.name, "concurrency": c, "repeat": r, "returncode": rc}
                     if rc == 0:
                         row.update(asdict(parse_bench(res)))
                     runs.append(row)

@@ -162,8 +162,8 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[dict] | str:
     ).model_dump()
     dir_name = f"bench-kvdir-{backend}"
     directory = directory_actor(dir_name)  # held: an unreferenced actor is collected
-    prefill = PrefillActor.options(num_gpus=share).remote(cfg, kv, dir_name, "bench", "kv")
-    decode = DecodeActor.options(num_gpus=share).remote(cfg, kv, prefill, dir_name, "bench", "kv")
+    prefill = PrefillActor.options(num_gpus=share).remote(cfg, kv, dir_name, "bench", "kv")  # type: ignore[attr-defined]  # ray actor class
+    decode = DecodeActor.options(num_gpus=share).remote(cfg, kv, prefill, dir_name, "bench", "kv")  # type: ignore[attr-defined]  # ray actor class
     if args.share_gpu:  # vLLM profiles free memory at start: one engine at a time on a shared GPU
         ray.get(prefill.start.remote())
         info = ray.get(decode.start.remote())
@@ -207,7 +207,7 @@ def run_all(args: argparse.Namespace) -> dict[str, list[dict] | str]:
     return runs
 
 
-def summarise(backend: str, rows: list[dict], base_s: float, peer_s: float | None) -> dict:
+def summarise(backend: str, rows: list[dict], base_s: float | None, peer_s: float | None) -> dict:
     rows = [r for r in rows if r["ok"]] or rows  # the times of transfers that happened (failures: `failed`)
     times = [t for r in rows if (t := path_s(backend, r)) is not None]
     path = statistics.median(times) if times else None
@@ -221,14 +221,14 @@ def summarise(backend: str, rows: list[dict], base_s: float, peer_s: float | Non
         "analytic_bytes": rows[0]["analytic_bytes"],
         "path_s_median": path,
         "path_gb_s": nbytes / path / 1e9 if path else None,
-        "ratio_pinned_over_path": base_s / path if path else None,
+        "ratio_pinned_over_path": base_s / path if base_s and path else None,
         "ratio_peer_over_path": peer_s / path if path and peer_s else None,
         "stage_medians_s": {s: statistics.median(r[s] for r in rows) for s in STAGES if all(r.get(s) is not None for r in rows)},
         "ready_to_injected_s_median": statistics.median(ready) if ready else None,
         # The second reading: the transfer's latency on the critical path (the two walls of
         # `path` overlap once the receiver follows the sender, and with layer-wise saves the sender's
         # wall starts with the prefill's forward)
-        "ratio_pinned_over_ready_to_injected": base_s / statistics.median(ready) if ready else None,
+        "ratio_pinned_over_ready_to_injected": base_s / statistics.median(ready) if base_s and ready else None,
         "kv_wait_s_median": statistics.median(r["kv_wait_s"] for r in rows) if all(r.get("kv_wait_s") is not None for r in rows) else None,
         "direct_groups_median": statistics.median(r.get("direct_groups") or 0 for r in rows),
         "per_request": [{k: r.get(k) for k in ("send_s", "total_s", "ready_to_injected_s", "kv_wait_s", *STAGES)} for r in rows],

@@ -30,6 +30,7 @@ def offline(cfg: EngineConfig, reqs) -> tuple[float, list[list[int]]]:
     from vllm.inputs import TokensPrompt
 
     raw, _ = resolve_model(cfg.model)
+    assert raw is not None  # main() refused a model that is not an architecture
     llm = LLM(**engine_args(cfg, materialise(raw), dummy=True))
     prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in reqs]
     sp = SamplingParams(max_tokens=reqs[0].max_tokens, temperature=0.0, ignore_eos=True)
@@ -53,9 +54,9 @@ def actor_path(cfg: EngineConfig, reqs, warm) -> tuple[float, float, list[list[i
     from actors.loadgen import LoadGenerator
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    engine = EngineActor.options(num_cpus=1, num_gpus=1).remote(cfg.model_dump())
+    engine = EngineActor.options(num_cpus=1, num_gpus=1).remote(cfg.model_dump())  # type: ignore[attr-defined]  # ray actor class
     ray.get(engine.start.remote())
-    lg = LoadGenerator.remote()
+    lg = LoadGenerator.remote()  # type: ignore[attr-defined]  # ray actor class
     ray.get(lg.run.remote(engine, warm, len(warm)))
     t0 = time.monotonic()
     recs = ray.get(lg.run.remote(engine, reqs, len(reqs)))
@@ -95,6 +96,8 @@ def main() -> int:
         arrival=ClosedLoop(concurrency=args.prompts),
     )
     raw, _ = resolve_model(args.model)
+    if raw is None:
+        raise SystemExit(f"--model {args.model}: not an architecture pdbench knows (configs/models/ name or config.json path)")
     allreqs = synthetic_requests(spec, vocab_size=raw["vocab_size"], seed=0)
     warm, reqs = allreqs[:4], allreqs[4:]
     a, toks_a = offline(cfg, reqs)
