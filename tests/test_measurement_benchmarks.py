@@ -109,7 +109,7 @@ def test_scale_benchmark_reports_warm_and_fresh_sweeps(tmp_path):
 def test_serve_overhead_benchmark_reports_every_layer_and_hop():
     out = _run("serve_overhead.py", "--requests", "2", "--warmup", "1", "--prompt-tokens", "64", "--output-tokens", "2")
     rows = {r["layer"]: r for r in out["rows"]}
-    assert set(rows) == {"http-plain", "actor", "handle", "http-serve", "http-serve-thread"}
+    assert set(rows) == {"http-plain", "actor", "handle", "http-serve", "http-direct", "http-serve-thread"}
     assert all(r["requests"] == 2 and 0 < r["ttft_p50_ms"] <= r["ttft_p90_ms"] for r in rows.values())
     assert out["hops_ms"]["ray actor hop (actor)"] == rows["actor"]["overhead_p50_ms"]
     assert out["serve_overhead_ratio_to_default_thread"] > 0
