@@ -58,7 +58,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -196,7 +196,7 @@ def idle_floor(seconds: float, probes: int) -> IdleFloor:
 
     box = BoxCPU()
     time.sleep(seconds)
-    roles = box.stop()
+    roles = box.stop().roles
     daemons = {k: v for k, v in roles.items() if k.startswith("ray: ")}
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]][:probes]
     actors = [
@@ -206,7 +206,7 @@ def idle_floor(seconds: float, probes: int) -> IdleFloor:
     ray.get([a.ready.remote() for a in actors])
     box = BoxCPU()
     time.sleep(seconds)
-    probed = box.stop().get("pdbench: IdleProbe", 0.0)
+    probed = box.stop().roles.get("pdbench: IdleProbe", 0.0)
     for a in actors:
         ray.kill(a)
     return IdleFloor(seconds, sum(daemons.values()) / seconds, daemons, probed / seconds / max(len(actors), 1), len(actors))
@@ -264,6 +264,11 @@ def _poll_box(stop: Any, out: Any, driver_pid: int, every_s: float) -> None:
     out.send({pid: (c1 - c0, role) for pid, (c0, c1, role) in seen.items()})
 
 
+class BoxSpent(NamedTuple):
+    roles: dict[str, float]  # CPU seconds by role over the block
+    actor_processes: int  # processes among them that held an actor
+
+
 class BoxCPU:
     """The box's CPU by role over a block (box_cpu_by_role_s), polled by a process of its own."""
 
@@ -273,9 +278,8 @@ class BoxCPU:
         self._proc = ctx.Process(target=_poll_box, args=(self._stop, send, os.getpid(), every_s), daemon=True)
         self._proc.start()
         self._recv.recv()  # its first sweep is the baseline: the block starts after it
-        self.actor_processes = 0
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> BoxSpent:
         """CPU seconds by role. An actor's process is known by the cluster's actor table (dead actors
         included): between calls Ray titles an async actor's process `ray::IDLE`, like a worker's."""
         from ray._private import state
@@ -285,11 +289,11 @@ class BoxCPU:
         self._proc.join()
         actors = {a["Pid"]: a["ActorClassName"] for a in state.actors().values() if a.get("Pid")}
         roles: dict[str, float] = {}
-        self.actor_processes = sum(pid in actors for pid in spent)
         for pid, (cpu, role) in spent.items():
             key = f"pdbench: {actors[pid]}" if pid in actors else role
             roles[key] = roles.get(key, 0.0) + cpu
-        return {k: round(v, 2) for k, v in sorted(roles.items(), key=lambda kv: -kv[1])}
+        by_role = {k: round(v, 2) for k, v in sorted(roles.items(), key=lambda kv: -kv[1])}
+        return BoxSpent(by_role, sum(pid in actors for pid in spent))
 
 
 def thread_cpu() -> dict[str, float]:
@@ -337,7 +341,7 @@ def measure(cfg: ExperimentConfig, address: str, out: Path, floor: IdleFloor | N
     finally:
         asyncio.set_event_loop_policy(None)
     wall, cpu, main1 = time.monotonic() - t0, time.process_time() - cpu0, time.thread_time()
-    roles = box.stop()
+    roles, actor_processes = box.stop()
     phases = {"setup": marks[0] - main0, "loop": marks[1] - marks[0], "finalize": main1 - marks[1]}
     by_thread = {k: v - threads0.get(k, 0.0) for k, v in thread_cpu().items()}
     by_thread["ended during the run"] = cpu - sum(by_thread.values())
@@ -388,9 +392,9 @@ def measure(cfg: ExperimentConfig, address: str, out: Path, floor: IdleFloor | N
         fixed_warm_stages_p50_s=stages(),
         box_cpu_by_role_s=roles,
         box_cpu_share_of_cores=sum(roles.values()) / (wall * (os.cpu_count() or 1)),
-        actor_processes=box.actor_processes,
+        actor_processes=actor_processes,
         idle_floor_share_of_cores=(
-            None if floor is None else (floor.daemons_cores + box.actor_processes * floor.actor_core_share) / (os.cpu_count() or 1)
+            None if floor is None else (floor.daemons_cores + actor_processes * floor.actor_core_share) / (os.cpu_count() or 1)
         ),
     )
 
