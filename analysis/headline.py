@@ -58,13 +58,15 @@ _SCHEDULE_COLUMNS = (
     "steady TTFT p50 (ms)",
     "TTFT p50 Q1→Q4 (ms)",
     "steady",
+    "users in lockstep",
     "harness TTFT p50 (ms)",
 )
 
 
 def _schedule_columns(m: dict[str, Any]) -> dict[str, str]:
-    """Offered vs achieved rate, send lag, the steady-state window and the harness's share of TTFT,
-    with the two flags (docs/metrics.md: `schedule_kept`, `steady`, `harness`)."""
+    """Offered vs achieved rate, send lag, the steady-state window, a closed loop's lockstep and the
+    harness's share of TTFT, with the two flags (docs/metrics.md: `schedule_kept`, `steady`,
+    `lockstep_share`, `harness`)."""
     sch = m.get("schedule") or {}
     st = m.get("steady_state") or {}
     q = [v for v in (st.get("ttft_p50_by_quartile_s") or []) if v is not None]
@@ -76,6 +78,7 @@ def _schedule_columns(m: dict[str, Any]) -> dict[str, str]:
         "steady TTFT p50 (ms)": ms(_q(st, "ttft_s", "p50")),
         "TTFT p50 Q1→Q4 (ms)": " → ".join(ms(v) for v in q) or DASH,
         "steady": _yes_no(st.get("steady")),
+        "users in lockstep": pct(sch.get("lockstep_share")),
         "harness TTFT p50 (ms)": ms(_q(m.get("harness") or {}, "ttft_s", "p50")),
     }
 

@@ -26,6 +26,9 @@ ACHIEVED_SHARE = 0.95
 # Steady when TTFT p50 of the window's last arrival quartile is within this factor plus margin of the first's.
 UNSTEADY_FACTOR = 1.5
 UNSTEADY_MARGIN_S = 0.005
+# Closed loop: sends less than this apart form one burst; a burst of this many users or more is lockstep.
+LOCKSTEP_GAP_S = 0.02
+LOCKSTEP_MIN_USERS = 4
 
 
 class SLO(BaseModel):
@@ -202,9 +205,26 @@ def _rate(times: np.ndarray) -> float | None:
     return (len(times) - 1) / span if span > 0 else None
 
 
+def lockstep_share(sent: np.ndarray) -> float | None:
+    """The share of a closed loop's sends that left in a burst of LOCKSTEP_MIN_USERS or more, each
+    within LOCKSTEP_GAP_S of the one before. Users whose requests end together send together again,
+    so a closed loop can settle into waves: the engine then prefills each wave in one step and a
+    disaggregated pair moves its KV all at once, and TTFT is that regime's, not the server's alone.
+    The same server and load can settle in or out of it (two clients, or two runs), so comparisons
+    read this beside TTFT (docs/metrics.md). None with fewer sends than a burst needs."""
+    sent = sent[~np.isnan(sent)]
+    if sent.size < LOCKSTEP_MIN_USERS:
+        return None
+    s = np.sort(sent)
+    burst = np.concatenate(([0], np.cumsum(np.diff(s) >= LOCKSTEP_GAP_S)))
+    return float((np.bincount(burst)[burst] >= LOCKSTEP_MIN_USERS).mean())
+
+
 def schedule_metrics(rows: Rows, target_rate_rps: float | None) -> dict[str, Any]:
     """Was the arrival process the one asked for? `target_rate_rps` None means a closed loop, whose
-    schedule is "when a user is free" and so always kept (`schedule_kept` null)."""
+    schedule is "when a user is free" and so always kept (`schedule_kept` null); a closed loop says
+    instead how much of it moved in lockstep (`lockstep_share`; null for an open loop, whose bursts
+    are the schedule's own)."""
     r = _rows(rows)
     lag = r["queue_delay_s"][~np.isnan(r["queue_delay_s"])]
     scheduled = _rate(r["t_scheduled"]) if target_rate_rps is not None else None
@@ -219,6 +239,7 @@ def schedule_metrics(rows: Rows, target_rate_rps: float | None) -> dict[str, Any
             "max": float(lag.max()) if lag.size else None,
         },
         "schedule_kept": None,
+        "lockstep_share": lockstep_share(r["t_sent"]) if target_rate_rps is None else None,
     }
     if scheduled is not None and achieved is not None and lag.size:
         bound = max(LAG_P99_FLOOR_S, LAG_P99_SHARE_OF_GAP / scheduled)

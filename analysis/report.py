@@ -21,6 +21,7 @@ from analysis.tracks import Section, get_analysis
 from analysis.workload import workload_table
 
 SMALL_SAMPLE = 100  # below this many requests a p99 is one of the largest two values
+LOCKSTEP_NOTE_SHARE = 0.5  # a closed-loop cell with at least this share of its sends in bursts gets a note
 MAX_TIMELINES = 6  # cells with a timeline figure; more are sampled across the load range
 # Cells drawn as curves (percentile curves, throughput); more are sampled across the load range: a
 # curve per cell of a 1,000-cell sweep is unreadable and cost the driver ~5 ms per cell to draw.
@@ -57,6 +58,22 @@ def small_sample_warning(summary: dict[str, Any]) -> str | None:
     return (
         f"Small samples ({listed} measured requests): with fewer than {SMALL_SAMPLE} requests a p99 is interpolated "
         "between the one or two largest values, close to the maximum. Read it as the worst request, not a stable tail."
+    )
+
+
+def lockstep_note(summary: dict[str, Any]) -> str | None:
+    """Closed-loop cells whose users mostly sent in waves: their TTFT belongs to that regime."""
+    cells = sorted(summary.get("cells", {}).items(), key=lambda kv: kv[0])
+    share = {c: ((v.get("metrics") or {}).get("schedule") or {}).get("lockstep_share") for c, v in cells}
+    waves = [f"{c} ({s:.0%})" for c, s in share.items() if s is not None and s >= LOCKSTEP_NOTE_SHARE]
+    if not waves:
+        return None
+    return (
+        f"Users in lockstep: {', '.join(waves[:8])}{' …' if len(waves) > 8 else ''} of the measured requests left in "
+        "bursts of 4 or more users within 20 ms. Users whose requests end together send together again, so the "
+        "engine prefills each wave in one step and a disaggregated pair moves its KV all at once; a closed loop on "
+        "the same server can settle in this regime or out of it, and its TTFT differs between the two. Compare "
+        "TTFT between cells (or clients) whose share of users in lockstep is alike."
     )
 
 
@@ -155,7 +172,7 @@ def _curve_sections(packet: Packet) -> list[Section]:
 def lead_sections(packet: Packet) -> list[Section]:
     """What comes before anything else: the verdict and headline numbers, the workload and SLOs, the cells."""
     head = pd.DataFrame([{"": h.label, "value": h.value} for h in headlines(packet.summary, packet.manifest)])
-    warn = small_sample_warning(packet.summary)
+    notes = [n for n in (small_sample_warning(packet.summary), lockstep_note(packet.summary)) if n]
     return [
         Section(title="Headline", table=head),
         Section(title="Workload and SLOs", table=workload_table(_config(packet), packet.requests, packet.summary)),
@@ -163,9 +180,9 @@ def lead_sections(packet: Packet) -> list[Section]:
             title="Cells",
             text=[
                 "Measured requests only (warm-up excluded). Latencies in ms; SLO attainment is the share of measured "
-                "requests inside every SLO."
-            ]
-            + ([warn] if warn else []),
+                "requests inside every SLO.",
+                *notes,
+            ],
             table=cell_table(packet.summary),
         ),
         Section(

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from actors.engines.spec import EngineConfig  # noqa: E402
 from actors.engines.vllm_engine import engine_args  # noqa: E402
+from analysis.metrics import lockstep_share  # noqa: E402
 
 BASELINE = "vllm"
 PERCENTILES = (50, 90, 99)
@@ -190,7 +192,7 @@ def bench_command(url: str, model: str, tokenizer: Path, wl: Workload, concurren
         "--num-prompts", str(wl.num_prompts), "--max-concurrency", str(concurrency), "--num-warmups", str(wl.warmups),
         "--seed", str(wl.seed), "--temperature", "0", "--ignore-eos",
         "--percentile-metrics", ",".join(METRICS), "--metric-percentiles", ",".join(map(str, PERCENTILES)),
-        "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
+        "--save-result", "--save-detailed", "--result-dir", str(result.parent), "--result-filename", result.name,
     ]  # fmt: skip
 
 
@@ -214,10 +216,14 @@ class BenchResult:
     output_throughput: float
     request_throughput: float
     latency_ms: dict[str, float] = field(default_factory=dict)  # "ttft_p50" → ms, "e2el_mean" → ms, ...
+    # Share of sends in bursts of 4+ users (analysis.metrics.lockstep_share), from --save-detailed's
+    # start times: which closed-loop regime the run settled in. None without per-request times.
+    lockstep_share: float | None = None
 
 
 def parse_bench(path: Path) -> BenchResult:
     d = json.loads(Path(path).read_text())
+    starts = d.get("start_times") or []
     lat = {}
     for m in METRICS:
         for stat in ("mean", "median", *(f"p{p}" for p in PERCENTILES)):
@@ -232,6 +238,7 @@ def parse_bench(path: Path) -> BenchResult:
         output_throughput=float(d["output_throughput"]),
         request_throughput=float(d["request_throughput"]),
         latency_ms=lat,
+        lockstep_share=lockstep_share(np.asarray(starts, dtype=float)) if starts else None,
     )
 
 
@@ -241,10 +248,13 @@ def summarise(runs: list[BenchResult]) -> dict[str, float]:
     out["request_throughput"] = statistics.median(r.request_throughput for r in runs)
     for k in runs[0].latency_ms:
         out[k] = statistics.median(r.latency_ms[k] for r in runs if k in r.latency_ms)
+    if shares := [r.lockstep_share for r in runs if r.lockstep_share is not None]:
+        out["lockstep_share"] = statistics.median(shares)
     return out
 
 
-ROWS = ("output_throughput", *(f"{m}_p{p}" for m in METRICS for p in PERCENTILES))
+# lockstep_share, last: at the same load, TTFT depends on whether the client's users moved in waves.
+ROWS = ("output_throughput", *(f"{m}_p{p}" for m in METRICS for p in PERCENTILES), "lockstep_share")
 
 
 def side_by_side(table: dict[str, dict[str, float]], baseline: str = BASELINE) -> str:
@@ -261,6 +271,9 @@ def side_by_side(table: dict[str, dict[str, float]], baseline: str = BASELINE) -
             v = table[n].get(row)
             if v is None:
                 cells.append(f"{'—':>30s}")
+                continue
+            if row == "lockstep_share":  # a share, not a cost: no ratio
+                cells.append(f"{v:>30.0%}")
                 continue
             text = f"{v:.1f}" if row == "output_throughput" else f"{v:.2f} ms"
             if base is not None and n != baseline and base.get(row):
@@ -335,13 +348,11 @@ def target_config(url: str, model: str, vocab_size: int, wl: Workload, concurren
 
 def loadgen_metrics(run_dir: Path) -> dict[str, float]:
     """The packet's measured requests → the same names and units as vllm bench's (ms, tokens/s)."""
-    import numpy as np
-
     from analysis.packet import load_packet
     from analysis.records import measured
 
-    df = measured(load_packet(run_dir).requests)
-    df = df[df["ok"].astype(bool)]
+    sent = measured(load_packet(run_dir).requests)  # every measured send, failed ones too
+    df = sent[sent["ok"].astype(bool)]
     out: dict[str, float] = {}
     series: dict[str, Any] = {"ttft": df["ttft_s"], "tpot": df["tpot_s"], "e2el": df["e2e_s"], "itl": [x for v in df["itl_s"] for x in v]}
     for m, vals in series.items():
@@ -354,6 +365,9 @@ def loadgen_metrics(run_dir: Path) -> dict[str, float]:
         span = cell["t_last_token"].max() - cell["t_sent"].min()
         tput.append(cell["output_tokens"].sum() / span)
     out["output_throughput"] = float(statistics.median(tput))
+    shares = [s for _, c in sent.groupby("cell_id") if (s := lockstep_share(c["t_sent"].to_numpy(float))) is not None]
+    if shares:
+        out["lockstep_share"] = float(statistics.median(shares))
     return out
 
 

@@ -138,6 +138,25 @@ def test_schedule_not_kept_when_sends_fall_behind():
     assert cell_metrics(_open_loop(20, 10.0), SLO())["schedule"]["schedule_kept"] is None
 
 
+def _closed_loop(sends):
+    return to_frame([raw(f"r{i}", t, t, [t + 0.1, t + 0.11]) for i, t in enumerate(sends)], cell_id="c")
+
+
+def test_lockstep_share_counts_sends_in_bursts_of_four_or_more_users():
+    # Waves of 6 users sending 1 ms apart every 0.5 s, plus 4 stragglers 100 ms apart: 24 of 28 in lockstep.
+    waves = [w * 0.5 + u * 0.001 for w in range(4) for u in range(6)]
+    stragglers = [2.2 + 0.1 * i for i in range(4)]
+    share = cell_metrics(_closed_loop(waves + stragglers), SLO())["schedule"]["lockstep_share"]
+    assert share == pytest.approx(24 / 28)
+    # Staggered users (a send every 60 ms) never form a burst; three at once are not yet one.
+    assert cell_metrics(_closed_loop([0.06 * i for i in range(20)]), SLO())["schedule"]["lockstep_share"] == 0.0
+    assert cell_metrics(_closed_loop([0.0, 0.001, 0.002, 1.0, 1.001, 1.002]), SLO())["schedule"]["lockstep_share"] == 0.0
+    # A chain of sends each within 20 ms of the one before is one burst, however long it lasts.
+    assert cell_metrics(_closed_loop([0.015 * i for i in range(5)]), SLO())["schedule"]["lockstep_share"] == 1.0
+    # An open loop's bursts are its schedule's own: not reported.
+    assert cell_metrics(_open_loop(50, 500.0), SLO(), target_rate_rps=500.0)["schedule"]["lockstep_share"] is None
+
+
 def test_steady_window_and_unsteady_signal():
     flat = cell_metrics(_open_loop(100, 50.0), SLO())["steady_state"]
     assert flat["steady"] is True and flat["requests"] == 80  # sends 0.20 … 1.78 s, inside [0.198, 1.782]

@@ -38,6 +38,14 @@ def ref_rate(times):
     return (len(times) - 1) / span if span > 0 else None
 
 
+def ref_lockstep_share(df, target_rate_rps):
+    sent = df["t_sent"].sort_values()
+    if target_rate_rps is not None or len(sent) < 4:
+        return None
+    burst = (sent.diff() >= 0.02).cumsum()
+    return float((burst.map(burst.value_counts()) >= 4).mean())
+
+
 def ref_schedule_metrics(df, target_rate_rps):
     lag = np.asarray(df["queue_delay_s"].dropna(), dtype="float64")
     scheduled = ref_rate(df["t_scheduled"]) if target_rate_rps is not None else None
@@ -52,6 +60,7 @@ def ref_schedule_metrics(df, target_rate_rps):
             "max": float(lag.max()) if lag.size else None,
         },
         "schedule_kept": None,
+        "lockstep_share": ref_lockstep_share(df, target_rate_rps),
     }
     if scheduled is not None and achieved is not None and lag.size:
         bound = max(0.001, 0.1 / scheduled)

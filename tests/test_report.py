@@ -8,7 +8,7 @@ import yaml
 
 from analysis.packet import load_packet, write_json, write_parquet
 from analysis.plots import colours, latency_cdfs
-from analysis.report import MAX_CURVES, render_markdown, sections, spread_cells
+from analysis.report import MAX_CURVES, lockstep_note, render_markdown, sections, spread_cells
 from analysis.summary import build_summary
 from analysis.tracks.e2 import E2Analysis, offered_vs_achieved, points
 from analysis.tracks.e3 import counts_text, evidence
@@ -123,9 +123,19 @@ def test_headline_and_workload_come_first_with_readable_units(tmp_path):
     cells = md[md.index("## Cells") : md.index("## Host load")]
     assert "TTFT p50 (ms)" in cells and "| 20 |" in cells and "| 22.0 |" in cells and "100%" in cells and "| 6/6 |" in cells
     assert "Small samples (every cell has 6 measured requests)" in cells
+    assert "users in lockstep" in cells and "Users in lockstep:" not in cells  # sends 100 ms apart: 0%, no note
     load = md[md.index("## Host load") : md.index("## Run")]
     assert "| rep0 | 2 | 1.50 | 80% | 0.0% | 20% |" in load
     assert not re.search(r"\bnan\b|\bNone\b|\{'", md)
+
+
+def test_lockstep_note_names_the_closed_loop_cells_that_moved_in_waves():
+    def summary(**shares):
+        return {"cells": {c: {"metrics": {"schedule": {"lockstep_share": s}}} for c, s in shares.items()}}
+
+    note = lockstep_note(summary(waves=0.78, staggered=0.12, open_loop=None))
+    assert note is not None and note.startswith("Users in lockstep: waves (78%) of") and "staggered" not in note
+    assert lockstep_note(summary(staggered=0.12, open_loop=None)) is None
 
 
 def test_percentile_curves_and_a_timeline_for_every_cell(tmp_path):

@@ -70,6 +70,7 @@ def test_one_bench_command_for_every_server_with_the_default_endpoint(tmp_path):
         "--temperature 0",
         "--ignore-eos",
         "--metric-percentiles 50,90,99",
+        "--save-detailed",  # per-request start times: which closed-loop regime the run settled in
     ):
         assert f in s, f
     peer = svv.peer_check_command("http://h:1", "m", tmp_path, tmp_path / "p.json")
@@ -113,11 +114,31 @@ def test_parse_real_bench_output_and_medians():
     r = svv.parse_bench(FIXTURE)
     assert (r.completed, r.failed, r.total_input_tokens, r.total_output_tokens) == (8, 0, 256, 64)
     assert r.latency_ms["ttft_p50"] == pytest.approx(86.7165, rel=1e-4) and r.latency_ms["e2el_p99"] == pytest.approx(309.844, rel=1e-4)
-    assert set(svv.ROWS) - {"output_throughput"} <= set(r.latency_ms)
+    assert set(svv.ROWS) - {"output_throughput", "lockstep_share"} <= set(r.latency_ms)
     other = svv.BenchResult(**{**r.__dict__, "output_throughput": 100.0, "latency_ms": {**r.latency_ms, "ttft_p50": 10.0}})
     third = svv.BenchResult(**{**r.__dict__, "output_throughput": 50.0, "latency_ms": {**r.latency_ms, "ttft_p50": 20.0}})
     med = svv.summarise([r, other, third])
     assert med["output_throughput"] == pytest.approx(r.output_throughput) and med["ttft_p50"] == 20.0
+
+
+def test_a_detailed_bench_result_says_how_much_of_it_moved_in_lockstep(tmp_path):
+    d = json.loads(FIXTURE.read_text())
+    assert svv.parse_bench(FIXTURE).lockstep_share is None  # saved without --save-detailed: no start times
+    # 8 users: the opening wave of 8 together, then one send every 70 ms.
+    d["start_times"] = [100.0 + 0.001 * i for i in range(8)] + [100.5 + 0.07 * i for i in range(24)]
+    (tmp_path / "r.json").write_text(json.dumps(d))
+    r = svv.parse_bench(tmp_path / "r.json")
+    assert r.lockstep_share == pytest.approx(8 / 32)
+    table = {"vllm": svv.summarise([r]), "pdbench-pd": {"output_throughput": 1.0, "lockstep_share": 0.78}}
+    row = next(line for line in svv.side_by_side(table).splitlines() if line.startswith("lockstep_share"))
+    assert row.split()[1:] == ["25%", "78%"]  # a share: no ratio to the baseline
+
+
+def test_loadgen_numbers_are_rebuilt_from_the_packet_as_the_device_printed_them():
+    """The GPU run's own packet (docs/evidence): the script's table reads the same numbers from it."""
+    m = svv.loadgen_metrics(ROOT / "docs" / "evidence" / "serve-vs-vllm-pd-2xh200-loadgen" / "loadgen")
+    assert m["ttft_p50"] == pytest.approx(410.50, abs=0.01) and m["output_throughput"] == pytest.approx(667.1, abs=0.1)
+    assert m["lockstep_share"] == pytest.approx(0.78, abs=0.01)  # pdbench's users stayed in waves (E3, docs/tracks.md)
 
 
 def test_side_by_side_ratios_and_goal_checks():
