@@ -324,18 +324,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+DIRECT_INGRESS_DRAIN_S = 1.0
+
+
 def direct_ingress_env(port: int) -> dict[str, str]:
     """Environment for a Ray that `pdbench serve` starts itself: Serve's direct ingress, where each
     ingress replica runs its own HTTP server (ports from port + 1 up) next to the proxy on `port`.
     A request to a replica's own port skips the proxy's hop: ~5 ms of time to first token on 2 CPU
     cores; what is left is 0.4 ms over a bare uvicorn server (benchmarks/serve_overhead.py). Serve reads
     these variables when its controller and replicas start, so they must be in Ray's environment
-    before Ray starts (on a cluster: in ray_cluster.yaml's `ray start` commands)."""
+    before Ray starts (on a cluster: in ray_cluster.yaml's `ray start` commands).
+
+    A replica that stops keeps its port open for a minimum draining period (Serve's default 30 s) so
+    that a load balancer in front can take it out of rotation; the Ray started here has none, so
+    Ctrl-C waits DIRECT_INGRESS_DRAIN_S instead (requests in flight are still finished first)."""
     first = port + 1
     return {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(min(first + 999, 65535)),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DIRECT_INGRESS_DRAIN_S),
     }
 
 
