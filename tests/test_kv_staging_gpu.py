@@ -104,3 +104,15 @@ def test_registered_object_store_dma_lands_exactly_and_checksums_hold(cuda, ray_
     for c, x in zip(caches, dst, strict=True):
         assert torch.equal(x[dstb], c[src])
     ray.kill(d)
+
+
+def test_a_new_receive_buffer_waits_for_the_work_queued_where_it_was_allocated(cuda):
+    """A block freed while kernels on its stream still run is handed out again at once; NIXL's write
+    is not ordered after those kernels, so a new receive buffer waits for them (actors/kv/rdt.py)."""
+    from actors.kv.rdt import allocation_settled
+
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of a kernel queued on the current stream
+    buf = torch.empty(1 << 20, dtype=torch.uint8, device=cuda)
+    assert not torch.cuda.current_stream(cuda).query()  # still running: the allocation alone does not wait
+    allocation_settled(buf)
+    assert torch.cuda.current_stream(cuda).query()

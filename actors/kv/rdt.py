@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -91,6 +92,17 @@ def _normal(device: torch.device) -> torch.device:
     return device
 
 
+def allocation_settled(buf: torch.Tensor) -> None:
+    """Wait for the work queued on the stream `buf` was allocated on. PyTorch's caching allocator
+    hands out a block as soon as it was freed on that stream, while kernels queued there (the
+    engine's, in the decode engine's process) may still write to it; work on the same stream runs
+    after them, but NIXL's write does not, so a late kernel could overwrite the KV it landed (three
+    checksum mismatches on 2x H200, docs/evidence/e3b-vllm-qwen3-8b-2xh200-repeat, each in a new
+    buffer). Paid once per buffer made, never on reuse."""
+    if buf.is_cuda:
+        torch.cuda.current_stream(buf.device).synchronize()
+
+
 class ReceiveBuffers:
     """Receive buffers registered with NIXL once, reused for later reads of the same size.
 
@@ -98,9 +110,11 @@ class ReceiveBuffers:
     does now) and is handed out again once that event has completed. Buffers are made when none
     is free and kept for the process's life, so they number the most groups ever in flight at
     once; registered memory must never be freed (Ray's registration cache is keyed by address).
+    A new buffer is handed out only once its allocation has settled (`settle`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, settle: Callable[[torch.Tensor], None] = allocation_settled) -> None:
+        self._settle = settle
         self._lock = threading.Lock()
         self._free: dict[tuple[torch.device, int], list[tuple[Any, torch.Tensor]]] = {}
         self._count = 0
@@ -117,6 +131,7 @@ class ReceiveBuffers:
         from ray.experimental import register_nixl_memory
 
         buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self._settle(buf)
         register_nixl_memory(buf)
         return buf
 
