@@ -123,19 +123,22 @@ def test_headline_and_workload_come_first_with_readable_units(tmp_path):
     cells = md[md.index("## Cells") : md.index("## Host load")]
     assert "TTFT p50 (ms)" in cells and "| 20 |" in cells and "| 22.0 |" in cells and "100%" in cells and "| 6/6 |" in cells
     assert "Small samples (every cell has 6 measured requests)" in cells
-    assert "users in lockstep" in cells and "Users in lockstep:" not in cells  # sends 100 ms apart: 0%, no note
+    assert "users in lockstep" in cells and "Users in lockstep differ" not in cells  # sends 100 ms apart: 0%, no note
     load = md[md.index("## Host load") : md.index("## Run")]
     assert "| rep0 | 2 | 1.50 | 80% | 0.0% | 20% |" in load
     assert not re.search(r"\bnan\b|\bNone\b|\{'", md)
 
 
-def test_lockstep_note_names_the_closed_loop_cells_that_moved_in_waves():
+def test_lockstep_note_only_where_cells_settled_in_different_regimes():
     def summary(**shares):
         return {"cells": {c: {"metrics": {"schedule": {"lockstep_share": s}}} for c, s in shares.items()}}
 
-    note = lockstep_note(summary(waves=0.78, staggered=0.12, open_loop=None))
-    assert note is not None and note.startswith("Users in lockstep: waves (78%) of") and "staggered" not in note
-    assert lockstep_note(summary(staggered=0.12, open_loop=None)) is None
+    note = lockstep_note(summary(waves=0.78, spread=0.12, open_loop=None))
+    assert note is not None and note.startswith("Users in lockstep differ between cells (spread 12%, waves 78% of")
+    assert "open_loop" not in note
+    assert lockstep_note(summary(a=1.0, b=0.9)) is None  # every cell in waves: alike, comparable
+    assert lockstep_note(summary(a=0.12, b=0.25, c=None)) is None
+    assert lockstep_note(summary(c=None)) is None
 
 
 def test_percentile_curves_and_a_timeline_for_every_cell(tmp_path):
