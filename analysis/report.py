@@ -66,8 +66,8 @@ def lockstep_note(summary: dict[str, Any]) -> str | None:
     """Closed-loop cells that settled in different regimes, some in waves and some spread out: their
     TTFTs are not comparable as they stand (docs/metrics.md, `lockstep_share`)."""
     cells = sorted(summary.get("cells", {}).items(), key=lambda kv: kv[0])
-    share = {c: ((v.get("metrics") or {}).get("schedule") or {}).get("lockstep_share") for c, v in cells}
-    share = {c: s for c, s in share.items() if s is not None}
+    found = {c: ((v.get("metrics") or {}).get("schedule") or {}).get("lockstep_share") for c, v in cells}
+    share: dict[str, float] = {c: float(s) for c, s in found.items() if s is not None}
     if not share or max(share.values()) - min(share.values()) < LOCKSTEP_NOTE_SPREAD:
         return None
     listed = ", ".join(f"{c} {s:.0%}" for c, s in list(share.items())[:8]) + (" …" if len(share) > 8 else "")

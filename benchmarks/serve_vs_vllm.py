@@ -255,15 +255,19 @@ def summarise(runs: list[BenchResult]) -> dict[str, float]:
 
 # lockstep_share, last: at the same load, TTFT depends on whether the client's users moved in waves.
 ROWS = ("output_throughput", *(f"{m}_p{p}" for m in METRICS for p in PERCENTILES), "lockstep_share")
+# Where a pdbench server's TTFT went, from the server timings its last chunk carries (pdbench's load
+# generator records them; `vllm bench serve` cannot see them): p50 of each stage.
+STAGES = ("server_queue", "prefill", "transfer", "first_decode")
+STAGE_ROWS = tuple(f"{st}_p50" for st in STAGES)
 
 
-def side_by_side(table: dict[str, dict[str, float]], baseline: str = BASELINE) -> str:
+def side_by_side(table: dict[str, dict[str, float]], baseline: str = BASELINE, rows: tuple[str, ...] = ROWS) -> str:
     """Rows = metrics, columns = servers; each non-baseline cell also shows its ratio to the baseline
     (and, for latencies, the difference in ms)."""
     names = list(table)
     lines = [f"{'metric':22s}" + "".join(f"{n:>30s}" for n in names)]
     base = table.get(baseline)
-    for row in ROWS:
+    for row in rows:
         if not any(row in table[n] for n in names):
             continue
         cells = []
@@ -365,6 +369,9 @@ def loadgen_metrics(run_dir: Path) -> dict[str, float]:
         span = cell["t_last_token"].max() - cell["t_sent"].min()
         tput.append(cell["output_tokens"].sum() / span)
     out["output_throughput"] = float(statistics.median(tput))
+    for st in STAGES:
+        if f"{st}_s" in df and df[f"{st}_s"].notna().any():
+            out[f"{st}_p50"] = float(np.nanpercentile(df[f"{st}_s"].to_numpy(float), 50) * 1000.0)
     shares = [s for _, c in sent.groupby("cell_id") if (s := lockstep_share(c["t_sent"].to_numpy(float))) is not None]
     if shares:
         out["lockstep_share"] = float(statistics.median(shares))
@@ -579,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.get("loadgen"):
         lg = {r["server"]: r["metrics"] for r in report["loadgen"] if "metrics" in r}
         print(f"\n=== pdbench load generator (E0 target, concurrency {max(wl.concurrencies)}) ===")
-        print(side_by_side(lg))
+        print(side_by_side(lg, rows=ROWS + STAGE_ROWS))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))
     return 0

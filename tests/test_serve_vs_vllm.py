@@ -139,6 +139,11 @@ def test_loadgen_numbers_are_rebuilt_from_the_packet_as_the_device_printed_them(
     m = svv.loadgen_metrics(ROOT / "docs" / "evidence" / "serve-vs-vllm-pd-2xh200-loadgen" / "loadgen")
     assert m["ttft_p50"] == pytest.approx(410.50, abs=0.01) and m["output_throughput"] == pytest.approx(667.1, abs=0.1)
     assert m["lockstep_share"] == pytest.approx(0.78, abs=0.01)  # pdbench's users stayed in waves (E3, docs/tracks.md)
+    # The disaggregated server's own stages (its last chunk's server timings): the transfer is what waves cost.
+    assert m["prefill_p50"] == pytest.approx(134.6, abs=3) and m["transfer_p50"] == pytest.approx(185, abs=15)
+    assert m["first_decode_p50"] == pytest.approx(45, abs=2)
+    table = svv.side_by_side({"pdbench-pd": m}, rows=svv.ROWS + svv.STAGE_ROWS)
+    assert "transfer_p50" in table and "lockstep_share" in table
 
 
 def test_side_by_side_ratios_and_goal_checks():
