@@ -205,19 +205,30 @@ def _rate(times: np.ndarray) -> float | None:
     return (len(times) - 1) / span if span > 0 else None
 
 
+def burst_sizes(sent: np.ndarray) -> np.ndarray:
+    """For each send (in the order given), how many sends its burst holds: a burst is sends each
+    less than LOCKSTEP_GAP_S after the one before, in time order. 0 for a send that never left (NaN)."""
+    out = np.zeros(sent.size, dtype=np.int64)
+    left = np.flatnonzero(~np.isnan(sent))
+    if left.size == 0:
+        return out
+    order = left[np.argsort(sent[left], kind="stable")]
+    burst = np.concatenate(([0], np.cumsum(np.diff(sent[order]) >= LOCKSTEP_GAP_S)))
+    out[order] = np.bincount(burst)[burst]
+    return out
+
+
 def lockstep_share(sent: np.ndarray) -> float | None:
-    """The share of a closed loop's sends that left in a burst of LOCKSTEP_MIN_USERS or more, each
-    within LOCKSTEP_GAP_S of the one before. Users whose requests end together send together again,
-    so a closed loop can settle into waves: the engine then prefills each wave in one step and a
-    disaggregated pair moves its KV all at once, and TTFT is that regime's, not the server's alone.
-    The same server and load can settle in or out of it (two clients, or two runs), so comparisons
-    read this beside TTFT (docs/metrics.md). None with fewer sends than a burst needs."""
-    sent = sent[~np.isnan(sent)]
-    if sent.size < LOCKSTEP_MIN_USERS:
+    """The share of a closed loop's sends that left in a burst of LOCKSTEP_MIN_USERS or more
+    (`burst_sizes`). Users whose requests end together send together again, so a closed loop can
+    settle into waves: the engine then prefills each wave in one step and a disaggregated pair
+    moves its KV all at once, and TTFT is that regime's, not the server's alone. The same server
+    and load can settle in or out of it (two clients, or two runs), so comparisons read this beside
+    TTFT (docs/metrics.md). None with fewer sends than a burst needs."""
+    sizes = burst_sizes(sent)[~np.isnan(sent)]
+    if sizes.size < LOCKSTEP_MIN_USERS:
         return None
-    s = np.sort(sent)
-    burst = np.concatenate(([0], np.cumsum(np.diff(s) >= LOCKSTEP_GAP_S)))
-    return float((np.bincount(burst)[burst] >= LOCKSTEP_MIN_USERS).mean())
+    return float((sizes >= LOCKSTEP_MIN_USERS).mean())
 
 
 def schedule_metrics(rows: Rows, target_rate_rps: float | None) -> dict[str, Any]:

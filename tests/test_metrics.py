@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from analysis.metrics import SLO, cell_metrics, distribution, meets_slo
+from analysis.metrics import SLO, burst_sizes, cell_metrics, distribution, meets_slo
 from analysis.records import derive, to_frame
 from workloads.arrivals import SteadyState
 from workloads.requests import WorkloadSpec
@@ -155,6 +156,12 @@ def test_lockstep_share_counts_sends_in_bursts_of_four_or_more_users():
     assert cell_metrics(_closed_loop([0.015 * i for i in range(5)]), SLO())["schedule"]["lockstep_share"] == 1.0
     # An open loop's bursts are its schedule's own: not reported.
     assert cell_metrics(_open_loop(50, 500.0), SLO(), target_rate_rps=500.0)["schedule"]["lockstep_share"] is None
+
+
+def test_burst_sizes_keep_the_sends_order_and_skip_what_never_left():
+    sent = np.array([1.0, 0.0, 0.01, np.nan, 0.015, 2.0])  # 0.0, 0.01, 0.015 within 20 ms of each other
+    assert burst_sizes(sent).tolist() == [1, 3, 3, 0, 3, 1]
+    assert burst_sizes(np.array([np.nan])).tolist() == [0] and burst_sizes(np.array([])).tolist() == []
 
 
 def test_steady_window_and_unsteady_signal():

@@ -11,7 +11,7 @@ from analysis.plots import colours, latency_cdfs
 from analysis.report import MAX_CURVES, lockstep_note, render_markdown, sections, spread_cells
 from analysis.summary import build_summary
 from analysis.tracks.e2 import E2Analysis, offered_vs_achieved, points
-from analysis.tracks.e3 import counts_text, evidence
+from analysis.tracks.e3 import by_burst, counts_text, evidence
 
 CONFIG = {
     "track": "e0",
@@ -139,6 +139,26 @@ def test_lockstep_note_only_where_cells_settled_in_different_regimes():
     assert lockstep_note(summary(a=1.0, b=0.9)) is None  # every cell in waves: alike, comparable
     assert lockstep_note(summary(a=0.12, b=0.25, c=None)) is None
     assert lockstep_note(summary(c=None)) is None
+
+
+def test_e3_ttft_by_how_many_users_sent_together():
+    # One cell: a wave of 4 (sent 1 ms apart) whose transfers queued, then 2 alone; one failed wave request.
+    sends = [0.0, 0.001, 0.002, 0.003, 1.0, 2.0]
+    df = pd.DataFrame(
+        {
+            "cell_id": "d",
+            "t_sent": sends,
+            "ok": [True, True, True, False, True, True],
+            "ttft_s": [0.40, 0.42, 0.44, None, 0.10, 0.12],
+            "prefill_s": [0.13, 0.13, 0.13, None, 0.04, 0.04],
+            "transfer_s": [0.17, 0.19, 0.21, None, 0.03, 0.05],
+        }
+    )
+    t = by_burst(df).set_index("sent")
+    assert t.loc["alone", "requests"] == 2 and t.loc["alone", "TTFT p50 (ms)"] == "110" and t.loc["alone", "transfer p50 (ms)"] == "40"
+    wave = t.loc["4+ together (a wave)"]
+    assert wave["requests"] == 3 and wave["TTFT p50 (ms)"] == "420" and wave["transfer p50 (ms)"] == "190"
+    assert "2–3 together" not in t.index  # no such burst: no row
 
 
 def test_percentile_curves_and_a_timeline_for_every_cell(tmp_path):

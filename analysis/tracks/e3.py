@@ -15,6 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis.formatting import DASH, bytes_rate, ms, num, pct
+from analysis.metrics import LOCKSTEP_MIN_USERS, burst_sizes
 from analysis.packet import Packet
 from analysis.records import measured
 from analysis.tracks.base import Headline, Section, TrackAnalysis
@@ -26,6 +27,12 @@ BREAKDOWN = (
     ("prefill_s", "prefill", "#1f77b4"),
     ("transfer_s", "transfer", "#d62728"),
     ("first_decode_s", "first decode", "#2ca02c"),
+)
+# How many users sent together (analysis.metrics.burst_sizes): one prompt alone, a few, a wave.
+BURSTS = (
+    ("alone", 1, 1),
+    (f"2–{LOCKSTEP_MIN_USERS - 1} together", 2, LOCKSTEP_MIN_USERS - 1),
+    (f"{LOCKSTEP_MIN_USERS}+ together (a wave)", LOCKSTEP_MIN_USERS, None),
 )
 _SIDE_BY_SIDE = (
     ("TTFT p50 (ms)", ("ttft_s", "p50"), ms),
@@ -178,6 +185,18 @@ class E3Analysis(TrackAnalysis):
                     figures=[breakdown_figure(table)],
                 )
             )
+            out.append(
+                Section(
+                    title="TTFT by how many users sent together",
+                    text=[
+                        "Closed-loop users whose requests end together send together again (the Cells table's "
+                        '"users in lockstep"). Sends each less than 20 ms after the one before count as together: '
+                        "such a wave is prefilled in one step and its KV moved at once, so a transfer path that "
+                        "queues shows as a TTFT that grows with the wave."
+                    ],
+                    table=by_burst(df),
+                )
+            )
         t = packet.transfers
         if t is not None and not t.empty:
             moved = with_stall_ratio(measured_transfers(t), df)
@@ -311,6 +330,28 @@ def ttft_breakdown(df: pd.DataFrame) -> pd.DataFrame:
         parts = {label: float(g[col].fillna(0.0).mean()) * 1e3 for col, label, _ in BREAKDOWN}
         ttft = float(g["ttft_s"].mean()) * 1e3
         rows.append({"cell": cell, **parts, "other": max(ttft - sum(parts.values()), 0.0), "TTFT": ttft})
+    return pd.DataFrame(rows)
+
+
+def by_burst(df: pd.DataFrame) -> pd.DataFrame:
+    """TTFT and its prefill and transfer by how many users sent together, per cell (completed
+    measured requests). A wave's prompts are prefilled in one step and their KV moved at once, so a
+    backend whose transfers queue behind each other shows it here, as one that moves them side by
+    side does not; and two cells whose users were in waves to a different extent are compared
+    request for request."""
+    rows = []
+    for cell, g in df.groupby("cell_id", sort=True):
+        size = burst_sizes(g["t_sent"].to_numpy(float))
+        done = g["ok"].astype(bool).to_numpy()
+        for label, lo, hi in BURSTS:
+            upper = size.max() if hi is None else hi
+            sub = g[done & (size >= lo) & (size <= upper)]
+            if sub.empty:
+                continue
+            row = {"cell": cell, "sent": label, "requests": len(sub), "TTFT p50 (ms)": ms(sub["ttft_s"].median())}
+            for col, label_ in (("prefill_s", "prefill p50 (ms)"), ("transfer_s", "transfer p50 (ms)")):
+                row[label_] = ms(sub[col].median()) if col in sub and sub[col].notna().any() else DASH
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
