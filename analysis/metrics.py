@@ -26,8 +26,10 @@ ACHIEVED_SHARE = 0.95
 # Steady when TTFT p50 of the window's last arrival quartile is within this factor plus margin of the first's.
 UNSTEADY_FACTOR = 1.5
 UNSTEADY_MARGIN_S = 0.005
-# Closed loop: sends less than this apart form one burst; a burst of this many users or more is lockstep.
+# Closed loop: sends closer than this (and than this share of the cell's mean gap between sends)
+# form one burst; a burst of this many users or more is lockstep.
 LOCKSTEP_GAP_S = 0.02
+LOCKSTEP_GAP_SHARE = 0.25
 LOCKSTEP_MIN_USERS = 4
 
 
@@ -207,13 +209,17 @@ def _rate(times: np.ndarray) -> float | None:
 
 def burst_sizes(sent: np.ndarray) -> np.ndarray:
     """For each send (in the order given), how many sends its burst holds: a burst is sends each
-    less than LOCKSTEP_GAP_S after the one before, in time order. 0 for a send that never left (NaN)."""
+    closer to the one before (in time order) than LOCKSTEP_GAP_S and than LOCKSTEP_GAP_SHARE of the
+    mean gap between sends. The second bound keeps a fast but spread-out stream (evenly spaced sends
+    at 100/s, 10 ms apart) from chaining into one burst. 0 for a send that never left (NaN)."""
     out = np.zeros(sent.size, dtype=np.int64)
     left = np.flatnonzero(~np.isnan(sent))
     if left.size == 0:
         return out
     order = left[np.argsort(sent[left], kind="stable")]
-    burst = np.concatenate(([0], np.cumsum(np.diff(sent[order]) >= LOCKSTEP_GAP_S)))
+    gaps = np.diff(sent[order])
+    bound = min(LOCKSTEP_GAP_S, LOCKSTEP_GAP_SHARE * float(gaps.mean())) if gaps.size else LOCKSTEP_GAP_S
+    burst = np.concatenate(([0], np.cumsum(gaps >= bound)))
     out[order] = np.bincount(burst)[burst]
     return out
 

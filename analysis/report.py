@@ -16,6 +16,7 @@ import yaml
 from analysis import plots
 from analysis.formatting import cell as fmt_cell
 from analysis.headline import cell_rows, headlines, host_load_rows
+from analysis.metrics import LOCKSTEP_MIN_USERS
 from analysis.packet import Packet, write_text
 from analysis.tracks import Section, get_analysis
 from analysis.workload import workload_table
@@ -62,20 +63,25 @@ def small_sample_warning(summary: dict[str, Any]) -> str | None:
     )
 
 
-def lockstep_note(summary: dict[str, Any]) -> str | None:
-    """Closed-loop cells that settled in different regimes, some in waves and some spread out: their
-    TTFTs are not comparable as they stand (docs/metrics.md, `lockstep_share`)."""
-    cells = sorted(summary.get("cells", {}).items(), key=lambda kv: kv[0])
-    found = {c: ((v.get("metrics") or {}).get("schedule") or {}).get("lockstep_share") for c, v in cells}
-    share: dict[str, float] = {c: float(s) for c, s in found.items() if s is not None}
-    if not share or max(share.values()) - min(share.values()) < LOCKSTEP_NOTE_SPREAD:
+def lockstep_note(summary: dict[str, Any], track: str) -> str | None:
+    """Where a track compares cells that run the same workload (E0, E3), cells whose closed-loop users
+    settled in different regimes, some in waves and some spread out: their TTFTs are not comparable
+    as they stand (docs/metrics.md, `lockstep_share`). A sweep's cells differ on purpose."""
+    if not get_analysis(track).compares_like_cells:
         return None
-    listed = ", ".join(f"{c} {s:.0%}" for c, s in list(share.items())[:8]) + (" …" if len(share) > 8 else "")
+    found = {c: ((v.get("metrics") or {}).get("schedule") or {}).get("lockstep_share") for c, v in summary.get("cells", {}).items()}
+    share: dict[str, float] = {c: float(s) for c, s in found.items() if s is not None}
+    if not share:
+        return None
+    low, high = min(share, key=lambda c: share[c]), max(share, key=lambda c: share[c])
+    if share[high] - share[low] < LOCKSTEP_NOTE_SPREAD:
+        return None
     return (
-        f"Users in lockstep differ between cells ({listed} of the measured requests left in bursts of 4 or more "
-        "users within 20 ms). Users whose requests end together send together again: the engine then prefills "
-        "each wave in one step and a disaggregated pair moves its KV all at once, so a cell in waves and a cell "
-        "whose users spread out measure different regimes, and their TTFTs differ for that reason too."
+        f"Users in lockstep differ between cells: {high} {share[high]:.0%} of its measured requests left in bursts of "
+        f"{LOCKSTEP_MIN_USERS} or more users, {low} {share[low]:.0%} (the Cells table has every cell's share). Users "
+        "whose requests end together send together again, and the engine then prefills each wave in one step (and a "
+        "disaggregated pair moves its KV at once): a cell in waves and a cell whose users spread out measure "
+        "different regimes, and their TTFTs differ for that reason too."
     )
 
 
@@ -174,7 +180,8 @@ def _curve_sections(packet: Packet) -> list[Section]:
 def lead_sections(packet: Packet) -> list[Section]:
     """What comes before anything else: the verdict and headline numbers, the workload and SLOs, the cells."""
     head = pd.DataFrame([{"": h.label, "value": h.value} for h in headlines(packet.summary, packet.manifest)])
-    notes = [n for n in (small_sample_warning(packet.summary), lockstep_note(packet.summary)) if n]
+    track = str(packet.manifest.get("track", ""))
+    notes = [n for n in (small_sample_warning(packet.summary), lockstep_note(packet.summary, track)) if n]
     return [
         Section(title="Headline", table=head),
         Section(title="Workload and SLOs", table=workload_table(_config(packet), packet.requests, packet.summary)),

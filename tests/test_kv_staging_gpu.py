@@ -106,13 +106,19 @@ def test_registered_object_store_dma_lands_exactly_and_checksums_hold(cuda, ray_
     ray.kill(d)
 
 
-def test_a_new_receive_buffer_waits_for_the_work_queued_where_it_was_allocated(cuda):
-    """A block freed while kernels on its stream still run is handed out again at once; NIXL's write
-    is not ordered after those kernels, so a new receive buffer waits for them (actors/kv/rdt.py)."""
-    from actors.kv.rdt import allocation_settled
+def test_a_new_receive_buffer_is_no_block_an_engine_kernel_may_still_write(cuda):
+    """A block freed while kernels on its stream still run is handed out again at once on that
+    stream; NIXL's write is not ordered after those kernels, so a receive buffer comes from a
+    stream of its own (actors/kv/rdt.py fresh_buffer), whose blocks none of them can touch."""
+    from actors.kv.rdt import fresh_buffer
 
+    nbytes = 3 << 20
     torch.cuda._sleep(200_000_000)  # ~0.1 s of a kernel queued on the current stream
-    buf = torch.empty(1 << 20, dtype=torch.uint8, device=cuda)
-    assert not torch.cuda.current_stream(cuda).query()  # still running: the allocation alone does not wait
-    allocation_settled(buf)
-    assert torch.cuda.current_stream(cuda).query()
+    busy = torch.empty(nbytes, dtype=torch.uint8, device=cuda)
+    busy.fill_(1)  # queued behind the sleep: still to write when the block is freed
+    ptr = busy.data_ptr()
+    del busy  # back to the current stream's pool while its write is pending
+    assert torch.empty(nbytes, dtype=torch.uint8, device=cuda).data_ptr() == ptr  # the hazard: reused at once
+    buf = fresh_buffer(cuda, nbytes)
+    assert buf.data_ptr() != ptr and buf.numel() == nbytes
+    torch.cuda.synchronize()

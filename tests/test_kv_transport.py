@@ -586,13 +586,13 @@ def test_a_receive_buffer_comes_back_only_after_its_fence(monkeypatch):
         def query(self):
             return self.done
 
-    settled = []
+    made = []
 
-    def settle(buf):  # the allocation's stream is waited for before NIXL may write the buffer
-        assert all(buf is not r for r in registered), "settled after it was handed to NIXL"
-        settled.append(buf)
+    def make(device, nbytes):  # rdt.fresh_buffer on a GPU: a block no engine kernel can still write
+        made.append(rdt.fresh_buffer(device, nbytes))
+        return made[-1]
 
-    pool, cpu = rdt.ReceiveBuffers(settle), torch.device("cpu")
+    pool, cpu = rdt.ReceiveBuffers(make), torch.device("cpu")
     a = pool.take(cpu, 64)
     fence = Fence()
     pool.give(a, fence)
@@ -602,8 +602,8 @@ def test_a_receive_buffer_comes_back_only_after_its_fence(monkeypatch):
     assert pool.take(cpu, 64) is a  # now a is free again, no new registration
     pool.give(b, None)
     assert pool.take(cpu, 32) is not b and pool.take(cpu, 64) is b and pool.count() == 3  # sizes do not mix
-    assert [id(x) for x in settled] == [id(x) for x in registered]  # every new buffer settled first, none on reuse
-    rdt.allocation_settled(a)  # a CPU buffer has no stream to wait for
+    assert [id(x) for x in made] == [id(x) for x in registered]  # every new buffer made fresh, none on reuse
+    assert made[0].dtype == torch.uint8 and made[0].numel() == 64
 
 
 def test_nixl_kv_nobody_takes_is_freed_with_its_key(directory):

@@ -152,8 +152,11 @@ def test_lockstep_share_counts_sends_in_bursts_of_four_or_more_users():
     # Staggered users (a send every 60 ms) never form a burst; three at once are not yet one.
     assert cell_metrics(_closed_loop([0.06 * i for i in range(20)]), SLO())["schedule"]["lockstep_share"] == 0.0
     assert cell_metrics(_closed_loop([0.0, 0.001, 0.002, 1.0, 1.001, 1.002]), SLO())["schedule"]["lockstep_share"] == 0.0
-    # A chain of sends each within 20 ms of the one before is one burst, however long it lasts.
-    assert cell_metrics(_closed_loop([0.015 * i for i in range(5)]), SLO())["schedule"]["lockstep_share"] == 1.0
+    # Sends closer than 20 ms but evenly spread (100/s) are a fast stream, not a wave: a burst needs
+    # its gaps under a quarter of the mean gap too. Waves at that rate still count.
+    assert cell_metrics(_closed_loop([0.01 * i for i in range(40)]), SLO())["schedule"]["lockstep_share"] == 0.0
+    fast_waves = [w * 0.05 + u * 0.0005 for w in range(8) for u in range(5)]  # 100/s, in waves of 5
+    assert cell_metrics(_closed_loop(fast_waves), SLO())["schedule"]["lockstep_share"] == 1.0
     # An open loop's bursts are its schedule's own: not reported.
     assert cell_metrics(_open_loop(50, 500.0), SLO(), target_rate_rps=500.0)["schedule"]["lockstep_share"] is None
 

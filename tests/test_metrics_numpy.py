@@ -42,7 +42,8 @@ def ref_lockstep_share(df, target_rate_rps):
     sent = df["t_sent"].sort_values()
     if target_rate_rps is not None or len(sent) < 4:
         return None
-    burst = (sent.diff() >= 0.02).cumsum()
+    gaps = sent.diff()
+    burst = (gaps >= min(0.02, 0.25 * gaps.mean())).cumsum()
     return float((burst.map(burst.value_counts()) >= 4).mean())
 
 

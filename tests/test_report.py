@@ -129,16 +129,18 @@ def test_headline_and_workload_come_first_with_readable_units(tmp_path):
     assert not re.search(r"\bnan\b|\bNone\b|\{'", md)
 
 
-def test_lockstep_note_only_where_cells_settled_in_different_regimes():
+def test_lockstep_note_only_where_like_cells_settled_in_different_regimes():
     def summary(**shares):
         return {"cells": {c: {"metrics": {"schedule": {"lockstep_share": s}}} for c, s in shares.items()}}
 
-    note = lockstep_note(summary(waves=0.78, spread=0.12, open_loop=None))
-    assert note is not None and note.startswith("Users in lockstep differ between cells (spread 12%, waves 78% of")
-    assert "open_loop" not in note
-    assert lockstep_note(summary(a=1.0, b=0.9)) is None  # every cell in waves: alike, comparable
-    assert lockstep_note(summary(a=0.12, b=0.25, c=None)) is None
-    assert lockstep_note(summary(c=None)) is None
+    note = lockstep_note(summary(waves=0.78, mid=0.5, spread=0.12, open_loop=None), "e3")
+    assert note is not None and note.startswith("Users in lockstep differ between cells: waves 78% of its measured")
+    assert "spread 12% (the Cells table" in note and "open_loop" not in note and "mid" not in note
+    assert lockstep_note(summary(a=1.0, b=0.9), "e0") is None  # every cell in waves: alike, comparable
+    assert lockstep_note(summary(a=0.12, b=0.25, c=None), "e3") is None
+    assert lockstep_note(summary(c=None), "e3") is None
+    # A sweep's cells differ on purpose (one user is never in a wave, 64 often are): no note.
+    assert lockstep_note(summary(c1=0.0, c64=0.67), "e2") is None
 
 
 def test_e3_ttft_by_how_many_users_sent_together():

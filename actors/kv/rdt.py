@@ -92,15 +92,27 @@ def _normal(device: torch.device) -> torch.device:
     return device
 
 
-def allocation_settled(buf: torch.Tensor) -> None:
-    """Wait for the work queued on the stream `buf` was allocated on. PyTorch's caching allocator
-    hands out a block as soon as it was freed on that stream, while kernels queued there (the
-    engine's, in the decode engine's process) may still write to it; work on the same stream runs
-    after them, but NIXL's write does not, so a late kernel could overwrite the KV it landed (three
-    checksum mismatches on 2x H200, docs/evidence/e3b-vllm-qwen3-8b-2xh200-repeat, each in a new
-    buffer). Paid once per buffer made, never on reuse."""
-    if buf.is_cuda:
-        torch.cuda.current_stream(buf.device).synchronize()
+_alloc_streams: dict[torch.device, Any] = {}
+_alloc_lock = threading.Lock()
+
+
+def fresh_buffer(device: torch.device, nbytes: int) -> torch.Tensor:
+    """A new receive buffer, allocated on a CUDA stream of its own. PyTorch's caching allocator hands
+    a block out again as soon as it was freed on its stream, while kernels queued there (the
+    engine's, in the decode engine's process) may still write it: work on that stream runs after
+    them, NIXL's write does not, so a late kernel could overwrite the KV it landed (likeliest cause
+    of three checksum mismatches on 2x H200, docs/evidence/e3b-vllm-qwen3-8b-2xh200-repeat, each in
+    a buffer just made). A block is reused only on the stream it belongs to; this one runs nothing
+    and its buffers are never freed, so its blocks carry no pending work, and nothing waits for the
+    engine's."""
+    if device.type != "cuda":
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    with _alloc_lock:
+        if device not in _alloc_streams:
+            _alloc_streams[device] = torch.cuda.Stream(device)
+        stream = _alloc_streams[device]
+    with torch.cuda.stream(stream):
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
 class ReceiveBuffers:
@@ -110,11 +122,11 @@ class ReceiveBuffers:
     does now) and is handed out again once that event has completed. Buffers are made when none
     is free and kept for the process's life, so they number the most groups ever in flight at
     once; registered memory must never be freed (Ray's registration cache is keyed by address).
-    A new buffer is handed out only once its allocation has settled (`settle`).
+    New buffers come from `make` (`fresh_buffer`).
     """
 
-    def __init__(self, settle: Callable[[torch.Tensor], None] = allocation_settled) -> None:
-        self._settle = settle
+    def __init__(self, make: Callable[[torch.device, int], torch.Tensor] = fresh_buffer) -> None:
+        self._make = make
         self._lock = threading.Lock()
         self._free: dict[tuple[torch.device, int], list[tuple[Any, torch.Tensor]]] = {}
         self._count = 0
@@ -130,8 +142,7 @@ class ReceiveBuffers:
             self._count += 1
         from ray.experimental import register_nixl_memory
 
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        self._settle(buf)
+        buf = self._make(device, nbytes)
         register_nixl_memory(buf)
         return buf
 

@@ -36,6 +36,11 @@ class TrackAnalysis:
     forms; the others keep the short ones, which those forms call by default.
     """
 
+    # True where every cell runs the same workload and the verdict compares cells with each other
+    # (E0's repetitions, E3's modes and backends): there a difference in how the cells' users moved
+    # (analysis.metrics.lockstep_share) is worth a note; a sweep's cells differ on purpose.
+    compares_like_cells = False
+
     def verdicts(self, requests: pd.DataFrame, cells: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         return {}
 

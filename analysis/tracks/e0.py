@@ -141,6 +141,8 @@ def _timing_checks(df: pd.DataFrame, ids: list[str], tol: float) -> list[dict[st
 
 
 class E0Analysis(TrackAnalysis):
+    compares_like_cells = True
+
     def verdicts(self, requests: pd.DataFrame, cells: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         p = {**E0Params().model_dump(), **params}
         tol, repeats = float(p["tolerance"]), int(p["repeats"])

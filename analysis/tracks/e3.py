@@ -121,6 +121,8 @@ def judge(agg: pd.DataFrame, dis: pd.DataFrame, t: pd.DataFrame) -> dict[str, An
 
 
 class E3Analysis(TrackAnalysis):
+    compares_like_cells = True
+
     def verdicts_with_transfers(
         self, requests: pd.DataFrame, transfers: pd.DataFrame | None, cells: dict[str, Any], params: dict[str, Any]
     ) -> dict[str, Any]:
@@ -190,9 +192,10 @@ class E3Analysis(TrackAnalysis):
                     title="TTFT by how many users sent together",
                     text=[
                         "Closed-loop users whose requests end together send together again (the Cells table's "
-                        '"users in lockstep"). Sends each less than 20 ms after the one before count as together: '
-                        "such a wave is prefilled in one step and its KV moved at once, so a transfer path that "
-                        "queues shows as a TTFT that grows with the wave."
+                        '"users in lockstep"). Sends each closer to the one before than 20 ms and than a quarter of the cell\'s '
+                        "mean gap between sends count as together: "
+                        "such a wave is prefilled in one step and its KV moved at once, so a transfer path whose "
+                        "bandwidth the wave shares shows a transfer time that grows with the wave."
                     ],
                     table=by_burst(df),
                 )
@@ -336,9 +339,9 @@ def ttft_breakdown(df: pd.DataFrame) -> pd.DataFrame:
 def by_burst(df: pd.DataFrame) -> pd.DataFrame:
     """TTFT and its prefill and transfer by how many users sent together, per cell (completed
     measured requests). A wave's prompts are prefilled in one step and their KV moved at once, so a
-    backend whose transfers queue behind each other shows it here, as one that moves them side by
-    side does not; and two cells whose users were in waves to a different extent are compared
-    request for request."""
+    transfer path whose bandwidth the wave's prompts must share shows a transfer time that grows
+    with the wave, as one that moves them side by side at full speed does not; and two cells whose
+    users were in waves to a different extent are compared request for request."""
     rows = []
     for cell, g in df.groupby("cell_id", sort=True):
         size = burst_sizes(g["t_sent"].to_numpy(float))
