@@ -337,7 +337,8 @@ def direct_ingress_env(port: int) -> dict[str, str]:
 
     A replica that stops keeps its port open for a minimum draining period (Serve's default 30 s) so
     that a load balancer in front can take it out of rotation; the Ray started here has none, so
-    Ctrl-C waits DIRECT_INGRESS_DRAIN_S instead (requests in flight are still finished first)."""
+    Ctrl-C waits DIRECT_INGRESS_DRAIN_S instead. Requests in flight still get Serve's graceful-shutdown
+    timeout (20 s by default; the 30 s drain had also raised it to 35 s) to finish."""
     first = port + 1
     return {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
