@@ -41,6 +41,8 @@ METRICS: dict[str, tuple[str, Any]] = {
     "e2e_s.p50": ("E2E p50 (ms)", _ms("e2e_s", "p50")),
     "slo_attainment": ("SLO attainment (%)", _pct("slo_attainment")),
     "goodput_rps": ("goodput req/s", lambda m: m.get("goodput_rps")),
+    # Beside TTFT: two runs whose closed-loop users moved differently measured different regimes.
+    "schedule.lockstep_share": ("users in lockstep (%)", lambda m: _pct("lockstep_share")(m.get("schedule") or {})),
 }
 CHARTS = ("out tok/s", "req/s", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "E2E p50 (ms)", "SLO attainment (%)")
 

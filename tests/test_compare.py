@@ -25,7 +25,12 @@ def fake_run(root, run_id, evidence, nodes, tps, seed=0):
         "hardware": {"summary": f"{nodes} nodes", "nodes": [{"gpu": {"count": 8}}] * nodes},
         "versions": {"pdbench_git_sha": "abc"},
     }
-    metrics = {"output_token_throughput_tps": tps, "request_throughput_rps": tps / 100, "ttft_s": {"p50": 0.1, "p99": 0.3}}
+    metrics = {
+        "output_token_throughput_tps": tps,
+        "request_throughput_rps": tps / 100,
+        "ttft_s": {"p50": 0.1, "p99": 0.3},
+        "schedule": {"lockstep_share": min(1.0, nodes / 4)},
+    }
     summary = {
         "run_id": run_id,
         "track": "e2",
@@ -55,6 +60,8 @@ def test_scaling_study_side_by_side(tmp_path):
     assert "| – |" in md
     ttft = next(r for r in data["cells"] if r["cell"] == "closed-c8" and r["metric"] == "TTFT p99 (ms)")
     assert ttft["A: 1 node, 8 GPUs"] == pytest.approx(300.0)
+    waves = next(r for r in data["cells"] if r["cell"] == "closed-c8" and r["metric"] == "users in lockstep (%)")
+    assert [waves[r["run"]] for r in data["runs"]] == [25.0, 50.0, 100.0]  # beside TTFT: which regime each run was in
     html = (out / "compare.html").read_text()
     assert "Plotly.newPlot" in html and html.count("plotly-graph-div") >= 3
 
