@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis.formatting import DASH, bytes_rate, ms, num, pct
-from analysis.metrics import LOCKSTEP_MIN_USERS, burst_sizes
+from analysis.metrics import LOCKSTEP_GAP_S, LOCKSTEP_GAP_SHARE, LOCKSTEP_MIN_USERS, burst_sizes
 from analysis.packet import Packet
 from analysis.records import measured
 from analysis.tracks.base import Headline, Section, TrackAnalysis
@@ -192,8 +192,8 @@ class E3Analysis(TrackAnalysis):
                     title="TTFT by how many users sent together",
                     text=[
                         "Closed-loop users whose requests end together send together again (the Cells table's "
-                        '"users in lockstep"). Sends each closer to the one before than 20 ms and than a quarter of the cell\'s '
-                        "mean gap between sends count as together: "
+                        f'"users in lockstep"). Sends each closer to the one before than {LOCKSTEP_GAP_S * 1e3:g} ms and '
+                        f"than {LOCKSTEP_GAP_SHARE:g} of the cell's mean gap between sends count as together: "
                         "such a wave is prefilled in one step and its KV moved at once, so a transfer path whose "
                         "bandwidth the wave shares shows a transfer time that grows with the wave."
                     ],
