@@ -36,7 +36,7 @@ from actors.metrics import BatchedFeed, current_actor_tags
 from actors.progress import CellCounter
 from analysis.errortext import one_line
 from analysis.records import table_bytes, table_from_bytes, to_table
-from workloads.requests import RequestSpec
+from workloads.requests import PackedRequests, RequestSpec
 
 # The bare hop's probe, per cell: 5 streaming no-ops. With 20 the probe was half of a small
 # cell's CPU in the load generator and the engine (2 virtual nodes, 2 requests per cell: 13.2 -> 6.8
@@ -151,6 +151,8 @@ class CellLoad:
     faults: list[str] = field(default_factory=list)  # reads after the load that failed: the records stay
     engines_busy: int = 0  # requests still in the engines after the load (timed out): not fit for another cell
     t_start: float = 0.0  # time.monotonic() as the call began here (the host's clock: the driver's, on one host)
+    queued_s: float = 0.0  # from the call's start here to the cell's turn, where another cell was running then (else 0)
+    idle_before_s: float | None = None  # the end of this load generator's previous load to this one's start; None: its first cell
 
     def __reduce__(self) -> tuple[Any, ...]:
         """The records travel to the driver as one Arrow IPC stream (analysis/records.py `table_bytes`)."""
@@ -191,9 +193,11 @@ class LoadGenerator:
         router in front of them (None: one engine) and the run's progress counter (None: no display).
         Handles cost the driver and this process ~0.1-0.3 ms each to send with every cell."""
         self._engines, self._router, self._counter = engines, router, counter
+        self._turn = asyncio.Lock()  # cells one at a time, in the order their calls came
+        self._load_ended: float | None = None  # the last cell's load's end
 
     async def run_cell(
-        self, requests: list[RequestSpec], concurrency: int, timeout_s: float | None, tags: dict[str, str], identity: dict[str, str]
+        self, requests: PackedRequests, concurrency: int, timeout_s: float | None, tags: dict[str, str], identity: dict[str, str]
     ) -> CellLoad:
         """An aggregated cell in one call from the driver, on the deployment given to `serve`: the
         load (`run`, through the router where there is one, else the engine), its requests marked
@@ -203,7 +207,22 @@ class LoadGenerator:
         (EngineHost.cell_report `drained`); after a failed request, and with replicas, it is asked
         after the load. A call per stage cost the cell ~0.3 s each with 32 virtual nodes on 2 cores,
         and the driver's loop a turn each. The records come back as typed rows stamped with `identity` (to_table); a read
-        that failed is a fault, never raised."""
+        that failed is a fault, never raised.
+
+        A call that comes while another cell runs (the pool's `depth` 2) waits for its turn here: its
+        requests stay packed until then, so its arrival costs the running cell a copy of bytes."""
+        t_call, waits = time.monotonic(), self._turn.locked()
+        async with self._turn:
+            t_turn = time.monotonic()
+            got = await self._run_cell(requests.unpack(), concurrency, timeout_s, tags, identity)
+            load_ended = time.monotonic() - got.after_s
+            idle = load_ended - got.load_s - self._load_ended if self._load_ended is not None else None
+            self._load_ended = load_ended
+        return dataclasses.replace(got, t_start=t_call, queued_s=t_turn - t_call if waits else 0.0, idle_before_s=idle)
+
+    async def _run_cell(
+        self, requests: list[RequestSpec], concurrency: int, timeout_s: float | None, tags: dict[str, str], identity: dict[str, str]
+    ) -> CellLoad:
         engines, router = self._engines, self._router
         progress = CellCounter(self._counter, tags["cell"]) if self._counter is not None else None
         t0 = time.monotonic()
@@ -237,7 +256,6 @@ class LoadGenerator:
             counts=counts,
             faults=faults,
             engines_busy=sum(r["in_flight"] for r in reports if r),
-            t_start=t0,
         )
 
     async def run(

@@ -109,16 +109,21 @@ def _engine_starts(pool: dict[str, Any]) -> str | None:
     if "engine_starts" not in pool:
         return None
     policy = "warm engines reused" if pool.get("reuse") else "a fresh engine per cell"
+    if pool.get("depth", 1) > 1:
+        policy += f", the next cell's call queued behind the running one ({pool.get('cells_queued', 0)} cells)"
     return f"{pool['engine_starts']} ({pool.get('cells_on_warm_engines', 0)} cells on warm engines; {policy})"
 
 
 def _cell_walls(cells: dict[str, Any]) -> str | None:
-    """Per-cell wall time beside whether the cell started its engine: what an engine start costs, read off the run."""
-    walls = [
-        f"{name} {c['wall_s']:.1f} s" + (f" ({c['engine']})" if c.get("engine") else "")
-        for name, c in cells.items()
-        if isinstance(c.get("wall_s"), (int, float))
-    ]
+    """Per-cell wall time beside whether the cell started its engine: what an engine start costs, read
+    off the run; and the part of it a cell waited behind the one before on its warm engine."""
+
+    def notes(c: dict[str, Any]) -> str:
+        parts = [str(c["engine"])] if c.get("engine") else []
+        parts += [f"{c['queued_s']:.1f} s of it queued"] if c.get("queued_s") else []
+        return f" ({', '.join(parts)})" if parts else ""
+
+    walls = [f"{name} {c['wall_s']:.1f} s" + notes(c) for name, c in cells.items() if isinstance(c.get("wall_s"), (int, float))]
     return ", ".join(walls) or None
 
 

@@ -18,8 +18,11 @@ cells with a fresh engine per cell (`fresh_engines`). Reports, per run:
   was runnable but not running (starvation by the cells' own processes), so it reads higher than
   the driver's own work;
 - per cell: scheduling latency (cell start to its engines ready: placement and engine start, or
-  the reset of a warm engine), load time (the load generator's run) and fixed cost (cell wall
-  time minus load time), p50/p90/max, warm and fresh apart;
+  the reset of a warm engine), load time (the load generator's run) and fixed cost, what the sweep
+  pays for the cell beyond its load (on a warm engine the deployment's gap between the previous
+  cell's load and this one's, `engine_use.gap_s`; for a cell that started its engine, cell wall
+  time minus load time), p50/p90/max, warm and fresh apart; and how many cells' calls waited in
+  the load generator behind the cell before (the pool's depth 2, cluster/cells/engine_pool.py);
 - cells per node and engine starts (from the manifest);
 - the idle floor (`idle_floor`): before the runs, the box's CPU over `--idle-s` seconds with the
   cluster up and nothing placed (Ray's daemons of every node), then with one idle actor on each of
@@ -157,12 +160,17 @@ class RunScale:
     scheduling_s: Spread | None  # cell start to engines ready, all cells
     scheduling_warm_s: Spread | None  # ... cells on a warm engine
     load_s: Spread | None
-    fixed_s: Spread | None  # cell wall - load, all cells
-    fixed_warm_s: Spread | None  # ... cells on a warm engine
-    fixed_fresh_s: Spread | None  # ... cells that started their engine
-    # p50 over warm cells of each part of the fixed cost: setup (the reset), after (the reads after the load),
-    # call and reply (the driver's call reaching the load generator, its reply reaching the driver's loop),
-    # driver (the rest: the driver's own work and waits)
+    # A cell's fixed cost, what the sweep pays for it beyond its load: where another cell ran before it
+    # on its deployment (warm), the gap between that cell's load and this one's (engine_use.gap_s);
+    # else (fresh: the deployment's first cell to run, which started the engine or waited for it) wall - load.
+    fixed_s: Spread | None  # all cells
+    fixed_warm_s: Spread | None  # ... cells after another on a warm engine
+    fixed_fresh_s: Spread | None  # ... a deployment's first cell
+    cells_queued: int  # cells whose call waited in the load generator behind the cell before (the pool's depth 2)
+    # p50 over warm cells of each part of the cell's wall beyond its load: setup (the reset), after (the
+    # reads after the load), call and reply (the driver's call reaching the load generator, its reply
+    # reaching the driver's loop), queued (waiting behind the cell before), driver (the rest: the
+    # driver's own work and waits). Queued, a cell's call and the reply before it overlap the loads.
     fixed_warm_stages_p50_s: dict[str, float] | None
     box_cpu_by_role_s: dict[str, float]  # the box's CPU over the run by role (box_cpu_roles); processes that ended are not counted
     box_cpu_share_of_cores: float  # the box's CPU over the run (all roles) / (wall × cores)
@@ -353,13 +361,17 @@ def measure(cfg: ExperimentConfig, address: str, out: Path, floor: IdleFloor | N
     per_node = Counter(n for c in m["cells"].values() for n in (c.get("nodes") or {}).get("engine", []))
 
     def fixed(which: str | None) -> list[float]:
-        return [c["wall_s"] - u["load_s"] for c, u in uses if u and (which is None or u["engine"] == which)]
+        """Per cell: the gap after the cell before on its deployment (warm), else wall - load (fresh:
+        the cell started, or waited for, the engine; with two calls at a new deployment either may run first)."""
+        gaps = [(c, u.get("gap_s"), u["load_s"]) for c, u in uses if u]
+        own = [(c, g, load) for c, g, load in gaps if which is None or (g is not None) == (which == "reused")]
+        return [g if g is not None else c["wall_s"] - load for c, g, load in own]
 
     def stages() -> dict[str, float] | None:
         warm = [(c, u) for c, u in uses if u and u["engine"] == "reused"]
         if not warm:
             return None
-        names = ("setup", "after", "call", "reply")
+        names = ("setup", "after", "call", "reply", "queued")
         parts = {k: [u.get(f"{k}_s", 0.0) for _, u in warm] for k in names}
         parts["driver"] = [c["wall_s"] - u["load_s"] - sum(u.get(f"{k}_s", 0.0) for k in names) for c, u in warm]
         return {k: round(float(np.percentile(v, 50)), 4) for k, v in parts.items()}
@@ -389,6 +401,7 @@ def measure(cfg: ExperimentConfig, address: str, out: Path, floor: IdleFloor | N
         fixed_s=Spread.of(fixed(None)),
         fixed_warm_s=Spread.of(fixed("reused")),
         fixed_fresh_s=Spread.of(fixed("fresh")),
+        cells_queued=m["engine_pool"].get("cells_queued", 0),
         fixed_warm_stages_p50_s=stages(),
         box_cpu_by_role_s=roles,
         box_cpu_share_of_cores=sum(roles.values()) / (wall * (os.cpu_count() or 1)),
@@ -501,7 +514,7 @@ def print_table(r: dict[str, Any]) -> None:
     for run in r["runs"]:
         print(
             f"\n{run['engines']} engines: {run['cells_ok']}/{run['cells']} cells ok in {run['wall_s']:.1f} s; "
-            f"{run['engine_starts']} engine starts; {run['nodes_used']} nodes used"
+            f"{run['engine_starts']} engine starts; {run['nodes_used']} nodes used; {run['cells_queued']} cells queued behind another"
         )
         print(
             f"  driver overhead: process CPU {run['driver_cpu_s']:.1f} s = {100 * run['driver_overhead_fraction']:.2f}% of wall, "

@@ -31,7 +31,7 @@ from analysis.report import write_reports
 from cluster import ray_env, resume
 from cluster.cell_record import CellTables, run_cell
 from cluster.cells import MODES, CellContext
-from cluster.cells.engine_pool import EnginePool
+from cluster.cells.engine_pool import EnginePool, pool_depth
 from cluster.config import ConfigError, ExperimentConfig, config_hash, to_yaml
 from cluster.file_writer import FileWriter
 from cluster.hostload import HostLoadSampler
@@ -138,11 +138,14 @@ class Driver:
             ran=self._ran,
             flush=self.files.flush,
         )
-        rounds = Rounds(self.cfg, self.track, self.params, self.facts.concurrency or 1, cells)
+        concurrency = self.facts.concurrency or 1
+        # With warm engines for every cell, each holds the next cell's call queued behind the running one.
+        depth = pool_depth(not self.cfg.fresh_engines, self._serving_modes())
+        rounds = Rounds(self.cfg, self.track, self.params, concurrency * depth, cells)
         first, self.plans = self.plans, rounds.plans  # the manifest's serving modes follow the rounds
         samplers = ray_env.actor_on_each_node(TelemetrySampler, TELEMETRY_INTERVAL_S)
         await asyncio.gather(*(s.start.remote() for s in samplers))
-        self.pool = EnginePool(reuse=not self.cfg.fresh_engines, capacity=self.facts.concurrency or 1)
+        self.pool = EnginePool(reuse=not self.cfg.fresh_engines, capacity=concurrency, depth=depth)
         self.host = HostLoadSampler()
         try:
             metas = await rounds.run(first, on_progress)

@@ -13,6 +13,7 @@ from typing import Any
 from analysis.schemas import SCHEMA_VERSION
 from cluster import manifest as mf
 from cluster import ray_env
+from cluster.cells.engine_pool import POOLED_MODES, pool_depth
 from cluster.config import ExperimentConfig
 
 
@@ -67,19 +68,25 @@ def _cells(cells: dict[str, Any]) -> dict[str, Any]:
     return {
         c: {"status": m.get("status"), "error": m.get("error"), "config_hash": m.get("config_hash"), "nodes": m.get("node_ids")}
         | {"engine": (m.get("engine_use") or {}).get("engine"), "wall_s": m.get("wall_s")}
+        # Of wall_s, the wait behind the cell before on its warm engine (the pool's depth 2): not this cell's cost.
+        | ({"queued_s": q} if (q := (m.get("engine_use") or {}).get("queued_s")) else {})
         | ({"log": m["log"]} if m.get("log") else {})
         for c, m in cells.items()
     }
 
 
-def _engine_pool(cfg: ExperimentConfig, cells: dict[str, Any]) -> dict[str, Any]:
-    """Warm engines (docs/metrics.md): engines started over the run, and cells that found one warm."""
+def _engine_pool(cfg: ExperimentConfig, serving_modes: list[str], cells: dict[str, Any]) -> dict[str, Any]:
+    """Warm engines (docs/metrics.md): engines started over the run, cells that found one warm, and
+    how many cells a warm deployment held at once (`depth` 2: the next one's call queued behind the
+    running one) with the cells whose call did wait there."""
     uses = [m.get("engine_use") or {} for m in cells.values()]
     return {
         "reuse": not cfg.fresh_engines,
-        "pooled_modes": ["aggregated"],
+        "pooled_modes": list(POOLED_MODES),
+        "depth": pool_depth(not cfg.fresh_engines, serving_modes),
         "engine_starts": sum(u.get("engine_starts", 0) for u in uses),
         "cells_on_warm_engines": sum(u.get("engine") == "reused" for u in uses),
+        "cells_queued": sum((u.get("queued_s") or 0.0) > 0 for u in uses),
     }
 
 
@@ -101,7 +108,7 @@ def run_manifest(facts: RunFacts, serving_modes: list[str], cells: dict[str, Any
         "hardware": {"summary": nodes[0]["summary"], "nodes": nodes},
         "ray": facts.ray_info,
         "max_concurrent_cells": facts.concurrency,
-        "engine_pool": _engine_pool(cfg, cells),
+        "engine_pool": _engine_pool(cfg, serving_modes, cells),
         "seeds": {"config": cfg.seed, "weights": cfg.engine.weight_seed, "cells": {c: m.get("seed") for c, m in cells.items()}},
         "started_at": facts.started_at,
         "resumed_at": facts.resumed_at,

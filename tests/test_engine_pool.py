@@ -42,7 +42,10 @@ def fresh(ray_local, tmp_path_factory):
 def test_one_engine_config_starts_one_engine(pooled):
     d, m = pooled
     assert m["status"] == "complete"
-    assert m["engine_pool"] == {"reuse": True, "pooled_modes": ["aggregated"], "engine_starts": 1, "cells_on_warm_engines": 2}
+    pool = m["engine_pool"]
+    assert pool == {**pool, "reuse": True, "pooled_modes": ["aggregated"], "depth": 2, "engine_starts": 1, "cells_on_warm_engines": 2}
+    # With depth 2 the next cell's call waits behind the running one; it need not have come in time.
+    assert 0 <= pool["cells_queued"] <= 2
     cells = m["cells"]
     assert [cells[c]["engine"] for c in ("in16-out4", "in24-out4", "in32-out4")] == ["fresh", "reused", "reused"]
     assert all(c["wall_s"] > 0 for c in cells.values())
@@ -141,6 +144,52 @@ def test_pool_reuses_drops_refusers_and_evicts_other_keys():
     # failing cell's start evicted b1, and the failed a3 was dropped, not kept.
     assert log == ["begin a1", "begin a1", "close a1", "begin a2", "close a2", "begin b1", "close b1", "begin a3", "close a3"]
     assert starts == 4
+
+
+def test_depth_two_queues_the_next_cell_behind_the_running_one_and_never_runs_another_key_beside_it():
+    async def go():
+        log: list[str] = []
+        made = iter(["a1", "b1", "a2"])
+        pool: EnginePool = EnginePool(reuse=True, capacity=1, depth=2)
+
+        async def make():
+            await asyncio.sleep(0.01)  # a start takes time: the second cell finds a deployment still starting
+            return Stub(log, next(made))
+
+        async def cell(name, key, hold, fail=False):
+            c = ctx()
+            try:
+                async with pool.lease(c, key, make) as lease:  # type: ignore[arg-type]
+                    log.append(f"{name} on {lease.deployment.name}")
+                    await hold.wait()
+                    log.append(f"{name} ends")
+                    if fail:
+                        raise ValueError("cell failed")
+            except ValueError:
+                pass
+            return c.engine_use
+
+        first, second, other = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        t1 = asyncio.ensure_future(cell("x1", "A", first, fail=True))
+        t2 = asyncio.ensure_future(cell("x2", "A", second))
+        t3 = asyncio.ensure_future(cell("y1", "B", other))
+        await asyncio.sleep(0.05)
+        assert pool.engine_starts == 1  # x2 waits behind x1 on a1; y1 waits for room, not beside them
+        first.set()  # x1 fails: a1 takes no new cell, but x2, already queued there, runs on it
+        await asyncio.sleep(0.01)
+        second.set()
+        other.set()
+        uses = await asyncio.gather(t1, t2, t3)
+        x3 = await cell("x3", "A", first)  # a1 was dropped after x2: a fresh start (evicting the idle b1)
+        await pool.close()
+        return log, uses, x3, pool.engine_starts
+
+    log, (x1, x2, y1), x3, starts = asyncio.run(go())
+    assert (x1.engine, x2.engine, x2.cell_on_engine, y1.engine, x3.engine) == ("fresh", "reused", 2, "fresh", "fresh")
+    assert log.index("x2 ends") < log.index("close a1") < log.index("begin b1")  # a1 closed once x2 left it, before b1 started
+    # x2 holds its lease while x1 runs: the pool hands it over, the load generator runs them in turn.
+    assert log.index("x2 on a1") < log.index("x1 ends")
+    assert starts == 3
 
 
 def test_grouped_keeps_first_appearance_order():

@@ -11,7 +11,7 @@ from analysis.records import measured, to_frame
 from analysis.schemas import REQUESTS
 from workloads.arrivals import ClosedLoop, Poisson
 from workloads.lengths import Fixed
-from workloads.requests import WorkloadSpec, synthetic_requests
+from workloads.requests import PackedRequests, WorkloadSpec, synthetic_requests
 
 SIM = EngineConfig(kind="simulated").model_dump()
 
@@ -103,7 +103,7 @@ def test_run_cell_begins_the_engine_runs_and_reads_memory_in_one_call(ray_local)
     ray.get(lg.serve.remote([engine], None, None))
     for cell in ("c1", "c2"):  # the second on the engine the first warmed
         tags, identity = {"run": "r", "cell": cell, "role": "loadgen"}, {**IDENTITY, "cell_id": cell}
-        got = ray.get(lg.run_cell.remote(reqs, 2, 60.0, tags, identity))
+        got = ray.get(lg.run_cell.remote(PackedRequests.of(reqs), 2, 60.0, tags, identity))
         assert got.requests["ok"].to_pylist() == [True] * 4 and set(got.requests["cell_id"].to_pylist()) == {cell}
         assert got.requests.schema.equals(REQUESTS.arrow())  # typed here: the driver only checks and writes
         assert got.faults == [] and got.counts is None
@@ -111,8 +111,41 @@ def test_run_cell_begins_the_engine_runs_and_reads_memory_in_one_call(ray_local)
         assert got.memory[0] is not None and got.memory[0] == ray.get(engine.memory.remote())
     assert ray.get(engine.cell_report.remote("r", "c2"))["begin_s"] == got.begin_s  # c2 was begun once, by its first request
     ray.kill(engine)
-    dead = ray.get(lg.run_cell.remote(reqs, 1, 60.0, {"run": "r", "cell": "c3", "role": "loadgen"}, IDENTITY))
+    dead = ray.get(lg.run_cell.remote(PackedRequests.of(reqs), 1, 60.0, {"run": "r", "cell": "c3", "role": "loadgen"}, IDENTITY))
     assert not any(dead.requests["ok"].to_pylist()) and dead.memory == [None] and dead.faults[0].startswith("engine0 memory: ")
+
+
+def test_a_cell_sent_while_another_runs_waits_its_turn_and_then_runs_as_alone(ray_local):
+    """The pool's depth 2: the next cell's call reaches the load generator while the last one runs.
+    It waits its turn (queued_s), its cell begins on the engine only then, and its records are the
+    ones it gets alone; the gap between the two loads is timed on the load generator's clock."""
+    engine = EngineActor.options(num_cpus=0).remote(SIM)
+    info = ray.get(engine.start.remote())
+    spec = WorkloadSpec(num_requests=3, warmup_requests=1, output_len=Fixed(value=4), arrival=ClosedLoop(concurrency=2))
+    reqs = PackedRequests.of(synthetic_requests(spec, info["vocab_size"], seed=1))
+    lg = LoadGenerator.remote()
+    ray.get(lg.serve.remote([engine], None, None))
+
+    def call(cell):
+        return lg.run_cell.remote(reqs, 2, 60.0, {"run": "r", "cell": cell, "role": "loadgen"}, {**IDENTITY, "cell_id": cell})
+
+    a, b = ray.get([call("c1"), call("c2")])  # sent together: one waits while the other runs (in either order)
+    alone = ray.get(call("c3"))
+    first, second = (a, b) if a.idle_before_s is None else (b, a)
+    assert first.idle_before_s is None and first.queued_s == 0.0
+    assert second.t_start < first.t_start + first.load_s  # it came while the other's load ran ...
+    assert second.t_start + second.queued_s >= first.t_start + first.load_s + first.after_s  # ... and waited for its end
+    assert 0 <= second.idle_before_s < first.after_s + second.queued_s
+    assert alone.queued_s == 0.0 and alone.idle_before_s is not None
+    for got, cell in ((a, "c1"), (b, "c2"), (alone, "c3")):
+        assert got.requests["ok"].to_pylist() == [True] * 4 and set(got.requests["cell_id"].to_pylist()) == {cell}
+        assert got.begin_s > 0 and got.faults == [] and got.engines_busy == 0
+
+    def tokens(got):
+        return sorted(zip(got.requests["request_id"].to_pylist(), got.requests["output_token_ids"].to_pylist(), strict=True))
+
+    assert tokens(a) == tokens(b) == tokens(alone)  # each cell on a reset engine: the same tokens
+    ray.kill(engine)
 
 
 def test_after_a_request_that_timed_out_the_engine_is_asked_after_the_load_and_reports_it_busy(ray_local):
@@ -126,7 +159,7 @@ def test_after_a_request_that_timed_out_the_engine_is_asked_after_the_load_and_r
     lg = LoadGenerator.remote()
     ray.get(lg.serve.remote([engine], None, None))
     reqs, tags = synthetic_requests(spec, info["vocab_size"], seed=1), {"run": "r", "cell": "t", "role": "loadgen"}
-    got = ray.get(lg.run_cell.remote(reqs, 1, 0.5, tags, IDENTITY))
+    got = ray.get(lg.run_cell.remote(PackedRequests.of(reqs), 1, 0.5, tags, IDENTITY))
     assert got.requests["error"].to_pylist() == ["timeout after 0.5 s"] and got.faults == []
     assert got.engines_busy == 1 and got.memory[0] is not None
     ray.kill(engine)
@@ -170,7 +203,8 @@ def test_a_served_deployment_counts_each_cell_on_the_runs_progress_counter(ray_l
     counter, lg = ProgressCounter.remote(), LoadGenerator.remote()
     ray.get(lg.serve.remote([engine], None, counter))
     for cell in ("a", "b"):
-        ray.get(lg.run_cell.remote(reqs, 1, 60.0, {"run": "r", "cell": cell, "role": "loadgen"}, {**IDENTITY, "cell_id": cell}))
+        tags = {"run": "r", "cell": cell, "role": "loadgen"}
+        ray.get(lg.run_cell.remote(PackedRequests.of(reqs), 1, 60.0, tags, {**IDENTITY, "cell_id": cell}))
     _, failed, per_cell = ray.get(counter.snapshot.remote())
     assert failed == 0 and per_cell == {"a": 4, "b": 4}  # every request sent, warm-up included (CellPlan.num_requests), by cell
     ray.kill(engine)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +48,23 @@ class RequestSpec:
     warmup: bool = False
     t_scheduled: float | None = None
     meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PackedRequests:
+    """A cell's requests as one pickle, opened by the load generator when the cell's turn comes. A
+    cell handed to a busy warm engine waits in the load generator behind the running cell
+    (cluster/cells/engine_pool.py, `depth`): its arrival then costs that cell's measured phase a
+    copy of bytes, not the unpickling of every prompt under the GIL."""
+
+    blob: bytes
+
+    @classmethod
+    def of(cls, requests: list[RequestSpec]) -> PackedRequests:
+        return cls(pickle.dumps(requests, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def unpack(self) -> list[RequestSpec]:
+        return list(pickle.loads(self.blob))  # made by this run's driver (PackedRequests.of)
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:

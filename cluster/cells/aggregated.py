@@ -27,6 +27,7 @@ from actors.router import ReplicaRouter
 from cluster import ray_env
 from cluster.cells.base import ENGINE_START_TIMEOUT_S, CellContext, CellResult, bounded
 from cluster.cells.engine_pool import EnginePool, EngineUse, pool_key
+from workloads.requests import PackedRequests
 
 SHUTDOWN_TIMEOUT_S = 120.0
 
@@ -137,7 +138,9 @@ def _stages(use: EngineUse, got: CellLoad, t_call: float) -> None:
     """engine_use's stages of the cell's fixed cost, from the load generator's times and the call's."""
     # The engines begin the cell inside its first requests: that reset is setup, not load.
     use.setup_s, use.load_s, use.after_s = use.setup_s + got.begin_s, got.load_s - got.begin_s, got.after_s
-    hops = max(0.0, time.monotonic() - t_call - got.load_s - got.after_s)  # the call and its reply
+    use.queued_s = got.queued_s
+    use.gap_s = got.idle_before_s + got.begin_s if got.idle_before_s is not None else None
+    hops = max(0.0, time.monotonic() - t_call - got.queued_s - got.load_s - got.after_s)  # the call and its reply
     use.call_s = min(hops, max(0.0, got.t_start - t_call))
     use.reply_s = hops - use.call_s
 
@@ -153,7 +156,7 @@ async def _on_lease(ctx: CellContext, pool: EnginePool[EngineGroup]) -> CellResu
         tags = cell_tags(ctx.run_id, ctx.plan.cell_id, "loadgen")
         identity = {"run_id": ctx.run_id, "cell_id": ctx.plan.cell_id, "serving_mode": "aggregated", "engine": ctx.engine.kind}
         t_call = time.monotonic()
-        got: CellLoad = await d.loadgen.run_cell.remote(reqs, conc, ctx.cfg.request_timeout_s, tags, identity)
+        got: CellLoad = await d.loadgen.run_cell.remote(PackedRequests.of(reqs), conc, ctx.cfg.request_timeout_s, tags, identity)
         _stages(lease.use, got, t_call)
         if n > 1:
             meta = {"replicas": n, "requests_per_replica": got.counts, "nodes": [i["node"] for i in d.infos]}

@@ -4,13 +4,20 @@ and placement-group start even for the simulated engine).
 
 The pool holds deployments (a placement group and the actors on it) keyed by the engine part of
 the cell hash plus what places it (bundle, engine count, strategy): cells with the same key are
-interchangeable on it. A deployment serves one cell at a time; a second concurrent cell of the
-same key starts its own. Between cells the deployment's `begin` makes cells independent (the
+interchangeable on it. A deployment serves one cell at a time. With `depth` 2 (a run whose cells
+all run on warm engines, cluster/driver.py) the next cell of the same key is handed to a busy
+deployment and its call waits in the load generator behind the running cell (actors/loadgen.py
+`run_cell`), so the call and the reply travel while the engine works instead of between its cells;
+otherwise a second concurrent cell of the same key starts its own. Between cells the deployment's
+`begin` makes cells independent (the
 engine's prefix cache reset, new engine request ids, the live metrics' tags and the memory peak
 windows of the new cell; the cell's own warm-up requests run as on a fresh engine), and refuses
 when an earlier cell left a request in the engine: the pool then drops that deployment and starts
 a fresh one. A cell that raised or noted a fault gives its deployment back as broken, and the pool
-drops it, so one failure never reaches the next cell.
+drops it, so one failure never reaches the next cell: no cell is handed to it from then on, and it
+closes when the cell already queued behind (with `depth` 2) has run. That cell's engines refuse it
+where the failed cell left a request in them (EngineHost.begin_cell), and it moves to another
+engine (cluster/cells/aggregated.py `run_aggregated`).
 
 Idle deployments hold their resources; a cell that needs resources they hold evicts the least
 recently used ones (at once when the pool holds as many deployments as cells may run at once,
@@ -42,6 +49,16 @@ if TYPE_CHECKING:
 
 EVICT_AFTER_S = 0.5
 POOLED_MODES = ("aggregated",)
+# Cells a warm deployment holds at once where every cell of the run is pooled: the running one and
+# the next, whose call waits in the load generator. With 32 virtual nodes on 2 cores the call and the
+# reply each took ~0.1-0.2 s between two cells' loads; queued, they travel during the load. A
+# disaggregated cell starts its own pair, and one queued behind it would hold a placement it cannot use.
+QUEUE_DEPTH = 2
+
+
+def pool_depth(reuse: bool, serving_modes: Iterable[str]) -> int:
+    """`EnginePool.depth` for a run of these modes: QUEUE_DEPTH where warm engines serve every cell, else 1."""
+    return QUEUE_DEPTH if reuse and set(serving_modes) <= set(POOLED_MODES) else 1
 
 
 class Deployment(Protocol):
@@ -76,6 +93,10 @@ class EngineUse:
     after_s: float = 0.0  # after the load: the reads (engine memory, router counts) and the typing of the records
     call_s: float = 0.0  # the driver's one call reaching the load generator (on one host; where the clocks differ: with reply_s)
     reply_s: float = 0.0  # its reply reaching the driver's loop, from the end of the reads
+    queued_s: float = 0.0  # waiting in the load generator behind the cell before it on the deployment (depth 2)
+    # The deployment's time between the previous cell's load and this cell's: that cell's reads and
+    # typing, the wait for this cell's call, the engines' reset. None for a deployment's first cell.
+    gap_s: float | None = None
 
 
 def pool_key(ctx: CellContext, bundles: list[dict[str, float]]) -> str:
@@ -121,35 +142,43 @@ class Lease(Generic[D]):
 @dataclass
 class _Slot(Generic[D]):
     key: str
-    deployment: D
+    made: asyncio.Future[D | None]  # the deployment once started; None where its start failed
     cells: int = 0
     last_used: int = 0
+    leases: int = 0  # cells holding it: the one running and the one queued behind it
+    broken: bool = False  # a cell on it failed: no more cells, closed when its last lease ends
+
+    @property
+    def deployment(self) -> D:
+        d = self.made.result()
+        assert d is not None  # only a started slot is leased
+        return d
+
+    @property
+    def idle(self) -> bool:
+        return self.leases == 0 and self.made.done()
 
 
 class EnginePool(Generic[D]):
-    def __init__(self, reuse: bool = True, capacity: int = 1):
+    def __init__(self, reuse: bool = True, capacity: int = 1, depth: int = 1):
         self.reuse = reuse
         self.capacity = capacity  # cells that may run at once: more deployments than that are never all needed
+        self.depth = depth if reuse else 1  # cells one deployment holds at once: the running one and those queued behind
         self.engine_starts = 0
-        self._idle: list[_Slot[D]] = []
-        self._busy = 0
+        self._slots: list[_Slot[D]] = []  # every deployment, started or starting
         self._clock = itertools.count()
+        self._freed = asyncio.Event()  # set as a lease ends: a start waiting for room looks again
+
+    @property
+    def _idle(self) -> list[_Slot[D]]:
+        return [s for s in self._slots if s.idle]
 
     @contextlib.asynccontextmanager
     async def lease(self, ctx: CellContext, key: str, create: Callable[[], Awaitable[D]]) -> AsyncIterator[Lease[D]]:
-        """A deployment for one cell: a warm one of this key, else a new one from `create`."""
+        """A deployment for one cell: a warm one of this key, else a place behind a busy one of this
+        key (`depth` 2), else a new one from `create`."""
         t0 = time.monotonic()
-        slot = await self._warm(ctx, key)
-        fresh = slot is None
-        if slot is None:
-            await self._make_room(key)
-            slot = _Slot(key, await create())
-            self.engine_starts += slot.deployment.engine_count
-            try:
-                await slot.deployment.begin(ctx)
-            except BaseException:
-                await slot.deployment.close()
-                raise
+        slot, fresh = await self._take(ctx, key, create)
         slot.cells += 1
         use = EngineUse(
             engine="fresh" if fresh else "reused",
@@ -160,44 +189,95 @@ class EnginePool(Generic[D]):
         )
         ctx.engine_use = use
         lease = Lease(slot.deployment, use)
-        self._busy += 1
         ok = False
         try:
             yield lease
             ok = lease.healthy
         finally:
-            self._busy -= 1
-            if ok and self.reuse:
-                slot.last_used = next(self._clock)
-                self._idle.append(slot)
-            else:
+            slot.leases -= 1
+            slot.last_used = next(self._clock)
+            slot.broken = slot.broken or not (ok and self.reuse)
+            if slot.broken and slot.leases == 0:
+                self._slots.remove(slot)
                 await slot.deployment.close()
+            self._freed.set()
 
-    async def _warm(self, ctx: CellContext, key: str) -> _Slot[D] | None:
-        """The most recently used idle deployment of `key` that takes the cell; one that refuses is dropped."""
+    async def _take(self, ctx: CellContext, key: str, create: Callable[[], Awaitable[D]]) -> tuple[_Slot[D], bool]:
+        """The cell's slot, leased, its deployment begun for the cell; whether the cell started it."""
         while True:
-            mine = [s for s in self._idle if s.key == key]
-            if not mine:
-                return None
-            slot = max(mine, key=lambda s: s.last_used)
-            self._idle.remove(slot)
+            slot = self._pick(key)
+            if slot is None:
+                return await self._start(ctx, key, create), True
+            slot.leases += 1
+            try:
+                made = await asyncio.shield(slot.made)  # shielded: a cancelled cell leaves the others' future alone
+            except BaseException:
+                slot.leases -= 1
+                raise
+            if made is None:  # its start failed: that cell has the error, this one looks again
+                slot.leases -= 1
+                continue
             try:
                 await slot.deployment.begin(ctx)
-                return slot
+                return slot, False
             except Exception:  # broken between cells (a request left in it, a dead actor): start afresh
-                await slot.deployment.close()
+                slot.leases -= 1
+                slot.broken = True
+                if slot.leases == 0:
+                    self._slots.remove(slot)
+                    await slot.deployment.close()
+                    self._freed.set()
 
-    async def _make_room(self, key: str) -> None:
-        """Before a start: as many deployments as cells may run at once are enough; drop idle ones of other keys."""
-        while self._idle and self._busy + len(self._idle) >= self.capacity:
-            await self.evict_one()
+    def _pick(self, key: str) -> _Slot[D] | None:
+        """The most recently used idle deployment of `key`, else one of `key` with room behind its cell."""
+        mine = [s for s in self._slots if s.key == key and not s.broken]
+        idle = [s for s in mine if s.idle]
+        if idle:
+            return max(idle, key=lambda s: s.last_used)
+        busy = [s for s in mine if s.leases < self.depth]
+        return min(busy, key=lambda s: s.leases) if busy else None
+
+    async def _start(self, ctx: CellContext, key: str, create: Callable[[], Awaitable[D]]) -> _Slot[D]:
+        await self._make_room()
+        slot: _Slot[D] = _Slot(key, asyncio.get_running_loop().create_future(), leases=1)
+        self._slots.append(slot)
+        try:
+            d = await create()
+        except BaseException:
+            self._drop_unstarted(slot)
+            raise
+        self.engine_starts += d.engine_count
+        try:
+            await d.begin(ctx)
+        except BaseException:
+            self._drop_unstarted(slot)
+            await d.close()
+            raise
+        slot.made.set_result(d)
+        return slot
+
+    def _drop_unstarted(self, slot: _Slot[D]) -> None:
+        """A start that failed: cells queued for it look again (`_take`), starts waiting for room too."""
+        self._slots.remove(slot)
+        slot.made.set_result(None)
+        self._freed.set()
+
+    async def _make_room(self) -> None:
+        """Before a start: as many deployments as cells may run at once are enough; drop idle ones of
+        other keys, or wait for one to become idle (with `depth` 2 more cells than deployments are
+        leased, and a cell of another key must not run beside them: CPU cells run one at a time)."""
+        while len(self._slots) >= self.capacity:
+            if not await self.evict_one():
+                self._freed.clear()
+                await self._freed.wait()
 
     async def evict_one(self) -> bool:
         """Close the least recently used idle deployment; False when none is idle."""
-        if not self._idle:
+        idle = self._idle
+        if not idle:
             return False
-        slot = min(self._idle, key=lambda s: s.last_used)
-        self._idle.remove(slot)
+        slot = min(idle, key=lambda s: s.last_used)
+        self._slots.remove(slot)
         await slot.deployment.close()
         return True
 
