@@ -146,6 +146,7 @@ class CellLoad:
     begin_s: float  # the engines made ready for the cell (the reset of a warm engine), on the engine's clock
     load_s: float  # `run`: warm-up, hop probe, measured requests
     after_s: float  # after the load: the reads (memory, router counts) and the typing of the records
+    reads_s: float = 0.0  # of after_s, the wait for the reads: the turn's end
     memory: list[dict[str, Any] | None]  # each engine's memory report after the load; None where the read failed
     counts: list[int] | None = None  # requests per replica (a router's), None for one engine
     faults: list[str] = field(default_factory=list)  # reads after the load that failed: the records stay
@@ -256,6 +257,7 @@ class LoadGenerator:
             # The wait for the cell before's typing is time between two loads, not this cell's load.
             idle = got.t0 - self._load_ended + gate.waited_s if self._load_ended is not None else None
             self._load_ended = t1
+            reads_s = time.monotonic() - t1
         try:
             table = to_table(got.records, **identity)
         finally:
@@ -265,6 +267,7 @@ class LoadGenerator:
             begin_s=max((r["begin_s"] for r in got.reports if r), default=0.0),
             load_s=got.load_s,
             after_s=time.monotonic() - t1,
+            reads_s=reads_s,
             memory=[r["memory"] if r else None for r in got.reports],
             counts=got.counts,
             faults=got.faults,
