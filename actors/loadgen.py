@@ -146,7 +146,6 @@ class CellLoad:
     begin_s: float  # the engines made ready for the cell (the reset of a warm engine), on the engine's clock
     load_s: float  # `run`: warm-up, hop probe, measured requests
     after_s: float  # after the load: the reads (memory, router counts) and the typing of the records
-    reads_s: float = 0.0  # of after_s, the wait for the reads: the turn's end
     memory: list[dict[str, Any] | None]  # each engine's memory report after the load; None where the read failed
     counts: list[int] | None = None  # requests per replica (a router's), None for one engine
     faults: list[str] = field(default_factory=list)  # reads after the load that failed: the records stay
@@ -154,6 +153,7 @@ class CellLoad:
     t_start: float = 0.0  # time.monotonic() as the call began here (the host's clock: the driver's, on one host)
     queued_s: float = 0.0  # from the call's start here to the cell's turn, where another cell was running then (else 0)
     idle_before_s: float | None = None  # the end of this load generator's previous load to this one's start; None: its first cell
+    reads_s: float = 0.0  # of after_s, the wait for the reads: the turn's end
 
     def __reduce__(self) -> tuple[Any, ...]:
         """The records travel to the driver as one Arrow IPC stream (analysis/records.py `table_bytes`)."""
