@@ -259,7 +259,9 @@ class LoadGenerator:
             self._load_ended = t1
             reads_s = time.monotonic() - t1
         try:
-            table = to_table(got.records, **identity)
+            # On a thread: typed on the loop, before the next cell's task had run, its first sends
+            # waited for it (releasing the turn only schedules that task).
+            table = await asyncio.to_thread(to_table, got.records, **identity)
         finally:
             typed.set_result(None)
         return CellLoad(
