@@ -153,39 +153,11 @@ class CellLoad:
     t_start: float = 0.0  # time.monotonic() as the call began here (the host's clock: the driver's, on one host)
     queued_s: float = 0.0  # from the call's start here to the cell's turn, where another cell was running then (else 0)
     idle_before_s: float | None = None  # the end of this load generator's previous load to this one's start; None: its first cell
-    reads_s: float = 0.0  # of after_s, the wait for the reads: the turn's end
 
     def __reduce__(self) -> tuple[Any, ...]:
         """The records travel to the driver as one Arrow IPC stream (analysis/records.py `table_bytes`)."""
         rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "requests"}
         return (_cell_load, (table_bytes(self.requests), rest))
-
-
-@dataclass
-class Gate:
-    """What a cell's hop probe and measured phase wait for after its warm-up: the typing of the cell
-    before on this load generator, which runs after that cell's turn (`run_cell`)."""
-
-    before: asyncio.Future[None] | None
-    waited_s: float = 0.0
-
-    async def wait(self) -> None:
-        if self.before is not None and not self.before.done():
-            t = time.monotonic()
-            await self.before
-            self.waited_s = time.monotonic() - t
-
-
-@dataclass
-class _Loaded:
-    """A cell's load and the engines' answers after it, before its records are typed."""
-
-    records: list[dict[str, Any]]
-    reports: list[dict[str, Any] | None]
-    counts: list[int] | None
-    faults: list[str]
-    t0: float  # the load's start
-    load_s: float  # the load, less the wait at its gate
 
 
 def _cell_load(requests: bytes, rest: dict[str, Any]) -> CellLoad:
@@ -223,7 +195,6 @@ class LoadGenerator:
         self._engines, self._router, self._counter = engines, router, counter
         self._turn = asyncio.Lock()  # cells one at a time, in the order their calls came
         self._load_ended: float | None = None  # the last cell's load's end
-        self._typed: asyncio.Future[None] | None = None  # set once the last cell's records are typed
 
     async def run_cell(
         self, requests: PackedRequests, concurrency: int, timeout_s: float | None, tags: dict[str, str], identity: dict[str, str]
@@ -239,50 +210,19 @@ class LoadGenerator:
         that failed is a fault, never raised.
 
         A call that comes while another cell runs (the pool's `depth` 2) waits for its turn here: its
-        requests stay packed until then, so its arrival costs the running cell a copy of bytes. The
-        turn ends as the engines have answered the reads (the next cell may then begin on them); the
-        records are typed after it, during the next cell's warm-up, whose hop probe and measured
-        phase wait for that (`Gate`): no cell is measured while this process works for another."""
+        requests stay packed until then, so its arrival costs the running cell a copy of bytes."""
         t_call, waits = time.monotonic(), self._turn.locked()
         async with self._turn:
             t_turn = time.monotonic()
-            gate, typed = Gate(self._typed), asyncio.get_running_loop().create_future()
-            self._typed = typed
-            try:
-                got = await self._load(requests.unpack(), concurrency, timeout_s, tags, gate)
-            except BaseException:
-                typed.set_result(None)
-                raise
-            t1 = got.t0 + got.load_s + gate.waited_s
-            # The wait for the cell before's typing is time between two loads, not this cell's load.
-            idle = got.t0 - self._load_ended + gate.waited_s if self._load_ended is not None else None
-            self._load_ended = t1
-            reads_s = time.monotonic() - t1
-        try:
-            # On a thread: typed on the loop, before the next cell's task had run, its first sends
-            # waited for it (releasing the turn only schedules that task).
-            table = await asyncio.to_thread(to_table, got.records, **identity)
-        finally:
-            typed.set_result(None)
-        return CellLoad(
-            table,
-            begin_s=max((r["begin_s"] for r in got.reports if r), default=0.0),
-            load_s=got.load_s,
-            after_s=time.monotonic() - t1,
-            reads_s=reads_s,
-            memory=[r["memory"] if r else None for r in got.reports],
-            counts=got.counts,
-            faults=got.faults,
-            engines_busy=sum(r["in_flight"] for r in got.reports if r),
-            t_start=t_call,
-            queued_s=t_turn - t_call if waits else 0.0,
-            idle_before_s=idle,
-        )
+            got = await self._run_cell(requests.unpack(), concurrency, timeout_s, tags, identity)
+            load_ended = time.monotonic() - got.after_s
+            idle = load_ended - got.load_s - self._load_ended if self._load_ended is not None else None
+            self._load_ended = load_ended
+        return dataclasses.replace(got, t_start=t_call, queued_s=t_turn - t_call if waits else 0.0, idle_before_s=idle)
 
-    async def _load(
-        self, requests: list[RequestSpec], concurrency: int, timeout_s: float | None, tags: dict[str, str], gate: Gate
-    ) -> _Loaded:
-        """The cell's load and its engines' answers (the reads), on its turn."""
+    async def _run_cell(
+        self, requests: list[RequestSpec], concurrency: int, timeout_s: float | None, tags: dict[str, str], identity: dict[str, str]
+    ) -> CellLoad:
         engines, router = self._engines, self._router
         progress = CellCounter(self._counter, tags["cell"]) if self._counter is not None else None
         t0 = time.monotonic()
@@ -290,19 +230,33 @@ class LoadGenerator:
         entry = router if router is not None else engines[0]
         # One engine gets every request: its report is asked now and comes back as the last one ends.
         early = engines[0].cell_report.remote(*cell, len(requests)) if router is None else None
-        records = await self.run(entry, requests, concurrency, timeout_s, progress, None, tags, cell, gate)
-        load_s = time.monotonic() - t0 - gate.waited_s
+        records = await self.run(entry, requests, concurrency, timeout_s, progress, None, tags, cell)
+        t1 = time.monotonic()
         faults: list[str] = []
         if early is not None and not all(r["ok"] for r in records):
             ray.cancel(early)  # a request that failed may never finish in the engine: ask after the load
             # Its cancellation read (Ray would log an unread error), within a bound should the cancel not take.
             await asyncio.wait([asyncio.ensure_future(_settle("cancelled report", early, []))], timeout=CANCEL_WAIT_S)
             early = None
+        # The reads are sent first and the records typed while the engines answer.
         reads = [early] if early is not None else [e.cell_report.remote(*cell) for e in engines]
+        asked = asyncio.gather(*(_settle(f"engine{i} memory", r, faults) for i, r in enumerate(reads)))
         counted = _settle("router counts", router.counts.remote(), faults) if router is not None else None
-        reports = await asyncio.gather(*(_settle(f"engine{i} memory", r, faults) for i, r in enumerate(reads)))
-        counts = await counted if counted is not None else None
-        return _Loaded(records, list(reports), counts, faults, t0, load_s)
+        try:
+            table = to_table(records, **identity)
+        finally:  # the reads are settled whatever the typing did
+            reports = await asked
+            counts = await counted if counted is not None else None
+        return CellLoad(
+            table,
+            begin_s=max((r["begin_s"] for r in reports if r), default=0.0),
+            load_s=t1 - t0,
+            after_s=time.monotonic() - t1,
+            memory=[r["memory"] if r else None for r in reports],
+            counts=counts,
+            faults=faults,
+            engines_busy=sum(r["in_flight"] for r in reports if r),
+        )
 
     async def run(
         self,
@@ -314,7 +268,6 @@ class LoadGenerator:
         api_key: str | None = None,
         tags: dict[str, str] | None = None,
         cell: tuple[str, str] | None = None,
-        gate: Gate | None = None,
     ) -> list[dict[str, Any]]:
         """Warm-up requests first (closed loop, excluded later), the hop probe, then the measured phase.
 
@@ -323,7 +276,6 @@ class LoadGenerator:
         sent open loop at t0 + t_scheduled whatever the server is doing. `tags`: the live metrics'
         run/cell where a warm load generator serves another cell than its name says. `cell` (run id,
         cell id) marks every request to an entry actor: the engine begins that cell on its first.
-        `gate`: what the hop probe and the measured phase wait for after the warm-up.
         """
         # This process is the load generator's alone: a thread holding the GIL (Ray's own) must not
         # hold a stamp back for the default 5 ms switch interval.
@@ -334,8 +286,6 @@ class LoadGenerator:
         try:
             async with BatchedFeed(tags or current_actor_tags("loadgen"), progress) as feed:
                 records = await self._closed(backend, feed, warm, concurrency, timeout_s)
-                if gate is not None:
-                    await gate.wait()
                 hop = await backend.hop_s(HOP_PROBE_CALLS)
                 self._freeze_heap()
                 with _no_collection():

@@ -171,7 +171,7 @@ class RunScale:
     # reads after the load), call and reply (the driver's call reaching the load generator, its reply
     # reaching the driver's loop), queued (waiting behind the cell before), driver (the rest: the
     # driver's own work and waits). Queued, a cell's call and the reply before it overlap the loads.
-    # Beside them: reads (of after, the wait for the engines' answers) and gap (the fixed cost above).
+    # Beside them: gap (the fixed cost above).
     fixed_warm_stages_p50_s: dict[str, float] | None
     box_cpu_by_role_s: dict[str, float]  # the box's CPU over the run by role (box_cpu_roles); processes that ended are not counted
     box_cpu_share_of_cores: float  # the box's CPU over the run (all roles) / (wall × cores)
@@ -372,11 +372,10 @@ def measure(cfg: ExperimentConfig, address: str, out: Path, floor: IdleFloor | N
         warm = [(c, u) for c, u in uses if u and u["engine"] == "reused"]
         if not warm:
             return None
-        names = ("setup", "after", "call", "reply", "queued")  # the driver's share: the wall less these and the load
+        names = ("setup", "after", "call", "reply", "queued")
         parts = {k: [u.get(f"{k}_s", 0.0) for _, u in warm] for k in names}
         parts["driver"] = [c["wall_s"] - u["load_s"] - sum(u.get(f"{k}_s", 0.0) for k in names) for c, u in warm]
-        parts["reads"] = [u.get("reads_s", 0.0) for _, u in warm]  # part of `after`
-        parts["gap"] = [u["gap_s"] for _, u in warm if u.get("gap_s") is not None]
+        parts["gap"] = [u["gap_s"] for _, u in warm if u.get("gap_s") is not None]  # the fixed cost above
         return {k: round(float(np.percentile(v, 50)), 4) for k, v in parts.items() if v}
 
     return RunScale(

@@ -81,7 +81,7 @@ def test_scale_benchmark_reports_warm_and_fresh_sweeps(tmp_path):
     assert out["fixed_cost_warm_over_fresh_p50"] > 0
     # The warm fixed cost by stage (setup, reads after the load, the call and its reply, the driver's own): each a share of it.
     stages = warm["fixed_warm_stages_p50_s"]
-    assert set(stages) == {"setup", "after", "call", "reply", "queued", "driver", "reads", "gap"} and all(v >= 0 for v in stages.values())
+    assert set(stages) == {"setup", "after", "call", "reply", "queued", "driver", "gap"} and all(v >= 0 for v in stages.values())
     # Warm engines hold the next cell's call behind the running one (depth 2); fresh engines never do.
     assert warm["cells_queued"] >= 1 and fresh["cells_queued"] == 0
     assert fresh["fixed_warm_stages_p50_s"] is None

@@ -138,7 +138,7 @@ def _stages(use: EngineUse, got: CellLoad, t_call: float) -> None:
     """engine_use's stages of the cell's fixed cost, from the load generator's times and the call's."""
     # The engines begin the cell inside its first requests: that reset is setup, not load.
     use.setup_s, use.load_s, use.after_s = use.setup_s + got.begin_s, got.load_s - got.begin_s, got.after_s
-    use.queued_s, use.reads_s = got.queued_s, got.reads_s
+    use.queued_s = got.queued_s
     use.gap_s = got.idle_before_s + got.begin_s if got.idle_before_s is not None else None
     hops = max(0.0, time.monotonic() - t_call - got.queued_s - got.load_s - got.after_s)  # the call and its reply
     use.call_s = min(hops, max(0.0, got.t_start - t_call))

@@ -91,7 +91,6 @@ class EngineUse:
     load_s: float = 0.0  # the load generator's run (warm-up, hop probe, measured requests)
     # Where the rest of an aggregated cell's fixed cost (wall_s - load_s) goes, beside setup_s and the driver's own work:
     after_s: float = 0.0  # after the load: the reads (engine memory, router counts) and the typing of the records
-    reads_s: float = 0.0  # of after_s, the wait for the engines' answers (the next cell may begin once they are in)
     call_s: float = 0.0  # the driver's one call reaching the load generator (on one host; where the clocks differ: with reply_s)
     reply_s: float = 0.0  # its reply reaching the driver's loop, from the end of the reads
     queued_s: float = 0.0  # waiting in the load generator behind the cell before it on the deployment (depth 2)
