@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from cluster.cells.engine_pool import EnginePool, EngineUse, engine_use_record, grouped
+from cluster.cells.engine_pool import QUEUE_DEPTH, EnginePool, EngineUse, engine_use_record, grouped, pool_depth
 from cluster.config import config_hash, resolve
 from cluster.driver import Driver, RunOptions
 from workloads.tracks.base import CellPlan
@@ -190,6 +190,14 @@ def test_depth_two_queues_the_next_cell_behind_the_running_one_and_never_runs_an
     # x2 holds its lease while x1 runs: the pool hands it over, the load generator runs them in turn.
     assert log.index("x2 on a1") < log.index("x1 ends")
     assert starts == 3
+
+
+def test_only_a_run_whose_cells_all_reuse_warm_engines_queues_the_next_cell():
+    assert pool_depth(True, ["aggregated"]) == QUEUE_DEPTH == 2
+    assert pool_depth(False, ["aggregated"]) == 1  # fresh engines: each cell starts its own
+    assert pool_depth(True, ["aggregated", "disaggregated"]) == 1  # E3: a pair per cell would wait on a placement it cannot use
+    assert pool_depth(True, ["external"]) == 1
+    assert EnginePool(reuse=False, depth=2).depth == 1
 
 
 def test_grouped_keeps_first_appearance_order():

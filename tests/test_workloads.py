@@ -75,3 +75,16 @@ def test_schedule_starts_at_zero_and_increases():
     t = schedule(Poisson(rate=3.0), 100, np.random.default_rng(0))
     assert t[0] == 0.0 and np.all(np.diff(t) >= 0)
     assert schedule(ClosedLoop(concurrency=3), 10, np.random.default_rng(0)) is None
+
+
+def test_packed_requests_travel_as_bytes_and_unpack_to_the_same_requests():
+    """A queued cell's requests cross Ray as one blob (workloads/requests.py PackedRequests): unpickling
+    the wrapper, as Ray does on arrival, leaves them bytes; only `unpack`, at the cell's turn, rebuilds them."""
+    import pickle
+
+    from workloads.requests import PackedRequests, RequestSpec
+
+    reqs = [RequestSpec("r0", (1, 2, 3), 4, warmup=True), RequestSpec("r1", (5, 6), 2, t_scheduled=0.5, meta={"answer": "x"})]
+    arrived = pickle.loads(pickle.dumps(PackedRequests.of(reqs)))
+    assert isinstance(arrived.blob, bytes)
+    assert arrived.unpack() == reqs
