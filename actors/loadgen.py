@@ -153,6 +153,9 @@ class CellLoad:
     t_start: float = 0.0  # time.monotonic() as the call began here (the host's clock: the driver's, on one host)
     queued_s: float = 0.0  # from the call's start here to the cell's turn, where another cell was running then (else 0)
     idle_before_s: float | None = None  # the end of this load generator's previous load to this one's start; None: its first cell
+    # This cell's place among the deployment's cells as they ran (1: its first). Ray does not order an
+    # async actor's calls, so a queued cell can run before the one that started the deployment.
+    cell_on_engine: int = 1
 
     def __reduce__(self) -> tuple[Any, ...]:
         """The records travel to the driver as one Arrow IPC stream (analysis/records.py `table_bytes`)."""
@@ -195,6 +198,7 @@ class LoadGenerator:
         self._engines, self._router, self._counter = engines, router, counter
         self._turn = asyncio.Lock()  # cells one at a time, in the order their calls came
         self._load_ended: float | None = None  # the last cell's load's end
+        self._cells = 0  # cells run so far
 
     async def run_cell(
         self, requests: PackedRequests, concurrency: int, timeout_s: float | None, tags: dict[str, str], identity: dict[str, str]
@@ -214,11 +218,14 @@ class LoadGenerator:
         t_call, waits = time.monotonic(), self._turn.locked()
         async with self._turn:
             t_turn = time.monotonic()
+            self._cells += 1
+            order = self._cells
             got = await self._run_cell(requests.unpack(), concurrency, timeout_s, tags, identity)
             load_ended = time.monotonic() - got.after_s
             idle = load_ended - got.load_s - self._load_ended if self._load_ended is not None else None
             self._load_ended = load_ended
-        return dataclasses.replace(got, t_start=t_call, queued_s=t_turn - t_call if waits else 0.0, idle_before_s=idle)
+        queued = t_turn - t_call if waits else 0.0
+        return dataclasses.replace(got, t_start=t_call, queued_s=queued, idle_before_s=idle, cell_on_engine=order)
 
     async def _run_cell(
         self, requests: list[RequestSpec], concurrency: int, timeout_s: float | None, tags: dict[str, str], identity: dict[str, str]

@@ -244,6 +244,21 @@ def test_a_dead_warm_engine_gives_way_and_a_fresh_one_keeps_the_failed_records(m
     assert got.fault == "engine0 memory: dead 3" and got.requests["ok"].tolist() == [False]
 
 
+def test_a_cells_engine_use_says_how_it_ran_where_a_queued_cell_overtook_the_one_that_started_the_engine():
+    """Ray does not order an async actor's calls: the cell that started a deployment can run second.
+    It is then the warm one (and gives way if the engine died under the first), the other fresh."""
+    from actors.loadgen import CellLoad
+    from cluster.cells.aggregated import _as_it_ran
+
+    maker = EngineUse(engine="fresh", engine_starts=1, pool_key="k", cell_on_engine=1, setup_s=20.0)
+    queued = EngineUse(engine="reused", engine_starts=0, pool_key="k", cell_on_engine=2, setup_s=20.0)
+    ran = [CellLoad(requests=None, begin_s=0.0, load_s=1.0, after_s=0.1, memory=[None], cell_on_engine=n) for n in (2, 1)]  # type: ignore[arg-type]
+    _as_it_ran(maker, ran[0], 1)
+    _as_it_ran(queued, ran[1], 1)
+    assert (maker.engine, maker.engine_starts, maker.cell_on_engine) == ("reused", 0, 2)
+    assert (queued.engine, queued.engine_starts, queued.cell_on_engine) == ("fresh", 1, 1)
+
+
 def test_a_report_asked_with_the_load_is_answered_when_the_cells_requests_have_drained(ray_local):
     from actors.engine_actor import EngineHost
     from actors.engines.spec import EngineConfig

@@ -137,6 +137,7 @@ def test_a_cell_sent_while_another_runs_waits_its_turn_and_then_runs_as_alone(ra
     assert second.t_start + second.queued_s >= first.t_start + first.load_s + first.after_s  # ... and waited for its end
     assert 0 <= second.idle_before_s < first.after_s + second.queued_s
     assert alone.queued_s == 0.0 and alone.idle_before_s is not None
+    assert (first.cell_on_engine, second.cell_on_engine, alone.cell_on_engine) == (1, 2, 3)  # as they ran
     for got, cell in ((a, "c1"), (b, "c2"), (alone, "c3")):
         assert got.requests["ok"].to_pylist() == [True] * 4 and set(got.requests["cell_id"].to_pylist()) == {cell}
         assert got.begin_s > 0 and got.faults == [] and got.engines_busy == 0

@@ -83,7 +83,9 @@ T = TypeVar("T")
 class EngineUse:
     """A cell's engine, as its cell.json and the manifest record it."""
 
-    engine: str  # "fresh": started for this cell; "reused": warm from an earlier cell of this run
+    # Where a cell queued behind another runs first (Ray does not order an async actor's calls), these
+    # three say how the cells ran, not how they were leased (cluster/cells/aggregated.py `_as_it_ran`).
+    engine: str  # "fresh": the deployment's first cell; "reused": warm from an earlier cell of this run
     engine_starts: int  # engines started for this cell (0 when reused)
     pool_key: str | None  # the engine part of the cell hash and its placement (None: not pooled)
     cell_on_engine: int  # 1 for the deployment's first cell, 2 for the next, ...
