@@ -47,7 +47,9 @@ def test_one_engine_config_starts_one_engine(pooled):
     # With depth 2 the next cell's call waits behind the running one; it need not have come in time.
     assert 0 <= pool["cells_queued"] <= 2
     cells = m["cells"]
-    assert [cells[c]["engine"] for c in ("in16-out4", "in24-out4", "in32-out4")] == ["fresh", "reused", "reused"]
+    # The first two share the new deployment, in whichever order Ray runs their calls; the third waited for one.
+    assert sorted(cells[c]["engine"] for c in ("in16-out4", "in24-out4")) == ["fresh", "reused"]
+    assert cells["in32-out4"]["engine"] == "reused"
     assert all(c["wall_s"] > 0 for c in cells.values())
     cell = json.loads((d / "cells" / "in32-out4" / "cell.json").read_text())
     use = cell["engine_use"]
@@ -253,10 +255,10 @@ def test_a_cells_engine_use_says_how_it_ran_where_a_queued_cell_overtook_the_one
     maker = EngineUse(engine="fresh", engine_starts=1, pool_key="k", cell_on_engine=1, setup_s=20.0)
     queued = EngineUse(engine="reused", engine_starts=0, pool_key="k", cell_on_engine=2, setup_s=20.0)
     ran = [CellLoad(requests=None, begin_s=0.0, load_s=1.0, after_s=0.1, memory=[None], cell_on_engine=n) for n in (2, 1)]  # type: ignore[arg-type]
-    _as_it_ran(maker, ran[0], 1)
-    _as_it_ran(queued, ran[1], 1)
-    assert (maker.engine, maker.engine_starts, maker.cell_on_engine) == ("reused", 0, 2)
-    assert (queued.engine, queued.engine_starts, queued.cell_on_engine) == ("fresh", 1, 1)
+    _as_it_ran(maker, ran[0])
+    _as_it_ran(queued, ran[1])
+    assert (maker.engine, maker.cell_on_engine, queued.engine, queued.cell_on_engine) == ("reused", 2, "fresh", 1)
+    assert (maker.engine_starts, queued.engine_starts) == (1, 0)  # the start stays with the lease that made it
 
 
 def test_a_report_asked_with_the_load_is_answered_when_the_cells_requests_have_drained(ray_local):

@@ -145,13 +145,13 @@ def _stages(use: EngineUse, got: CellLoad, t_call: float) -> None:
     use.reply_s = hops - use.call_s
 
 
-def _as_it_ran(use: EngineUse, got: CellLoad, engines: int) -> None:
+def _as_it_ran(use: EngineUse, got: CellLoad) -> None:
     """The cell's place on its deployment as the load generator ran it, not as the pool leased it:
     Ray does not order an async actor's calls, so a cell queued behind the one that started the
     deployment can run first; it is then the one on a fresh engine, and the other one, if that
-    engine died, moves to another (run_aggregated)."""
-    first = got.cell_on_engine == 1
-    use.engine, use.engine_starts, use.cell_on_engine = ("fresh" if first else "reused"), (engines if first else 0), got.cell_on_engine
+    engine died, moves to another (run_aggregated). The engine starts stay with the lease that
+    made them, so the run's count is exact whichever cell ran first or whether it ran at all."""
+    use.engine, use.cell_on_engine = ("fresh" if got.cell_on_engine == 1 else "reused"), got.cell_on_engine
 
 
 async def _on_lease(ctx: CellContext, pool: EnginePool[EngineGroup]) -> CellResult:
@@ -167,7 +167,7 @@ async def _on_lease(ctx: CellContext, pool: EnginePool[EngineGroup]) -> CellResu
         t_call = time.monotonic()
         got: CellLoad = await d.loadgen.run_cell.remote(PackedRequests.of(reqs), conc, ctx.cfg.request_timeout_s, tags, identity)
         _stages(lease.use, got, t_call)
-        _as_it_ran(lease.use, got, d.engine_count)
+        _as_it_ran(lease.use, got)
         if n > 1:
             meta = {"replicas": n, "requests_per_replica": got.counts, "nodes": [i["node"] for i in d.infos]}
             meta["memory_per_replica"] = got.memory

@@ -83,10 +83,10 @@ T = TypeVar("T")
 class EngineUse:
     """A cell's engine, as its cell.json and the manifest record it."""
 
-    # Where a cell queued behind another runs first (Ray does not order an async actor's calls), these
-    # three say how the cells ran, not how they were leased (cluster/cells/aggregated.py `_as_it_ran`).
+    # Where a cell queued behind another runs first (Ray does not order an async actor's calls), `engine`
+    # and `cell_on_engine` say how the cells ran, not how they were leased (aggregated.py `_as_it_ran`).
     engine: str  # "fresh": the deployment's first cell; "reused": warm from an earlier cell of this run
-    engine_starts: int  # engines started for this cell (0 when reused)
+    engine_starts: int  # engines this cell's lease started (0 when it found them started)
     pool_key: str | None  # the engine part of the cell hash and its placement (None: not pooled)
     cell_on_engine: int  # 1 for the deployment's first cell, 2 for the next, ...
     setup_s: float  # cell start to its engines ready (placement + start, or the reset between cells)
