@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import gc
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -39,6 +40,7 @@ class BlockingReplies:
         self.loop_blocked_until_all_sent: bool | None = None
         self.frozen_while_measured: list[int] = []
         self.collecting_while_measured: list[bool] = []
+        self.switch_interval_while_sent: list[float] = []
 
     def submit(self, request: dict[str, Any]) -> str:
         self.sent.append((request["request_id"], time.monotonic()))
@@ -51,6 +53,7 @@ class BlockingReplies:
     async def stream(self, request: dict[str, Any], exchange: Exchange | None = None):
         self.frozen_while_measured.append(gc.get_freeze_count())
         self.collecting_while_measured.append(gc.isenabled())
+        self.switch_interval_while_sent.append(sys.getswitchinterval())
         if exchange is not None and exchange.submit_error is not None:
             raise exchange.submit_error
         assert exchange is not None and exchange.submitted == request["request_id"]
@@ -129,6 +132,22 @@ def test_the_measured_phase_runs_with_the_heap_frozen_once_per_load_generator_an
         assert len(collections) == 3 and all(enabled and frozen > 0 for enabled, frozen in collections[1:])
         assert min(backend.frozen_while_measured) > 0
     finally:
+        gc.unfreeze()  # the test process's heap, not a load generator's
+
+
+def test_the_gil_is_handed_over_often_only_while_requests_run(ray_local, monkeypatch):
+    """50 us while requests run (a stamp is never held back by another thread); the process's own
+    interval again after, where a 50 us one stretched the typing of the records tenfold on a busy box."""
+    reqs = _poisson(3)
+    backend = BlockingReplies(len(reqs))
+    monkeypatch.setattr(loadgen, "open_backend", lambda entry, api_key, cell=None: backend)
+    before = sys.getswitchinterval()
+    try:
+        assert len(asyncio.run(LoadGenerator.__ray_actor_class__().run(None, reqs, 1))) == 3
+        assert backend.switch_interval_while_sent == [pytest.approx(loadgen.GIL_SWITCH_S)] * 3
+        assert sys.getswitchinterval() == pytest.approx(before) != pytest.approx(loadgen.GIL_SWITCH_S)
+    finally:
+        sys.setswitchinterval(before)
         gc.unfreeze()  # the test process's heap, not a load generator's
 
 
