@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,9 +176,16 @@ async def _settle(what: str, pending: Awaitable[Any], faults: list[str]) -> Any:
         return None
 
 
+def _always_quiet() -> asyncio.Event:
+    quiet = asyncio.Event()
+    quiet.set()
+    return quiet
+
+
 @ray.remote(num_cpus=0)
 class LoadGenerator:
     _heap_frozen = False
+    _quiet = _always_quiet()  # set: no cell of this load generator is typing its records (run_cell)
 
     def _freeze_heap(self) -> None:
         """The process's heap (Ray, the modules, the first warm-up) out of the collector's sight from
@@ -197,6 +204,7 @@ class LoadGenerator:
         Handles cost the driver and this process ~0.1-0.3 ms each to send with every cell."""
         self._engines, self._router, self._counter = engines, router, counter
         self._turn = asyncio.Lock()  # cells one at a time, in the order their calls came
+        self._quiet = _always_quiet()
         self._load_ended: float | None = None  # the last cell's load's end
         self._cells = 0  # cells run so far
 
@@ -214,21 +222,40 @@ class LoadGenerator:
         that failed is a fault, never raised.
 
         A call that comes while another cell runs (the pool's `depth` 2) waits for its turn here: its
-        requests stay packed until then, so its arrival costs the running cell a copy of bytes."""
+        requests stay packed until then, so its arrival costs the running cell a copy of bytes. The
+        turn passes on once the reads are in, before the records are typed: the next cell's warm-up
+        runs while they are, and its measured phase waits for the typing to end (`_quiet`)."""
         t_call, waits = time.monotonic(), self._turn.locked()
-        async with self._turn:
-            t_turn = time.monotonic()
+        await self._turn.acquire()
+        t_turn, held = time.monotonic(), [True]
+
+        def pass_turn() -> None:
+            if held[0]:
+                held[0] = False
+                self._quiet.clear()  # until this cell's records are typed
+                self._turn.release()
+
+        try:
             self._cells += 1
             order = self._cells
-            got = await self._run_cell(requests.unpack(), concurrency, timeout_s, tags, identity)
-            load_ended = time.monotonic() - got.after_s
-            idle = load_ended - got.load_s - self._load_ended if self._load_ended is not None else None
-            self._load_ended = load_ended
+            got = await self._run_cell(requests.unpack(), concurrency, timeout_s, tags, identity, pass_turn)
+        finally:
+            pass_turn()
+            self._quiet.set()
+        load_ended = time.monotonic() - got.after_s
+        idle = load_ended - got.load_s - self._load_ended if self._load_ended is not None else None
+        self._load_ended = load_ended  # before the next cell's load ends: it waits for `_quiet` to measure
         queued = t_turn - t_call if waits else 0.0
         return dataclasses.replace(got, t_start=t_call, queued_s=queued, idle_before_s=idle, cell_on_engine=order)
 
     async def _run_cell(
-        self, requests: list[RequestSpec], concurrency: int, timeout_s: float | None, tags: dict[str, str], identity: dict[str, str]
+        self,
+        requests: list[RequestSpec],
+        concurrency: int,
+        timeout_s: float | None,
+        tags: dict[str, str],
+        identity: dict[str, str],
+        pass_turn: Callable[[], None],
     ) -> CellLoad:
         engines, router = self._engines, self._router
         progress = CellCounter(self._counter, tags["cell"]) if self._counter is not None else None
@@ -245,17 +272,18 @@ class LoadGenerator:
             # Its cancellation read (Ray would log an unread error), within a bound should the cancel not take.
             await asyncio.wait([asyncio.ensure_future(_settle("cancelled report", early, []))], timeout=CANCEL_WAIT_S)
             early = None
-        # The reads are sent first and the records typed while the engines answer.
         reads = [early] if early is not None else [e.cell_report.remote(*cell) for e in engines]
         asked = asyncio.gather(*(_settle(f"engine{i} memory", r, faults) for i, r in enumerate(reads)))
         counted = _settle("router counts", router.counts.remote(), faults) if router is not None else None
-        try:
-            table = to_table(records, **identity)
-        finally:  # the reads are settled whatever the typing did
-            reports = await asked
-            counts = await counted if counted is not None else None
+        reports = await asked
+        counts = await counted if counted is not None else None
+        # The engines have reported this cell: the next one may begin on them, and its task starts its
+        # warm-up before this one types its records (with 32 virtual nodes on 2 cores, typing a small
+        # cell's records took ~0.1 s of the engine's idle time between two loads).
+        pass_turn()
+        await asyncio.sleep(0)
         return CellLoad(
-            table,
+            to_table(records, **identity),
             begin_s=max((r["begin_s"] for r in reports if r), default=0.0),
             load_s=t1 - t0,
             after_s=time.monotonic() - t1,
@@ -284,18 +312,19 @@ class LoadGenerator:
         run/cell where a warm load generator serves another cell than its name says. `cell` (run id,
         cell id) marks every request to an entry actor: the engine begins that cell on its first.
         """
-        # This process is the load generator's alone: a thread holding the GIL (Ray's own) must not
-        # hold a stamp back for the default 5 ms switch interval. Only while requests run: between
-        # cells, the GIL handed over every 50 us stretched the typing of a small cell's records
-        # (0.6 ms of CPU) to ~0.1 s with 32 virtual nodes on 2 cores, on the critical path.
         switch_before = sys.getswitchinterval()
-        sys.setswitchinterval(GIL_SWITCH_S)
         backend = open_backend(entry, api_key, cell)
         warm = [r for r in requests if r.warmup]
         measured = [r for r in requests if not r.warmup]
         try:
             async with BatchedFeed(tags or current_actor_tags("loadgen"), progress) as feed:
                 records = await self._closed(backend, feed, warm, concurrency, timeout_s)
+                await self._quiet.wait()  # the cell before still typing its records (run_cell) would perturb the stamps
+                # This process is the load generator's alone: a thread holding the GIL (Ray's own) must
+                # not hold a stamp back for the default 5 ms switch interval. Only while the hop and the
+                # measured requests are timed: outside, the GIL handed over every 50 us stretched the
+                # typing of a small cell's records (0.6 ms of CPU) to ~0.1 s with 32 virtual nodes on 2 cores.
+                sys.setswitchinterval(GIL_SWITCH_S)
                 hop = await backend.hop_s(HOP_PROBE_CALLS)
                 self._freeze_heap()
                 with _no_collection():

@@ -23,7 +23,7 @@ from actors.metrics import BatchedFeed
 from actors.openai_client import OpenAIBackend
 from actors.target import TargetSpec
 from workloads.arrivals import Poisson
-from workloads.requests import WorkloadSpec, synthetic_requests
+from workloads.requests import Fixed, WorkloadSpec, synthetic_requests
 
 
 def _done(t: float) -> dict[str, Any]:
@@ -136,8 +136,8 @@ def test_the_measured_phase_runs_with_the_heap_frozen_once_per_load_generator_an
 
 
 def test_the_gil_is_handed_over_often_only_while_requests_run(ray_local, monkeypatch):
-    """50 us while requests run (a stamp is never held back by another thread); the process's own
-    interval again after, where a 50 us one stretched the typing of the records tenfold on a busy box."""
+    """50 us while measured requests run (a stamp is never held back by another thread); the
+    process's own interval again after, where a 50 us one stretched the typing of the records tenfold on a busy box."""
     reqs = _poisson(3)
     backend = BlockingReplies(len(reqs))
     monkeypatch.setattr(loadgen, "open_backend", lambda entry, api_key, cell=None: backend)
@@ -149,6 +149,55 @@ def test_the_gil_is_handed_over_often_only_while_requests_run(ray_local, monkeyp
     finally:
         sys.setswitchinterval(before)
         gc.unfreeze()  # the test process's heap, not a load generator's
+
+
+class Instant:
+    """Answers every request at once, noting the order in which they were sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.switch_interval: dict[str, float] = {}
+
+    async def stream(self, request: dict[str, Any], exchange: Exchange | None = None):
+        self.sent.append(request["request_id"])
+        self.switch_interval[request["request_id"]] = sys.getswitchinterval()
+        yield _done(time.monotonic())
+
+    async def hop_s(self, calls: int) -> float | None:
+        self.sent.append("hop probe")
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_the_next_cell_warms_up_while_the_cell_before_types_its_records_and_measures_after(ray_local, monkeypatch):
+    """run_cell passes the turn before typing; `_quiet` holds the next cell's hop probe and measured
+    requests until the typing has ended, so only its warm-up overlaps it."""
+    spec = WorkloadSpec(num_requests=2, warmup_requests=1, output_len=Fixed(value=1))
+    reqs = synthetic_requests(spec, 100, seed=3)
+    backend = Instant()
+    monkeypatch.setattr(loadgen, "open_backend", lambda entry, api_key, cell=None: backend)
+    lg = LoadGenerator.__ray_actor_class__()
+
+    async def go() -> list[str]:
+        lg._quiet = asyncio.Event()  # the cell before is typing
+        run = asyncio.ensure_future(lg.run(None, reqs, 1))
+        await asyncio.sleep(0.1)
+        held = list(backend.sent)
+        lg._quiet.set()
+        await run
+        return held
+
+    try:
+        held = asyncio.run(go())
+    finally:
+        gc.unfreeze()
+    warm = [r.request_id for r in reqs if r.warmup]
+    assert held == warm  # the warm-up went out; the probe and the measured requests waited
+    assert backend.sent == [*warm, "hop probe", *(r.request_id for r in reqs if not r.warmup)]
+    # The GIL is handed over every 50 us only once the cell measures: not while it warms up beside the typing.
+    assert [backend.switch_interval[r.request_id] == pytest.approx(loadgen.GIL_SWITCH_S) for r in reqs] == [False, True, True]
 
 
 @ray.remote(num_cpus=0)
