@@ -200,6 +200,39 @@ def test_the_next_cell_warms_up_while_the_cell_before_types_its_records_and_meas
     assert [backend.switch_interval[r.request_id] == pytest.approx(loadgen.GIL_SWITCH_S) for r in reqs] == [False, True, True]
 
 
+def test_a_cell_that_fails_passes_the_turn_once_and_never_the_next_cells():
+    """run_cell's turn: a cell that raises before passing it passes it on; one that raises after
+    (typing its records, say) leaves the next cell's turn alone and still ends its own quiet."""
+    from workloads.requests import PackedRequests
+
+    lg = LoadGenerator.__ray_actor_class__()
+
+    async def call(run_cell) -> None:
+        lg._run_cell = run_cell
+        with pytest.raises(RuntimeError, match=r"typing failed|load failed"):
+            await lg.run_cell(PackedRequests.of([]), 1, None, {"run": "r", "cell": "c"}, {})
+
+    async def go() -> None:
+        lg.serve([], None, None)
+
+        async def fails_in_load(*args):
+            raise RuntimeError("load failed")
+
+        await call(fails_in_load)
+        assert not lg._turn.locked() and lg._quiet.is_set()
+
+        async def fails_after_passing(*args):
+            pass_turn = args[-1]
+            pass_turn()
+            await lg._turn.acquire()  # the next cell takes its turn while this one types ...
+            raise RuntimeError("typing failed")  # ... and the typing fails
+
+        await call(fails_after_passing)
+        assert lg._turn.locked() and lg._quiet.is_set()  # the next cell keeps its turn; no typing holds it back
+
+    asyncio.run(go())
+
+
 @ray.remote(num_cpus=0)
 class SilentAfterLast:
     """Sends its finished message, then keeps the stream open without another message."""
