@@ -116,11 +116,14 @@ def _engine_starts(pool: dict[str, Any]) -> str | None:
 
 def _cell_walls(cells: dict[str, Any]) -> str | None:
     """Per-cell wall time beside whether the cell started its engine: what an engine start costs, read
-    off the run; and the part of it a cell waited behind the one before on its warm engine."""
+    off the run; the part of it a cell waited behind the one before on its warm engine; and how long
+    the engine sat idle between that cell's load and this one's (what warm engines leave of a start)."""
 
     def notes(c: dict[str, Any]) -> str:
         parts = [str(c["engine"])] if c.get("engine") else []
+        parts += [f"{c['setup_s']:.1f} s to start it"] if c.get("engine") == "fresh" and c.get("setup_s") else []
         parts += [f"{c['queued_s']:.1f} s of it queued"] if c.get("queued_s") else []
+        parts += [f"engine idle {c['gap_s']:.2f} s before its load"] if isinstance(c.get("gap_s"), (int, float)) else []
         return f" ({', '.join(parts)})" if parts else ""
 
     walls = [f"{name} {c['wall_s']:.1f} s" + notes(c) for name, c in cells.items() if isinstance(c.get("wall_s"), (int, float))]

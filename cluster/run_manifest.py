@@ -70,9 +70,17 @@ def _cells(cells: dict[str, Any]) -> dict[str, Any]:
         | {"engine": (m.get("engine_use") or {}).get("engine"), "wall_s": m.get("wall_s")}
         # Of wall_s, the wait behind the cell before on its warm engine (the pool's depth 2): not this cell's cost.
         | ({"queued_s": q} if (q := (m.get("engine_use") or {}).get("queued_s")) else {})
+        # Where a packet travels without its cells/ (docs/evidence): the engines' start or reset, the
+        # load, and the deployment's idle time since the cell before's load (docs/metrics.md).
+        | _engine_times(m.get("engine_use") or {})
         | ({"log": m["log"]} if m.get("log") else {})
         for c, m in cells.items()
     }
+
+
+def _engine_times(use: dict[str, Any]) -> dict[str, Any]:
+    keys = ("setup_s", "load_s", "gap_s")
+    return {k: round(use[k], 3) for k in keys if isinstance(use.get(k), (int, float))}
 
 
 def _engine_pool(cfg: ExperimentConfig, serving_modes: list[str], cells: dict[str, Any]) -> dict[str, Any]:

@@ -57,6 +57,10 @@ def test_one_engine_config_starts_one_engine(pooled):
     # The fixed cost's stages are parts of the cell's wall time, the driver's own work the rest.
     stages = [use[k] for k in ("setup_s", "after_s", "call_s", "reply_s")]
     assert all(v >= 0 for v in stages) and use["after_s"] > 0 and sum(stages) + use["load_s"] <= cell["wall_s"]
+    # The manifest keeps the engines' times, for packets that travel without cells/.
+    fresh_cell = next(c for c in cells.values() if c["engine"] == "fresh")
+    assert "gap_s" not in fresh_cell and fresh_cell["setup_s"] > 0 and fresh_cell["load_s"] > 0
+    assert cells["in32-out4"]["load_s"] == round(use["load_s"], 3) and cells["in32-out4"]["gap_s"] == round(use["gap_s"], 3) >= 0
 
 
 def test_fresh_engines_flag_starts_one_per_cell_with_the_same_records(pooled, fresh):

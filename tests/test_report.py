@@ -287,9 +287,9 @@ def test_run_facts_count_engine_starts_and_each_cells_wall(tmp_path):
     p = packet(tmp_path)
     p.manifest["engine_pool"] = {"reuse": True, "engine_starts": 1, "cells_on_warm_engines": 1}
     p.manifest["cells"] = {
-        "rep0": {"wall_s": 97.48, "engine": "fresh"},
+        "rep0": {"wall_s": 97.48, "engine": "fresh", "setup_s": 61.04},
         "rep1": {"wall_s": 19.5, "engine": "reused"},
-        "rep2": {"wall_s": 36.0, "engine": "reused", "queued_s": 17.2},  # its call waited behind rep1's load
+        "rep2": {"wall_s": 36.0, "engine": "reused", "queued_s": 17.2, "gap_s": 0.4},  # its call waited behind rep1's load
     }
     md = render_markdown(p, sections(p))
     assert "| engine starts | 1 (1 cells on warm engines; warm engines reused) |" in md
@@ -297,7 +297,8 @@ def test_run_facts_count_engine_starts_and_each_cells_wall(tmp_path):
     md = render_markdown(p, sections(p))
     queued = "warm engines reused, the next cell's call queued behind the running one (1 cells)"
     assert f"| engine starts | 1 (1 cells on warm engines; {queued}) |" in md
-    assert "| cell wall times | rep0 97.5 s (fresh), rep1 19.5 s (reused), rep2 36.0 s (reused, 17.2 s of it queued) |" in md
+    rep2 = "rep2 36.0 s (reused, 17.2 s of it queued, engine idle 0.40 s before its load)"
+    assert f"| cell wall times | rep0 97.5 s (fresh, 61.0 s to start it), rep1 19.5 s (reused), {rep2} |" in md
 
 
 def test_run_facts_leave_out_engine_starts_when_the_manifest_has_none(tmp_path):
