@@ -304,7 +304,7 @@ class LoadGenerator:
         tags: dict[str, str] | None = None,
         cell: tuple[str, str] | None = None,
     ) -> list[dict[str, Any]]:
-        """Warm-up requests first (closed loop, excluded later), the hop probe, then the measured phase.
+        """Warm-up requests first (all at once, excluded later), the hop probe, then the measured phase.
 
         `entry` is an entry actor handle or a TargetSpec (HTTP server; `api_key` authenticates).
         `concurrency` is the number of closed-loop users; requests with `t_scheduled` set are
@@ -318,7 +318,9 @@ class LoadGenerator:
         measured = [r for r in requests if not r.warmup]
         try:
             async with BatchedFeed(tags or current_actor_tags("loadgen"), progress) as feed:
-                records = await self._closed(backend, feed, warm, concurrency, timeout_s)
+                # All at once, one closed-loop user each: a warm-up lasts its longest request, not the sum of
+                # them (an open-loop cell's four, one after another, took 11-20 s of a warm H200's time).
+                records = await self._closed(backend, feed, warm, len(warm), timeout_s)
                 await self._quiet.wait()  # the cell before still typing its records (run_cell) would perturb the stamps
                 # This process is the load generator's alone: a thread holding the GIL (Ray's own) must
                 # not hold a stamp back for the default 5 ms switch interval. Only while the hop and the

@@ -32,6 +32,8 @@ def test_open_loop_sends_on_schedule_and_records_both_times(ray_local):
     reqs, recs = _run(spec, 1)
     by_id = {r["request_id"]: r for r in recs}
     assert [r["warmup"] for r in recs[:2]] == [True, True]
+    # The warm-up goes out all at once, whatever the cell's arrival: both sent before either ends.
+    assert max(r["t_sent"] for r in recs[:2]) < min(r["t_chunks"][-1] for r in recs[:2])
     for spec_r in reqs[2:]:
         rec = by_id[spec_r.request_id]
         assert rec["t_scheduled"] == spec_r.t_scheduled
