@@ -11,6 +11,10 @@ generator's clock, per cell and per phase (requests.parquet). From these, per ru
 - `rest_s`: from the KV cache to the GPU's last busy sample, less both loads: the engine's last
   steps of start-up, the hop probes, the cells' gaps and the driver's rounds between them.
 
+Where a run used several GPUs, their samples are taken together: the engine is ready when the first
+GPU passes half the largest GPU's peak, and busy until the last busy sample of any; `rest_s` is
+then an upper bound of what lay between the loads. The A/B it was written for ran on one GPU.
+
 Packets are grouped by the commit their manifest names (an A/B of two commits run interleaved in
 one lease); the output gives each group's means and the ratio of the second group's to the first's.
 
